@@ -1,0 +1,68 @@
+"""jaxbp: hand-written, jitted backward passes for neural-network layers in JAX.
+
+Every op is a ``jax.custom_vjp`` triple ``op``, ``op_fwd``, ``op_bwd``, with the same op in
+plain ``jax.numpy`` under :mod:`jaxbp.reference`. See ``docs/backprop.md`` for the math.
+"""
+
+from . import reference as reference
+from ._checks import checked as checked
+from .activations import ACTIVATIONS as ACTIVATIONS
+from .activations import gelu as gelu
+from .activations import gelu_bwd as gelu_bwd
+from .activations import gelu_fwd as gelu_fwd
+from .activations import leaky_relu as leaky_relu
+from .activations import leaky_relu_bwd as leaky_relu_bwd
+from .activations import leaky_relu_fwd as leaky_relu_fwd
+from .activations import relu as relu
+from .activations import relu_bwd as relu_bwd
+from .activations import relu_fwd as relu_fwd
+from .activations import sigmoid as sigmoid
+from .activations import sigmoid_bwd as sigmoid_bwd
+from .activations import sigmoid_fwd as sigmoid_fwd
+from .activations import softplus as softplus
+from .activations import softplus_bwd as softplus_bwd
+from .activations import softplus_fwd as softplus_fwd
+from .activations import tanh as tanh
+from .activations import tanh_bwd as tanh_bwd
+from .activations import tanh_fwd as tanh_fwd
+from .dense import dense as dense
+from .dense import dense_bwd as dense_bwd
+from .dense import dense_fwd as dense_fwd
+from .jacobian import jacobian as jacobian
+from .losses import mse as mse
+from .losses import mse_bwd as mse_bwd
+from .losses import mse_fwd as mse_fwd
+from .losses import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
+from .losses import sigmoid_binary_cross_entropy_bwd as sigmoid_binary_cross_entropy_bwd
+from .losses import sigmoid_binary_cross_entropy_fwd as sigmoid_binary_cross_entropy_fwd
+from .losses import softmax_cross_entropy as softmax_cross_entropy
+from .losses import softmax_cross_entropy_bwd as softmax_cross_entropy_bwd
+from .losses import softmax_cross_entropy_fwd as softmax_cross_entropy_fwd
+from .softmax import log_softmax as log_softmax
+from .softmax import log_softmax_bwd as log_softmax_bwd
+from .softmax import log_softmax_fwd as log_softmax_fwd
+from .softmax import softmax as softmax
+from .softmax import softmax_bwd as softmax_bwd
+from .softmax import softmax_fwd as softmax_fwd
+from .softmax import softmax_jacobian as softmax_jacobian
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "reference", "checked", "jacobian", "ACTIVATIONS",
+    "dense", "dense_fwd", "dense_bwd",
+    "relu", "relu_fwd", "relu_bwd",
+    "leaky_relu", "leaky_relu_fwd", "leaky_relu_bwd",
+    "sigmoid", "sigmoid_fwd", "sigmoid_bwd",
+    "tanh", "tanh_fwd", "tanh_bwd",
+    "gelu", "gelu_fwd", "gelu_bwd",
+    "softplus", "softplus_fwd", "softplus_bwd",
+    "softmax", "softmax_fwd", "softmax_bwd",
+    "log_softmax", "log_softmax_fwd", "log_softmax_bwd",
+    "softmax_jacobian",
+    "mse", "mse_fwd", "mse_bwd",
+    "sigmoid_binary_cross_entropy",
+    "sigmoid_binary_cross_entropy_fwd",
+    "sigmoid_binary_cross_entropy_bwd",
+    "softmax_cross_entropy", "softmax_cross_entropy_fwd", "softmax_cross_entropy_bwd",
+]  # fmt: skip

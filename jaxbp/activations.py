@@ -1,0 +1,174 @@
+"""Elementwise activations with hand-written backward rules, all built by one factory.
+
+Index letters::
+
+    n  batch (any shape: these ops act on every element)
+
+An elementwise ``y = f(z)`` has a *diagonal* Jacobian ``∂yₖ/∂zₗ = f'(zₖ)·δₖₗ``, so the
+vector-Jacobian product is an elementwise product::
+
+    dz = g ⊙ f'(z)      "n,n->n"
+
+That is why the ``.*`` in a sigmoid + MSE backward is right, and why the same shortcut is
+wrong for softmax, whose Jacobian is full (see :mod:`jaxbp.softmax`).
+
+Each op saves the least its derivative needs: ``relu``, ``sigmoid``, ``tanh`` and
+``softplus`` save only their output ``y`` (``f'`` is a function of ``y``: ``y>0``,
+``y(1−y)``, ``1−y²``, ``1−e^{−y}``); ``leaky_relu`` and ``gelu`` save their input ``z``.
+
+Conventions: the derivative of ``relu`` and ``leaky_relu`` at exactly 0 is taken as 0
+(resp. ``negative_slope``), as in ``jax.nn``; a NaN input gives a NaN gradient (it is never
+turned into a finite number). Half-precision inputs are computed in float32 and cast back.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import erf
+
+from . import _checks
+from ._op import custom_vjp_op
+
+__all__ = [
+    "relu", "relu_fwd", "relu_bwd",
+    "leaky_relu", "leaky_relu_fwd", "leaky_relu_bwd",
+    "sigmoid", "sigmoid_fwd", "sigmoid_bwd",
+    "tanh", "tanh_fwd", "tanh_bwd",
+    "gelu", "gelu_fwd", "gelu_bwd",
+    "softplus", "softplus_fwd", "softplus_bwd",
+    "ACTIVATIONS",
+]  # fmt: skip
+
+
+def _elementwise(f: Callable, df: Callable, *, saves: str, defaults: dict):
+    """Build ``(op, op_fwd, op_bwd)`` from ``f`` and its derivative ``df``.
+
+    ``df`` takes what is saved: the output ``y`` when ``saves == "output"``, else the input
+    ``z``. Both run in float32 for half-precision inputs; results come back in ``z``'s dtype.
+    """
+    names = tuple(defaults)
+
+    def options(kwargs):
+        unknown = set(kwargs) - set(names)
+        if unknown:
+            raise TypeError(f"unexpected option(s) {sorted(unknown)}; options are {list(names)}")
+        return {**defaults, **kwargs}
+
+    @functools.partial(jax.jit, static_argnames=names)
+    def op_fwd(z, **opts):
+        zc = z.astype(_checks.accum_dtype(z.dtype))
+        y = f(zc, **opts).astype(z.dtype)
+        return y, (y if saves == "output" else z,)
+
+    @functools.partial(jax.jit, static_argnames=names)
+    def op_bwd(res, g, **opts):
+        (r,) = res  # y or z, shape n
+        rc = r.astype(_checks.accum_dtype(r.dtype))
+        dz = g.astype(rc.dtype) * df(rc, **opts)  # "n,n->n": the Jacobian is diagonal
+        dz = jnp.where(jnp.isnan(rc), rc, dz)  # NaN in, NaN out (never a finite 0)
+        return (dz.astype(g.dtype),)
+
+    core = custom_vjp_op(op_fwd, op_bwd)
+
+    def op(z, **kwargs):
+        z = _checks.floating("z", z)
+        return core(tuple(sorted(options(kwargs).items())), z)
+
+    def fwd(z, **kwargs):
+        return op_fwd(_checks.floating("z", z), **options(kwargs))
+
+    def bwd(res, g, **kwargs):
+        return op_bwd(res, g, **options(kwargs))
+
+    return op, fwd, bwd
+
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def _gelu(z, approximate):
+    if approximate:
+        return 0.5 * z * (1.0 + jnp.tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z**3)))
+    return 0.5 * z * (1.0 + erf(z * _INV_SQRT_2))
+
+
+def _dgelu(z, approximate):
+    if approximate:
+        t = jnp.tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z**3))
+        dt = _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * z**2)
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * dt
+    return 0.5 * (1.0 + erf(z * _INV_SQRT_2)) + z * _INV_SQRT_2PI * jnp.exp(-0.5 * z * z)
+
+
+_relu, relu_fwd, relu_bwd = _elementwise(
+    lambda z: jnp.maximum(z, 0), lambda y: (y > 0).astype(y.dtype), saves="output", defaults={}
+)
+_leaky_relu, leaky_relu_fwd, leaky_relu_bwd = _elementwise(
+    lambda z, negative_slope: jnp.where(z > 0, z, negative_slope * z),
+    lambda z, negative_slope: jnp.where(z > 0, 1.0, negative_slope).astype(z.dtype),
+    saves="input",
+    defaults={"negative_slope": 0.01},
+)
+_sigmoid, sigmoid_fwd, sigmoid_bwd = _elementwise(
+    jax.nn.sigmoid, lambda y: y * (1 - y), saves="output", defaults={}
+)
+_tanh, tanh_fwd, tanh_bwd = _elementwise(jnp.tanh, lambda y: 1 - y * y, saves="output", defaults={})
+_gelu_op, gelu_fwd, gelu_bwd = _elementwise(
+    _gelu, _dgelu, saves="input", defaults={"approximate": True}
+)
+_softplus, softplus_fwd, softplus_bwd = _elementwise(
+    lambda z: jnp.logaddexp(z, 0), lambda y: -jnp.expm1(-y), saves="output", defaults={}
+)
+
+
+def relu(z: jax.Array) -> jax.Array:
+    """``max(z, 0)`` elementwise, any shape; gradient ``g ⊙ [y > 0]`` (0 at ``z = 0``)."""
+    return _relu(z)
+
+
+def leaky_relu(z: jax.Array, *, negative_slope: float = 0.01) -> jax.Array:
+    """``z`` where ``z > 0`` else ``negative_slope·z``; gradient ``g`` or ``negative_slope·g``.
+
+    At exactly ``z = 0`` the derivative is ``negative_slope``.
+    """
+    return _leaky_relu(z, negative_slope=negative_slope)
+
+
+def sigmoid(z: jax.Array) -> jax.Array:
+    """``1 / (1 + e^{−z})`` elementwise; gradient ``g ⊙ y(1 − y)`` from the saved output."""
+    return _sigmoid(z)
+
+
+def tanh(z: jax.Array) -> jax.Array:
+    """``tanh z`` elementwise; gradient ``g ⊙ (1 − y²)`` from the saved output."""
+    return _tanh(z)
+
+
+def gelu(z: jax.Array, *, approximate: bool = True) -> jax.Array:
+    """GELU ``z·Φ(z)``; ``approximate=True`` uses the tanh form (as ``jax.nn.gelu``).
+
+    Gradient ``g ⊙ (Φ(z) + z·φ(z))`` (exact) or the derivative of the tanh form.
+    """
+    return _gelu_op(z, approximate=approximate)
+
+
+def softplus(z: jax.Array) -> jax.Array:
+    """``log(1 + e^z)`` elementwise; gradient ``g ⊙ σ(z) = g ⊙ (1 − e^{−y})`` from the output."""
+    return _softplus(z)
+
+
+ACTIVATIONS: dict[str, Callable] = {
+    "relu": relu,
+    "leaky_relu": leaky_relu,
+    "sigmoid": sigmoid,
+    "tanh": tanh,
+    "gelu": gelu,
+    "softplus": softplus,
+}

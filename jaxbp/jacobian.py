@@ -1,0 +1,88 @@
+"""Explicit Jacobians of any jaxbp op, built from its hand-written backward by ``jax.vmap``.
+
+Index letters::
+
+    n  batch (the leading axes the op treats independently)
+    c  classes / features of the output      (for dense: o)
+    k  features of the argument              (for dense's x: i)
+
+A backward rule computes one vector-Jacobian product ``gᵀJ`` per call. Feeding it every
+basis vector ``e_c`` of the output, all at once under ``jax.vmap``, stacks the rows of ``J``:
+that is the whole Jacobian, taken from the very rule that training runs. For a batch the
+examples are independent, so one basis cotangent broadcast over ``n`` yields every example's
+row at once: the result is per-example, ``(n, c, k)``, not the ``(n·c, n·k)`` block-diagonal
+matrix of the whole batch.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["jacobian", "rules_of"]
+
+
+def rules_of(op: Callable) -> tuple[Callable, Callable]:
+    """The ``(op_fwd, op_bwd)`` pair written beside a public jaxbp op."""
+    module = sys.modules.get(getattr(op, "__module__", ""), None)
+    name = getattr(op, "__name__", "")
+    fwd = getattr(module, name + "_fwd", None)
+    bwd = getattr(module, name + "_bwd", None)
+    if fwd is None or bwd is None:
+        raise TypeError(f"op: expected a jaxbp op with _fwd/_bwd rules beside it, got {op!r}")
+    return fwd, bwd
+
+
+def jacobian(op: Callable, *args, argnum: int = 0, **options) -> jax.Array:
+    """Explicit per-example Jacobian of ``op`` w.r.t. ``args[argnum]``, from ``op_bwd``.
+
+    Args:
+      op: a public jaxbp op (``jaxbp.softmax``, ``jaxbp.dense``, ``jaxbp.relu``,
+        ``jaxbp.softmax_cross_entropy``, ...).
+      *args: its positional arguments, as for ``op``.
+      argnum: which argument to differentiate.
+      **options: the op's keyword options (``axis`` excepted: the feature axis is the last).
+
+    Returns:
+      With output ``(n..., c)`` (or ``(n...)`` for a per-example loss) and the argument:
+
+      * batched argument ``(n..., k)``: ``J (n..., c, k)`` (``(n..., k)`` for a loss),
+        ``J[n, c, k] = ∂out[n, c]/∂arg[n, k]``;
+      * unbatched argument (a weight ``(i, o)``): ``J (n..., c, i, o)``, each example's
+        output against the shared parameter.
+
+    Example (the softmax Jacobian from the softmax backward)::
+
+      >>> import jax.numpy as jnp, jaxbp
+      >>> J = jaxbp.jacobian(jaxbp.softmax, jnp.zeros((5, 3)))
+      >>> J.shape
+      (5, 3, 3)
+    """
+    fwd, bwd = rules_of(op)
+    # The public op validates; use it to fail early with the op's own messages.
+    op(*args, **options)
+    arg = jnp.asarray(args[argnum])
+    if not jnp.issubdtype(arg.dtype, jnp.floating):
+        raise TypeError(f"argnum: argument {argnum} has dtype {arg.dtype}, which has no Jacobian")
+    out, res = fwd(*args, **options)
+    first = jnp.asarray(args[0])
+    feat_nd = out.ndim - (first.ndim - 1)  # 1 for a layer (n,c), 0 for a loss (n,)
+    batch, feat = out.shape[: out.ndim - feat_nd], out.shape[out.ndim - feat_nd :]
+    n_feat = math.prod(feat)
+    batched = arg.shape[: len(batch)] == batch
+
+    def vjp_of(g):
+        return bwd(res, g.astype(out.dtype), **options)[argnum]
+
+    if batched:
+        basis = jnp.eye(n_feat, dtype=out.dtype).reshape((n_feat, *feat))
+        rows = jax.vmap(lambda e: vjp_of(jnp.broadcast_to(e, out.shape)))(basis)  # (c, n, k)
+        rows = jnp.moveaxis(rows, 0, len(batch))  # (n, c, k)
+        return rows.reshape(*batch, *feat, *arg.shape[len(batch) :])
+    basis = jnp.eye(out.size, dtype=out.dtype).reshape((out.size, *out.shape))
+    rows = jax.vmap(vjp_of)(basis)  # (n·c, i, o)
+    return rows.reshape(*out.shape, *arg.shape)

@@ -1,0 +1,394 @@
+"""Losses with hand-written backward rules. Per-example values, never reduced.
+
+Index letters::
+
+    n  batch (any leading axes)
+    c  classes / outputs (the last axis)
+
+``softmax_cross_entropy`` is the centre of the library. With logits ``z (n,c)``,
+``p = softmax(z)``, labels ``y (n,c)`` (probabilities, or integer ids ``(n,)`` made one-hot),
+label smoothing ``ε``, class weights ``w (c,)`` and z-loss weight ``λ``::
+
+    y'   = (1 − ε)·y + ε/c                 smoothed labels            (n,c)
+    u    = w ⊙ y'                          weighted labels            (n,c)
+    lse  = log Σ_c e^{z_c}                 log-sum-exp                (n,)
+    loss = Σ_c u_c (lse − z_c) + λ·lse²    = −Σ_c u_c log p_c + λ·lse²  (n,)
+
+and the hand-written backward, for an upstream ``g = ∂L/∂loss (n,)``::
+
+    dz = g[:,None] · (p · (Σ_c u_c + 2λ·lse)[:,None] − u)       "n,nc->nc"
+
+which is ``g·(p − y)`` when the labels sum to 1 and no option is set. This is where the
+softmax Jacobian ``(n,c,c)`` goes: ``Jᵀ·∂loss/∂p = Jᵀ·(−u/p) = p·Σu − u``, a vector per row.
+Only ``lse (n,)`` is saved besides the inputs; ``p`` is recomputed in the backward.
+
+Rows with ``where=False`` or ``labels == ignore_index`` have loss 0 and gradient exactly 0
+(the backward writes 0 there, so huge or infinite masked logits cannot leak NaN).
+Out-of-range integer labels raise ``ValueError`` when the labels are concrete; under ``jit``
+their row is NaN (loss and gradient), and :func:`jaxbp.checked` reports them.
+Half-precision logits are computed and accumulated in float32; the loss is returned in
+float32 and the gradient in the logits' dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
+
+from . import _checks
+from ._op import custom_vjp_op
+
+__all__ = [
+    "mse", "mse_fwd", "mse_bwd",
+    "sigmoid_binary_cross_entropy",
+    "sigmoid_binary_cross_entropy_fwd",
+    "sigmoid_binary_cross_entropy_bwd",
+    "softmax_cross_entropy", "softmax_cross_entropy_fwd", "softmax_cross_entropy_bwd",
+    "valid_rows",
+]  # fmt: skip
+
+
+def _acc(x):
+    return x.astype(_checks.accum_dtype(x.dtype))
+
+
+def _safe_mul(u, v):
+    """``u·v`` with ``0·∞ = 0``: a label weight of 0 ignores that class entirely."""
+    return jnp.where(u == 0, jnp.zeros_like(u), u * v)
+
+
+# --------------------------------------------------------------------------- mse
+
+
+@jax.jit
+def mse_fwd(pred: jax.Array, target: jax.Array):
+    """Forward: ``loss (...,) = mean_c (pred − target)²``; returns ``(loss, (pred − target,))``."""
+    diff = _acc(pred) - _acc(target)
+    return jnp.mean(diff * diff, axis=-1), (diff.astype(pred.dtype),)
+
+
+@jax.jit
+def mse_bwd(res, g: jax.Array):
+    """Backward: ``dpred = 2·g[:,None]·(pred − target)/c``, ``dtarget = −dpred``."""
+    (diff,) = res
+    d = (2.0 / diff.shape[-1]) * g[..., None].astype(_acc(diff).dtype) * _acc(diff)
+    d = d.astype(diff.dtype)
+    return d, -d
+
+
+_mse = custom_vjp_op(mse_fwd, mse_bwd)
+
+
+def mse(pred: jax.Array, target: jax.Array) -> jax.Array:
+    """Mean squared error over the last axis, per example.
+
+    Args:
+      pred: predictions ``(n, c)`` (any leading axes).
+      target: targets of exactly the same shape; no broadcasting (a ``(n,)`` against
+        ``(n, 1)`` is a ``ValueError``, not a silent ``(n, n)``).
+
+    Returns:
+      ``loss (n,)``, float32 for half-precision inputs.
+    """
+    pred = _checks.floating("pred", pred)
+    target = _checks.floating("target", target)
+    _checks.min_rank("pred", pred, 1, "(..., c)")
+    _checks.same_shape("target", target, "pred", pred)
+    if pred.shape[-1] == 0:
+        raise ValueError(f"pred: expected a non-empty last axis c, got shape {pred.shape}")
+    return _mse((), pred, target.astype(pred.dtype))
+
+
+# ------------------------------------------------------- sigmoid binary cross-entropy
+
+
+@jax.jit
+def sigmoid_binary_cross_entropy_fwd(logits: jax.Array, labels: jax.Array):
+    """Forward: ``loss = softplus(z) − y·z`` elementwise; returns ``(loss, (z, y))``."""
+    z, y = _acc(logits), labels.astype(_acc(logits).dtype)
+    loss = jnp.maximum(z, 0) - z * y + jnp.log1p(jnp.exp(-jnp.abs(z)))
+    return loss, (logits, labels)
+
+
+@jax.jit
+def sigmoid_binary_cross_entropy_bwd(res, g: jax.Array):
+    """Backward: ``dz = g·(σ(z) − y)``; ``dy = −g·z`` (``None`` for integer labels)."""
+    logits, labels = res
+    z = _acc(logits)
+    y = labels.astype(z.dtype)
+    gz = g.astype(z.dtype)
+    dz = (gz * (jax.nn.sigmoid(z) - y)).astype(logits.dtype)
+    dy = None if not jnp.issubdtype(labels.dtype, jnp.floating) else (-gz * z).astype(labels.dtype)
+    return dz, dy
+
+
+_bce = custom_vjp_op(sigmoid_binary_cross_entropy_fwd, sigmoid_binary_cross_entropy_bwd)
+
+
+def sigmoid_binary_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Binary cross-entropy on logits, elementwise (as optax; reduce it yourself).
+
+    ``loss = −y·log σ(z) − (1 − y)·log(1 − σ(z)) = softplus(z) − y·z``, gradient ``σ(z) − y``.
+
+    Args:
+      logits: ``z (n, ...)``, floating.
+      labels: ``y``, same shape as ``logits``: probabilities in ``[0, 1]`` (floating) or
+        0/1 (integer or bool, no gradient).
+
+    Returns:
+      ``loss`` of the shape of ``logits``, float32 for half-precision inputs.
+    """
+    logits = _checks.floating("logits", logits)
+    labels = jnp.asarray(labels)
+    _checks.same_shape("labels", labels, "logits", logits)
+    if labels.dtype == jnp.bool_:
+        labels = labels.astype(jnp.int8)
+    return _bce((), logits, labels)
+
+
+# -------------------------------------------------------------- softmax cross-entropy
+
+
+def _labels_matrix(labels, c, dtype, label_smoothing):
+    """Smoothed labels ``y' (n, c)`` from ids ``(n,)`` or probabilities ``(n, c)``."""
+    if jnp.issubdtype(labels.dtype, jnp.integer):
+        y = (labels[..., None] == jnp.arange(c, dtype=labels.dtype)).astype(dtype)
+    else:
+        y = labels.astype(dtype)
+    if label_smoothing:
+        y = (1.0 - label_smoothing) * y + label_smoothing / c
+    return y
+
+
+def valid_rows(labels, where=None, *, ignore_index=None, batch_shape=None):
+    """Boolean mask ``(n,)`` of the rows that count: ``where`` and not ``ignore_index``.
+
+    Integer labels equal to ``ignore_index`` are excluded. Use it for a mean over valid rows:
+    ``loss.sum() / jnp.maximum(valid_rows(...).sum(), 1)``.
+    """
+    if batch_shape is None:
+        batch_shape = (
+            labels.shape if jnp.issubdtype(labels.dtype, jnp.integer) else labels.shape[:-1]
+        )
+    valid = jnp.ones(batch_shape, bool) if where is None else jnp.asarray(where, bool)
+    if ignore_index is not None and jnp.issubdtype(labels.dtype, jnp.integer):
+        valid = valid & (labels != ignore_index)
+    return valid
+
+
+def _bad_labels(labels, c, ignore_index):
+    """Integer labels outside ``[0, c)`` that are not ``ignore_index``."""
+    bad = (labels < 0) | (labels >= c)
+    if ignore_index is not None:
+        bad = bad & (labels != ignore_index)
+    return bad
+
+
+def _ce_parts(logits, labels, where, class_weights, label_smoothing, ignore_index):
+    """What forward and backward share: ``z, lse, u, valid, bad`` in the accumulation dtype."""
+    z = _acc(logits)
+    c = z.shape[-1]
+    lse = jax.nn.logsumexp(z, axis=-1)  # (n,)
+    u = _labels_matrix(labels, c, z.dtype, label_smoothing)  # y' (n,c)
+    if class_weights is not None:
+        u = u * _acc(class_weights).astype(z.dtype)  # u = w ⊙ y'
+    valid = valid_rows(labels, where, ignore_index=ignore_index, batch_shape=z.shape[:-1])
+    if jnp.issubdtype(labels.dtype, jnp.integer):
+        bad = _bad_labels(labels, c, ignore_index) & valid
+    else:
+        bad = jnp.zeros(z.shape[:-1], bool)
+    return z, lse, u, valid, bad
+
+
+@functools.partial(jax.jit, static_argnames=("label_smoothing", "ignore_index", "z_loss"))
+def softmax_cross_entropy_fwd(
+    logits, labels, where=None, class_weights=None, *, label_smoothing=0.0, ignore_index=None,
+    z_loss=0.0,
+):  # fmt: skip
+    """Forward: ``loss (n,)``; returns ``(loss, (logits, labels, where, class_weights, lse))``.
+
+    Only ``lse (n,)`` is new in the residuals; ``p`` is recomputed from it in the backward.
+    """
+    z, lse, u, valid, bad = _ce_parts(
+        logits, labels, where, class_weights, label_smoothing, ignore_index
+    )
+    loss = jnp.sum(_safe_mul(u, lse[..., None] - z), axis=-1)  # −Σ u log p
+    if z_loss:
+        loss = loss + z_loss * lse * lse
+    loss = jnp.where(valid, loss, 0.0)
+    loss = jnp.where(bad, jnp.nan, loss)
+    return loss, (logits, labels, where, class_weights, lse)
+
+
+@functools.partial(jax.jit, static_argnames=("label_smoothing", "ignore_index", "z_loss"))
+def softmax_cross_entropy_bwd(res, g, *, label_smoothing=0.0, ignore_index=None, z_loss=0.0):
+    """Backward: ``dz = g[:,None]·(p·(Σu + 2λ·lse)[:,None] − u)``, 0 on masked rows.
+
+    Returns ``(dlogits (n,c), dlabels, None, dclass_weights)``: ``dlabels`` is ``None`` for
+    integer ids, else ``g·(1−ε)·w⊙(lse − z)``; ``dclass_weights (c,) = Σₙ g·y'⊙(lse − z)``.
+    """
+    logits, labels, where, class_weights, lse = res
+    z, _, u, valid, bad = _ce_parts(
+        logits, labels, where, class_weights, label_smoothing, ignore_index
+    )
+    gv = jnp.where(valid, g.astype(z.dtype), 0.0)[..., None]  # (n,1); masked rows: exactly 0
+    p = jnp.exp(z - lse[..., None])  # (n,c), recomputed
+    scale = jnp.sum(u, axis=-1) + (2.0 * z_loss) * lse  # Σ_c u_c + 2λ·lse  (n,)
+    dz = gv * (p * scale[..., None] - u)  # "n,nc->nc"
+    dz = jnp.where(valid[..., None], dz, 0.0)
+    dz = jnp.where(bad[..., None], jnp.nan, dz).astype(logits.dtype)
+
+    nll = lse[..., None] - z  # −log p (n,c)
+    dlabels = None
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        w = 1.0 if class_weights is None else _acc(class_weights).astype(z.dtype)
+        dy = (1.0 - label_smoothing) * gv * w * nll
+        dlabels = jnp.where(valid[..., None], dy, 0.0).astype(labels.dtype)
+    dweights = None
+    if class_weights is not None:
+        y = _labels_matrix(labels, z.shape[-1], z.dtype, label_smoothing)
+        per_row = jnp.where(valid[..., None], _safe_mul(y, gv * nll), 0.0)
+        dweights = per_row.reshape(-1, z.shape[-1]).sum(0).astype(class_weights.dtype)
+    return dz, dlabels, None, dweights
+
+
+_softmax_cross_entropy = custom_vjp_op(softmax_cross_entropy_fwd, softmax_cross_entropy_bwd)
+
+
+def _validate_ce(logits, labels, where, class_weights, label_smoothing, ignore_index, z_loss):
+    logits = _checks.floating("logits", logits)
+    _checks.min_rank("logits", logits, 1, "(..., c)")
+    batch, c = logits.shape[:-1], logits.shape[-1]
+    if c == 0:
+        raise ValueError(f"logits: expected at least one class (c ≥ 1), got shape {logits.shape}")
+    labels = jnp.asarray(labels)
+    if jnp.issubdtype(labels.dtype, jnp.integer):
+        if labels.shape != batch:
+            raise ValueError(
+                f"labels: integer class ids must have the batch shape {batch} of logits "
+                f"{logits.shape}, got {labels.shape}"
+            )
+    elif jnp.issubdtype(labels.dtype, jnp.floating):
+        if labels.shape == batch and labels.shape != logits.shape:
+            raise TypeError(
+                f"labels: got {labels.dtype} labels of shape {labels.shape}, the batch shape: "
+                "class ids must have an integer dtype (probabilities have shape (n, c))"
+            )
+        if labels.shape != logits.shape:
+            raise ValueError(
+                f"labels: probability labels must have the shape of logits {logits.shape} "
+                f"(n, c), got {labels.shape}"
+            )
+        if ignore_index is not None:
+            raise ValueError("ignore_index: only defined for integer labels; use where= instead")
+    else:
+        raise TypeError(
+            f"labels: expected integer class ids or floating probabilities, got {labels.dtype}"
+        )
+    if where is not None:
+        where = jnp.asarray(where)
+        if where.dtype != jnp.bool_:
+            raise TypeError(f"where: expected a bool mask, got {where.dtype}")
+        if where.shape != batch:
+            raise ValueError(f"where: expected the batch shape {batch}, got {where.shape}")
+    if class_weights is not None:
+        class_weights = _checks.floating("class_weights", class_weights)
+        if class_weights.shape != (c,):
+            raise ValueError(
+                f"class_weights: expected shape (c,) = ({c},), got {class_weights.shape}"
+            )
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing: expected a float in [0, 1], got {label_smoothing!r}")
+    if float(z_loss) < 0.0:
+        raise ValueError(f"z_loss: expected a float ≥ 0, got {z_loss!r}")
+    if ignore_index is not None and not isinstance(ignore_index, int | np.integer):
+        raise TypeError(f"ignore_index: expected an int or None, got {ignore_index!r}")
+    return logits, labels, where, class_weights
+
+
+def check_label_range(labels, c, ignore_index=None, *, where=None, name="labels"):
+    """Raise ``ValueError`` for concrete integer ids outside ``[0, c)``; under
+    :func:`jaxbp.checked`, add a ``checkify`` check for traced ones. Masked rows are exempt."""
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        return
+    if _checks.is_concrete(labels) and (where is None or _checks.is_concrete(where)):
+        lab = np.asarray(labels)
+        bad = (lab < 0) | (lab >= c)
+        if ignore_index is not None:
+            bad &= lab != ignore_index
+        if where is not None:
+            bad &= np.asarray(where, bool)
+        if bad.any():
+            pos = tuple(int(i) for i in np.argwhere(bad)[0])
+            allowed = f"[0, {c})" + ("" if ignore_index is None else f" or {ignore_index}")
+            raise ValueError(
+                f"{name}: expected class ids in {allowed}, got {int(lab[pos])} at index {pos} "
+                f"({int(bad.sum())} out of range)"
+            )
+    elif _checks.checking():
+        bad = _bad_labels(labels, c, ignore_index)
+        if where is not None:
+            bad = bad & where
+        checkify.check(
+            ~jnp.any(bad),
+            f"{name}: a class id is outside [0, {c}) (first bad value {{v}})",
+            v=jnp.where(bad, labels, 0).ravel()[jnp.argmax(bad.ravel())],
+        )
+
+
+def softmax_cross_entropy(
+    logits: jax.Array,
+    labels: jax.Array,
+    *,
+    where: jax.Array | None = None,
+    class_weights: jax.Array | None = None,
+    label_smoothing: float = 0.0,
+    ignore_index: int | None = None,
+    z_loss: float = 0.0,
+) -> jax.Array:
+    """Softmax cross-entropy per example, with the fused hand-written backward.
+
+    .. math:: \\ell = \\sum_c w_c y'_c (\\mathrm{lse}(z) - z_c) + \\lambda\\,\\mathrm{lse}(z)^2,
+        \\qquad \\partial\\ell/\\partial z = p\\,(\\textstyle\\sum_c w_c y'_c + 2\\lambda\\,\\mathrm{lse}) - w\\odot y'
+
+    Args:
+      logits: ``z (n, c)`` (any leading axes), floating.
+      labels: integer class ids ``(n,)`` or probabilities ``(n, c)``, chosen by dtype.
+        Probability rows need not sum to 1: the gradient is then ``p·Σy − y``, not ``p − y``.
+      where: optional bool ``(n,)``; ``False`` rows get loss 0 and gradient exactly 0.
+      class_weights: optional ``(c,)``; class ``k`` counts ``w_k`` times (as PyTorch's
+        ``weight``, per example: ``w[y]·nll`` for ids).
+      label_smoothing: ``ε`` in ``[0, 1]``; labels become ``(1 − ε)·y + ε/c`` on every row,
+        the same for ids and for their one-hot form. Masked rows stay 0.
+      ignore_index: integer labels equal to it are masked like ``where=False``.
+      z_loss: ``λ ≥ 0``; adds ``λ·lse²`` to keep the log-normaliser near 0 (PaLM).
+
+    Returns:
+      ``loss (n,)``: float32 for half-precision logits, else the logits' dtype.
+
+    Raises:
+      TypeError: integer logits, float labels of the batch shape (ids meant), bool labels,
+        a non-bool ``where``.
+      ValueError: labels whose shape does not fit the logits, integer ids out of range
+        (when concrete), a bad option.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxbp
+      >>> z = jnp.array([[2.0, 1.0, 0.1]])
+      >>> float(jaxbp.softmax_cross_entropy(z, jnp.array([0]))[0])  # doctest: +ELLIPSIS
+      0.4170...
+    """
+    logits, labels, where, class_weights = _validate_ce(
+        logits, labels, where, class_weights, label_smoothing, ignore_index, z_loss
+    )
+    check_label_range(labels, logits.shape[-1], ignore_index, where=where)
+    options = (
+        ("ignore_index", None if ignore_index is None else int(ignore_index)),
+        ("label_smoothing", float(label_smoothing)),
+        ("z_loss", float(z_loss)),
+    )
+    return _softmax_cross_entropy(options, logits, labels, where, class_weights)
