@@ -38,6 +38,8 @@ from .losses import sigmoid_binary_cross_entropy_fwd as sigmoid_binary_cross_ent
 from .losses import softmax_cross_entropy as softmax_cross_entropy
 from .losses import softmax_cross_entropy_bwd as softmax_cross_entropy_bwd
 from .losses import softmax_cross_entropy_fwd as softmax_cross_entropy_fwd
+from .nn import MLP as MLP
+from .nn import value_and_grad as value_and_grad
 from .softmax import log_softmax as log_softmax
 from .softmax import log_softmax_bwd as log_softmax_bwd
 from .softmax import log_softmax_fwd as log_softmax_fwd
@@ -49,7 +51,7 @@ from .softmax import softmax_jacobian as softmax_jacobian
 __version__ = "0.1.0"
 
 __all__ = [
-    "reference", "checked", "jacobian", "ACTIVATIONS",
+    "reference", "checked", "jacobian", "ACTIVATIONS", "MLP", "value_and_grad",
     "dense", "dense_fwd", "dense_bwd",
     "relu", "relu_fwd", "relu_bwd",
     "leaky_relu", "leaky_relu_fwd", "leaky_relu_bwd",

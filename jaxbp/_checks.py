@@ -18,9 +18,14 @@ import numpy as np
 from jax.experimental import checkify
 
 
+def _as_array(x: Any) -> Any:
+    # Shape-only stand-ins (jax.ShapeDtypeStruct) are validated as they are.
+    return x if isinstance(x, jax.Array | jax.ShapeDtypeStruct) else jnp.asarray(x)
+
+
 def floating(name: str, x: Any) -> jax.Array:
     """Return ``x`` as an array, raising ``TypeError`` unless its dtype is floating."""
-    x = jnp.asarray(x)
+    x = _as_array(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{name}: expected a floating dtype, got {x.dtype} (shape {x.shape})")
     return x
@@ -28,7 +33,7 @@ def floating(name: str, x: Any) -> jax.Array:
 
 def integer(name: str, x: Any) -> jax.Array:
     """Return ``x`` as an array, raising ``TypeError`` unless its dtype is integer."""
-    x = jnp.asarray(x)
+    x = _as_array(x)
     if not jnp.issubdtype(x.dtype, jnp.integer):
         raise TypeError(f"{name}: expected an integer dtype, got {x.dtype} (shape {x.shape})")
     return x

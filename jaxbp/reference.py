@@ -21,7 +21,7 @@ from .softmax import _validate as _validate_softmax
 
 __all__ = [
     "dense", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "softplus",
-    "softmax", "log_softmax", "mse", "sigmoid_binary_cross_entropy", "softmax_cross_entropy",
+    "softmax", "log_softmax", "mse", "sigmoid_binary_cross_entropy", "softmax_cross_entropy", "value_and_grad",
 ]  # fmt: skip
 
 
@@ -133,3 +133,14 @@ def softmax_cross_entropy(
     if jnp.issubdtype(labels.dtype, jnp.integer):
         loss = jnp.where(_bad_labels(labels, c, ignore_index) & valid, jnp.nan, loss)
     return loss
+
+
+def value_and_grad(model):
+    """``jax.jit(jax.value_and_grad)`` of ``model``'s mean loss built from these plain-jnp ops.
+
+    Same call signature as :func:`jaxbp.value_and_grad`: ``f(params, x, labels, *,
+    where=None, class_weights=None) -> (mean loss, grads)``.
+    """
+    from .nn import reference_value_and_grad
+
+    return reference_value_and_grad(model)

@@ -1,0 +1,301 @@
+"""Multi-layer perceptrons whose gradient is an explicit reverse loop over the ``_bwd`` rules.
+
+Index letters::
+
+    n  batch            i  input features of a layer      o  output features of a layer
+    c  classes (the last layer's o)
+
+A network ``x → dense → act → … → dense → loss``. Forward keeps each rule's residuals;
+backward walks the layers in reverse, feeding each ``_bwd`` the gradient from the one above::
+
+    g      = valid / n_valid                        (n,)     ∂(mean loss)/∂(per-example loss)
+    δ_L    = loss_bwd(res, g)                       (n,c)    e.g. g·(p − y) for softmax CE
+    dW_l   = a_{l−1}ᵀ δ_l   "ni,no->io";  db_l = Σₙ δ_l   "no->o"
+    δ_{l−1}= act_bwd(δ_l · W_lᵀ)                    (n,i)    the first layer skips it
+
+No ``jax.grad``, ``jax.vjp`` or ``custom_vjp`` dispatch runs inside :func:`value_and_grad`:
+the loop *is* backpropagation. :func:`jaxbp.reference.value_and_grad` computes the same
+through ``jax.value_and_grad`` of the plain-jnp network, for comparison.
+
+The mean is over valid rows (``where`` / ``ignore_index``); if every row is masked the loss
+and every gradient are 0 (PyTorch returns NaN there; we prefer a step that does nothing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from . import _checks
+from .activations import ACTIVATIONS
+from .dense import dense_bwd, dense_bwd_params, dense_fwd
+from .jacobian import rules_of
+from .losses import _validate_ce, check_label_range, valid_rows
+
+__all__ = ["MLP", "LOSSES", "value_and_grad", "Params"]
+
+Params = list[dict[str, jax.Array]]
+
+LOSSES = ("softmax_cross_entropy", "sigmoid_binary_cross_entropy", "mse")
+
+
+def _frozen(options: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted((options or {}).items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class MLP:
+    """A multi-layer perceptron ``sizes[0] → … → sizes[-1]`` with one loss on top.
+
+    Args:
+      sizes: layer widths, input first: ``(i, h₁, …, c)``; at least two.
+      activation: one of ``jaxbp.ACTIVATIONS`` (``relu``, ``leaky_relu``, ``sigmoid``,
+        ``tanh``, ``gelu``, ``softplus``), applied after every layer but the last.
+      loss: ``softmax_cross_entropy`` (integer labels ``(n,)`` or probabilities ``(n,c)``),
+        ``sigmoid_binary_cross_entropy`` (labels ``(n,c)`` in [0,1], mean over ``c``) or
+        ``mse`` (targets ``(n,c)``).
+      activation_options: e.g. ``{"negative_slope": 0.1}`` or ``{"approximate": False}``.
+      loss_options: static loss options, e.g. ``{"label_smoothing": 0.1, "z_loss": 1e-4,
+        "ignore_index": -100}`` for softmax cross-entropy.
+
+    The model is hashable and holds no arrays: parameters are a separate pytree, a list of
+    ``{"w": (i, o), "b": (o,)}`` per layer, so optax takes the gradients as they are.
+    """
+
+    sizes: tuple[int, ...]
+    activation: str = "relu"
+    loss: str = "softmax_cross_entropy"
+    activation_options: tuple[tuple[str, Any], ...] | Mapping[str, Any] = ()
+    loss_options: tuple[tuple[str, Any], ...] | Mapping[str, Any] = ()
+
+    def __post_init__(self):
+        sizes = tuple(int(s) for s in self.sizes)
+        if len(sizes) < 2 or min(sizes) < 1:
+            raise ValueError(f"sizes: expected at least two positive widths, got {self.sizes!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"activation: expected one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
+            )
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss: expected one of {list(LOSSES)}, got {self.loss!r}")
+        object.__setattr__(self, "sizes", sizes)
+        for name in ("activation_options", "loss_options"):
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                object.__setattr__(self, name, _frozen(value))
+        if self.loss != "softmax_cross_entropy" and self.loss_options:
+            raise ValueError(f"loss_options: {self.loss} takes no options, got {self.loss_options}")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.sizes) - 1
+
+    def init(self, key: jax.Array, dtype: Any = jnp.float32) -> Params:
+        """Parameters: ``w (i, o)`` drawn ``N(0, gain/i)`` (He for relu-like), ``b (o,)`` zeros."""
+        gain = 2.0 if self.activation in ("relu", "leaky_relu", "gelu") else 1.0
+        keys = jax.random.split(key, self.num_layers)
+        return [
+            {
+                "w": (jax.random.normal(k, (i, o), jnp.float32) * math.sqrt(gain / i)).astype(
+                    dtype
+                ),
+                "b": jnp.zeros((o,), dtype),
+            }
+            for k, i, o in zip(keys, self.sizes[:-1], self.sizes[1:], strict=True)
+        ]
+
+    # -- forward ---------------------------------------------------------------------------
+
+    def apply(self, params: Params, x: jax.Array, *, ops: Any = None) -> jax.Array:
+        """Outputs ``(n, c)`` (logits for the cross-entropies) for inputs ``x (n, i)``.
+
+        ``ops`` is the module whose ops are used: ``jaxbp`` (default, custom rules) or
+        ``jaxbp.reference`` (plain jnp): they share names and signatures.
+        """
+        ops = _ops(ops)
+        self._check_params(params)
+        act = getattr(ops, self.activation)
+        h = x
+        for layer, p in enumerate(params):
+            h = ops.dense(h, p["w"], p["b"])
+            if layer < self.num_layers - 1:
+                h = act(h, **dict(self.activation_options))
+        return h
+
+    def per_example_loss(self, params, x, labels, *, class_weights=None, ops=None):
+        """Per-example losses ``(n,)`` (masked rows are handled by :meth:`mean_loss`)."""
+        ops = _ops(ops)
+        out = self.apply(params, x, ops=ops)
+        if self.loss == "softmax_cross_entropy":
+            return ops.softmax_cross_entropy(
+                out, labels, class_weights=class_weights, **dict(self.loss_options)
+            )
+        if self.loss == "mse":
+            return ops.mse(out, labels)
+        return jnp.mean(ops.sigmoid_binary_cross_entropy(out, labels), axis=-1)
+
+    def mean_loss(self, params, x, labels, *, where=None, class_weights=None, ops=None):
+        """Mean loss over valid rows: a scalar, differentiable with ``jax.grad``."""
+        per_ex = self.per_example_loss(params, x, labels, class_weights=class_weights, ops=ops)
+        valid = self.valid(labels, where, n=per_ex.shape[0])
+        total = jnp.sum(jnp.where(valid, per_ex, 0.0))
+        return total / jnp.maximum(jnp.sum(valid), 1).astype(total.dtype)
+
+    def valid(self, labels, where=None, *, n=None) -> jax.Array:
+        """Bool ``(n,)``: rows that count (``where`` and, for integer labels, not ignored)."""
+        n = labels.shape[0] if n is None else n
+        if self.loss == "softmax_cross_entropy":
+            ignore = dict(self.loss_options).get("ignore_index")
+            return valid_rows(labels, where, ignore_index=ignore, batch_shape=(n,))
+        return jnp.ones((n,), bool) if where is None else jnp.asarray(where, bool)
+
+    # -- checks ----------------------------------------------------------------------------
+
+    def _check_params(self, params):
+        if not isinstance(params, list | tuple) or len(params) != self.num_layers:
+            got = len(params) if isinstance(params, list | tuple) else type(params).__name__
+            raise ValueError(f"params: expected a list of {self.num_layers} layers, got {got}")
+        for layer, (p, i, o) in enumerate(
+            zip(params, self.sizes[:-1], self.sizes[1:], strict=True)
+        ):
+            w, b = jnp.shape(p["w"]), jnp.shape(p["b"])
+            if w != (i, o) or b != (o,):
+                raise ValueError(
+                    f"params[{layer}]: expected w {(i, o)} and b {(o,)}, got w {w} and b {b}"
+                )
+
+    def check_inputs(self, params, x, labels, where=None, class_weights=None):
+        """Validate shapes and dtypes (clear errors at trace time; label values when concrete)."""
+        self._check_params(params)
+        x = _checks.floating("x", x)
+        if x.ndim != 2 or x.shape[1] != self.sizes[0]:
+            raise ValueError(f"x: expected shape (n, {self.sizes[0]}), got {x.shape}")
+        n, c = x.shape[0], self.sizes[-1]
+        labels = jnp.asarray(labels)
+        if self.loss == "softmax_cross_entropy":
+            opts = dict(self.loss_options)
+            fake = jax.ShapeDtypeStruct((n, c), x.dtype)
+            _validate_ce(
+                fake, labels, where, class_weights, opts.get("label_smoothing", 0.0),
+                opts.get("ignore_index"), opts.get("z_loss", 0.0),
+            )  # fmt: skip
+            check_label_range(labels, c, opts.get("ignore_index"), where=where)
+        else:
+            labels = _checks.floating("labels", labels)
+            if labels.shape != (n, c):
+                raise ValueError(f"labels: expected shape (n, c) = {(n, c)}, got {labels.shape}")
+            if where is not None and jnp.shape(where) != (n,):
+                raise ValueError(f"where: expected shape (n,) = ({n},), got {jnp.shape(where)}")
+            if class_weights is not None:
+                raise ValueError(f"class_weights: only for softmax_cross_entropy, not {self.loss}")
+
+
+def _ops(ops):
+    if ops is None:
+        import jaxbp
+
+        return jaxbp
+    return ops
+
+
+def forward_backward(model: MLP, params, x, labels, where=None, class_weights=None):
+    """The explicit loop, unjitted: ``(mean loss, grads, per_example_loss, deltas)``.
+
+    ``deltas[l]`` is ``δ_l = ∂L/∂z_l (n, o)``, the gradient at layer ``l``'s pre-activation,
+    and ``acts[l]`` its input ``a_{l−1} (n, i)``: what per-example quantities are made of.
+    """
+    act_fwd, act_bwd = rules_of(ACTIVATIONS[model.activation])
+    act_opts = dict(model.activation_options)
+    L = model.num_layers
+
+    # Forward: keep each rule's residuals.
+    dense_res, act_res, h = [], [], x
+    for layer, p in enumerate(params):
+        h, r = dense_fwd(h, p["w"], p["b"])
+        dense_res.append(r)
+        if layer < L - 1:
+            h, r = act_fwd(h, **act_opts)
+            act_res.append(r)
+
+    # Loss and the seed gradient g = ∂(mean over valid rows)/∂(per-example loss), (n,).
+    n = x.shape[0]
+    valid = model.valid(labels, where, n=n)
+    loss_fwd, loss_bwd = rules_of(getattr(_ops(None), model.loss))
+    opts = dict(model.loss_options)  # empty but for softmax cross-entropy
+    if model.loss == "softmax_cross_entropy":
+        per_ex, res = loss_fwd(h, labels, where, class_weights, **opts)
+    elif model.loss == "mse":
+        per_ex, res = loss_fwd(h, labels.astype(h.dtype))
+    else:
+        elem, res = loss_fwd(h, labels.astype(h.dtype))  # (n, c) elementwise
+        per_ex = jnp.mean(elem, axis=-1)
+    count = jnp.maximum(jnp.sum(valid), 1).astype(per_ex.dtype)
+    loss = jnp.sum(jnp.where(valid, per_ex, 0.0)) / count
+    g = jnp.where(valid, 1.0 / count, 0.0).astype(per_ex.dtype)  # (n,)
+
+    # Backward: δ_L from the loss rule, then the layers in reverse.
+    if model.loss == "sigmoid_binary_cross_entropy":
+        c = h.shape[-1]
+        delta = loss_bwd(res, jnp.broadcast_to((g / c)[:, None], h.shape))[0]  # "n->nc"
+    else:
+        delta = loss_bwd(res, g, **opts)[0]  # (n, c)
+    grads: list[dict[str, jax.Array]] = [{} for _ in range(L)]
+    deltas: list[jax.Array] = [None] * L  # type: ignore[list-item]
+    for layer in reversed(range(L)):
+        deltas[layer] = delta
+        if layer == 0:  # nobody needs ∂L/∂x: skip the g·wᵀ product
+            dw, db = dense_bwd_params(dense_res[0], delta)
+        else:
+            dx, dw, db = dense_bwd(dense_res[layer], delta)  # dx (n, i)
+            (delta,) = act_bwd(act_res[layer - 1], dx)
+        grads[layer] = {"w": dw, "b": db}
+    acts = [r[0] for r in dense_res]
+    return loss, grads, per_ex, deltas, acts
+
+
+def value_and_grad(model: MLP) -> Callable:
+    """``f(params, x, labels, *, where=None, class_weights=None) -> (mean loss, grads)``.
+
+    The gradients come from an explicit reverse loop over the hand-written ``_bwd`` rules
+    (see the module docstring); ``grads`` has the structure of ``params``. Jitted; inputs are
+    validated with clear errors before tracing, and integer labels out of range raise when
+    they are concrete (under an outer ``jit`` their rows make the loss NaN instead).
+
+    Shapes: ``x (n, i)``, ``labels (n,)`` ids or ``(n, c)``, ``where (n,)`` bool.
+    """
+
+    @jax.jit
+    def run(params, x, labels, where, class_weights):
+        loss, grads, *_ = forward_backward(model, params, x, labels, where, class_weights)
+        return loss, grads
+
+    def value_and_grad_fn(params, x, labels, *, where=None, class_weights=None):
+        model.check_inputs(params, x, labels, where, class_weights)
+        return run(params, x, labels, where, class_weights)
+
+    value_and_grad_fn.jitted = run  # type: ignore[attr-defined]
+    return value_and_grad_fn
+
+
+def reference_value_and_grad(model: MLP) -> Callable:
+    """The same as :func:`value_and_grad`, through ``jax.value_and_grad`` of plain jnp."""
+    from . import reference
+
+    def loss(params, x, labels, where, class_weights):
+        return model.mean_loss(
+            params, x, labels, where=where, class_weights=class_weights, ops=reference
+        )
+
+    run = jax.jit(jax.value_and_grad(loss))
+
+    def value_and_grad_fn(params, x, labels, *, where=None, class_weights=None):
+        model.check_inputs(params, x, labels, where, class_weights)
+        return run(params, x, labels, where, class_weights)
+
+    value_and_grad_fn.jitted = run  # type: ignore[attr-defined]
+    return value_and_grad_fn
