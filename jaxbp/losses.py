@@ -352,8 +352,12 @@ def softmax_cross_entropy(
 ) -> jax.Array:
     """Softmax cross-entropy per example, with the fused hand-written backward.
 
-    .. math:: \\ell = \\sum_c w_c y'_c (\\mathrm{lse}(z) - z_c) + \\lambda\\,\\mathrm{lse}(z)^2,
-        \\qquad \\partial\\ell/\\partial z = p\\,(\\textstyle\\sum_c w_c y'_c + 2\\lambda\\,\\mathrm{lse}) - w\\odot y'
+    .. math::
+
+        \\ell = \\sum_c w_c y'_c (\\mathrm{lse}(z) - z_c) + \\lambda\\,\\mathrm{lse}(z)^2
+
+        \\partial\\ell/\\partial z = p\\,(\\textstyle\\sum_c w_c y'_c
+            + 2\\lambda\\,\\mathrm{lse}) - w\\odot y'
 
     Args:
       logits: ``z (n, c)`` (any leading axes), floating.

@@ -21,7 +21,8 @@ from .softmax import _validate as _validate_softmax
 
 __all__ = [
     "dense", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "softplus",
-    "softmax", "log_softmax", "mse", "sigmoid_binary_cross_entropy", "softmax_cross_entropy", "value_and_grad",
+    "softmax", "log_softmax", "mse", "sigmoid_binary_cross_entropy", "softmax_cross_entropy",
+    "value_and_grad",
 ]  # fmt: skip
 
 
