@@ -64,7 +64,8 @@ def is_concrete(x: Any) -> bool:
 
 def accum_dtype(dtype: Any) -> Any:
     """float32 for half-precision inputs, the input dtype otherwise."""
-    return jnp.promote_types(dtype, jnp.float32)
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype
 
 
 _CHECKING: contextvars.ContextVar[bool] = contextvars.ContextVar("jaxbp_checking", default=False)

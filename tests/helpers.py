@@ -1,0 +1,26 @@
+"""Shared test helpers: tolerances of EDGE_CASES.md and a per-leaf comparison."""
+
+import jax
+import numpy as np
+
+# Tolerances of EDGE_CASES.md: relative to the reference's max-abs, per leaf.
+TOL = {"float64": 1e-12, "float32": 1e-5, "bfloat16": 2e-2, "float16": 2e-2}
+
+
+def assert_close(actual, expected, dtype=None, *, tol=None, name="value"):
+    """Every leaf of ``actual`` within ``tol`` of ``expected``, relative to its max-abs."""
+    la, treedef_a = jax.tree.flatten(actual)
+    le, treedef_e = jax.tree.flatten(expected)
+    assert treedef_a == treedef_e, f"{name}: structures differ: {treedef_a} vs {treedef_e}"
+    for k, (a, e) in enumerate(zip(la, le, strict=True)):
+        a = np.asarray(a, np.float64)
+        e = np.asarray(e, np.float64)
+        assert a.shape == e.shape, f"{name}[{k}]: shape {a.shape} vs {e.shape}"
+        t = (
+            tol
+            if tol is not None
+            else TOL[str(np.dtype(dtype) if dtype is not None else "float64")]
+        )
+        scale = max(np.max(np.abs(e), initial=0.0), 1e-30)
+        err = np.max(np.abs(a - e), initial=0.0) / scale
+        assert err <= t, f"{name}[{k}]: relative error {err:.3e} > {t:.1e}"
