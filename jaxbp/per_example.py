@@ -1,0 +1,523 @@
+"""Per-example gradients, their norms without materialising them, and DP-SGD clipping.
+
+Index letters::
+
+    n  batch            i  input features of a layer      o  output features of a layer
+    t  sequence (tokens per example, for layer-level functions on (n, t, i) inputs)
+
+The explicit loop of :mod:`jaxbp.nn` knows, for every dense layer ``l``, its input
+``a_l (n, i)`` and the gradient at its output ``δ_l = ∂ℓ/∂z_l (n, o)``. Run with a seed of 1
+per example (not the ``1/n`` of a mean), row ``k`` of ``δ_l`` belongs to example ``k``'s own
+loss ``ℓ_k`` alone, so per-example quantities come almost free (Goodfellow 2015)::
+
+    g_k(w_l) = a_k δ_kᵀ               (i, o)   "ni,no->nio"
+    g_k(b_l) = δ_k                    (o,)
+    ‖g_k(w_l)‖² = ‖a_k‖²·‖δ_k‖²        (n,)     never forming the (n, i, o) outer products
+    ‖g_k‖²  = Σ_l ‖δ_k‖²·(‖a_k‖² + 1)  weights and biases of every layer
+
+With a sequence axis, ``a (n, t, i)`` and ``δ (n, t, o)``, the weight gradient is
+``G_k = Σ_t a_t δ_tᵀ`` and its norm comes from two Gram matrices ("ghost norm")::
+
+    ‖G_k‖_F² = Σ_{t,s} (a_t·a_s)(δ_t·δ_s)     "nti,nsi->nts" ⊙ "nto,nso->nts"
+
+which holds ``(n, t, t)`` instead of ``(n, i, o)``: cheaper when ``t² < i·o``
+(:func:`dense_grad_sq_norms` chooses by that rule).
+
+**Definitions.** ``ℓ_k`` is ``model.per_example_loss`` of row ``k`` (class weights, label
+smoothing and z-loss included). The per-example gradient is ``g_k = ∇_θ ℓ_k``, *unscaled*
+(not divided by the batch size), and exactly 0 for rows that do not count (``where=False``,
+``ignore_index``). The mean gradient of :func:`jaxbp.value_and_grad` is ``Σ_k g_k / n_valid``.
+
+**DP-SGD** (Abadi et al. 2016), :func:`clipped_grad`::
+
+    c_k = min(1, C/‖g_k‖)                     (n,)   1 where ‖g_k‖ = 0: no division by zero
+    ĝ   = (Σ_k c_k g_k + N(0, σ²C²·I)) / m     m = number of valid rows (or batch_size=)
+
+computed by *book-keeping* (Bu et al. 2023): every backward rule is linear in its upstream
+gradient and every row's ``δ`` depends on its own seed alone, so the ``δ_l`` of one backward
+pass with unit seeds, rescaled per row, are those of a pass seeded with ``c_k/m``. The clipped
+sum is then one weighted parameter backward per layer, ``dw = aᵀ(c ⊙ δ)`` ``"ni,no->io"``:
+the cost of a plain step plus the norms. ``method="two_pass"`` instead re-runs the whole
+explicit loop seeded with ``c_k/m`` (:func:`forward_backward_weighted`); the two agree.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from . import _checks
+from .activations import ACTIVATIONS
+from .dense import dense_bwd, dense_bwd_params, dense_fwd
+from .jacobian import rules_of
+from .nn import MLP
+
+__all__ = [
+    "per_example_grads",
+    "per_example_grad_norms",
+    "clipped_grad",
+    "forward_backward_weighted",
+    "dense_per_example_grads",
+    "dense_grad_sq_norms",
+    "ghost_norm_is_cheaper",
+    "reference_per_example_grads",
+    "reference_per_example_grad_norms",
+    "reference_clipped_grad",
+]
+
+CLIP_METHODS = ("bookkeeping", "two_pass")
+
+
+def _acc(x):
+    return x.astype(_checks.accum_dtype(x.dtype))
+
+
+# ------------------------------------------------------------------ layer-level functions
+
+
+def _check_layer(a, delta):
+    a = _checks.floating("a", a)
+    delta = _checks.floating("delta", delta)
+    if a.ndim not in (2, 3):
+        raise ValueError(f"a: expected shape (n, i) or (n, t, i), got {a.shape}")
+    if delta.ndim != a.ndim or delta.shape[:-1] != a.shape[:-1]:
+        want = "(n, o)" if a.ndim == 2 else "(n, t, o)"
+        raise ValueError(
+            f"delta: expected shape {want} with the leading axes {a.shape[:-1]} of a, "
+            f"got {delta.shape}"
+        )
+    return a, delta
+
+
+def ghost_norm_is_cheaper(t: int, i: int, o: int) -> bool:
+    """True when the Gram ("ghost") norm holds less than the outer product: ``t² < i·o``.
+
+    The ghost norm keeps two ``(n, t, t)`` Gram matrices and costs ``2·n·t²·(i + o)``
+    multiply-adds; the outer product keeps ``(n, i, o)`` and costs ``n·t·i·o``.
+    """
+    return t * t < i * o
+
+
+def dense_per_example_grads(a: jax.Array, delta: jax.Array) -> dict[str, jax.Array]:
+    """Per-example gradients of a dense layer: ``{"w": (n, i, o), "b": (n, o)}``.
+
+    Args:
+      a: the layer's input, ``(n, i)`` or ``(n, t, i)``.
+      delta: ``∂ℓ_k/∂z`` at the layer's output for each example's own loss, ``(n, o)`` or
+        ``(n, t, o)``.
+
+    ``w``: ``"ni,no->nio"`` (``"nti,nto->nio"`` with a sequence axis); ``b``: ``δ``
+    (``"nto->no"``). This *does* materialise ``(n, i, o)``; see :func:`dense_grad_sq_norms`.
+    """
+    a, delta = _check_layer(a, delta)
+    if a.ndim == 2:
+        return {"w": jnp.einsum("ni,no->nio", a, delta), "b": delta}
+    b = jnp.sum(delta, axis=1, dtype=_checks.accum_dtype(delta.dtype)).astype(delta.dtype)
+    return {"w": jnp.einsum("nti,nto->nio", a, delta), "b": b}
+
+
+def dense_grad_sq_norms(
+    a: jax.Array, delta: jax.Array, *, bias: bool = True, method: str = "auto"
+) -> jax.Array:
+    """Squared L2 norms ``(n,)`` of a dense layer's per-example gradients, never ``(n, i, o)``.
+
+    Args:
+      a: the layer's input, ``(n, i)`` or ``(n, t, i)``.
+      delta: ``∂ℓ_k/∂z`` for each example's own loss, ``(n, o)`` or ``(n, t, o)``.
+      bias: include the bias gradient's ``‖Σ_t δ_t‖²``.
+      method: for ``(n, t, i)`` inputs, ``"ghost"`` (Gram matrices ``(n, t, t)``),
+        ``"outer"`` (the ``(n, i, o)`` outer products, summed over ``t``) or ``"auto"``:
+        ghost when :func:`ghost_norm_is_cheaper` (``t² < i·o``). ``(n, i)`` inputs always use
+        ``‖a‖²·‖δ‖²``, which needs neither.
+
+    Returns:
+      ``‖g_k(w)‖² [+ ‖g_k(b)‖²]`` per example, in float32 for half-precision inputs.
+
+    Identities (shapes in the index letters)::
+
+        (n, i):    ‖a_k‖²·‖δ_k‖²                    "ni,ni->n" · "no,no->n"
+        ghost:     Σ_{t,s} (a_t·a_s)(δ_t·δ_s)       "nti,nsi->nts" ⊙ "nto,nso->nts" → n
+        outer:     ‖Σ_t a_t δ_tᵀ‖_F²                "nti,nto->nio" → n
+    """
+    if method not in ("auto", "ghost", "outer"):
+        raise ValueError(f"method: expected 'auto', 'ghost' or 'outer', got {method!r}")
+    a, delta = _check_layer(a, delta)
+    a, delta = _acc(a), _acc(delta)
+    if a.ndim == 2:
+        d2 = jnp.sum(delta * delta, axis=-1)  # (n,)
+        sq = jnp.sum(a * a, axis=-1) * d2
+        return sq + d2 if bias else sq
+    _, t, i = a.shape
+    o = delta.shape[-1]
+    if method == "auto":
+        method = "ghost" if ghost_norm_is_cheaper(t, i, o) else "outer"
+    if method == "ghost":
+        gram_a = jnp.einsum("nti,nsi->nts", a, a)  # (n, t, t)
+        gram_d = jnp.einsum("nto,nso->nts", delta, delta)  # (n, t, t)
+        sq = jnp.sum(gram_a * gram_d, axis=(1, 2))
+    else:
+        g = jnp.einsum("nti,nto->nio", a, delta)  # (n, i, o)
+        sq = jnp.sum(g * g, axis=(1, 2))
+    if bias:
+        db = jnp.sum(delta, axis=1)  # (n, o)
+        sq = sq + jnp.sum(db * db, axis=-1)
+    return sq
+
+
+# ---------------------------------------------------- the explicit loop, per-row seeded
+
+
+def _forward(model: MLP, params, x, labels, where, class_weights):
+    """Forward through the ``_fwd`` rules: per-example losses, valid rows and residuals."""
+    import jaxbp
+
+    act_fwd, _ = rules_of(ACTIVATIONS[model.activation])
+    act_opts = dict(model.activation_options)
+    L = model.num_layers
+    dense_res, act_res, h = [], [], x
+    for layer, p in enumerate(params):
+        h, r = dense_fwd(h, p["w"], p["b"])
+        dense_res.append(r)
+        if layer < L - 1:
+            h, r = act_fwd(h, **act_opts)
+            act_res.append(r)
+    loss_fwd, _ = rules_of(getattr(jaxbp, model.loss))
+    opts = dict(model.loss_options)
+    if model.loss == "softmax_cross_entropy":
+        per_ex, loss_res = loss_fwd(h, labels, where, class_weights, **opts)
+    elif model.loss == "mse":
+        per_ex, loss_res = loss_fwd(h, labels.astype(h.dtype))
+    else:
+        elem, loss_res = loss_fwd(h, labels.astype(h.dtype))  # (n, c)
+        per_ex = jnp.mean(elem, axis=-1)
+    valid = model.valid(labels, where, n=x.shape[0])
+    return per_ex, valid, (h, loss_res, dense_res, act_res)
+
+
+def _backward(model: MLP, state, seed, *, param_grads: bool = True, first_deltas: bool = True):
+    """Reverse loop with per-row seed ``s (n,) = ∂L/∂ℓ_k``: ``(grads or None, deltas, acts)``.
+
+    ``deltas[l] (n, o)`` is ``s_k·∂ℓ_k/∂z_l`` per row; ``acts[l] (n, i)`` is layer ``l``'s input.
+    """
+    import jaxbp
+
+    h, loss_res, dense_res, act_res = state
+    _, act_bwd = rules_of(ACTIVATIONS[model.activation])
+    _, loss_bwd = rules_of(getattr(jaxbp, model.loss))
+    opts = dict(model.loss_options)
+    L = model.num_layers
+    if model.loss == "sigmoid_binary_cross_entropy":
+        c = h.shape[-1]
+        delta = loss_bwd(loss_res, jnp.broadcast_to((seed / c)[:, None], h.shape))[0]
+    else:
+        delta = loss_bwd(loss_res, seed, **opts)[0]  # (n, c)
+    grads = [{} for _ in range(L)] if param_grads else None
+    deltas: list[Any] = [None] * L
+    for layer in reversed(range(L)):
+        deltas[layer] = delta
+        if layer == 0:  # nobody needs ∂L/∂x: skip the δ·wᵀ product
+            dw, db = dense_bwd_params(dense_res[0], delta)  # "ni,no->io", "no->o"
+        else:  # unused dw, db are dropped by XLA when param_grads is False
+            dx, dw, db = dense_bwd(dense_res[layer], delta)  # dx "no,io->ni"
+            (delta,) = act_bwd(act_res[layer - 1], dx)
+        if param_grads:
+            grads[layer] = {"w": dw, "b": db}
+    acts = [r[0] for r in dense_res]
+    return grads, deltas, acts
+
+
+def forward_backward_weighted(
+    model: MLP, params, x, labels, seed, *, where=None, class_weights=None
+):
+    """The explicit loop seeded per row: gradients of ``Σ_k s_k·ℓ_k`` over valid rows.
+
+    :func:`jaxbp.nn.forward_backward` seeds every valid row with ``1/n_valid`` (the mean);
+    here the caller picks ``s (n,)``. Unjitted (call it inside ``jax.jit``); no ``jax.grad``.
+
+    Returns:
+      ``(per_example_loss (n,), grads, deltas, acts)``: ``grads`` has the structure of
+      ``params``; ``deltas[l] = s_k·∂ℓ_k/∂z_l (n, o)`` (0 on rows that do not count) and
+      ``acts[l]`` is layer ``l``'s input ``(n, i)``.
+    """
+    per_ex, valid, state = _forward(model, params, x, labels, where, class_weights)
+    seed = jnp.where(valid, jnp.asarray(seed).astype(per_ex.dtype), 0.0)
+    grads, deltas, acts = _backward(model, state, seed)
+    return per_ex, grads, deltas, acts
+
+
+def _unit_deltas(model, params, x, labels, where, class_weights):
+    """``(per_ex, valid, deltas, acts, state)`` of the unit-seeded pass (no parameter grads)."""
+    per_ex, valid, state = _forward(model, params, x, labels, where, class_weights)
+    seed = valid.astype(per_ex.dtype)  # 1 per counted row: each δ row is its own ∂ℓ_k/∂z
+    _, deltas, acts = _backward(model, state, seed, param_grads=False)
+    return per_ex, valid, deltas, acts, state
+
+
+def _sq_norms(deltas, acts):
+    """``Σ_l ‖δ_k‖²·(‖a_k‖² + 1)`` per row, ``(n,)``: weights and biases of every layer."""
+    return sum(dense_grad_sq_norms(a, d, bias=True) for a, d in zip(acts, deltas, strict=True))
+
+
+# ------------------------------------------------------------------------ public API
+
+
+def _wrap(model, run, name):
+    if not isinstance(model, MLP):
+        raise TypeError(f"model: expected a jaxbp.MLP, got {type(model).__name__}")
+
+    def fn(params, x, labels, *, where=None, class_weights=None):
+        model.check_inputs(params, x, labels, where, class_weights)
+        return run(params, x, labels, where, class_weights)
+
+    fn.__name__ = name
+    fn.jitted = run  # type: ignore[attr-defined]
+    return fn
+
+
+def per_example_grads(model: MLP) -> Callable:
+    """``f(params, x, labels, *, where=None, class_weights=None) -> grads`` per example.
+
+    Each leaf gets a leading batch axis: ``w (n, i, o)``, ``b (n, o)``. Row ``k`` is
+    ``∇_θ ℓ_k``, the gradient of example ``k``'s *own* loss (unscaled: not divided by the
+    batch size), and 0 for rows with ``where=False`` or ``ignore_index`` labels; it equals
+    ``jax.vmap(jax.grad(per-example loss))`` (:func:`reference_per_example_grads`). Built
+    from one unit-seeded reverse loop: ``w = "ni,no->nio"(a, δ)``, ``b = δ``. Jitted.
+    Memory is ``n`` times the parameters; for norms use :func:`per_example_grad_norms`.
+    """
+
+    @jax.jit
+    def run(params, x, labels, where, class_weights):
+        _, _, deltas, acts, _ = _unit_deltas(model, params, x, labels, where, class_weights)
+        return [dense_per_example_grads(a, d) for a, d in zip(acts, deltas, strict=True)]
+
+    return _wrap(model, run, "per_example_grads")
+
+
+def per_example_grad_norms(model: MLP) -> Callable:
+    """``f(params, x, labels, *, where=None, class_weights=None) -> norms (n,)``.
+
+    ``‖∇_θ ℓ_k‖₂`` over all parameters, from ``‖a‖²·‖δ‖²`` (weights) and ``‖δ‖²`` (biases)
+    of one unit-seeded reverse loop; no ``(n, i, o)`` array is ever formed. 0 on rows that do
+    not count. float32 for half-precision inputs. Jitted.
+    """
+
+    @jax.jit
+    def run(params, x, labels, where, class_weights):
+        _, _, deltas, acts, _ = _unit_deltas(model, params, x, labels, where, class_weights)
+        return jnp.sqrt(_sq_norms(deltas, acts))
+
+    return _wrap(model, run, "per_example_grad_norms")
+
+
+def _clip_factors(norms, l2_clip):
+    """``min(1, C/‖g‖)`` ``(n,)`` with no division by zero (``‖g‖ = 0`` gives 1)."""
+    over = norms > l2_clip
+    return jnp.where(over, l2_clip / jnp.where(over, norms, 1.0), 1.0).astype(norms.dtype)
+
+
+def _add_noise(tree, key, std):
+    """Add independent ``N(0, std²)`` to every entry of ``tree`` (one subkey per leaf)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(key, len(leaves))
+    noisy = [
+        (_acc(leaf) + std * jax.random.normal(k, leaf.shape, _acc(leaf).dtype)).astype(leaf.dtype)
+        for k, leaf in zip(keys, leaves, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, noisy)
+
+
+def _check_clip_options(l2_clip, noise_multiplier, batch_size, method):
+    try:
+        l2_clip = float(l2_clip)
+    except (TypeError, ValueError):
+        raise TypeError(f"l2_clip: expected a positive float, got {l2_clip!r}") from None
+    if not (l2_clip > 0.0 and math.isfinite(l2_clip)):
+        raise ValueError(f"l2_clip: expected a finite float > 0, got {l2_clip!r}")
+    try:
+        noise_multiplier = float(noise_multiplier)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"noise_multiplier: expected a float ≥ 0, got {noise_multiplier!r}"
+        ) from None
+    if not (noise_multiplier >= 0.0 and math.isfinite(noise_multiplier)):
+        raise ValueError(f"noise_multiplier: expected a finite float ≥ 0, got {noise_multiplier!r}")
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
+        raise ValueError(f"batch_size: expected None or an int ≥ 1, got {batch_size!r}")
+    if method not in CLIP_METHODS:
+        raise ValueError(f"method: expected one of {list(CLIP_METHODS)}, got {method!r}")
+    return l2_clip, noise_multiplier
+
+
+def _check_key(key, noise_multiplier):
+    if noise_multiplier > 0.0 and key is None:
+        raise ValueError(
+            f"key: noise_multiplier={noise_multiplier} > 0 needs a PRNG key "
+            "(e.g. jax.random.key(0)), got None"
+        )
+
+
+def _denominator(valid, batch_size, dtype):
+    if batch_size is not None:
+        return jnp.asarray(batch_size, dtype)
+    return jnp.maximum(jnp.sum(valid), 1).astype(dtype)
+
+
+def clipped_grad(
+    model: MLP,
+    *,
+    l2_clip: float,
+    noise_multiplier: float = 0.0,
+    batch_size: int | None = None,
+    method: str = "bookkeeping",
+) -> Callable:
+    """DP-SGD gradient: ``f(params, x, labels, key=None, where=None, class_weights=None)``.
+
+    Returns ``(grads, per_example_norms)``: ``grads`` has the structure of ``params``,
+    ``per_example_norms (n,)`` are the *unclipped* ``‖g_k‖`` (0 on rows that do not count)::
+
+        c_k   = min(1, C/‖g_k‖)          1 where ‖g_k‖ = 0 (no division by zero)
+        grads = (Σ_k c_k·g_k + N(0, (σ·C)²·I)) / m
+
+    Args:
+      model: a :class:`jaxbp.MLP`.
+      l2_clip: ``C > 0``, finite.
+      noise_multiplier: ``σ ≥ 0``; with ``σ > 0`` every call needs ``key``.
+      batch_size: the divisor ``m``. ``None`` (default): the number of valid rows (at
+        least 1), so padding rows (``where=False``) and ``ignore_index`` rows contribute
+        nothing and are not counted, and a huge ``C`` with ``σ = 0`` gives exactly
+        :func:`jaxbp.value_and_grad`'s mean gradient. Pass the (expected) batch size for the
+        fixed-denominator estimator of Poisson-sampled DP-SGD.
+      method: ``"bookkeeping"`` (default): one backward pass; the unit-seeded ``δ`` are
+        rescaled by ``c_k/m`` and each layer's parameter gradient is ``"ni,no->io"`` of
+        ``a`` and ``c⊙δ``. ``"two_pass"``: re-run the whole reverse loop seeded with
+        ``c_k/m`` (:func:`forward_backward_weighted`). Per-example gradients are never
+        materialised by either.
+
+    Noise: one ``jax.random.split`` subkey per parameter leaf, in ``params``' leaf order.
+    Jitted; the returned function also works under ``jax.vmap``/``jax.jit``.
+    """
+    if not isinstance(model, MLP):
+        raise TypeError(f"model: expected a jaxbp.MLP, got {type(model).__name__}")
+    l2_clip, noise_multiplier = _check_clip_options(l2_clip, noise_multiplier, batch_size, method)
+
+    @jax.jit
+    def run(params, x, labels, key, where, class_weights):
+        per_ex, valid, deltas, acts, state = _unit_deltas(
+            model, params, x, labels, where, class_weights
+        )
+        norms = jnp.sqrt(_sq_norms(deltas, acts))  # (n,)
+        m = _denominator(valid, batch_size, norms.dtype)
+        weights = _clip_factors(norms, l2_clip)  # c_k (n,)
+        if noise_multiplier > 0.0:
+            # Noise goes onto the clipped *sum*: seed with c_k, add noise, then divide.
+            seed = weights
+        else:
+            seed = weights / m
+        if method == "two_pass":
+            grads, _, _ = _backward(model, state, jnp.where(valid, seed.astype(per_ex.dtype), 0.0))
+        else:
+            grads = []
+            for r, d in zip(state[2], deltas, strict=True):
+                d_scaled = (seed.astype(_acc(d).dtype)[:, None] * _acc(d)).astype(d.dtype)
+                dw, db = dense_bwd_params(r, d_scaled)  # "ni,no->io", "no->o"
+                grads.append({"w": dw, "b": db})
+        if noise_multiplier > 0.0:
+            grads = _add_noise(grads, key, noise_multiplier * l2_clip)
+            grads = jax.tree.map(
+                lambda g: (_acc(g) / m.astype(_acc(g).dtype)).astype(g.dtype), grads
+            )
+        return grads, norms
+
+    def clipped_grad_fn(params, x, labels, key=None, where=None, class_weights=None):
+        _check_key(key, noise_multiplier)
+        model.check_inputs(params, x, labels, where, class_weights)
+        return run(params, x, labels, key if noise_multiplier > 0.0 else None, where, class_weights)
+
+    clipped_grad_fn.jitted = run  # type: ignore[attr-defined]
+    return clipped_grad_fn
+
+
+# ---------------------------------------------------- references: vmap(grad) of plain jnp
+
+
+def _reference_grads(model, params, x, labels, where, class_weights):
+    from . import reference
+
+    def loss_one(p, xk, yk):
+        return model.per_example_loss(
+            p, xk[None], yk[None], class_weights=class_weights, ops=reference
+        )[0]
+
+    grads = jax.vmap(jax.grad(loss_one), in_axes=(None, 0, 0))(params, x, labels)
+    valid = model.valid(labels, where, n=x.shape[0])
+    return jax.tree.map(
+        lambda g: jnp.where(valid.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0.0), grads
+    ), valid
+
+
+def _tree_norms(tree):
+    sq = sum(jnp.sum(_acc(g).reshape(g.shape[0], -1) ** 2, axis=-1) for g in jax.tree.leaves(tree))
+    return jnp.sqrt(sq)
+
+
+def reference_per_example_grads(model: MLP) -> Callable:
+    """Reference: ``jax.vmap(jax.grad(ℓ_k))`` of the plain-jnp network, 0 on masked rows."""
+
+    @jax.jit
+    def run(params, x, labels, where, class_weights):
+        return _reference_grads(model, params, x, labels, where, class_weights)[0]
+
+    return _wrap(model, run, "reference_per_example_grads")
+
+
+def reference_per_example_grad_norms(model: MLP) -> Callable:
+    """Reference: the L2 norms ``(n,)`` of the materialised ``vmap(grad)`` gradients."""
+
+    @jax.jit
+    def run(params, x, labels, where, class_weights):
+        return _tree_norms(_reference_grads(model, params, x, labels, where, class_weights)[0])
+
+    return _wrap(model, run, "reference_per_example_grad_norms")
+
+
+def reference_clipped_grad(
+    model: MLP, *, l2_clip: float, noise_multiplier: float = 0.0, batch_size: int | None = None
+) -> Callable:
+    """Reference DP-SGD: materialise ``vmap(grad)``, clip each row, sum, add noise, divide.
+
+    Same signature, result and noise draws as :func:`clipped_grad`.
+    """
+    l2_clip, noise_multiplier = _check_clip_options(
+        l2_clip, noise_multiplier, batch_size, "bookkeeping"
+    )
+
+    @jax.jit
+    def run(params, x, labels, key, where, class_weights):
+        grads, valid = _reference_grads(model, params, x, labels, where, class_weights)
+        norms = _tree_norms(grads)
+        m = _denominator(valid, batch_size, norms.dtype)
+        factors = _clip_factors(norms, l2_clip)
+
+        def clip_sum(g):
+            f = factors.astype(_acc(g).dtype).reshape((-1,) + (1,) * (g.ndim - 1))
+            return jnp.sum(f * _acc(g), axis=0)
+
+        summed = jax.tree.map(clip_sum, grads)
+        if noise_multiplier > 0.0:
+            summed = _add_noise(summed, key, noise_multiplier * l2_clip)
+        out = jax.tree.map(lambda s, p: (s / m.astype(s.dtype)).astype(p.dtype), summed, params)
+        return out, norms
+
+    def fn(params, x, labels, key=None, where=None, class_weights=None):
+        _check_key(key, noise_multiplier)
+        model.check_inputs(params, x, labels, where, class_weights)
+        return run(params, x, labels, key if noise_multiplier > 0.0 else None, where, class_weights)
+
+    fn.jitted = run  # type: ignore[attr-defined]
+    return fn
