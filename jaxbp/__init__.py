@@ -4,6 +4,7 @@ Every op is a ``jax.custom_vjp`` triple ``op``, ``op_fwd``, ``op_bwd``, with the
 plain ``jax.numpy`` under :mod:`jaxbp.reference`. See ``docs/backprop.md`` for the math.
 """
 
+from . import per_example as per_example
 from . import reference as reference
 from ._checks import checked as checked
 from .activations import ACTIVATIONS as ACTIVATIONS
@@ -40,6 +41,9 @@ from .losses import softmax_cross_entropy_bwd as softmax_cross_entropy_bwd
 from .losses import softmax_cross_entropy_fwd as softmax_cross_entropy_fwd
 from .nn import MLP as MLP
 from .nn import value_and_grad as value_and_grad
+from .per_example import clipped_grad as clipped_grad
+from .per_example import per_example_grad_norms as per_example_grad_norms
+from .per_example import per_example_grads as per_example_grads
 from .softmax import log_softmax as log_softmax
 from .softmax import log_softmax_bwd as log_softmax_bwd
 from .softmax import log_softmax_fwd as log_softmax_fwd
@@ -52,6 +56,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "reference", "checked", "jacobian", "ACTIVATIONS", "MLP", "value_and_grad",
+    "per_example", "per_example_grads", "per_example_grad_norms", "clipped_grad",
     "dense", "dense_fwd", "dense_bwd",
     "relu", "relu_fwd", "relu_bwd",
     "leaky_relu", "leaky_relu_fwd", "leaky_relu_bwd",

@@ -23,6 +23,7 @@ __all__ = [
     "dense", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "softplus",
     "softmax", "log_softmax", "mse", "sigmoid_binary_cross_entropy", "softmax_cross_entropy",
     "value_and_grad",
+    "per_example_grads", "per_example_grad_norms", "clipped_grad",
 ]  # fmt: skip
 
 
@@ -145,3 +146,29 @@ def value_and_grad(model):
     from .nn import reference_value_and_grad
 
     return reference_value_and_grad(model)
+
+
+def per_example_grads(model):
+    """``jax.vmap(jax.grad)`` of each example's own loss, 0 on masked rows.
+
+    Same call signature and result as :func:`jaxbp.per_example_grads`.
+    """
+    from .per_example import reference_per_example_grads
+
+    return reference_per_example_grads(model)
+
+
+def per_example_grad_norms(model):
+    """L2 norms ``(n,)`` of the materialised ``vmap(grad)`` per-example gradients."""
+    from .per_example import reference_per_example_grad_norms
+
+    return reference_per_example_grad_norms(model)
+
+
+def clipped_grad(model, *, l2_clip, noise_multiplier=0.0, batch_size=None):
+    """DP-SGD from materialised ``vmap(grad)`` gradients: as :func:`jaxbp.clipped_grad`."""
+    from .per_example import reference_clipped_grad
+
+    return reference_clipped_grad(
+        model, l2_clip=l2_clip, noise_multiplier=noise_multiplier, batch_size=batch_size
+    )
