@@ -4,6 +4,7 @@ Every op is a ``jax.custom_vjp`` triple ``op``, ``op_fwd``, ``op_bwd``, with the
 plain ``jax.numpy`` under :mod:`jaxbp.reference`. See ``docs/backprop.md`` for the math.
 """
 
+from . import parallel as parallel
 from . import per_example as per_example
 from . import reference as reference
 from ._checks import checked as checked
@@ -55,7 +56,7 @@ from .softmax import softmax_jacobian as softmax_jacobian
 __version__ = "0.1.0"
 
 __all__ = [
-    "reference", "checked", "jacobian", "ACTIVATIONS", "MLP", "value_and_grad",
+    "reference", "parallel", "checked", "jacobian", "ACTIVATIONS", "MLP", "value_and_grad",
     "per_example", "per_example_grads", "per_example_grad_norms", "clipped_grad",
     "dense", "dense_fwd", "dense_bwd",
     "relu", "relu_fwd", "relu_bwd",
