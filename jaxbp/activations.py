@@ -16,8 +16,9 @@ Each op saves the least its derivative needs: ``relu``, ``sigmoid``, ``tanh`` an
 ``softplus`` save only their output ``y`` (``f'`` is a function of ``y``: ``y>0``,
 ``y(1−y)``, ``1−y²``, ``1−e^{−y}``); ``leaky_relu`` and ``gelu`` save their input ``z``.
 
-Conventions: the derivative of ``relu`` and ``leaky_relu`` at exactly 0 is taken as 0
-(resp. ``negative_slope``), as in ``jax.nn``; a NaN input gives a NaN gradient (it is never
+Conventions: at exactly 0 the derivative is the left one: 0 for ``relu`` (as ``jax.nn.relu``)
+and ``negative_slope`` for ``leaky_relu`` (as PyTorch; ``jax.nn.leaky_relu`` takes 1 there,
+so ``jaxbp.reference.leaky_relu`` uses ``z > 0`` too); a NaN input gives a NaN gradient (it is never
 turned into a finite number). Half-precision inputs are computed in float32 and cast back.
 """
 

@@ -16,6 +16,7 @@ matrix of the whole batch.
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 from collections.abc import Callable
@@ -35,6 +36,15 @@ def rules_of(op: Callable) -> tuple[Callable, Callable]:
     if fwd is None or bwd is None:
         raise TypeError(f"op: expected a jaxbp op with _fwd/_bwd rules beside it, got {op!r}")
     return fwd, bwd
+
+
+def _static_options(bwd: Callable, options: dict) -> dict:
+    """The options ``bwd`` takes: array options (``where``, ``class_weights``) live in the
+    residuals, so only the static ones (``axis``, ``label_smoothing``, ...) go to ``bwd``."""
+    params = inspect.signature(bwd).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(options)
+    return {k: v for k, v in options.items() if k in params}
 
 
 def jacobian(op: Callable, *args, argnum: int = 0, **options) -> jax.Array:
@@ -69,14 +79,17 @@ def jacobian(op: Callable, *args, argnum: int = 0, **options) -> jax.Array:
     if not jnp.issubdtype(arg.dtype, jnp.floating):
         raise TypeError(f"argnum: argument {argnum} has dtype {arg.dtype}, which has no Jacobian")
     out, res = fwd(*args, **options)
+    static = _static_options(bwd, options)
     first = jnp.asarray(args[0])
     feat_nd = out.ndim - (first.ndim - 1)  # 1 for a layer (n,c), 0 for a loss (n,)
     batch, feat = out.shape[: out.ndim - feat_nd], out.shape[out.ndim - feat_nd :]
     n_feat = math.prod(feat)
-    batched = arg.shape[: len(batch)] == batch
+    # The first argument carries the batch; another is per-example only if it has its shape
+    # (labels, targets). A weight (i, o) is shared even when i happens to equal n.
+    batched = argnum == 0 or arg.shape == first.shape
 
     def vjp_of(g):
-        return bwd(res, g.astype(out.dtype), **options)[argnum]
+        return bwd(res, g.astype(out.dtype), **static)[argnum]
 
     if batched:
         basis = jnp.eye(n_feat, dtype=out.dtype).reshape((n_feat, *feat))

@@ -53,9 +53,14 @@ def relu(z):
     return _elementwise(jax.nn.relu)(z)
 
 
+def _leaky_relu(z, negative_slope):
+    # z > 0, not jax.nn's z >= 0: the derivative at exactly 0 is negative_slope, as jaxbp's.
+    return jnp.where(z > 0, z, negative_slope * z)
+
+
 def leaky_relu(z, *, negative_slope=0.01):
-    """Reference leaky relu."""
-    return _elementwise(jax.nn.leaky_relu)(z, negative_slope=negative_slope)
+    """Reference leaky relu ``where(z > 0, z, negative_slope·z)`` (slope at 0: the left one)."""
+    return _elementwise(_leaky_relu)(z, negative_slope=negative_slope)
 
 
 def sigmoid(z):

@@ -1,0 +1,238 @@
+"""One parametrised settings list per op, with readable ids (as BackPACK's test settings).
+
+A :class:`Case` is an op name (the same under ``jaxbp`` and ``jaxbp.reference``), a recipe
+for its named array arguments, its static options and the names of the arguments to
+differentiate. Inputs keep away from 0 (``|z| ≥ 0.1``) so that no finite-difference step
+crosses the kink of ``relu``/``leaky_relu``. Tests and benchmarks reuse these lists::
+
+    @pytest.mark.parametrize("case", ACTIVATION_CASES, ids=str)
+    def test_something(case):
+        arrays = case.arrays(jnp.float32)
+        out = case.op(**arrays, **case.options)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxbp
+from jaxbp.jacobian import rules_of
+
+N, I, O, C = 4, 3, 5, 6  # batch, in, out, classes: small, so that compiles stay cheap
+
+
+def away_from_zero(rng: np.random.Generator, shape, scale: float = 1.0) -> np.ndarray:
+    """Values with ``0.1·scale ≤ |x| ≤ 2·scale`` and random signs (no relu kink nearby)."""
+    mag = rng.uniform(0.1, 2.0, size=shape) * scale
+    return mag * rng.choice([-1.0, 1.0], size=shape)
+
+
+def probabilities(rng: np.random.Generator, shape, total: float = 1.0) -> np.ndarray:
+    """Rows of non-negative values summing to ``total`` along the last axis."""
+    p = rng.uniform(0.05, 1.0, size=shape)
+    return total * p / p.sum(-1, keepdims=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One op with one set of options.
+
+    ``make(rng) -> {name: np.ndarray}`` builds the arguments (floating arrays are cast to the
+    requested dtype by :meth:`arrays`; integer labels and bool masks keep theirs). ``diff``
+    names the floating arguments whose gradients are compared.
+    """
+
+    id: str
+    name: str
+    make: Callable[[np.random.Generator], dict]
+    options: dict = dataclasses.field(default_factory=dict)
+    diff: tuple[str, ...] = ()
+    seed: int = 0
+
+    def __str__(self) -> str:
+        return self.id
+
+    @property
+    def op(self) -> Callable:
+        return getattr(jaxbp, self.name)
+
+    @property
+    def ref(self) -> Callable:
+        return getattr(jaxbp.reference, self.name)
+
+    @property
+    def fwd(self) -> Callable:
+        return rules_of(self.op)[0]
+
+    @property
+    def bwd(self) -> Callable:
+        return rules_of(self.op)[1]
+
+    def arrays(self, dtype=jnp.float64) -> dict:
+        raw = self.make(np.random.default_rng(self.seed))
+        return {
+            k: jnp.asarray(v, dtype) if np.issubdtype(np.asarray(v).dtype, np.floating)
+            else jnp.asarray(v)
+            for k, v in raw.items()
+        }  # fmt: skip
+
+    def fwd_index(self, name: str) -> int:
+        """Position of argument ``name`` among ``op_fwd``'s positional parameters, which is
+        also the position of its cotangent in ``op_bwd``'s result."""
+        params = [
+            p.name
+            for p in inspect.signature(self.fwd).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        return params.index(name)
+
+
+def cotangent(out: jax.Array, seed: int = 1) -> jax.Array:
+    """A random upstream gradient of ``out``'s shape and dtype."""
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(rng.normal(size=out.shape), out.dtype)
+
+
+def grad_of(fn: Callable, case: Case, arrays: dict, cot: jax.Array) -> dict:
+    """``jax.grad`` of ``Σ cot ⊙ fn(**arrays)`` with respect to ``case.diff``."""
+
+    def scalar(d):
+        out = fn(**{**arrays, **d}, **case.options)
+        return jnp.sum(out * cot)
+
+    return jax.grad(scalar)({k: arrays[k] for k in case.diff})
+
+
+def bwd_direct(case: Case, arrays: dict, cot: jax.Array) -> dict:
+    """``op_bwd`` called on ``op_fwd``'s residuals, the cotangents of ``case.diff``."""
+    out, res = case.fwd(**arrays, **case.options)
+    cts = case.bwd(res, cot, **case.options)
+    return {k: cts[case.fwd_index(k)] for k in case.diff}
+
+
+# ------------------------------------------------------------------------------- cases
+
+
+def _dense(bias: bool, batch=(N,)):
+    def make(rng):
+        d = {"x": away_from_zero(rng, (*batch, I)), "w": away_from_zero(rng, (I, O))}
+        if bias:
+            d["b"] = away_from_zero(rng, (O,))
+        return d
+
+    return make
+
+
+DENSE_CASES = [
+    Case("dense-bias", "dense", _dense(True), diff=("x", "w", "b")),
+    Case("dense-nobias", "dense", _dense(False), diff=("x", "w")),
+    Case("dense-3d-batch", "dense", _dense(True, (2, 3)), diff=("x", "w", "b")),
+    Case("dense-1d-x", "dense", _dense(True, ()), diff=("x", "w", "b")),
+]
+
+
+def _z(shape=(N, C), scale=1.0):
+    return lambda rng: {"z": away_from_zero(rng, shape, scale)}
+
+
+ACTIVATION_CASES = [
+    Case("relu", "relu", _z(), diff=("z",)),
+    Case("leaky_relu-default", "leaky_relu", _z(), diff=("z",)),
+    Case("leaky_relu-slope0.2", "leaky_relu", _z(), {"negative_slope": 0.2}, diff=("z",)),
+    Case("sigmoid", "sigmoid", _z(scale=3.0), diff=("z",)),
+    Case("tanh", "tanh", _z(), diff=("z",)),
+    Case("gelu-tanh", "gelu", _z(scale=2.0), {"approximate": True}, diff=("z",)),
+    Case("gelu-erf", "gelu", _z(scale=2.0), {"approximate": False}, diff=("z",)),
+    Case("softplus", "softplus", _z(scale=3.0), diff=("z",)),
+    Case("relu-3d", "relu", _z((2, 3, 4)), diff=("z",)),
+]
+
+SOFTMAX_CASES = [
+    Case("softmax", "softmax", _z(scale=2.0), diff=("z",)),
+    Case("softmax-axis0", "softmax", _z(scale=2.0), {"axis": 0}, diff=("z",)),
+    Case("softmax-3d", "softmax", _z((2, 3, C), 2.0), diff=("z",)),
+    Case("softmax-large-logits", "softmax", _z(scale=50.0), diff=("z",)),
+    Case("log_softmax", "log_softmax", _z(scale=2.0), diff=("z",)),
+    Case("log_softmax-axis0", "log_softmax", _z(scale=2.0), {"axis": 0}, diff=("z",)),
+]
+
+
+def _mse(rng):
+    return {"pred": away_from_zero(rng, (N, C)), "target": away_from_zero(rng, (N, C))}
+
+
+def _bce(int_labels: bool):
+    def make(rng):
+        d = {"logits": away_from_zero(rng, (N, C), 3.0)}
+        if int_labels:
+            d["labels"] = rng.integers(0, 2, size=(N, C)).astype(np.int32)
+        else:
+            d["labels"] = rng.uniform(0, 1, size=(N, C))
+        return d
+
+    return make
+
+
+LOSS_CASES = [
+    Case("mse", "mse", _mse, diff=("pred", "target")),
+    Case("bce-prob-labels", "sigmoid_binary_cross_entropy", _bce(False), diff=("logits", "labels")),
+    Case("bce-int-labels", "sigmoid_binary_cross_entropy", _bce(True), diff=("logits",)),
+]
+
+
+def _ce(
+    *, probs=False, total=1.0, where=False, weights=False, ignore=None, batch=(N,), scale=2.0
+):  # fmt: skip
+    def make(rng):
+        d = {"logits": away_from_zero(rng, (*batch, C), scale)}
+        if probs:
+            d["labels"] = probabilities(rng, (*batch, C), total)
+        else:
+            ids = rng.integers(0, C, size=batch).astype(np.int32)
+            if ignore is not None:
+                ids.reshape(-1)[::3] = ignore  # every third row ignored
+            d["labels"] = ids
+        if where:
+            m = np.ones(batch, bool)
+            m.reshape(-1)[1::2] = False
+            d["where"] = m
+        if weights:
+            d["class_weights"] = rng.uniform(0.2, 2.0, size=(C,))
+        return d
+
+    return make
+
+
+_L = ("logits",)
+_LY = ("logits", "labels")
+_LW = ("logits", "class_weights")
+_LYW = ("logits", "labels", "class_weights")
+
+CE_CASES = [
+    Case("ce-ids", "softmax_cross_entropy", _ce(), diff=_L),
+    Case("ce-probs", "softmax_cross_entropy", _ce(probs=True), diff=_LY),
+    Case("ce-probs-sum2", "softmax_cross_entropy", _ce(probs=True, total=2.0), diff=_LY),
+    Case("ce-ids-where", "softmax_cross_entropy", _ce(where=True), diff=_L),
+    Case("ce-ids-weights", "softmax_cross_entropy", _ce(weights=True), diff=_LW),
+    Case("ce-ids-smooth0.1", "softmax_cross_entropy", _ce(), {"label_smoothing": 0.1}, diff=_L),
+    Case("ce-ids-ignore-100", "softmax_cross_entropy", _ce(ignore=-100), {"ignore_index": -100},
+         diff=_L),
+    Case("ce-ids-zloss", "softmax_cross_entropy", _ce(), {"z_loss": 1e-2}, diff=_L),
+    Case("ce-ids-3d-batch", "softmax_cross_entropy", _ce(batch=(2, 3)), diff=_L),
+    Case("ce-ids-all-options", "softmax_cross_entropy", _ce(where=True, weights=True, ignore=-1),
+         {"label_smoothing": 0.2, "ignore_index": -1, "z_loss": 1e-3}, diff=_LW),
+    Case("ce-probs-all-options", "softmax_cross_entropy",
+         _ce(probs=True, total=0.7, where=True, weights=True),
+         {"label_smoothing": 0.2, "z_loss": 1e-3}, diff=_LYW),
+]  # fmt: skip
+
+ALL_CASES = DENSE_CASES + ACTIVATION_CASES + SOFTMAX_CASES + LOSS_CASES + CE_CASES
+
+# Dtypes of the manual-vs-reference comparison, with EDGE_CASES.md tolerances (helpers.TOL).
+DTYPES = [jnp.float64, jnp.float32, jnp.bfloat16]
