@@ -1,0 +1,529 @@
+"""Manual gradients against ``jax.grad`` and against central finite differences.
+
+Index letters::
+
+    n  batch      i  input features      c  classes (the network's last width)
+    k  random directions of the finite-difference check
+
+:func:`compare` runs one model on one batch three or four ways and reports, per parameter
+leaf (``[0]['w'] (i, o)``, ``[0]['b'] (o,)``, …):
+
+* ``jax.grad``    the hand-written reverse loop (:func:`jaxbp.value_and_grad`) against
+  ``jax.value_and_grad`` of the same network in plain ``jax.numpy``
+  (:func:`jaxbp.reference.value_and_grad`), in the requested dtype;
+* ``custom_vjp``  ``jax.grad`` of the network built from jaxbp's ops (so JAX runs the
+  hand-written ``_bwd`` rules through ``custom_vjp``) against the same reference;
+* ``finite diff`` the manual gradient, recomputed in float64, against central differences
+  ``(L(θ + h·d) − L(θ − h·d)) / 2h`` of the float64 loss along ``k`` random unit directions
+  ``d`` of each leaf, compared as directional derivatives ``⟨∇L, d⟩ (k,)``. Directions whose
+  step would cross a kink of ``relu``/``leaky_relu`` are redrawn.
+
+Errors are relative to the reference's max-abs (EDGE_CASES.md): float64 ≤ 1e-12,
+float32 ≤ 1e-5, bfloat16 ≤ 2e-2 against ``jax.grad``; ≤ 1e-6 against finite differences.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import reference
+from .nn import MLP, value_and_grad
+
+__all__ = ["TOLERANCES", "FD_TOLERANCE", "Row", "Report", "compare", "x64"]
+
+TOLERANCES = {"float64": 1e-12, "float32": 1e-5, "bfloat16": 2e-2, "float16": 2e-2}
+FD_TOLERANCE = 1e-6
+FD_STEP = 1e-6
+_KINKED = ("relu", "leaky_relu")
+
+
+def x64():
+    """Context manager turning on float64 (``jax_enable_x64``) for its body only."""
+    if jax.config.jax_enable_x64:
+        return contextlib.nullcontext()
+    enable = getattr(jax, "enable_x64", None)
+    if enable is not None:  # newer JAX: a config context manager
+        return enable(True)
+    from jax.experimental import enable_x64  # older JAX
+
+    return enable_x64()
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One comparison of one leaf.
+
+    ``max_rel_error`` is ``max|a − e| / max|e|`` (per leaf, relative to the reference's
+    max-abs); ``cosine`` is ``⟨a, e⟩ / (‖a‖‖e‖)`` (1.0 when both are exactly zero).
+    """
+
+    check: str
+    leaf: str
+    shape: tuple[int, ...]
+    dtype: str
+    max_abs_error: float
+    max_rel_error: float
+    cosine: float
+    tolerance: float
+    passed: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """The result of :func:`compare`: a row per (check, leaf) and the losses."""
+
+    sizes: tuple[int, ...]
+    activation: str
+    loss: str
+    dtype: str
+    batch: int
+    loss_manual: float
+    loss_reference: float
+    rows: tuple[Row, ...]
+    fd_directions: int
+    fd_step: float
+    seed: int
+    notes: tuple[str, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        """True when every row passed."""
+        return all(r.passed for r in self.rows)
+
+    @property
+    def failures(self) -> tuple[Row, ...]:
+        return tuple(r for r in self.rows if not r.passed)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data (lists, floats, strings, bools)."""
+        d = dataclasses.asdict(self)
+        d["sizes"] = list(self.sizes)
+        d["rows"] = [{**dataclasses.asdict(r), "shape": list(r.shape)} for r in self.rows]
+        d["notes"] = list(self.notes)
+        d["passed"] = self.passed
+        return d
+
+    def table(self) -> str:
+        """A plain-text table, one line per row, and a verdict line."""
+        head = (
+            f"MLP {'-'.join(map(str, self.sizes))}  activation={self.activation}  "
+            f"loss={self.loss}  dtype={self.dtype}  batch={self.batch}  seed={self.seed}"
+        )
+        lines = [
+            head,
+            f"loss: manual {self.loss_manual:.10g}   reference {self.loss_reference:.10g}",
+        ]
+        cols = ("check", "leaf", "shape", "max abs err", "max rel err", "cosine", "tol", "")
+        body = []
+        for r in self.rows:
+            shape = f"{r.shape[0]} dirs" if r.check == "finite diff" else str(r.shape)
+            body.append((
+                r.check, r.leaf, shape, f"{r.max_abs_error:.2e}", f"{r.max_rel_error:.2e}",
+                f"{r.cosine:.8f}", f"{r.tolerance:.0e}", "ok" if r.passed else "FAIL",
+            ))  # fmt: skip
+        widths = [max(len(c), *(len(b[k]) for b in body)) for k, c in enumerate(cols)]
+        right = {3, 4, 5, 6}
+
+        def fmt(cells):
+            out = [
+                c.rjust(w) if k in right else c.ljust(w)
+                for k, (c, w) in enumerate(zip(cells, widths, strict=True))
+            ]
+            return "  ".join(out).rstrip()
+
+        lines += [fmt(cols), fmt(["-" * w for w in widths]), *map(fmt, body)]
+        lines += [f"note: {n}" for n in self.notes]
+        lines.append(
+            "jax.grad: hand-written reverse loop vs jax.grad of plain jnp; custom_vjp: jax.grad "
+            "through jaxbp's ops vs the same;\nfinite diff: ⟨manual grad, d⟩ in float64 vs "
+            "(L(θ+hd) − L(θ−hd))/2h along random unit directions d. Errors relative to max|ref|."
+        )
+        bad = len(self.failures)
+        lines.append(
+            f"PASSED: all {len(self.rows)} checks within tolerance"
+            if not bad
+            else f"FAILED: {bad} of {len(self.rows)} checks out of tolerance"
+        )
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _leaf_names(tree) -> list[str]:
+    return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _errors(actual, expected) -> tuple[float, float, float]:
+    """``(max abs error, max abs error / max|expected|, cosine)`` in float64."""
+    a = np.asarray(actual, np.float64).ravel()
+    e = np.asarray(expected, np.float64).ravel()
+    if a.size == 0:
+        return 0.0, 0.0, 1.0
+    err = float(np.max(np.abs(a - e)))
+    scale = float(np.max(np.abs(e)))
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(e))):
+        return math.nan, math.nan, math.nan
+    rel = err / scale if scale > 0 else (0.0 if err == 0 else math.inf)
+    na, ne = float(np.linalg.norm(a)), float(np.linalg.norm(e))
+    if na == 0 and ne == 0:
+        cos = 1.0
+    elif na == 0 or ne == 0:
+        cos = 0.0
+    else:
+        cos = float(np.dot(a, e) / (na * ne))
+    return err, rel, cos
+
+
+def _row(check, leaf, actual, expected, dtype, tol) -> Row:
+    err, rel, cos = _errors(actual, expected)
+    return Row(
+        check, leaf, tuple(np.shape(expected)), str(dtype), err, rel, cos, tol,
+        bool(rel <= tol),  # NaN compares False: a NaN never passes
+    )  # fmt: skip
+
+
+def _cast(tree, dtype):
+    return jax.tree.map(lambda a: jnp.asarray(a).astype(dtype), tree)
+
+
+def _cast_labels(model: MLP, labels, dtype):
+    labels = jnp.asarray(labels)
+    if jnp.issubdtype(labels.dtype, jnp.floating):
+        return labels.astype(dtype)
+    return labels
+
+
+def _preacts(model: MLP, params, x):
+    """Hidden pre-activations ``z_l (n, o)`` (plain jnp), to keep finite differences off kinks."""
+    out, h = [], x
+    for layer, p in enumerate(params[:-1]):
+        z = reference.dense(h, p["w"], p["b"])
+        out.append(z)
+        h = getattr(reference, model.activation)(z, **dict(model.activation_options))
+        del layer
+    return out
+
+
+def _finite_difference_rows(model, params, x, labels, where, class_weights, grads, k, seed):
+    """Rows comparing ``⟨grads, d⟩`` with central differences along ``k`` unit directions."""
+    leaves, treedef = jax.tree.flatten(params)
+    names = _leaf_names(params)
+    gleaves = jax.tree.leaves(grads)
+
+    @jax.jit
+    def loss_at(leaf_index_params):
+        return model.mean_loss(
+            leaf_index_params, x, labels, where=where, class_weights=class_weights, ops=reference
+        )
+
+    @jax.jit
+    def kink_free(p_plus, p_minus):
+        if model.activation not in _KINKED:
+            return jnp.asarray(True)
+        signs = [
+            (jnp.sign(a) == jnp.sign(b)).all() & (jnp.sign(a) == jnp.sign(c)).all()
+            for a, b, c in zip(
+                _preacts(model, params, x),
+                _preacts(model, p_plus, x),
+                _preacts(model, p_minus, x),
+                strict=True,
+            )
+        ]
+        return jnp.all(jnp.stack(signs)) if signs else jnp.asarray(True)
+
+    rows, notes = [], []
+    rng = np.random.default_rng(seed)
+    for index, (leaf, g, name) in enumerate(zip(leaves, gleaves, names, strict=True)):
+        h = FD_STEP * max(1.0, float(jnp.max(jnp.abs(leaf))) if leaf.size else 1.0)
+        fd, exact, redrawn = [], [], 0
+        while len(fd) < k and redrawn < 20 * k:
+            d = rng.standard_normal(leaf.shape)
+            d = d / max(np.linalg.norm(d), 1e-300)
+            d = jnp.asarray(d, leaf.dtype)
+            plus = [l + h * d if j == index else l for j, l in enumerate(leaves)]
+            minus = [l - h * d if j == index else l for j, l in enumerate(leaves)]
+            p_plus = jax.tree.unflatten(treedef, plus)
+            p_minus = jax.tree.unflatten(treedef, minus)
+            if not bool(kink_free(p_plus, p_minus)):
+                redrawn += 1
+                continue
+            fd.append((float(loss_at(p_plus)) - float(loss_at(p_minus))) / (2.0 * h))
+            exact.append(float(jnp.vdot(g, d)))
+        if redrawn:
+            notes.append(f"{name}: {redrawn} direction(s) redrawn to keep the step off a kink")
+        if len(fd) < k:
+            notes.append(f"{name}: only {len(fd)} of {k} kink-free directions found")
+        row = _row("finite diff", name, np.asarray(exact), np.asarray(fd), "float64", FD_TOLERANCE)
+        rows.append(dataclasses.replace(row, shape=(len(fd),)))
+    return rows, notes
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def compare(
+    model: MLP,
+    params,
+    x,
+    labels,
+    *,
+    where=None,
+    class_weights=None,
+    dtype: Any = None,
+    fd: bool = True,
+    fd_directions: int = 4,
+    seed: int = 0,
+) -> Report:
+    """Compare the hand-written gradient of ``model`` with ``jax.grad`` and finite differences.
+
+    Args:
+      model: a :class:`jaxbp.MLP`.
+      params: its parameters (a list of ``{"w": (i, o), "b": (o,)}``).
+      x: inputs ``(n, i)``.
+      labels: integer ids ``(n,)`` or targets/probabilities ``(n, c)``, as for the model's loss.
+      where: optional bool ``(n,)``: rows that count in the mean.
+      class_weights: optional ``(c,)`` (softmax cross-entropy only).
+      dtype: the dtype of the ``jax.grad`` comparison (``float32``, ``float64``, ``bfloat16``);
+        ``params``, ``x`` and float labels are cast to it. Default: the dtype of ``x``.
+      fd: also check against central finite differences (always in float64).
+      fd_directions: random unit directions per leaf for the finite differences, ``k``.
+      seed: seed of those directions.
+
+    Returns:
+      A :class:`Report`; ``report.passed`` is True when every row is within tolerance
+      (EDGE_CASES.md), ``report.table()`` prints it, ``report.to_dict()`` serialises it.
+
+    float64 is switched on (``jax_enable_x64``) for the duration of the call when needed;
+    inputs are validated with the model's clear errors first.
+    """
+    dtype = jnp.dtype(jnp.asarray(x).dtype if dtype is None else dtype)
+    name = str(dtype)
+    if name not in TOLERANCES:
+        raise ValueError(f"dtype: expected one of {sorted(TOLERANCES)}, got {name}")
+    if fd_directions < 1:
+        raise ValueError(f"fd_directions: expected a positive int, got {fd_directions!r}")
+    needs_x64 = fd or name == "float64"
+    with x64() if needs_x64 else contextlib.nullcontext():
+        p = _cast(params, dtype)
+        xx = jnp.asarray(x).astype(dtype)
+        yy = _cast_labels(model, labels, dtype)
+        cw = None if class_weights is None else jnp.asarray(class_weights).astype(dtype)
+        wh = None if where is None else jnp.asarray(where, bool)
+        model.check_inputs(p, xx, yy, wh, cw)
+
+        loss_m, g_m = value_and_grad(model)(p, xx, yy, where=wh, class_weights=cw)
+        loss_r, g_r = reference.value_and_grad(model)(p, xx, yy, where=wh, class_weights=cw)
+        g_c = jax.jit(jax.grad(lambda q: model.mean_loss(q, xx, yy, where=wh, class_weights=cw)))(p)
+
+        tol = TOLERANCES[name]
+        rows = [_row("loss", "mean loss", loss_m, loss_r, name, tol)]
+        names = _leaf_names(p)
+        for leaf, a, e in zip(names, jax.tree.leaves(g_m), jax.tree.leaves(g_r), strict=True):
+            rows.append(_row("jax.grad", leaf, a, e, name, tol))
+        for leaf, a, e in zip(names, jax.tree.leaves(g_c), jax.tree.leaves(g_r), strict=True):
+            rows.append(_row("custom_vjp", leaf, a, e, name, tol))
+
+        notes: list[str] = []
+        if fd:
+            f64 = jnp.float64
+            p64, x64_, y64 = (
+                _cast(params, f64),
+                jnp.asarray(x).astype(f64),
+                _cast_labels(model, labels, f64),
+            )
+            cw64 = None if class_weights is None else jnp.asarray(class_weights).astype(f64)
+            if name == "float64":
+                g64 = g_m
+            else:
+                _, g64 = value_and_grad(model)(p64, x64_, y64, where=wh, class_weights=cw64)
+            fd_rows, notes = _finite_difference_rows(
+                model, p64, x64_, y64, wh, cw64, g64, fd_directions, seed
+            )
+            rows += fd_rows
+        return Report(
+            sizes=model.sizes,
+            activation=model.activation,
+            loss=model.loss,
+            dtype=name,
+            batch=int(xx.shape[0]),
+            loss_manual=float(loss_m),
+            loss_reference=float(loss_r),
+            rows=tuple(rows),
+            fd_directions=fd_directions if fd else 0,
+            fd_step=FD_STEP if fd else 0.0,
+            seed=seed,
+            notes=tuple(notes),
+        )
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _names(value: str, choices: tuple[str, ...], what: str) -> list[str]:
+    import argparse
+
+    names = list(choices) if value == "all" else [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in names if v not in choices]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"{what}: expected 'all' or a comma list of {', '.join(choices)}; got {value!r}"
+        )
+    return names
+
+
+def _sizes(value: str) -> tuple[int, ...]:
+    import argparse
+
+    try:
+        sizes = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) < 2 or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(
+            f"sizes: expected at least two positive widths like 64,32,10, got {value!r}"
+        )
+    return sizes
+
+
+def add_arguments(parser) -> None:
+    """``jaxbp compare``'s arguments."""
+    from .activations import ACTIVATIONS
+    from .nn import LOSSES
+
+    parser.add_argument(
+        "--sizes",
+        type=_sizes,
+        default=(64, 32, 10),
+        help="layer widths, input first (default 64,32,10)",
+    )
+    parser.add_argument("--batch", type=int, default=32, help="batch size n (default 32)")
+    parser.add_argument(
+        "--activation",
+        default="relu",
+        help=f"one of {', '.join(ACTIVATIONS)}, a comma list, or 'all' (default relu)",
+    )
+    parser.add_argument(
+        "--loss",
+        default="softmax_cross_entropy",
+        help=f"one of {', '.join(LOSSES)}, a comma list, or 'all' (default softmax_cross_entropy)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        help="float32, float64, bfloat16, a comma list, or 'all' (default float32)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of data, parameters, directions")
+    parser.add_argument(
+        "--dataset",
+        choices=("synthetic", "digits"),
+        default="synthetic",
+        help="random inputs, or the first --batch digits (needs sizes 64,…,10)",
+    )
+    parser.add_argument(
+        "--fd-directions",
+        type=int,
+        default=4,
+        help="random directions per leaf for finite differences (default 4)",
+    )
+    parser.add_argument("--no-fd", action="store_true", help="skip the finite-difference check")
+    parser.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=0.0,
+        help="softmax_cross_entropy's label_smoothing (default 0)",
+    )
+    parser.add_argument(
+        "--z-loss", type=float, default=0.0, help="softmax_cross_entropy's z_loss (default 0)"
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write the reports as JSON")
+
+
+def _batch(model: MLP, dataset: str, batch: int, seed: int):
+    """Inputs ``x (n, i)`` float64 and labels for the model's loss (ids, or ``(n, c)`` floats)."""
+    i, c = model.sizes[0], model.sizes[-1]
+    kx, ky = jax.random.split(jax.random.PRNGKey(seed))
+    if dataset == "digits":
+        from .datasets import load_digits
+
+        split = load_digits()
+        if i != split.x_train.shape[1] or c != split.num_classes:
+            raise ValueError(
+                f"--sizes: the digits data set needs {split.x_train.shape[1]} inputs and "
+                f"{split.num_classes} classes, got sizes {model.sizes}"
+            )
+        if not 1 <= batch <= split.x_train.shape[0]:
+            raise ValueError(f"--batch: expected 1 to {split.x_train.shape[0]}, got {batch}")
+        x = jnp.asarray(split.x_train[:batch], jnp.float64)
+        ids = jnp.asarray(split.y_train[:batch], jnp.int32)
+    else:
+        x = jax.random.normal(kx, (batch, i), jnp.float64)
+        ids = jax.random.randint(ky, (batch,), 0, c, jnp.int32)
+    if model.loss == "softmax_cross_entropy":
+        return x, ids
+    if model.loss == "sigmoid_binary_cross_entropy":
+        return x, jax.nn.one_hot(ids, c, dtype=jnp.float64)
+    return x, jax.random.normal(ky, (batch, c), jnp.float64)  # mse targets
+
+
+def run(args) -> int:
+    """Run ``jaxbp compare``; 0 when every comparison passes, 1 otherwise."""
+    import argparse
+    import json
+
+    from .activations import ACTIVATIONS
+    from .nn import LOSSES
+
+    try:
+        activations = _names(args.activation, tuple(ACTIVATIONS), "--activation")
+        losses = _names(args.loss, LOSSES, "--loss")
+        dtypes = _names(args.dtype, ("float32", "float64", "bfloat16"), "--dtype")
+    except argparse.ArgumentTypeError as e:
+        print(f"jaxbp compare: error: {e}", file=sys.stderr)
+        return 2
+    if args.batch < 1:
+        print(f"jaxbp compare: error: --batch: expected a positive int, got {args.batch}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    reports = []
+    with x64():
+        for dtype in dtypes:
+            for activation in activations:
+                for loss in losses:
+                    opts = {}
+                    if loss == "softmax_cross_entropy":
+                        opts = {k: v for k, v in (("label_smoothing", args.label_smoothing),
+                                                  ("z_loss", args.z_loss)) if v}  # fmt: skip
+                    model = MLP(args.sizes, activation, loss, loss_options=opts)
+                    try:
+                        x, labels = _batch(model, args.dataset, args.batch, args.seed)
+                    except ValueError as e:
+                        print(f"jaxbp compare: error: {e}", file=sys.stderr)
+                        return 2
+                    params = model.init(jax.random.PRNGKey(args.seed + 1), jnp.float64)
+                    report = compare(
+                        model, params, x, labels, dtype=dtype, fd=not args.no_fd,
+                        fd_directions=args.fd_directions, seed=args.seed,
+                    )  # fmt: skip
+                    reports.append(report)
+                    print(report.table())
+                    print()
+    passed = all(r.passed for r in reports)
+    if len(reports) > 1:
+        bad = [f"{r.activation}/{r.loss}/{r.dtype}" for r in reports if not r.passed]
+        print(
+            f"{len(reports) - len(bad)} of {len(reports)} configurations passed"
+            + (f"; failed: {', '.join(bad)}" if bad else "")
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"passed": passed, "reports": [r.to_dict() for r in reports]}, f, indent=2)
+    return 0 if passed else 1
