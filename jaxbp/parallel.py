@@ -149,12 +149,18 @@ def _axis_size(mesh: Mesh, axis: str | None, name: str) -> int:
     return int(mesh.shape[axis])
 
 
-def _divisible(name: str, size: int, parts: int, axis: str, what: str) -> None:
+def _divisible(name: str, size: int, parts: int, axis: str, what: str, hint: str) -> None:
     if size % parts:
         raise ValueError(
             f"{name}: expected {what} ({size}) divisible by the {parts} devices of mesh axis "
-            f"{axis!r}; pad it (with where=False rows for the batch) or pick another mesh"
+            f"{axis!r}; {hint}"
         )
+
+
+_PAD_ROWS = "pad the batch with where=False rows (they change nothing) or use another mesh"
+_PAD_CLASSES = (
+    "pad the classes with −inf logit columns (without label smoothing) or use another mesh"
+)
 
 
 def _host_readable(*trees) -> bool:
@@ -402,12 +408,12 @@ def vocab_parallel_softmax_cross_entropy(
             f"logits: expected shape (n, c) (flatten leading axes into n), got {logits.shape}"
         )
     parts = _axis_size(mesh, axis, "axis")
-    _divisible("logits", logits.shape[1], parts, axis, "the number of classes c")
+    _divisible("logits", logits.shape[1], parts, axis, "the number of classes c", _PAD_CLASSES)
     if batch_axis is not None:
         if batch_axis == axis:
             raise ValueError(f"batch_axis: expected a mesh axis other than axis={axis!r}")
         rows = _axis_size(mesh, batch_axis, "batch_axis")
-        _divisible("logits", logits.shape[0], rows, batch_axis, "the batch size n")
+        _divisible("logits", logits.shape[0], rows, batch_axis, "the batch size n", _PAD_ROWS)
     if _host_readable(labels, where):
         check_label_range(labels, logits.shape[-1], ignore_index, where=where)
     options = (
@@ -528,7 +534,9 @@ def value_and_grad(
         if model_axis == axis:
             raise ValueError(f"model_axis: expected a mesh axis other than axis={axis!r}")
         vocab = _axis_size(mesh, model_axis, "model_axis")
-        _divisible("model", model.sizes[-1], vocab, model_axis, "the number of classes c")
+        _divisible(
+            "model", model.sizes[-1], vocab, model_axis, "the number of classes c", _PAD_CLASSES
+        )
 
     def param_specs():
         specs: list[Any] = [P() for _ in range(model.num_layers)]
@@ -539,7 +547,7 @@ def value_and_grad(
     @jax.jit
     def run(params, x, labels, where, class_weights):
         model.check_inputs(params, x, labels, where, class_weights)  # traced: shapes only
-        _divisible("x", x.shape[0], data, axis, "the batch size n")
+        _divisible("x", x.shape[0], data, axis, "the batch size n", _PAD_ROWS)
         label_spec = P(axis) if labels.ndim == 1 else P(axis, model_axis)
         if model_axis is None:
             local = functools.partial(_data_parallel_local, model, axis)

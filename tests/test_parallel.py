@@ -1,0 +1,182 @@
+"""jaxbp.parallel on meshes of simulated CPU devices and across two real processes.
+
+The CPU device count is fixed when JAX starts (``XLA_FLAGS=
+--xla_force_host_platform_device_count=8``), so every mesh test runs in a subprocess,
+``tests/parallel_worker.py``, which computes the sharded result and one device's result in
+the same process and saves both; the assertions (``tests.helpers.assert_close`` at the
+EDGE_CASES tolerances) run here. The rest of the suite never sees more than one device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.helpers import assert_close
+
+WORKER = Path(__file__).with_name("parallel_worker.py")
+ROOT = WORKER.parent.parent
+TIMEOUT_S = 90
+
+
+def _env():
+    env = dict(os.environ)
+    env["JAX_PLATFORMS"] = "cpu"
+    env.pop("XLA_FLAGS", None)  # the worker sets the device count it needs
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def _kill(procs):
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+def _run(procs):
+    """Wait for every process, at most TIMEOUT_S in all; kill them all on timeout."""
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=TIMEOUT_S)[0])
+    except subprocess.TimeoutExpired:
+        _kill(procs)
+        pytest.fail(f"parallel worker timed out after {TIMEOUT_S} s")
+    finally:
+        _kill(procs)
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, f"worker exited with {p.returncode}:\n{out[-4000:]}"
+    return outputs
+
+
+def _start(*args):
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), *args],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: a timeout kills it and its children
+    )
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    out = tmp_path_factory.mktemp("parallel_single")
+    _run([_start("single", str(out))])
+    return out, json.loads((out / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def multiprocess(tmp_path_factory):
+    out = tmp_path_factory.mktemp("parallel_multiprocess")
+    with socket.socket() as s:  # a free port on loopback for the coordinator
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    coordinator = f"127.0.0.1:{port}"
+    procs = [
+        _start(
+            "multiprocess",
+            str(out),
+            "--process-id",
+            str(k),
+            "--num-processes",
+            "2",
+            "--coordinator",
+            coordinator,
+        )  # fmt: skip
+        for k in range(2)
+    ]
+    _run(procs)
+    return out, json.loads((out / "summary-0.json").read_text())
+
+
+def _compare(result, name):
+    out, summary = result
+    entry = summary.get(name)
+    assert entry is not None, f"{name}: the worker did not run it"
+    assert entry["ok"], f"{name} failed in the worker:\n{entry.get('error')}"
+    data = np.load(out / f"{name}.npz")
+    keys = sorted((k for k in data.files if k.startswith("actual/")), key=lambda k: int(k[7:]))
+    assert keys, f"{name}: nothing saved"
+    actual = [data[k] for k in keys]
+    expected = [data["expected/" + k[7:]] for k in keys]
+    assert_close(actual, expected, entry["dtype"], name=name)
+    return entry
+
+
+def test_worker_sees_eight_cpu_devices(single):
+    assert single[1]["_devices"] == 8
+
+
+def test_data_parallel_equals_one_device_with_uneven_masks(single):
+    entry = _compare(single, "data_parallel_uneven_masks")
+    counts = entry["info"]["valid_per_shard"]
+    assert counts[0] == 0 and len(set(counts)) > 2  # an empty shard and uneven ones
+
+
+def test_data_parallel_float64_options_match_autodiff_exactly(single):
+    _compare(single, "data_parallel_float64_options")  # ignore_index, smoothing, z-loss, weights
+
+
+def test_data_parallel_mse_with_where_matches_autodiff(single):
+    _compare(single, "data_parallel_mse_where")
+
+
+def test_vocab_parallel_ce_integer_labels_equals_one_device(single):
+    entry = _compare(single, "vocab_parallel_integer_labels")
+    assert entry["info"]["dlogits_shard_shape"] == [16, 8]  # each device: 64/8 classes
+    assert entry["info"]["dlogits_spec"] == "P(None, 'model')"
+
+
+def test_vocab_parallel_ce_probability_labels_gradients_match_autodiff(single):
+    _compare(single, "vocab_parallel_probability_labels")
+
+
+def test_vocab_parallel_ce_on_2x4_mesh_splits_rows_and_classes(single):
+    entry = _compare(single, "vocab_parallel_2x4_batch_and_classes")
+    assert entry["info"]["dlogits_shard_shape"] == [4, 4]  # (8/2 rows, 16/4 classes)
+
+
+def test_mlp_with_vocab_parallel_last_layer_on_2x4_mesh_equals_one_device(single):
+    entry = _compare(single, "mlp_2x4_vocab_parallel_last_layer")
+    assert entry["info"]["last_w_spec"] == "P(None, 'model')"
+
+
+def test_optax_adam_steps_match_one_device(single):
+    _compare(single, "optax_steps")
+
+
+def test_bad_meshes_and_labels_raise_clear_errors(single):
+    msgs = single[1]["errors"]["info"]
+    assert msgs["batch_not_divisible"].startswith("ValueError: x:")
+    assert "(12) divisible by the 8 devices" in msgs["batch_not_divisible"]
+    assert msgs["unknown_axis"].startswith("ValueError: axis:")
+    assert msgs["classes_not_divisible"].startswith("ValueError: logits:")
+    assert "classes c (12)" in msgs["classes_not_divisible"]
+    assert msgs["label_out_of_range"].startswith("ValueError: labels:")
+
+
+def test_vocab_parallel_per_device_memory_is_an_eighth(single):
+    info = single[1]["memory"]["info"]
+    assert info["ratio"] <= 1 / 8 + 0.05 * (1 / 8), info  # P9: within 5% of 1/8
+
+
+def test_two_processes_give_one_process_gradients(multiprocess):
+    summary = multiprocess[1]
+    assert summary["_processes"] == 2 and summary["_devices"] == 8
+    assert summary["_local_devices"] == 4
+    _compare(multiprocess, "multiprocess_data_parallel")
+
+
+def test_two_processes_2x4_mesh_with_vocab_parallel_last_layer(multiprocess):
+    _compare(multiprocess, "multiprocess_2x4_last_layer")
