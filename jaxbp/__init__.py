@@ -30,6 +30,9 @@ from .activations import tanh_fwd as tanh_fwd
 from .dense import dense as dense
 from .dense import dense_bwd as dense_bwd
 from .dense import dense_fwd as dense_fwd
+from .fused import linear_softmax_cross_entropy as linear_softmax_cross_entropy
+from .fused import linear_softmax_cross_entropy_bwd as linear_softmax_cross_entropy_bwd
+from .fused import linear_softmax_cross_entropy_fwd as linear_softmax_cross_entropy_fwd
 from .jacobian import jacobian as jacobian
 from .losses import mse as mse
 from .losses import mse_bwd as mse_bwd
@@ -73,4 +76,6 @@ __all__ = [
     "sigmoid_binary_cross_entropy_fwd",
     "sigmoid_binary_cross_entropy_bwd",
     "softmax_cross_entropy", "softmax_cross_entropy_fwd", "softmax_cross_entropy_bwd",
+    "linear_softmax_cross_entropy", "linear_softmax_cross_entropy_fwd",
+    "linear_softmax_cross_entropy_bwd",
 ]  # fmt: skip

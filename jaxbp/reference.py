@@ -22,7 +22,7 @@ from .softmax import _validate as _validate_softmax
 __all__ = [
     "dense", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "softplus",
     "softmax", "log_softmax", "mse", "sigmoid_binary_cross_entropy", "softmax_cross_entropy",
-    "value_and_grad",
+    "value_and_grad", "linear_softmax_cross_entropy",
     "per_example_grads", "per_example_grad_norms", "clipped_grad",
 ]  # fmt: skip
 
@@ -140,6 +140,33 @@ def softmax_cross_entropy(
     if jnp.issubdtype(labels.dtype, jnp.integer):
         loss = jnp.where(_bad_labels(labels, c, ignore_index) & valid, jnp.nan, loss)
     return loss
+
+
+def linear_softmax_cross_entropy(
+    x, w, labels, b=None, *, where=None, ignore_index=None, class_weights=None,
+    label_smoothing=0.0, z_loss=0.0, softcap=None, chunk_size=None, accum_dtype=None,
+    strategy="recompute",
+):  # fmt: skip
+    """Reference fused loss: the full ``(n, v)`` logits ``x·w + b`` (accumulated in float32
+    for half precision), optional ``cap·tanh(z/cap)``, then :func:`softmax_cross_entropy`.
+    ``chunk_size`` and ``strategy`` are accepted and ignored."""
+    from .fused import _acc_of
+    from .fused import _validate as _validate_fused
+
+    x, w, b, labels, where, class_weights, accum_dtype = _validate_fused(
+        x, w, b, labels, where, class_weights, label_smoothing, z_loss, softcap, chunk_size,
+        accum_dtype, strategy, ignore_index,
+    )  # fmt: skip
+    acc = _acc_of(accum_dtype, x.dtype)
+    z = jnp.einsum("...d,dv->...v", x, w, preferred_element_type=acc)
+    if b is not None:
+        z = z + b.astype(acc)
+    if softcap is not None:
+        z = softcap * jnp.tanh(z / softcap)
+    return softmax_cross_entropy(
+        z, labels, where=where, class_weights=class_weights, label_smoothing=label_smoothing,
+        ignore_index=ignore_index, z_loss=z_loss,
+    )  # fmt: skip
 
 
 def value_and_grad(model):

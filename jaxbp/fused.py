@@ -1,0 +1,561 @@
+"""Fused linear + softmax cross-entropy for large vocabularies, with a chunked backward.
+
+Index letters::
+
+    n  tokens (any leading axes of x flatten into n)
+    d  model dimension
+    v  vocabulary
+    k  one chunk of the vocabulary (recompute) or of the tokens (forward)
+
+The last layer of a language model and its loss, ``x (n,d) · w (d,v) + b (v,) -> z (n,v)``,
+then :func:`jaxbp.softmax_cross_entropy` on ``z`` with integer ids ``(n,)``. Autodiff of
+that composition stores the ``(n,v)`` logits and builds their ``(n,v)`` gradient; for
+v = 256000 that is gigabytes. Here the logits exist one chunk at a time.
+
+With ``y' = (1 − ε)·onehot(y) + ε/v``, class weights ``u = cw ⊙ y'``, optional softcap
+``z = cap·tanh(z̃/cap)`` of the raw logits ``z̃ = x·w + b``::
+
+    lse  = log Σ_v e^{z}                               (n,)  online, chunk by chunk
+    loss = Σ_v u (lse − z) + λ·lse²
+         = (Σ_v u)·lse − (1−ε)·cw[y]·z[y] − (ε/v)·Σ_v cw·z + λ·lse²
+    dz   = g·(p·(Σ_v u + 2λ·lse) − u),   p = exp(z − lse)     (n,k) per chunk
+    dz̃   = dz ⊙ (1 − (z/cap)²)                                 (softcap only)
+    dx   = Σ_chunks dz̃ · w_kᵀ      "nk,dk->nd"
+    dw_k = xᵀ · dz̃                 "nd,nk->dk"
+    db_k = Σ_n dz̃                  "nk->k"
+
+Everything in ``dz`` is recomputable per chunk from ``x``, ``w`` and ``lse (n,)``: that is
+all the ``"recompute"`` strategy saves. The ``"forward"`` strategy instead computes the
+gradients for ``g = 1`` during the forward pass (over token chunks, so the whole
+vocabulary row is at hand and no logit is computed twice) and, in the backward, scales
+them by ``g`` when ``g`` is the same on every valid row (a mean or a sum of the losses);
+otherwise it falls back to the recompute backward. See ``docs/fused.md``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from . import _checks
+from .losses import _bad_labels, check_label_range, valid_rows
+
+__all__ = [
+    "linear_softmax_cross_entropy",
+    "linear_softmax_cross_entropy_fwd",
+    "linear_softmax_cross_entropy_bwd",
+    "STRATEGIES",
+]
+
+STRATEGIES = ("recompute", "forward")
+DEFAULT_STRATEGY = "recompute"
+# Default chunk lengths: a vocabulary chunk of 2048 columns (recompute), and token chunks of
+# about 2**24 logits (forward: each chunk holds its (k, v) logits and their gradient).
+DEFAULT_CHUNK = 2048
+FORWARD_CHUNK_ELEMENTS = 2**24
+
+_STATIC = (
+    "ignore_index", "label_smoothing", "z_loss", "softcap", "chunk_size", "accum_dtype",
+    "strategy",
+)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _mm(a, b, contract, acc):
+    """``lax.dot_general`` contracting ``a``'s axis ``contract[0]`` with ``b``'s
+    ``contract[1]``, accumulated and returned in ``acc`` (float32 for bfloat16 inputs)."""
+    return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
+                           preferred_element_type=acc)  # fmt: skip
+
+
+def _over_chunks(total, size, body, carry):
+    """Run ``body(start, k, carry)`` over ``[0, total)`` in chunks of ``k = size``.
+
+    Full chunks run in a ``fori_loop`` (``start`` traced); a shorter last chunk, if any, runs
+    once more with its own static length, so nothing is padded and no column is masked.
+    """
+    nfull, rem = divmod(total, size)
+    if nfull:
+        carry = lax.fori_loop(0, nfull, lambda j, c: body(j * size, size, c), carry)
+    if rem:
+        carry = body(nfull * size, rem, carry)
+    return carry
+
+
+def _cols(a, start, k, axis):
+    return lax.dynamic_slice_in_dim(a, start, k, axis=axis)
+
+
+def _row_terms(labels, where, cw, *, v, ignore_index, label_smoothing, z_loss, acc):
+    """Per-row pieces that do not depend on the logits: ``valid, bad, Σ_v u, cw[y]``."""
+    valid = valid_rows(labels, where, ignore_index=ignore_index, batch_shape=labels.shape)
+    bad = _bad_labels(labels, v, ignore_index) & valid
+    eps = float(label_smoothing)
+    if cw is None:
+        cw_y = jnp.ones(labels.shape, acc)
+        su = jnp.ones(labels.shape, acc)  # (1 − ε)·1 + (ε/v)·v
+    else:
+        cwa = cw.astype(acc)
+        cw_y = cwa[jnp.clip(labels, 0, v - 1)]
+        su = (1.0 - eps) * cw_y + (eps / v) * jnp.sum(cwa)
+    return valid, bad, su, cw_y
+
+
+def _logits(x, w_k, b_k, acc, softcap):
+    """``z (n,k)`` in ``acc`` and ``t = tanh(z̃/cap)`` (or ``None``) for one chunk."""
+    z = _mm(x, w_k, (1, 0), acc)  # "nd,dk->nk"
+    if b_k is not None:
+        z = z + b_k.astype(acc)
+    if softcap is None:
+        return z, None
+    t = jnp.tanh(z / softcap)
+    return softcap * t, t
+
+
+def _smoothed(labels, start, k, eps, v, acc):
+    """``y' (n,k)`` for the columns ``[start, start + k)``, and the one-hot ``hit``."""
+    cols = jnp.arange(k, dtype=labels.dtype) + jnp.asarray(start).astype(labels.dtype)
+    hit = labels[:, None] == cols[None, :]
+    y = hit.astype(acc)
+    if eps:
+        y = (1.0 - eps) * y + eps / v
+    return y, hit
+
+
+def _finish_loss(lse, zy, zc, valid, bad, su, cw_y, *, v, label_smoothing, z_loss):
+    """``loss = Σu·lse − (1−ε)·cw[y]·z[y] − (ε/v)·Σ cw·z + λ·lse²`` on valid rows."""
+    eps = float(label_smoothing)
+    loss = su * lse - (1.0 - eps) * jnp.where(cw_y == 0, 0.0, cw_y * zy)
+    if eps:
+        loss = loss - (eps / v) * zc
+    if z_loss:
+        loss = loss + z_loss * lse * lse
+    loss = jnp.where(valid, loss, 0.0)
+    return jnp.where(bad, jnp.nan, loss)
+
+
+def _acc_of(accum_dtype, x_dtype):
+    return _checks.accum_dtype(x_dtype) if accum_dtype is None else jnp.dtype(accum_dtype)
+
+
+# ------------------------------------------------------------------------ loss only
+
+
+def _loss_and_lse(x, w, b, labels, where, cw, *, ignore_index, label_smoothing, z_loss,
+                  softcap, chunk_size, accum_dtype):  # fmt: skip
+    """Loss ``(n,)`` and ``lse (n,)`` by an online log-sum-exp over vocabulary chunks."""
+    n, v = x.shape[0], w.shape[1]
+    acc = _acc_of(accum_dtype, x.dtype)
+    eps = float(label_smoothing)
+    valid, bad, su, cw_y = _row_terms(
+        labels, where, cw, v=v, ignore_index=ignore_index, label_smoothing=eps,
+        z_loss=z_loss, acc=acc,
+    )  # fmt: skip
+
+    def body(start, k, carry):
+        m, s, zy, zc = carry  # running max, Σ e^{z − m}, z[y], Σ cw·z    (n,) each
+        b_k = None if b is None else _cols(b, start, k, 0)
+        z, _ = _logits(x, _cols(w, start, k, 1), b_k, acc, softcap)  # (n,k)
+        _, hit = _smoothed(labels, start, k, 0.0, v, acc)
+        zy = zy + jnp.sum(jnp.where(hit, z, 0.0), axis=1)
+        if eps:
+            if cw is None:
+                zc = zc + jnp.sum(z, axis=1)
+            else:
+                cw_k = _cols(cw, start, k, 0).astype(acc)
+                zc = zc + jnp.sum(jnp.where(cw_k == 0, 0.0, cw_k * z), axis=1)
+        m_new = jnp.maximum(m, jnp.max(z, axis=1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # all −inf so far: no NaN
+        s = s * jnp.exp(m - m_safe) + jnp.sum(jnp.exp(z - m_safe[:, None]), axis=1)
+        return m_new, s, zy, zc
+
+    zeros = jnp.zeros((n,), acc)
+    m0 = jnp.full((n,), -jnp.inf, acc)
+    m, s, zy, zc = _over_chunks(v, _chunk(chunk_size, v), body, (m0, zeros, zeros, zeros))
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    lse = m_safe + jnp.log(s)
+    loss = _finish_loss(lse, zy, zc, valid, bad, su, cw_y, v=v, label_smoothing=eps, z_loss=z_loss)
+    return loss, lse
+
+
+def _chunk(chunk_size, total, default=DEFAULT_CHUNK):
+    return max(1, min(total, default if chunk_size is None else int(chunk_size)))
+
+
+# --------------------------------------------------------------- recompute backward
+
+
+def _grads_recompute(x, w, b, labels, where, cw, lse, g, *, ignore_index, label_smoothing,
+                     z_loss, softcap, chunk_size, accum_dtype):  # fmt: skip
+    """``(dx, dw, db, dcw)`` for upstream ``g (n,)``, logits recomputed per vocab chunk."""
+    v = w.shape[1]
+    acc = _acc_of(accum_dtype, x.dtype)
+    eps = float(label_smoothing)
+    valid, bad, su, _ = _row_terms(
+        labels, where, cw, v=v, ignore_index=ignore_index, label_smoothing=eps,
+        z_loss=z_loss, acc=acc,
+    )  # fmt: skip
+    gv = jnp.where(valid, g.astype(acc), 0.0)  # (n,); masked rows: exactly 0
+    scale = su + (2.0 * z_loss) * lse  # Σ_v u + 2λ·lse   (n,)
+
+    def body(start, k, carry):
+        dx, dw, db, dcw = carry
+        w_k = _cols(w, start, k, 1)  # (d,k)
+        b_k = None if b is None else _cols(b, start, k, 0)
+        z, t = _logits(x, w_k, b_k, acc, softcap)  # (n,k), recomputed
+        y, _ = _smoothed(labels, start, k, eps, v, acc)  # y' (n,k)
+        cw_k = None if cw is None else _cols(cw, start, k, 0).astype(acc)
+        u = y if cw_k is None else y * cw_k
+        p = jnp.exp(z - lse[:, None])
+        dz = gv[:, None] * (p * scale[:, None] - u)  # "n,nk->nk"
+        dz = jnp.where(valid[:, None], dz, 0.0)
+        dz = jnp.where(bad[:, None], jnp.nan, dz)
+        if cw is not None:  # dcw_k = Σ_n g·y'⊙(lse − z)    "nk->k"
+            per_row = jnp.where(y == 0, 0.0, y * (gv[:, None] * (lse[:, None] - z)))
+            per_row = jnp.where(valid[:, None], per_row, 0.0)
+            dcw = lax.dynamic_update_slice_in_dim(
+                dcw, jnp.sum(per_row, axis=0).astype(dcw.dtype), start, 0
+            )
+        if t is not None:
+            dz = dz * (1.0 - t * t)  # through z = cap·tanh(z̃/cap)
+        dz_in = dz.astype(w.dtype)  # as the unfused path: dlogits in the input dtype
+        dx = dx + _mm(dz_in, w_k, (1, 1), acc)  # "nk,dk->nd"
+        dw_k = _mm(x, dz_in, (0, 0), acc).astype(w.dtype)  # "nd,nk->dk"
+        dw = lax.dynamic_update_slice_in_dim(dw, dw_k, start, 1)
+        if b is not None:
+            db = lax.dynamic_update_slice_in_dim(
+                db, jnp.sum(dz, axis=0).astype(b.dtype), start, 0
+            )  # "nk->k"
+        return dx, dw, db, dcw
+
+    carry = (
+        jnp.zeros(x.shape, acc),
+        jnp.zeros(w.shape, w.dtype),
+        None if b is None else jnp.zeros(b.shape, b.dtype),
+        None if cw is None else jnp.zeros(cw.shape, cw.dtype),
+    )
+    dx, dw, db, dcw = _over_chunks(v, _chunk(chunk_size, v), body, carry)
+    return dx.astype(x.dtype), dw, db, dcw
+
+
+# ------------------------------------------------------- gradients in the forward pass
+
+
+def _forward_with_grads(x, w, b, labels, where, cw, *, ignore_index, label_smoothing, z_loss,
+                        softcap, chunk_size, accum_dtype):  # fmt: skip
+    """Loss, lse and the gradients for ``g = 1`` on every row, over token chunks.
+
+    Each token chunk holds its whole ``(k, v)`` logits: one matmul for the logits, two for
+    the gradients, the unfused FLOPs. Returns ``(loss, lse, dx1 (n,d), dw1 (d,v),
+    db1 (v,) | None, dcw1 (v,) | None)``, all in the accumulation dtype.
+    """
+    n, d = x.shape
+    v = w.shape[1]
+    acc = _acc_of(accum_dtype, x.dtype)
+    eps = float(label_smoothing)
+    valid, bad, su, _ = _row_terms(
+        labels, where, cw, v=v, ignore_index=ignore_index, label_smoothing=eps,
+        z_loss=z_loss, acc=acc,
+    )  # fmt: skip
+    cwa = None if cw is None else cw.astype(acc)
+    default = max(1, FORWARD_CHUNK_ELEMENTS // max(v, 1))
+
+    def body(start, k, carry):
+        loss, lse, dx, dw, db, dcw = carry
+        x_k = _cols(x, start, k, 0)  # (k,d)
+        lab = _cols(labels, start, k, 0)
+        ok, bad_k, su_k = (_cols(a, start, k, 0) for a in (valid, bad, su))
+        z, t = _logits(x_k, w, b, acc, softcap)  # (k,v), whole rows
+        lse_k = jax.nn.logsumexp(z, axis=1)
+        y, _ = _smoothed(lab, 0, v, eps, v, acc)  # y' (k,v)
+        u = y if cwa is None else y * cwa
+        nll = lse_k[:, None] - z
+        loss_k = jnp.sum(jnp.where(u == 0, 0.0, u * nll), axis=1)
+        if z_loss:
+            loss_k = loss_k + z_loss * lse_k * lse_k
+        loss_k = jnp.where(bad_k, jnp.nan, jnp.where(ok, loss_k, 0.0))
+        p = jnp.exp(z - lse_k[:, None])
+        dz = p * (su_k + (2.0 * z_loss) * lse_k)[:, None] - u  # g = 1
+        dz = jnp.where(ok[:, None], dz, 0.0)
+        dz = jnp.where(bad_k[:, None], jnp.nan, dz)
+        if cwa is not None:  # Σ_k y'⊙(lse − z), valid rows      "kv->v"
+            per_row = jnp.where(ok[:, None] & (y != 0), y * nll, 0.0)
+            dcw = dcw + jnp.sum(per_row, axis=0)
+        if t is not None:
+            dz = dz * (1.0 - t * t)
+        dz_in = dz.astype(w.dtype)
+        dx_k = _mm(dz_in, w, (1, 1), acc)  # "kv,dv->kd"
+        dw = dw + _mm(x_k, dz_in, (0, 0), acc)  # "kd,kv->dv"
+        if db is not None:
+            db = db + jnp.sum(dz, axis=0)
+        put = functools.partial(lax.dynamic_update_slice_in_dim, start_index=start, axis=0)
+        return put(loss, loss_k), put(lse, lse_k), put(dx, dx_k), dw, db, dcw
+
+    carry = (
+        jnp.zeros((n,), acc),
+        jnp.zeros((n,), acc),
+        jnp.zeros((n, d), acc),
+        jnp.zeros((d, v), acc),
+        None if b is None else jnp.zeros((v,), acc),
+        None if cw is None else jnp.zeros((v,), acc),
+    )
+    tokens = max(1, min(n, default if chunk_size is None else int(chunk_size)))
+    return _over_chunks(n, tokens, body, carry)
+
+
+# --------------------------------------------------------------------- the op triple
+
+
+def _flat(x, labels, where):
+    """``x (n,d)``, ``labels (n,)`` as int32 or wider (so column ids never wrap), ``where``."""
+    d = x.shape[-1]
+    lab = labels.reshape(-1)
+    if lab.dtype.itemsize < 4:
+        lab = lab.astype(jnp.int32)
+    return x.reshape(-1, d), lab, None if where is None else where.reshape(-1)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def linear_softmax_cross_entropy_fwd(
+    x, w, b, labels, where=None, class_weights=None, *, ignore_index=None,
+    label_smoothing=0.0, z_loss=0.0, softcap=None, chunk_size=None, accum_dtype=None,
+    strategy=DEFAULT_STRATEGY,
+):  # fmt: skip
+    """Forward: ``loss (n,)`` and the residuals.
+
+    ``"recompute"``: ``res = (x, w, b, labels, where, class_weights, lse (n,))`` — only
+    ``lse`` is new. ``"forward"``: the same plus the gradients for ``g = 1``:
+    ``dx1 (n,d)``, ``dw1 (d,v)``, ``db1 (v,)``, ``dcw1 (v,)`` (accumulation dtype).
+    """
+    opts = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+                softcap=softcap, chunk_size=chunk_size, accum_dtype=accum_dtype)  # fmt: skip
+    xf, lf, wf = _flat(x, labels, where)
+    base = (x, w, b, labels, where, class_weights)
+    if strategy == "forward":
+        loss, lse, dx1, dw1, db1, dcw1 = _forward_with_grads(xf, w, b, lf, wf, class_weights,
+                                                              **opts)  # fmt: skip
+        return loss.reshape(labels.shape), (*base, lse, (dx1, dw1, db1, dcw1))
+    loss, lse = _loss_and_lse(xf, w, b, lf, wf, class_weights, **opts)
+    return loss.reshape(labels.shape), (*base, lse, None)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def linear_softmax_cross_entropy_bwd(
+    res, g, *, ignore_index=None, label_smoothing=0.0, z_loss=0.0, softcap=None,
+    chunk_size=None, accum_dtype=None, strategy=DEFAULT_STRATEGY,
+):  # fmt: skip
+    """Backward: ``(dx (n,d), dw (d,v), db (v,) | None, None, None, dclass_weights | None)``.
+
+    ``"recompute"``: one more pass over the vocabulary chunks, ``dz = g·(p·(Σu + 2λ·lse) − u)``
+    per chunk, then ``dx += dz·w_kᵀ``, ``dw_k = xᵀ·dz``, ``db_k = Σₙ dz``.
+    ``"forward"``: ``dx = g[:,None]·dx1`` (always exact, row by row); ``dw, db, dcw`` are
+    ``g₀·dw1, …`` when ``g`` is the same value ``g₀`` on every valid row, and otherwise the
+    recompute backward runs instead (a ``lax.cond``: only one branch executes).
+    """
+    x, w, b, labels, where, cw, lse, grads = res
+    opts = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+                softcap=softcap, accum_dtype=accum_dtype)  # fmt: skip
+    xf, lf, wf = _flat(x, labels, where)
+    gf = g.reshape(-1)
+    acc = _acc_of(accum_dtype, x.dtype)
+
+    def recompute(_=None):
+        dx, dw, db, dcw = _grads_recompute(
+            xf, w, b, lf, wf, cw, lse, gf,
+            chunk_size=None if strategy == "forward" else chunk_size, **opts,
+        )  # fmt: skip
+        return dx.reshape(x.shape), dw, db, dcw
+
+    if grads is None:
+        dx, dw, db, dcw = recompute()
+        return dx, dw, db, None, None, dcw
+
+    dx1, dw1, db1, dcw1 = grads
+    valid = valid_rows(lf, wf, ignore_index=ignore_index, batch_shape=lf.shape)
+    ga = gf.astype(acc)
+    g0 = ga[jnp.argmax(valid)] if gf.shape[0] else jnp.zeros((), acc)
+    uniform = jnp.all(jnp.where(valid, ga == g0, True))
+
+    def scaled(_=None):
+        dx = jnp.where(valid[:, None], ga[:, None] * dx1, 0.0)  # "n,nd->nd"
+        dx = jnp.where(jnp.isnan(dx1), jnp.nan, dx)  # bad rows stay NaN
+        cast = lambda a, like: None if a is None else (g0 * a).astype(like.dtype)
+        return (dx.astype(x.dtype).reshape(x.shape), cast(dw1, w),
+                cast(db1, b), cast(dcw1, cw))  # fmt: skip
+
+    dx, dw, db, dcw = lax.cond(uniform, scaled, recompute)
+    return dx, dw, db, None, None, dcw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused(options, x, w, b, labels, where, class_weights):
+    # The primal alone (no gradient asked for): loss only, whatever the strategy.
+    opts = {k: v for k, v in options if k != "strategy"}
+    if dict(options)["strategy"] == "forward":
+        opts["chunk_size"] = None  # there chunk_size counts tokens, not vocabulary columns
+    xf, lf, wf = _flat(x, labels, where)
+    loss, _ = _loss_and_lse(xf, w, b, lf, wf, class_weights, **opts)
+    return loss.reshape(labels.shape)
+
+
+def _fused_fwd(options, *args):
+    return linear_softmax_cross_entropy_fwd(*args, **dict(options))
+
+
+def _fused_bwd(options, res, g):
+    return tuple(linear_softmax_cross_entropy_bwd(res, g, **dict(options)))
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def _validate(x, w, b, labels, where, class_weights, label_smoothing, z_loss, softcap,
+              chunk_size, accum_dtype, strategy, ignore_index):  # fmt: skip
+    x = _checks.floating("x", x)
+    w = _checks.floating("w", w)
+    _checks.min_rank("x", x, 1, "(..., d)")
+    if w.ndim != 2:
+        raise ValueError(f"w: expected shape (d, v), got {w.shape}")
+    d, v = w.shape
+    if x.shape[-1] != d:
+        raise ValueError(
+            f"x: expected last axis d = {d} to match w (d, v) = {w.shape}, got x shape {x.shape}"
+        )
+    if v == 0:
+        raise ValueError(f"w: expected at least one vocabulary column (v ≥ 1), got {w.shape}")
+    if x.dtype != w.dtype:
+        raise TypeError(f"w: expected the dtype of x ({x.dtype}), got {w.dtype}")
+    if b is not None:
+        b = _checks.floating("b", b)
+        if b.shape != (v,):
+            raise ValueError(f"b: expected shape (v,) = ({v},), got {b.shape}")
+        if b.dtype != w.dtype:
+            raise TypeError(f"b: expected the dtype of w ({w.dtype}), got {b.dtype}")
+    labels = jnp.asarray(labels)
+    if jnp.issubdtype(labels.dtype, jnp.floating):
+        raise TypeError(
+            f"labels: expected integer class ids of shape {x.shape[:-1]}, got {labels.dtype} "
+            "(probability labels (n, v) would defeat the fusion; use softmax_cross_entropy)"
+        )
+    labels = _checks.integer("labels", labels)
+    if labels.shape != x.shape[:-1]:
+        raise ValueError(
+            f"labels: expected the batch shape {x.shape[:-1]} of x {x.shape}, got {labels.shape}"
+        )
+    if where is not None:
+        where = jnp.asarray(where)
+        if where.dtype != jnp.bool_:
+            raise TypeError(f"where: expected a bool mask, got {where.dtype}")
+        if where.shape != labels.shape:
+            raise ValueError(f"where: expected the batch shape {labels.shape}, got {where.shape}")
+    if class_weights is not None:
+        class_weights = _checks.floating("class_weights", class_weights)
+        if class_weights.shape != (v,):
+            raise ValueError(
+                f"class_weights: expected shape (v,) = ({v},), got {class_weights.shape}"
+            )
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing: expected a float in [0, 1], got {label_smoothing!r}")
+    if float(z_loss) < 0.0:
+        raise ValueError(f"z_loss: expected a float ≥ 0, got {z_loss!r}")
+    if softcap is not None and not float(softcap) > 0.0:
+        raise ValueError(f"softcap: expected None or a float > 0, got {softcap!r}")
+    if chunk_size is not None and (
+        not isinstance(chunk_size, int | np.integer) or isinstance(chunk_size, bool)
+        or chunk_size < 1
+    ):  # fmt: skip
+        raise ValueError(f"chunk_size: expected None or an int ≥ 1, got {chunk_size!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
+    if ignore_index is not None and not isinstance(ignore_index, int | np.integer):
+        raise TypeError(f"ignore_index: expected an int or None, got {ignore_index!r}")
+    if accum_dtype is not None:
+        acc = jnp.dtype(accum_dtype)
+        if not jnp.issubdtype(acc, jnp.floating) or acc.itemsize < max(4, x.dtype.itemsize):
+            raise TypeError(
+                f"accum_dtype: expected None or a floating dtype at least as wide as float32 "
+                f"and x ({x.dtype}), got {acc}"
+            )
+        accum_dtype = acc.name
+    return x, w, b, labels, where, class_weights, accum_dtype
+
+
+def linear_softmax_cross_entropy(
+    x: jax.Array,
+    w: jax.Array,
+    labels: jax.Array,
+    b: jax.Array | None = None,
+    *,
+    where: jax.Array | None = None,
+    ignore_index: int | None = None,
+    class_weights: jax.Array | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+    accum_dtype=None,
+    strategy: str = DEFAULT_STRATEGY,
+) -> jax.Array:
+    """``softmax_cross_entropy(x·w + b, labels)`` per token, never forming ``(n, v)`` logits.
+
+    .. math::
+
+        z = \\mathrm{cap}\\tanh((xw + b)/\\mathrm{cap}),\\qquad
+        \\ell = \\sum_v u_v(\\mathrm{lse}(z) - z_v) + \\lambda\\,\\mathrm{lse}(z)^2
+
+    Same option semantics as :func:`jaxbp.softmax_cross_entropy` (``u = cw ⊙ y'``,
+    ``y' = (1 − ε)·onehot + ε/v``), computed chunk by chunk with a hand-written backward.
+
+    Args:
+      x: hidden states ``(n, d)`` (any leading axes), floating (bfloat16 is fine).
+      w: output projection ``(d, v)``, the dtype of ``x``.
+      labels: integer token ids, the batch shape of ``x``.
+      b: optional bias ``(v,)``, the dtype of ``w``.
+      where: optional bool mask of the batch shape; ``False`` rows: loss 0, gradient 0.
+      ignore_index: ids equal to it are masked like ``where=False``.
+      class_weights: optional ``(v,)`` per-class weights (differentiable).
+      label_smoothing: ``ε`` in ``[0, 1]``.
+      z_loss: ``λ ≥ 0``, adds ``λ·lse²``.
+      softcap: optional ``cap > 0``: logits become ``cap·tanh(z/cap)`` (Gemma 2).
+      chunk_size: vocabulary columns per chunk (``"recompute"``, default 2048) or tokens per
+        chunk (``"forward"``, default about ``2**24 / v``). A last shorter chunk is fine.
+      accum_dtype: accumulation dtype; ``None``: float32 for half precision, else the input
+        dtype. Matmuls take the inputs as they are and accumulate in it.
+      strategy: ``"recompute"`` (save ``lse (n,)`` only; recompute logits in the backward)
+        or ``"forward"`` (compute the gradients during the forward over token chunks; exact
+        for any ``g``, fast when ``g`` is uniform over valid rows, as for a mean).
+
+    Returns:
+      ``loss`` of the batch shape, in the accumulation dtype (float32 for bfloat16 inputs).
+
+    Raises:
+      TypeError: non-floating or mismatched dtypes, float labels, a non-bool ``where``.
+      ValueError: shapes that do not fit, a bad option, ids out of range (when concrete).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxbp
+      >>> x, w = jnp.ones((3, 4)), jnp.zeros((4, 10))
+      >>> jaxbp.linear_softmax_cross_entropy(x, w, jnp.array([0, 1, 2])).round(4)
+      Array([2.3026, 2.3026, 2.3026], dtype=float32)
+    """
+    x, w, b, labels, where, class_weights, accum_dtype = _validate(
+        x, w, b, labels, where, class_weights, label_smoothing, z_loss, softcap, chunk_size,
+        accum_dtype, strategy, ignore_index,
+    )  # fmt: skip
+    check_label_range(labels, w.shape[1], ignore_index, where=where)
+    options = (
+        ("ignore_index", None if ignore_index is None else int(ignore_index)),
+        ("label_smoothing", float(label_smoothing)),
+        ("z_loss", float(z_loss)),
+        ("softcap", None if softcap is None else float(softcap)),
+        ("chunk_size", None if chunk_size is None else int(chunk_size)),
+        ("accum_dtype", accum_dtype),
+        ("strategy", strategy),
+    )
+    return _fused(options, x, w, b, labels, where, class_weights)
