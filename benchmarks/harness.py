@@ -133,6 +133,7 @@ class Pair:
     sides: Mapping[str, tuple[Callable, tuple] | Skip] = dataclasses.field(default_factory=dict)
     metrics: Callable[[dict], dict] | None = None  # extra metrics from the measured record
     labels: tuple[str, str] = ("manual", "reference")
+    skip_compare: tuple[str, ...] = ()  # extra sides that compute something else
     notes: str = ""
 
 
@@ -202,7 +203,12 @@ def load_case_modules() -> list[str]:
 
 
 def select(pattern: str | None, *, quick: bool) -> list[Case]:
-    """Cases whose id matches ``pattern``: comma-separated globs (``P1*,P4*``) or a regex."""
+    """Cases whose id matches ``pattern``: comma-separated globs or regular expressions.
+
+    A part is a glob (``P1*``, ``P4/c1??``; matched against the whole id, or as a prefix when
+    it has no wildcard: ``P3`` selects every P3 case) unless it contains a character only a
+    regex has (``^$|()+\\{``), e.g. ``^P(1|2)/``, which is searched for in the id.
+    """
     cases = [c for c in CASES if c.quick or not quick]
     if not pattern:
         return cases
@@ -210,13 +216,13 @@ def select(pattern: str | None, *, quick: bool) -> list[Case]:
 
     def match(cid: str) -> bool:
         for p in parts:
-            if fnmatch.fnmatchcase(cid, p) or fnmatch.fnmatchcase(cid, p + "*"):
-                return True
-            try:
+            if any(ch in p for ch in "^$|()+\\{"):
                 if re.search(p, cid):
                     return True
-            except re.error:
-                pass
+            elif fnmatch.fnmatchcase(cid, p) or (
+                not any(ch in p for ch in "*?[") and cid.startswith(p)
+            ):
+                return True
         return False
 
     return [c for c in cases if match(c.id)]
@@ -455,7 +461,11 @@ def _measure_pair(pair: Pair, ctx: Context, record: dict) -> None:
         compare = pair.compare or default_compare(
             pair.tolerance if pair.tolerance is not None else tolerance_for(ctx), pair.labels
         )
-        compare(_block(calls["A"]()), _block(calls["B"]()))
+        out_b = _block(calls["B"]())
+        compare(_block(calls["A"]()), out_b)
+        for name in sides:
+            if name not in ("A", "B", *pair.skip_compare):
+                compare(_block(calls[name]()), out_b)
     record["agreement"] = "checked"
     reps = ctx.reps
     samples = interleaved(
@@ -494,6 +504,8 @@ def _measure_pair(pair: Pair, ctx: Context, record: dict) -> None:
         m["flops_per_s_b"] = pair.baseline_flops / m["time_b"]
     if pair.metrics is not None:
         m.update(pair.metrics(record))
+        if "roofline" in m and m.get("dot_flops_per_s"):
+            record["roofline_dot"] = m["dot_flops_per_s"]
 
 
 def measure_dot(ctx: Context, size: int, reps: int) -> dict:

@@ -190,7 +190,65 @@ def write_plots(result: dict, out: Path) -> list[Path]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
+    p4 = plot_softmax(result, out, plt)
+    if p4 is not None:
+        paths.append(p4)
     return paths
+
+
+def plot_softmax(result: dict, out: Path, plt) -> Path | None:
+    """P4: softmax backward cost per row vs c, log–log, with O(c) and O(c²) guides."""
+    rs = [
+        r
+        for r in result["records"]
+        if r["case"] == "P4" and r["status"] == "ok" and "time_a" in r["metrics"]
+    ]
+    if len(rs) < 2:
+        return None
+    rs.sort(key=lambda r: r["shapes"]["c"])
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    la, lb = rs[0].get("labels", ["A", "B"])
+    for key, label, style in (
+        ("time_a", la, "o-"),
+        ("time_b", lb, "s--"),
+        ("time_explicit_jacobian", "explicit Jacobian Jᵀg, J (n,c,c)", "^-"),
+    ):
+        pts = [
+            (r["shapes"]["c"], r["metrics"][key] / r["shapes"]["n"] * 1e9)
+            for r in rs
+            if key in r["metrics"]
+        ]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), style, label=label)
+    cs = [r["shapes"]["c"] for r in rs]
+    a0 = rs[-1]["metrics"]["time_a"] / rs[-1]["shapes"]["n"] * 1e9 / cs[-1]
+    ax.plot(cs, [a0 * c for c in cs], ":", color="gray", label="∝ c")
+    ex = [r for r in rs if "time_explicit_jacobian" in r["metrics"]]
+    if ex:
+        e = ex[-1]
+        e0 = e["metrics"]["time_explicit_jacobian"] / e["shapes"]["n"] * 1e9 / e["shapes"]["c"] ** 2
+        ax.plot(cs, [e0 * c * c for c in cs], "-.", color="gray", label="∝ c²")
+        cut = [r["shapes"]["c"] for r in rs if "explicit_jacobian" in r.get("skipped_sides", {})]
+        if cut:
+            ax.axvline(min(cut), color="red", alpha=0.3)
+            ax.text(min(cut), ax.get_ylim()[0] * 2, " explicit J skipped\n (too large)", fontsize=7)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("classes c")
+    ax.set_ylabel("backward time per row (ns)")
+    env = result["environment"]
+    ax.set_title(
+        f"P4 softmax backward cost vs c: VJP O(c), explicit Jacobian O(c²)\n"
+        f"{env['device']}, {result['dtype']}",
+        fontsize=9,
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "p4_softmax_cost_vs_c.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _scalar(v) -> bool:
