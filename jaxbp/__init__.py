@@ -27,12 +27,15 @@ from .activations import softplus_fwd as softplus_fwd
 from .activations import tanh as tanh
 from .activations import tanh_bwd as tanh_bwd
 from .activations import tanh_fwd as tanh_fwd
+from .datasets import load_digits as load_digits
 from .dense import dense as dense
 from .dense import dense_bwd as dense_bwd
 from .dense import dense_fwd as dense_fwd
+from .explain import explain as explain
 from .fused import linear_softmax_cross_entropy as linear_softmax_cross_entropy
 from .fused import linear_softmax_cross_entropy_bwd as linear_softmax_cross_entropy_bwd
 from .fused import linear_softmax_cross_entropy_fwd as linear_softmax_cross_entropy_fwd
+from .gradcheck import compare as compare
 from .jacobian import jacobian as jacobian
 from .losses import mse as mse
 from .losses import mse_bwd as mse_bwd
@@ -78,4 +81,5 @@ __all__ = [
     "softmax_cross_entropy", "softmax_cross_entropy_fwd", "softmax_cross_entropy_bwd",
     "linear_softmax_cross_entropy", "linear_softmax_cross_entropy_fwd",
     "linear_softmax_cross_entropy_bwd",
+    "compare", "explain", "load_digits",
 ]  # fmt: skip

@@ -20,7 +20,9 @@ __all__ = ["build_parser", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser with its three subcommands."""
-    from . import __version__, explain, gradcheck, train
+    import importlib
+
+    from . import __version__
 
     parser = argparse.ArgumentParser(
         prog="jaxbp",
@@ -28,8 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"jaxbp {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{compare,explain,train}", required=True)
-    for name, module in (("compare", gradcheck), ("explain", explain), ("train", train)):
-        doc = (module.__doc__ or "").strip().splitlines()[0]
+    # By full name: ``jaxbp.explain`` the attribute is the function, not the module.
+    for name, module_name in (("compare", "gradcheck"), ("explain", "explain"), ("train", "train")):
+        module = importlib.import_module(f"{__package__}.{module_name}")
+        doc = (module.__doc__ or "").strip().splitlines()[0].replace("``", "")
         p = sub.add_parser(name, help=doc, description=doc)
         module.add_arguments(p)
         p.set_defaults(run=module.run)
