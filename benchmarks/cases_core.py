@@ -118,7 +118,7 @@ def build_dense(ctx, size: int, with_dx: bool) -> Pair:
     n = i = o = size
     kx, kw, kb, kg = jax.random.split(ctx.key(size + with_dx), 4)
     x = jax.random.normal(kx, (n, i), jnp.float32).astype(ctx.dtype)
-    w = (jax.random.normal(kw, (i, o), jnp.float32) / np.sqrt(i)).astype(ctx.dtype)
+    w = (jax.random.normal(kw, (i, o), jnp.float32) / float(np.sqrt(i))).astype(ctx.dtype)
     b = jax.random.normal(kb, (o,), jnp.float32).astype(ctx.dtype)
     g = jax.random.normal(kg, (n, o), jnp.float32).astype(ctx.dtype)
     res = (x, w, b)

@@ -1,0 +1,132 @@
+"""Smoke tests of the benchmark harness at tiny sizes (no timing assertions)."""
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jaxbp
+from benchmarks import cli, harness
+from benchmarks.cases_core import build_mlp, build_softmax, mlp_flops
+
+
+@pytest.fixture
+def ctx():
+    return harness.Context(
+        dtype=jnp.dtype(jnp.float32), quick=True, backend=jax.default_backend(),
+        device=jax.devices()[0], reps=3,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def tiny_cases():
+    """Register two tiny cases for the duration of a test, then remove them."""
+    added = [
+        harness.register(
+            harness.Case(
+                id="TEST/mlp-n8-w16",
+                group="TEST",
+                title="tiny MLP step",
+                build=functools.partial(build_mlp, n=8, width=16),
+                targets=(harness.Target("ratio", "<=", 1e9),),
+            )
+        ),
+        harness.register(
+            harness.Case(
+                id="TEST/softmax-c8",
+                group="TEST-softmax",
+                title="tiny softmax backward",
+                build=functools.partial(build_softmax, c=8, n=4),
+                targets=(harness.Target("ratio", "<=", 1e-9),),  # cannot be met
+            )
+        ),
+    ]
+    yield added
+    for case in added:
+        harness.CASES.remove(case)
+
+
+def test_run_writes_results_json_with_one_record_per_case_and_report(tmp_path, tiny_cases):
+    rc = cli.main(["--quick", "--cases", "TEST/", "--reps", "2", "--out", str(tmp_path)])
+    assert rc == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    env = result["environment"]
+    for key in ("backend", "device", "jax", "jaxlib", "matmul_precision"):
+        assert env[key]
+    assert result["roofline_dot"]["flops_per_s"] > 0
+    recs = {r["id"]: r for r in result["records"]}
+    assert set(recs) == {"TEST/mlp-n8-w16", "TEST/softmax-c8"}
+    for rec in recs.values():
+        assert rec["status"] == "ok", rec.get("reason")
+        assert rec["agreement"] == "checked"
+        for key in ("case", "shapes", "dtype", "backend", "device", "jax", "jaxlib"):
+            assert key in rec
+        assert rec["times"]["A"]["n"] == rec["times"]["B"]["n"] == 2
+        assert rec["ratio"]["p25"] <= rec["ratio"]["median"] <= rec["ratio"]["p75"]
+        assert set(rec["compile"]) >= {"A", "B"}
+        assert rec["compile"]["A"]["compile_s"] > 0
+    mlp = recs["TEST/mlp-n8-w16"]
+    assert mlp["flops"] == mlp_flops((16, 16, 16, 10), 8)
+    assert mlp["targets"][0]["met"] is True
+    assert recs["TEST/softmax-c8"]["targets"][0]["met"] is False
+    # The explicit-Jacobian route is timed beside the two sides.
+    assert "time_explicit_jacobian" in recs["TEST/softmax-c8"]["metrics"]
+    report = (tmp_path / "report.md").read_text()
+    assert "TEST/mlp-n8-w16" in report and "ratio <= 1e-09" in report
+    assert "**miss**" in report
+    if env["backend"] != "gpu":
+        assert "no GPU figures" in report
+
+
+def test_agreement_check_fails_a_deliberately_wrong_rule_before_timing(ctx):
+    def wrong_softmax_bwd(res, g):
+        (s,) = res
+        return s * g  # forgets the −s⟨s, g⟩ term
+
+    def build(ctx):
+        pair = build_softmax(ctx, c=8, n=4)
+        pair.candidate = jax.jit(wrong_softmax_bwd)
+        return pair
+
+    case = harness.Case(id="TEST/wrong", group="TEST", title="wrong rule", build=build)
+    rec = harness.run_case(case, ctx, harness.environment())
+    assert rec["status"] == "failed"
+    assert "disagreement" in rec["reason"]
+    assert "times" not in rec  # never timed
+    assert rec["met"] is None
+
+
+def test_wrong_mlp_gradient_is_caught_and_target_counts_as_missed(ctx):
+    model = jaxbp.MLP((16, 16, 16, 10))
+    manual = jaxbp.value_and_grad(model).jitted
+
+    @jax.jit
+    def off_by_one_percent(*args):
+        loss, grads = manual(*args)
+        return loss, jax.tree.map(lambda t: t * 1.01, grads)
+
+    case = harness.Case(
+        id="TEST/wrong-mlp",
+        group="TEST",
+        title="wrong step",
+        build=functools.partial(build_mlp, n=8, width=16, manual=off_by_one_percent),
+        targets=(harness.Target("ratio", "<=", 1e9),),
+    )
+    rec = harness.run_case(case, ctx, harness.environment())
+    assert rec["status"] == "failed"
+    assert rec["targets"][0]["met"] is False
+
+
+def test_case_ids_select_by_glob_prefix_or_regex(tiny_cases):
+    ids = lambda pat: [c.id for c in harness.select(pat, quick=False) if c.id.startswith("TEST")]  # noqa: E731
+    assert ids("TEST/mlp*") == ["TEST/mlp-n8-w16"]
+    assert ids("TEST/") == ["TEST/mlp-n8-w16", "TEST/softmax-c8"]
+    assert ids("^TEST/(soft)") == ["TEST/softmax-c8"]
+    assert ids("nothing-like-this") == []
+
+
+def test_duplicate_case_id_is_refused(tiny_cases):
+    with pytest.raises(ValueError, match="already registered"):
+        harness.register(tiny_cases[0])
