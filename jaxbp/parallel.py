@@ -71,6 +71,9 @@ __all__ = [
     "vocab_parallel_softmax_cross_entropy",
     "vocab_parallel_softmax_cross_entropy_fwd",
     "vocab_parallel_softmax_cross_entropy_bwd",
+    "vocab_parallel_linear_softmax_cross_entropy",
+    "vocab_parallel_linear_softmax_cross_entropy_fwd",
+    "vocab_parallel_linear_softmax_cross_entropy_bwd",
 ]
 
 P = PartitionSpec
@@ -579,3 +582,288 @@ def _validate_masks(model, labels, where, class_weights, x_shape):
             fake, labels, where, class_weights, opts.get("label_smoothing", 0.0),
             opts.get("ignore_index"), opts.get("z_loss", 0.0),
         )  # fmt: skip
+
+
+# ------------------------------------------------- vocab-parallel fused linear + cross-entropy
+#
+# The chunked scheme of :mod:`jaxbp.fused` ("recompute" strategy) on each shard's columns
+# ``w_k (d, v/P)``; the per-row statistics are combined across shards exactly as above.
+
+
+def _vpf_row_terms(labels, where, cw_k, local, v, eps, ignore_index, axis, acc):
+    """``valid, bad, Σ_v u, cw[y]`` (n,) over the whole vocabulary, from the shards' pieces."""
+    valid = valid_rows(labels, where, ignore_index=ignore_index, batch_shape=labels.shape)
+    bad = _bad_labels(labels, v, ignore_index) & valid
+    if cw_k is None:
+        ones = jnp.ones(labels.shape, acc)
+        return valid, bad, ones, ones  # Σ_v u = (1 − ε)·1 + (ε/v)·v
+    cwa = cw_k.astype(acc)
+    v_local = cwa.shape[0]
+    own = (local >= 0) & (local < v_local)  # this shard holds the target's column
+    cw_y = lax.psum(jnp.where(own, cwa[jnp.clip(local, 0, v_local - 1)], 0.0), axis)
+    su = (1.0 - eps) * cw_y + (eps / v) * lax.psum(jnp.sum(cwa), axis)
+    return valid, bad, su, cw_y
+
+
+def _vpf_local_fwd(x, w_k, b_k, labels, where, cw_k, *, axis, v, ignore_index,
+                   label_smoothing, z_loss, softcap, chunk_size, accum_dtype):  # fmt: skip
+    """Per shard: ``(loss, lse, Σ_v u)`` (n,), an online log-sum-exp over local chunks."""
+    from . import fused
+
+    n, v_local = x.shape[0], w_k.shape[1]
+    acc = fused._acc_of(accum_dtype, x.dtype)
+    eps = float(label_smoothing)
+    local = labels - (lax.axis_index(axis) * v_local).astype(labels.dtype)  # ids on this shard
+
+    def body(start, k, carry):
+        m, s, zy, zc = carry  # running max, Σ e^{z − m}, z[y], Σ cw·z      (n,) each
+        b_c = None if b_k is None else fused._cols(b_k, start, k, 0)
+        z, _ = fused._logits(x, fused._cols(w_k, start, k, 1), b_c, acc, softcap)  # (n,k)
+        _, hit = fused._smoothed(local, start, k, 0.0, v, acc)
+        zy = zy + jnp.sum(jnp.where(hit, z, 0.0), axis=1)
+        if eps:
+            if cw_k is None:
+                zc = zc + jnp.sum(z, axis=1)
+            else:
+                cw_c = fused._cols(cw_k, start, k, 0).astype(acc)
+                zc = zc + jnp.sum(jnp.where(cw_c == 0, 0.0, cw_c * z), axis=1)
+        m_new = jnp.maximum(m, jnp.max(z, axis=1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        s = s * jnp.exp(m - m_safe) + jnp.sum(jnp.exp(z - m_safe[:, None]), axis=1)
+        return m_new, s, zy, zc
+
+    zeros = jnp.zeros((n,), acc)
+    m0 = jnp.full((n,), -jnp.inf, acc)
+    m_k, s_k, zy_k, zc_k = fused._over_chunks(
+        v_local, fused._chunk(chunk_size, v_local), body, (m0, zeros, zeros, zeros)
+    )
+    m = lax.pmax(m_k, axis)  # global row max (n,)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    mk_safe = jnp.where(jnp.isfinite(m_k), m_k, 0.0)  # s_k is relative to it
+    s_k = jnp.where(s_k > 0, s_k * jnp.exp(mk_safe - m_safe), 0.0)  # rescaled; exp ≤ 1
+    s, zy, zc = lax.psum(jnp.stack([s_k, zy_k, zc_k]), axis)  # one all-reduce (3, n)
+    lse = m_safe + jnp.log(s)
+    valid, bad, su, cw_y = _vpf_row_terms(
+        labels, where, cw_k, local, v, eps, ignore_index, axis, acc
+    )
+    loss = fused._finish_loss(
+        lse, zy, zc, valid, bad, su, cw_y, v=v, label_smoothing=eps, z_loss=z_loss
+    )
+    return loss, lse, su
+
+
+def _vpf_local_bwd(x, w_k, b_k, labels, where, cw_k, lse, su, g, *, axis, batch_axis, v,
+                   ignore_index, label_smoothing, z_loss, softcap, chunk_size,
+                   accum_dtype):  # fmt: skip
+    """Per shard: ``(dx (n,d), dw_k (d,v/P), db_k, dcw_k)``, logits recomputed per chunk;
+    ``dx = psum_model(Σ_chunks dz·w_cᵀ)  "nk,dk->nd"`` is the only model-axis all-reduce."""
+    from . import fused
+
+    v_local = w_k.shape[1]
+    acc = fused._acc_of(accum_dtype, x.dtype)
+    eps = float(label_smoothing)
+    local = labels - (lax.axis_index(axis) * v_local).astype(labels.dtype)
+    valid = valid_rows(labels, where, ignore_index=ignore_index, batch_shape=labels.shape)
+    bad = _bad_labels(labels, v, ignore_index) & valid
+    gv = jnp.where(valid, g.astype(acc), 0.0)  # (n,); masked rows: exactly 0
+    scale = su + (2.0 * z_loss) * lse  # Σ_v u + 2λ·lse  (n,)
+
+    def body(start, k, carry):
+        dx, dw, db, dcw = carry
+        w_c = fused._cols(w_k, start, k, 1)  # (d,k)
+        b_c = None if b_k is None else fused._cols(b_k, start, k, 0)
+        z, t = fused._logits(x, w_c, b_c, acc, softcap)  # (n,k), recomputed
+        y, _ = fused._smoothed(local, start, k, eps, v, acc)  # y' (n,k)
+        u = y if cw_k is None else y * fused._cols(cw_k, start, k, 0).astype(acc)
+        p = jnp.exp(z - lse[:, None])
+        dz = gv[:, None] * (p * scale[:, None] - u)  # "n,nk->nk"
+        dz = jnp.where(valid[:, None], dz, 0.0)
+        dz = jnp.where(bad[:, None], jnp.nan, dz)
+        if cw_k is not None:  # dcw_c = Σ_n g·y'⊙(lse − z)    "nk->k"
+            per_row = jnp.where(y == 0, 0.0, y * (gv[:, None] * (lse[:, None] - z)))
+            per_row = jnp.where(valid[:, None], per_row, 0.0)
+            dcw = lax.dynamic_update_slice_in_dim(dcw, jnp.sum(per_row, axis=0), start, 0)
+        if t is not None:
+            dz = dz * (1.0 - t * t)  # through z = cap·tanh(z̃/cap)
+        dz_in = dz.astype(w_k.dtype)
+        dx = dx + fused._mm(dz_in, w_c, (1, 1), acc)  # "nk,dk->nd"
+        dw = lax.dynamic_update_slice_in_dim(dw, fused._mm(x, dz_in, (0, 0), acc), start, 1)
+        if db is not None:
+            db = lax.dynamic_update_slice_in_dim(db, jnp.sum(dz, axis=0), start, 0)  # "nk->k"
+        return dx, dw, db, dcw
+
+    carry = (
+        jnp.zeros(x.shape, acc),
+        jnp.zeros(w_k.shape, acc),
+        None if b_k is None else jnp.zeros(b_k.shape, acc),
+        None if cw_k is None else jnp.zeros(cw_k.shape, acc),
+    )
+    dx, dw, db, dcw = fused._over_chunks(v_local, fused._chunk(chunk_size, v_local), body, carry)
+    dx = lax.psum(dx, axis)  # each shard's classes contribute to every row's dx
+    if batch_axis is not None:  # parameters are shared by the data shards
+        dw, db, dcw = (None if t is None else lax.psum(t, batch_axis) for t in (dw, db, dcw))
+    return (
+        dx.astype(x.dtype),
+        dw.astype(w_k.dtype),
+        None if db is None else db.astype(b_k.dtype),
+        None if dcw is None else dcw.astype(cw_k.dtype),
+    )
+
+
+_STATIC_FUSED = (
+    "mesh", "axis", "batch_axis", "ignore_index", "label_smoothing", "z_loss", "softcap",
+    "chunk_size", "accum_dtype",
+)  # fmt: skip
+
+
+def _fused_specs(axis, batch_axis):
+    """in_specs of ``(x, w, b, labels, where, class_weights)``."""
+    return (P(batch_axis), P(None, axis), P(axis), P(batch_axis), P(batch_axis), P(axis))
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC_FUSED)
+def vocab_parallel_linear_softmax_cross_entropy_fwd(
+    x, w, b, labels, where=None, class_weights=None, *, mesh, axis="model", batch_axis=None,
+    ignore_index=None, label_smoothing=0.0, z_loss=0.0, softcap=None, chunk_size=None,
+    accum_dtype=None,
+):  # fmt: skip
+    """Forward on global arrays: ``loss (n,)``; residuals ``(x, w, b, labels, where,
+    class_weights, lse (n,), Σ_v u (n,))``: two ``(n,)`` vectors are all that is new."""
+    local = functools.partial(
+        _vpf_local_fwd, axis=axis, v=w.shape[1], ignore_index=ignore_index,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+        chunk_size=chunk_size, accum_dtype=accum_dtype,
+    )  # fmt: skip
+    row = P(batch_axis)
+    args = (x, w, b, labels, where, class_weights)
+    loss, lse, su = _call(local, mesh, args, _fused_specs(axis, batch_axis), (row, row, row))
+    return loss, (*args, lse, su)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC_FUSED)
+def vocab_parallel_linear_softmax_cross_entropy_bwd(
+    res, g, *, mesh, axis="model", batch_axis=None, ignore_index=None, label_smoothing=0.0,
+    z_loss=0.0, softcap=None, chunk_size=None, accum_dtype=None,
+):  # fmt: skip
+    """Backward: ``(dx (n,d), dw (d,v) split like w, db | None, None, None, dcw | None)``."""
+    x, w, b, labels, where, cw, lse, su = res
+    specs = _fused_specs(axis, batch_axis)
+    row = P(batch_axis)
+
+    def local(x, w_k, b_k, labels, where, cw_k, lse, su, g):
+        outs = _vpf_local_bwd(
+            x, w_k, b_k, labels, where, cw_k, lse, su, g, axis=axis, batch_axis=batch_axis,
+            v=w.shape[1], ignore_index=ignore_index, label_smoothing=label_smoothing,
+            z_loss=z_loss, softcap=softcap, chunk_size=chunk_size, accum_dtype=accum_dtype,
+        )  # fmt: skip
+        return tuple(t for t in outs if t is not None)
+
+    out_specs = (specs[0], specs[1]) + ((specs[2],) if b is not None else ())
+    out_specs += (specs[5],) if cw is not None else ()
+    outs = list(
+        _call(
+            local,
+            mesh,
+            (x, w, b, labels, where, cw, lse, su, g),
+            (*specs, row, row, row),
+            out_specs,
+        )  # fmt: skip
+    )
+    dx, dw = outs.pop(0), outs.pop(0)
+    db = outs.pop(0) if b is not None else None
+    dcw = outs.pop(0) if cw is not None else None
+    return dx, dw, db, None, None, dcw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _vpf(options, x, w, b, labels, where, class_weights):
+    return vocab_parallel_linear_softmax_cross_entropy_fwd(
+        x, w, b, labels, where, class_weights, **dict(options)
+    )[0]
+
+
+def _vpf_fwd(options, x, w, b, labels, where, class_weights):
+    return vocab_parallel_linear_softmax_cross_entropy_fwd(
+        x, w, b, labels, where, class_weights, **dict(options)
+    )
+
+
+def _vpf_bwd(options, res, g):
+    return vocab_parallel_linear_softmax_cross_entropy_bwd(res, g, **dict(options))
+
+
+_vpf.defvjp(_vpf_fwd, _vpf_bwd)
+
+
+def vocab_parallel_linear_softmax_cross_entropy(
+    x: jax.Array,
+    w: jax.Array,
+    labels: jax.Array,
+    mesh: Mesh,
+    b: jax.Array | None = None,
+    *,
+    axis: str = "model",
+    batch_axis: str | None = None,
+    where: jax.Array | None = None,
+    ignore_index: int | None = None,
+    class_weights: jax.Array | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+    accum_dtype=None,
+) -> jax.Array:
+    """:func:`jaxbp.linear_softmax_cross_entropy` with ``w (d, v)`` split over ``axis``.
+
+    Each device holds ``w_k (d, v/P)`` (and ``b_k``, ``class_weights_k``) and runs the fused
+    loss's chunked scheme on its columns (the ``"recompute"`` strategy: only ``lse`` and
+    ``Σ_v u`` ``(n,)`` are saved, logits are recomputed chunk by chunk in the backward), so
+    neither the ``(n, v)`` logits nor their ``(n, v/P)`` slice ever exist at once. The shards
+    exchange per-row vectors only: the running max (``pmax``), the rescaled sums of
+    exponentials, target logits and label terms (one ``psum`` of ``(3, n)``), and in the
+    backward ``dx (n, d)`` (one ``psum``); ``dw_k``, ``db_k`` stay on their shard.
+
+    Args:
+      x: hidden states ``(n, d)``, replicated over ``axis`` (split over ``batch_axis``).
+      w: ``(d, v)``, laid out ``P(None, axis)``; ``v`` divisible by the axis size.
+      labels: integer ids ``(n,)``.
+      mesh, axis, batch_axis: as :func:`vocab_parallel_softmax_cross_entropy`.
+      b: optional bias ``(v,)``, laid out ``P(axis)``.
+      where, ignore_index, class_weights, label_smoothing, z_loss, softcap, chunk_size,
+        accum_dtype: as :func:`jaxbp.linear_softmax_cross_entropy` (``chunk_size`` counts
+        columns of the local shard).
+
+    Returns:
+      ``loss (n,)`` laid out ``P(batch_axis)``, in the accumulation dtype.
+    """
+    from . import fused
+
+    x, w, b, labels, where, class_weights, accum_dtype = fused._validate(
+        x, w, b, labels, where, class_weights, label_smoothing, z_loss, softcap, chunk_size,
+        accum_dtype, "recompute", ignore_index,
+    )  # fmt: skip
+    if x.ndim != 2:
+        raise ValueError(f"x: expected shape (n, d) (flatten leading axes into n), got {x.shape}")
+    parts = _axis_size(mesh, axis, "axis")
+    _divisible("w", w.shape[1], parts, axis, "the vocabulary size v", _PAD_CLASSES)
+    if batch_axis is not None:
+        if batch_axis == axis:
+            raise ValueError(f"batch_axis: expected a mesh axis other than axis={axis!r}")
+        rows = _axis_size(mesh, batch_axis, "batch_axis")
+        _divisible("x", x.shape[0], rows, batch_axis, "the batch size n", _PAD_ROWS)
+    if _host_readable(labels, where):
+        check_label_range(labels, w.shape[1], ignore_index, where=where)
+    if labels.dtype.itemsize < 4:
+        labels = labels.astype(jnp.int32)  # column ids must not wrap
+    options = (
+        ("accum_dtype", accum_dtype),
+        ("axis", axis),
+        ("batch_axis", batch_axis),
+        ("chunk_size", None if chunk_size is None else int(chunk_size)),
+        ("ignore_index", None if ignore_index is None else int(ignore_index)),
+        ("label_smoothing", float(label_smoothing)),
+        ("mesh", mesh),
+        ("softcap", None if softcap is None else float(softcap)),
+        ("z_loss", float(z_loss)),
+    )
+    return _vpf(options, x, w, b, labels, where, class_weights)

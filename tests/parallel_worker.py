@@ -236,6 +236,54 @@ def case_vocab_parallel_2x4_batch_and_classes(out, summary):
     _save(out, "vocab_parallel_2x4_batch_and_classes", a, b, "float32", info, summary)
 
 
+def _fused_case(out, summary, name, mesh_shape, names, batch_axis, dtype, opts):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import jaxbp
+    from jaxbp import parallel
+
+    mesh = parallel.make_mesh(mesh_shape, names)
+    rng = np.random.default_rng(9)
+    n, d, v = 16, 8, 64
+    x, w = rng.normal(size=(n, d)).astype(dtype), rng.normal(size=(d, v)).astype(dtype)
+    b, cw = rng.normal(size=v).astype(dtype), rng.uniform(0.5, 2.0, v).astype(dtype)
+    labels = rng.integers(0, v, n).astype(np.int32)
+    labels[[1, 6]] = -100
+    where = rng.uniform(size=n) < 0.8
+    g = np.arange(1, n + 1).astype(dtype)  # an uneven cotangent: no shortcut for a mean
+
+    def vp(x, w, b, cw):
+        loss = parallel.vocab_parallel_linear_softmax_cross_entropy(
+            x, w, labels, mesh, b, batch_axis=batch_axis, where=where, class_weights=cw,
+            ignore_index=-100, **opts,
+        )  # fmt: skip
+        return jnp.sum(g * loss)
+
+    def ref(x, w, b, cw):
+        loss = jaxbp.reference.linear_softmax_cross_entropy(
+            x, w, labels, b, where=where, class_weights=cw, ignore_index=-100, **opts
+        )
+        return jnp.sum(g * loss)
+
+    a = jax.jit(jax.value_and_grad(vp, argnums=(0, 1, 2, 3)))(x, w, b, cw)
+    e = jax.value_and_grad(ref, argnums=(0, 1, 2, 3))(x, w, b, cw)
+    info = {"dw_shard_shape": list(a[1][1].addressable_shards[0].data.shape)}
+    _save(out, name, a, e, dtype, info, summary)
+
+
+def case_vocab_parallel_fused_float64_options(out, summary):
+    opts = dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0, chunk_size=4)
+    _fused_case(out, summary, "vocab_parallel_fused_float64_options", (8,), ("model",), None,
+                "float64", opts)  # fmt: skip
+
+
+def case_vocab_parallel_fused_2x4_float32(out, summary):
+    _fused_case(out, summary, "vocab_parallel_fused_2x4_float32", (2, 4), ("data", "model"),
+                "data", "float32", dict(chunk_size=5))  # fmt: skip
+
+
 def case_mlp_2x4_vocab_parallel_last_layer(out, summary):
     import jax
     import jax.numpy as jnp
@@ -369,6 +417,8 @@ SINGLE = [
     case_vocab_parallel_integer_labels,
     case_vocab_parallel_probability_labels,
     case_vocab_parallel_2x4_batch_and_classes,
+    case_vocab_parallel_fused_float64_options,
+    case_vocab_parallel_fused_2x4_float32,
     case_mlp_2x4_vocab_parallel_last_layer,
     case_optax_steps,
     case_errors,

@@ -147,6 +147,16 @@ def test_vocab_parallel_ce_on_2x4_mesh_splits_rows_and_classes(single):
     assert entry["info"]["dlogits_shard_shape"] == [4, 4]  # (8/2 rows, 16/4 classes)
 
 
+def test_vocab_parallel_fused_loss_matches_full_logits_autodiff_float64(single):
+    entry = _compare(single, "vocab_parallel_fused_float64_options")  # smoothing, z, softcap
+    assert entry["info"]["dw_shard_shape"] == [8, 8]  # w (d, v/8) on each device
+
+
+def test_vocab_parallel_fused_loss_on_2x4_mesh_float32(single):
+    entry = _compare(single, "vocab_parallel_fused_2x4_float32")
+    assert entry["info"]["dw_shard_shape"] == [8, 16]  # w (d, v/4)
+
+
 def test_mlp_with_vocab_parallel_last_layer_on_2x4_mesh_equals_one_device(single):
     entry = _compare(single, "mlp_2x4_vocab_parallel_last_layer")
     assert entry["info"]["last_w_spec"] == "P(None, 'model')"
