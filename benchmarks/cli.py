@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = machine_load()
     t_start = time.perf_counter()
     dot_size = 1024 if args.quick else (2048 if env["backend"] == "cpu" else 8192)
-    dot = harness.measure_dot(ctx, dot_size, reps=5 if args.quick else 15)
+    dot = harness.measure_dot(ctx, dot_size, reps=5 if args.quick else 10)
     ctx.dot_flops_per_s = dot["flops_per_s"]
     print(
         f"  roofline: jnp.dot {dot_size}³ {dot['time_s'] * 1e3:.2f} ms = "

@@ -471,7 +471,7 @@ def _measure_pair(pair: Pair, ctx: Context, record: dict) -> None:
     samples = interleaved(
         calls,
         reps,
-        warmup=2 if ctx.quick else 5,
+        warmup=2 if ctx.quick else 3,
         min_sample_s=0.002 if ctx.quick else 0.005,
     )
     if ctx.device is not None and ctx.backend == "gpu":
