@@ -399,6 +399,11 @@ def _fused(options, x, w, b, labels, where, class_weights):
     opts = {k: v for k, v in options if k != "strategy"}
     if dict(options)["strategy"] == "forward":
         opts["chunk_size"] = None  # there chunk_size counts tokens, not vocabulary columns
+    return _loss_only(x, w, b, labels, where, class_weights, **opts)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC[:-1])
+def _loss_only(x, w, b, labels, where, class_weights, **opts):
     xf, lf, wf = _flat(x, labels, where)
     loss, _ = _loss_and_lse(xf, w, b, lf, wf, class_weights, **opts)
     return loss.reshape(labels.shape)

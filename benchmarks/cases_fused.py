@@ -1,0 +1,139 @@
+"""PERF.md P5–P6: fused linear + softmax cross-entropy vs full-logits ``jax.grad``.
+
+Index letters: n tokens, d model dimension, v vocabulary.
+
+Side A: ``jit(value_and_grad)`` of ``mean(jaxbp.linear_softmax_cross_entropy(x, w, labels))``
+w.r.t. ``(x, w)``, for each strategy (``recompute``, ``forward``). Side B: the same of
+``jaxbp.reference.linear_softmax_cross_entropy`` (full ``(n, v)`` logits, JAX's autodiff).
+
+P5  compiled temporary memory A/B (``memory_ratio``) at n 4096, d 512, v {16384, 32768,
+    65536}; and ``P5/growth``: A's temporary bytes at 2v ÷ at v (compile only).
+P6  time A/B (``ratio``) for both strategies; on a GPU also n 8192, d 2304, v 256000 in
+    bfloat16 (skipped elsewhere), where the harness adds the device's peak bytes.
+``--quick``: n 1024, d 128 and v/8.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+import jaxbp
+from benchmarks.harness import Case, Custom, Pair, Skip, Target, register
+
+CPU_VOCABS = (16384, 32768, 65536)
+N, D = 4096, 512
+QUICK_N, QUICK_D, QUICK_DIV = 1024, 128, 8
+
+
+def loss_and_grad(op, **kw):
+    """``jit(value_and_grad)`` of the mean loss w.r.t. ``(x, w)``."""
+
+    def mean_loss(x, w, labels):
+        return jnp.mean(op(x, w, labels, **kw))
+
+    return jax.jit(jax.value_and_grad(mean_loss, argnums=(0, 1)))
+
+
+def _arrays(ctx, n, d, v, dtype):
+    kx, kw, ky = jax.random.split(ctx.key(n + d + v), 3)
+    x = jax.random.normal(kx, (n, d), jnp.float32).astype(dtype)
+    w = (jax.random.normal(kw, (d, v), jnp.float32) / d**0.5).astype(dtype)
+    labels = jax.random.randint(ky, (n,), 0, v, jnp.int32)
+    return x, w, labels
+
+
+def _build(ctx, n, d, v, strategy, dtype=None, gpu_only=False):
+    if gpu_only and ctx.backend != "gpu":
+        return Skip("GPU-only size (n 8192, d 2304, v 256000): the full-logits side needs ~25 GB")
+    dtype = ctx.dtype if dtype is None else dtype
+    flops_fused = (8 if strategy == "recompute" else 6) * n * d * v
+    return Pair(
+        candidate=loss_and_grad(jaxbp.linear_softmax_cross_entropy, strategy=strategy),
+        baseline=loss_and_grad(jaxbp.reference.linear_softmax_cross_entropy),
+        args=_arrays(ctx, n, d, v, dtype),
+        flops=float(flops_fused),
+        baseline_flops=float(6 * n * d * v),
+        shapes={"n": n, "d": d, "v": v, "strategy": strategy, "dtype": jnp.dtype(dtype).name},
+        labels=(f"fused ({strategy})", "full-logits jit(grad)"),
+        notes="A: hand-written chunked backward; B: jax.grad of the (n, v) logits",
+    )
+
+
+def _temp_bytes(n, d, v, dtype, strategy):
+    args = (
+        jax.ShapeDtypeStruct((n, d), dtype),
+        jax.ShapeDtypeStruct((d, v), dtype),
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+    )
+    f = loss_and_grad(jaxbp.linear_softmax_cross_entropy, strategy=strategy)
+    return f.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def _growth(ctx, n, d, v, strategy):
+    small = _temp_bytes(n, d, v, ctx.dtype, strategy)
+    big = _temp_bytes(n, d, 2 * v, ctx.dtype, strategy)
+    return Custom(
+        metrics={"temp_bytes_v": small, "temp_bytes_2v": big, "growth": big / small},
+        shapes={"n": n, "d": d, "v": v, "strategy": strategy},
+        notes="compiled temporary bytes of the fused value_and_grad at 2v ÷ at v",
+    )
+
+
+_TIME = {"recompute": 1.35, "forward": 1.10}
+
+for _strategy in ("recompute", "forward"):
+    for _v in CPU_VOCABS:
+        targets = [
+            Target("ratio", "<=", _TIME[_strategy], note=f"P6 ({_strategy})"),
+            Target("ratio", "<=", 1.0, backends=("gpu",), note="P6 on GPU"),
+        ]
+        if _v == 32768:
+            targets.append(Target("memory_ratio", "<=", 0.05, note="P5"))
+        register(
+            Case(
+                id=f"P5/{_strategy}-n{N}-d{D}-v{_v}",
+                group="P5",
+                title=f"fused linear+softmax-CE ({_strategy}) vs full-logits grad",
+                build=functools.partial(_build, n=N, d=D, v=_v, strategy=_strategy),
+                quick_build=functools.partial(
+                    _build, n=QUICK_N, d=QUICK_D, v=_v // QUICK_DIV, strategy=_strategy
+                ),
+                targets=tuple(targets),
+            )
+        )
+    register(
+        Case(
+            id=f"P5/growth-{_strategy}-n{N}-d{D}-v32768",
+            group="P5",
+            title=f"fused ({_strategy}) temporary memory when v doubles",
+            build=functools.partial(_growth, n=N, d=D, v=32768, strategy=_strategy),
+            quick_build=functools.partial(
+                _growth, n=QUICK_N, d=QUICK_D, v=32768 // QUICK_DIV, strategy=_strategy
+            ),
+            targets=(Target("growth", "<=", 1.1, note="P5: memory independent of v"),),
+        )
+    )
+    register(
+        Case(
+            id=f"P6/{_strategy}-gpu-n8192-d2304-v256000-bf16",
+            group="P6",
+            title=f"fused ({_strategy}) at LLM size, bfloat16 (GPU only)",
+            build=functools.partial(
+                _build,
+                n=8192,
+                d=2304,
+                v=256000,
+                strategy=_strategy,
+                dtype=jnp.bfloat16,
+                gpu_only=True,
+            ),  # fmt: skip
+            targets=(
+                Target("ratio", "<=", 1.0, backends=("gpu",), note="P6 on GPU"),
+                Target("memory_ratio", "<=", 0.05, backends=("gpu",), note="P5 at LLM size"),
+            ),
+            quick=False,
+        )
+    )
