@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,8 @@ from tests.helpers import assert_close
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
 ROOT = WORKER.parent.parent
-TIMEOUT_S = 90
+MULTIPROCESS_TIMEOUT_S = 90  # the two-process run: bounded, killed on timeout
+SINGLE_TIMEOUT_S = 180  # one process, about 15 small compilations on 8 simulated devices
 
 
 def _env():
@@ -33,28 +35,6 @@ def _env():
     env.pop("XLA_FLAGS", None)  # the worker sets the device count it needs
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
-
-
-def _kill(procs):
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-
-
-def _run(procs):
-    """Wait for every process, at most TIMEOUT_S in all; kill them all on timeout."""
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    except subprocess.TimeoutExpired:
-        _kill(procs)
-        pytest.fail(f"parallel worker timed out after {TIMEOUT_S} s")
-    finally:
-        _kill(procs)
-    for p, out in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, f"worker exited with {p.returncode}:\n{out[-4000:]}"
-    return outputs
 
 
 def _start(*args):
@@ -69,35 +49,78 @@ def _start(*args):
     )
 
 
-@pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    out = tmp_path_factory.mktemp("parallel_single")
-    _run([_start("single", str(out))])
-    return out, json.loads((out / "summary.json").read_text())
+def _kill(procs):
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def _wait(procs, timeout_s):
+    """Wait for ``procs`` until ``timeout_s`` from now; kill them all on timeout or failure.
+
+    Returns ``(ok, message)`` rather than failing, so that one run's trouble is reported by
+    its own tests."""
+    deadline = time.monotonic() + timeout_s
+    outputs = []
+    try:
+        for p in procs:
+            remaining = max(deadline - time.monotonic(), 0.1)
+            outputs.append(p.communicate(timeout=remaining)[0])
+    except subprocess.TimeoutExpired:
+        return False, f"timed out after {timeout_s} s (killed)"
+    finally:
+        _kill(procs)
+    for p, out in zip(procs, outputs, strict=True):
+        if p.returncode != 0:
+            return False, f"worker exited with {p.returncode}:\n{out[-4000:]}"
+    return True, ""
 
 
 @pytest.fixture(scope="module")
-def multiprocess(tmp_path_factory):
-    out = tmp_path_factory.mktemp("parallel_multiprocess")
+def runs(tmp_path_factory):
+    """Start the 8-device run and the two-process run at once; wait for both."""
+    single_out = tmp_path_factory.mktemp("parallel_single")
+    mp_out = tmp_path_factory.mktemp("parallel_multiprocess")
     with socket.socket() as s:  # a free port on loopback for the coordinator
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    coordinator = f"127.0.0.1:{port}"
-    procs = [
+    mp = [
         _start(
             "multiprocess",
-            str(out),
+            str(mp_out),
             "--process-id",
             str(k),
             "--num-processes",
             "2",
             "--coordinator",
-            coordinator,
+            f"127.0.0.1:{port}",
         )  # fmt: skip
         for k in range(2)
     ]
-    _run(procs)
-    return out, json.loads((out / "summary-0.json").read_text())
+    single = [_start("single", str(single_out))]
+    mp_status = _wait(mp, MULTIPROCESS_TIMEOUT_S)
+    single_status = _wait(single, SINGLE_TIMEOUT_S)
+    return {
+        "single": (single_out, "summary.json", single_status),
+        "multiprocess": (mp_out, "summary-0.json", mp_status),
+    }
+
+
+def _result(runs, which):
+    out, name, (ok, message) = runs[which]
+    assert ok, f"{which} run: {message}"
+    return out, json.loads((out / name).read_text())
+
+
+@pytest.fixture(scope="module")
+def single(runs):
+    return _result(runs, "single")
+
+
+@pytest.fixture(scope="module")
+def multiprocess(runs):
+    return _result(runs, "multiprocess")
 
 
 def _compare(result, name):
