@@ -20,7 +20,9 @@ and the hand-written backward, for an upstream ``g = ∂L/∂loss (n,)``::
 
 which is ``g·(p − y)`` when the labels sum to 1 and no option is set. This is where the
 softmax Jacobian ``(n,c,c)`` goes: ``Jᵀ·∂loss/∂p = Jᵀ·(−u/p) = p·Σu − u``, a vector per row.
-Only ``lse (n,)`` is saved besides the inputs; ``p`` is recomputed in the backward.
+Only ``lse − m (n,)`` is saved besides the inputs (``m = max_c z``, recomputed with ``p`` in
+the backward). Working with the shifted logits ``z − m`` keeps ``−log p = (lse − m) − (z − m)``
+accurate for large, confident logits, where ``lse − z`` would cancel.
 
 Rows with ``where=False`` or ``labels == ignore_index`` have loss 0 and gradient exactly 0
 (the backward writes 0 there, so huge or infinite masked logits cannot leak NaN).
@@ -189,10 +191,13 @@ def _bad_labels(labels, c, ignore_index):
 
 
 def _ce_parts(logits, labels, where, class_weights, label_smoothing, ignore_index):
-    """What forward and backward share: ``z, lse, u, valid, bad`` in the accumulation dtype."""
+    """What forward and backward share: ``zs = z − m, u, valid, bad`` in the accumulation dtype.
+
+    ``m = max_c z (n,)``; a row all −inf, or holding +inf, makes ``zs`` (and the row) NaN.
+    """
     z = _acc(logits)
     c = z.shape[-1]
-    lse = jax.nn.logsumexp(z, axis=-1)  # (n,)
+    zs = z - jnp.max(z, axis=-1, keepdims=True)  # (n,c), shifted: the max is exactly 0
     u = _labels_matrix(labels, c, z.dtype, label_smoothing)  # y' (n,c)
     if class_weights is not None:
         u = u * _acc(class_weights).astype(z.dtype)  # u = w ⊙ y'
@@ -201,7 +206,12 @@ def _ce_parts(logits, labels, where, class_weights, label_smoothing, ignore_inde
         bad = _bad_labels(labels, c, ignore_index) & valid
     else:
         bad = jnp.zeros(z.shape[:-1], bool)
-    return z, lse, u, valid, bad
+    return zs, u, valid, bad
+
+
+def _shifted_lse(zs):
+    """``lse − m = log Σ_c e^{z_c − m} (n,)``, in ``[0, log c]`` for finite rows."""
+    return jnp.log(jnp.sum(jnp.exp(zs), axis=-1))
 
 
 @functools.partial(jax.jit, static_argnames=("label_smoothing", "ignore_index", "z_loss"))
@@ -209,19 +219,21 @@ def softmax_cross_entropy_fwd(
     logits, labels, where=None, class_weights=None, *, label_smoothing=0.0, ignore_index=None,
     z_loss=0.0,
 ):  # fmt: skip
-    """Forward: ``loss (n,)``; returns ``(loss, (logits, labels, where, class_weights, lse))``.
+    """Forward: ``loss (n,)``; returns ``(loss, (logits, labels, where, class_weights, lse_s))``.
 
-    Only ``lse (n,)`` is new in the residuals; ``p`` is recomputed from it in the backward.
+    Only ``lse_s = lse − max_c z (n,)`` is new in the residuals; ``p`` is recomputed from it.
     """
-    z, lse, u, valid, bad = _ce_parts(
+    zs, u, valid, bad = _ce_parts(
         logits, labels, where, class_weights, label_smoothing, ignore_index
     )
-    loss = jnp.sum(_safe_mul(u, lse[..., None] - z), axis=-1)  # −Σ u log p
+    lse_s = _shifted_lse(zs)  # (n,)
+    loss = jnp.sum(_safe_mul(u, lse_s[..., None] - zs), axis=-1)  # −Σ u log p
     if z_loss:
+        lse = lse_s + jnp.max(_acc(logits), axis=-1)  # log Σ e^z  (n,)
         loss = loss + z_loss * lse * lse
     loss = jnp.where(valid, loss, 0.0)
     loss = jnp.where(bad, jnp.nan, loss)
-    return loss, (logits, labels, where, class_weights, lse)
+    return loss, (logits, labels, where, class_weights, lse_s)
 
 
 @functools.partial(jax.jit, static_argnames=("label_smoothing", "ignore_index", "z_loss"))
@@ -231,28 +243,31 @@ def softmax_cross_entropy_bwd(res, g, *, label_smoothing=0.0, ignore_index=None,
     Returns ``(dlogits (n,c), dlabels, None, dclass_weights)``: ``dlabels`` is ``None`` for
     integer ids, else ``g·(1−ε)·w⊙(lse − z)``; ``dclass_weights (c,) = Σₙ g·y'⊙(lse − z)``.
     """
-    logits, labels, where, class_weights, lse = res
-    z, _, u, valid, bad = _ce_parts(
+    logits, labels, where, class_weights, lse_s = res
+    zs, u, valid, bad = _ce_parts(
         logits, labels, where, class_weights, label_smoothing, ignore_index
     )
-    gv = jnp.where(valid, g.astype(z.dtype), 0.0)[..., None]  # (n,1); masked rows: exactly 0
-    p = jnp.exp(z - lse[..., None])  # (n,c), recomputed
-    scale = jnp.sum(u, axis=-1) + (2.0 * z_loss) * lse  # Σ_c u_c + 2λ·lse  (n,)
+    gv = jnp.where(valid, g.astype(zs.dtype), 0.0)[..., None]  # (n,1); masked rows: exactly 0
+    nll = lse_s[..., None] - zs  # −log p (n,c)
+    p = jnp.exp(-nll)  # (n,c), recomputed
+    scale = jnp.sum(u, axis=-1)  # Σ_c u_c  (n,)
+    if z_loss:
+        lse = lse_s + jnp.max(_acc(logits), axis=-1)
+        scale = scale + (2.0 * z_loss) * lse  # Σ_c u_c + 2λ·lse
     dz = gv * (p * scale[..., None] - u)  # "n,nc->nc"
     dz = jnp.where(valid[..., None], dz, 0.0)
     dz = jnp.where(bad[..., None], jnp.nan, dz).astype(logits.dtype)
 
-    nll = lse[..., None] - z  # −log p (n,c)
     dlabels = None
     if not jnp.issubdtype(labels.dtype, jnp.integer):
-        w = 1.0 if class_weights is None else _acc(class_weights).astype(z.dtype)
+        w = 1.0 if class_weights is None else _acc(class_weights).astype(zs.dtype)
         dy = (1.0 - label_smoothing) * gv * w * nll
         dlabels = jnp.where(valid[..., None], dy, 0.0).astype(labels.dtype)
     dweights = None
     if class_weights is not None:
-        y = _labels_matrix(labels, z.shape[-1], z.dtype, label_smoothing)
+        y = _labels_matrix(labels, zs.shape[-1], zs.dtype, label_smoothing)
         per_row = jnp.where(valid[..., None], _safe_mul(y, gv * nll), 0.0)
-        dweights = per_row.reshape(-1, z.shape[-1]).sum(0).astype(class_weights.dtype)
+        dweights = per_row.reshape(-1, zs.shape[-1]).sum(0).astype(class_weights.dtype)
     return dz, dlabels, None, dweights
 
 

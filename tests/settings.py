@@ -99,14 +99,22 @@ def cotangent(out: jax.Array, seed: int = 1) -> jax.Array:
     return jnp.asarray(rng.normal(size=out.shape), out.dtype)
 
 
-def grad_of(fn: Callable, case: Case, arrays: dict, cot: jax.Array) -> dict:
-    """``jax.grad`` of ``Σ cot ⊙ fn(**arrays)`` with respect to ``case.diff``."""
+def grad_of(fn: Callable, case: Case, arrays: dict, cot: jax.Array, *, jit: bool = False) -> dict:
+    """``jax.grad`` of ``Σ cot ⊙ fn(**arrays)`` with respect to ``case.diff``.
 
-    def scalar(d):
-        out = fn(**{**arrays, **d}, **case.options)
-        return jnp.sum(out * cot)
+    Under ``jit`` by default: one compile per shape instead of one per primitive, which is
+    what keeps the property tests fast. The value checks that need concrete labels are
+    exercised eagerly by tests/test_edge_cases.py.
+    """
 
-    return jax.grad(scalar)({k: arrays[k] for k in case.diff})
+    def grad(arrays, cot):
+        def scalar(d):
+            out = fn(**{**arrays, **d}, **case.options)
+            return jnp.sum(out * cot)
+
+        return jax.grad(scalar)({k: arrays[k] for k in case.diff})
+
+    return (jax.jit(grad) if jit else grad)(arrays, cot)
 
 
 def bwd_direct(case: Case, arrays: dict, cot: jax.Array) -> dict:
