@@ -213,3 +213,53 @@ def test_two_processes_give_one_process_gradients(multiprocess):
 
 def test_two_processes_2x4_mesh_with_vocab_parallel_last_layer(multiprocess):
     _compare(multiprocess, "multiprocess_2x4_last_layer")
+
+
+# -- in this process: one CPU device, a 1-device mesh ------------------------------------
+
+
+def test_vocab_parallel_ce_on_a_one_device_mesh_equals_softmax_cross_entropy():
+    import jax
+    import jax.numpy as jnp
+
+    import jaxbp
+    from jaxbp import parallel
+
+    mesh = parallel.make_mesh((1,), ("model",), devices=jax.devices()[:1])
+    rng = np.random.default_rng(0)
+    z = jnp.asarray(rng.normal(size=(5, 7)))
+    labels = jnp.asarray([0, 6, 3, -1, 2], jnp.int32)
+    opts = dict(ignore_index=-1, label_smoothing=0.2, z_loss=1e-2)
+
+    def total(loss_fn):
+        return lambda z: jnp.sum(loss_fn(z) * jnp.arange(1.0, 6.0, dtype=z.dtype))
+
+    vp = total(lambda z: parallel.vocab_parallel_softmax_cross_entropy(z, labels, mesh, **opts))
+    ref = total(lambda z: jaxbp.reference.softmax_cross_entropy(z, labels, **opts))
+    assert_close(jax.value_and_grad(vp)(z), jax.value_and_grad(ref)(z), jnp.float64)
+
+
+def test_parallel_value_and_grad_rejects_bad_models_and_axes():
+    import jax
+
+    import jaxbp
+    from jaxbp import parallel
+
+    mesh = parallel.make_mesh((1, 1), ("data", "model"), devices=jax.devices()[:1])
+    with pytest.raises(TypeError, match="model: expected a jaxbp.MLP"):
+        parallel.value_and_grad("mlp", mesh)
+    with pytest.raises(ValueError, match="model_axis: the vocab-parallel last layer needs"):
+        parallel.value_and_grad(jaxbp.MLP((3, 2), loss="mse"), mesh, model_axis="model")
+    with pytest.raises(ValueError, match="model_axis: expected a mesh axis other than"):
+        parallel.value_and_grad(jaxbp.MLP((3, 2)), mesh, axis="data", model_axis="data")
+    with pytest.raises(ValueError, match="shape: expected a mesh of 1 devices"):
+        parallel.make_mesh((2,), ("data",), devices=jax.devices()[:1])
+
+
+def test_shard_map_compat_uses_this_jax_replication_check_keyword():
+    import inspect
+
+    from jaxbp import parallel
+
+    fn, name = parallel._shard_map_impl()
+    assert name in inspect.signature(fn).parameters  # check_vma (new) or check_rep (old)
