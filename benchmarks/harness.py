@@ -308,22 +308,38 @@ def _calibrate(call: Callable[[], Any], min_sample_s: float) -> int:
 
 
 def interleaved(
-    calls: Mapping[str, Callable[[], Any]], reps: int, *, warmup: int, min_sample_s: float
+    calls: Mapping[str, Callable[[], Any]],
+    reps: int,
+    *,
+    warmup: int,
+    min_sample_s: float,
+    cpu_samples: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
-    """Seconds per call of each side, sampled A B C A B C … ``reps`` times after warm-up."""
+    """Seconds per call of each side, sampled A B C A B C … ``reps`` times after warm-up.
+
+    ``cpu_samples``, when given, is filled with this process's CPU seconds per call (all
+    threads, ``time.process_time``): less disturbed than wall time when other processes
+    share the cores, though it also counts the thread pool's spinning.
+    """
     for call in calls.values():
         for _ in range(warmup):
             _block(call())
     number = {name: _calibrate(call, min_sample_s) for name, call in calls.items()}
     samples: dict[str, list[float]] = {name: [] for name in calls}
+    cpu = cpu_samples if cpu_samples is not None else {}
+    for name in calls:
+        cpu[name] = []
     for _ in range(reps):
         for name, call in calls.items():
             k = number[name]
+            c0 = time.process_time()
             t0 = time.perf_counter()
             for _ in range(k):
                 out = call()
             _block(out)
-            samples[name].append((time.perf_counter() - t0) / k)
+            t1 = time.perf_counter()
+            samples[name].append((t1 - t0) / k)
+            cpu[name].append((time.process_time() - c0) / k)
     return samples
 
 
@@ -468,11 +484,13 @@ def _measure_pair(pair: Pair, ctx: Context, record: dict) -> None:
                 compare(_block(calls[name]()), out_b)
     record["agreement"] = "checked"
     reps = ctx.reps
+    cpu_samples: dict[str, list[float]] = {}
     samples = interleaved(
         calls,
         reps,
         warmup=2 if ctx.quick else 3,
         min_sample_s=0.002 if ctx.quick else 0.005,
+        cpu_samples=cpu_samples,
     )
     if ctx.device is not None and ctx.backend == "gpu":
         record["peak_bytes_in_use"] = _peak_bytes(ctx.device)
@@ -481,10 +499,16 @@ def _measure_pair(pair: Pair, ctx: Context, record: dict) -> None:
     record["times"] = times
     record["ratio"] = _stats(ratios)
     record["skipped_sides"] = skipped
+    record["cpu_times"] = {name: _stats(s) for name, s in cpu_samples.items()}
+    record["cpu_ratio"] = _stats(
+        [a / b for a, b in zip(cpu_samples["A"], cpu_samples["B"], strict=True) if b > 0]
+        or [float("nan")]
+    )
     m = record["metrics"]
     m["time_a"] = times["A"]["median"]
     m["time_b"] = times["B"]["median"]
     m["ratio"] = record["ratio"]["median"]
+    m["cpu_ratio"] = record["cpu_ratio"]["median"]
     for name in sides:
         if name not in ("A", "B"):
             m[f"time_{name}"] = times[name]["median"]

@@ -43,6 +43,13 @@ def _target_cells(rec: dict) -> tuple[str, str]:
     return "<br>".join(targets), "<br>".join(marks)
 
 
+def _cpu_ratio(r: dict) -> str:
+    c = r.get("cpu_ratio")
+    if not c or c["median"] != c["median"]:  # absent or NaN
+        return "–"
+    return f"{c['median']:.3f} [{c['p25']:.3f}, {c['p75']:.3f}]"
+
+
 def write_report(result: dict, out: Path) -> Path:
     env = result["environment"]
     recs = result["records"]
@@ -84,17 +91,20 @@ def write_report(result: dict, out: Path) -> Path:
         "",
         "A = the jaxbp side (hand-written rules), B = the side it is compared with; ratio = "
         "median of the per-pair A/B times, with its interquartile range [p25, p75]. Both "
-        "sides agree numerically before they are timed. Memory = XLA's compiled temporary "
+        "sides agree numerically before they are timed. CPU-time A/B: the same pairs measured "
+        "in this process's CPU seconds (all threads), less disturbed by other processes on a "
+        "shared machine; targets are judged on the wall-time ratio. Memory = XLA's compiled "
+        "temporary "
         "buffer size (`memory_analysis().temp_size_in_bytes`).",
         "",
-        "| id | shapes | A | B | A/B [IQR] | compile A / B | temp mem A / B | GFLOP/s A (roofline) "
-        "| target | measured |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| id | shapes | A | B | A/B [IQR] | CPU-time A/B | compile A / B | temp mem A / B "
+        "| GFLOP/s A (roofline) | target | measured |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in recs:
         if r["status"] != "ok":
             lines.append(
-                f"| {r['id']} | {_shapes(r.get('shapes', {}))} | | | **{r['status']}** | | | | "
+                f"| {r['id']} | {_shapes(r.get('shapes', {}))} | | | **{r['status']}** | | | | | "
                 f"{_target_cells(r)[0]} | {r.get('reason', '')} |"
             )
             continue
@@ -105,7 +115,7 @@ def write_report(result: dict, out: Path) -> Path:
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()
             )
             lines.append(
-                f"| {r['id']} | {_shapes(r.get('shapes', {}))} | {extra} | | | | | | "
+                f"| {r['id']} | {_shapes(r.get('shapes', {}))} | {extra} | | | | | | | "
                 f"{tcell} | {mcell} |"
             )
             continue
@@ -127,6 +137,7 @@ def write_report(result: dict, out: Path) -> Path:
         lines.append(
             f"| {r['id']} | {_shapes(r['shapes'])} | {_ms(m['time_a'])} | {_ms(m['time_b'])}"
             f"{extra} | {ratio['median']:.3f} [{ratio['p25']:.3f}, {ratio['p75']:.3f}] | "
+            f"{_cpu_ratio(r)} | "
             f"{cA:.2f} / {cB:.2f} s | {_bytes(memA)} / {_bytes(memB)} | {flcell} | "
             f"{tcell} | {mcell} |"
         )
