@@ -38,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--reps", type=int, help="interleaved repetitions per side (default 30; 7 with --quick)"
     )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the records of an existing DIR/results.json whose ids this run does not "
+        "redo (to add case groups to a committed run)",
+    )
     p.add_argument("--list", action="store_true", help="list the selected cases and exit")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--seed", type=int, default=0)
@@ -100,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     load_before = machine_load()
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     t_start = time.perf_counter()
     dot_size = 1024 if args.quick else (2048 if env["backend"] == "cpu" else 8192)
     dot = harness.measure_dot(ctx, dot_size, reps=5 if args.quick else 10)
@@ -114,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         rec = harness.run_case(case, ctx, env)
         rec["wall_s"] = time.perf_counter() - t0
+        rec["run_started_utc"] = started
+        rec["machine_load"] = machine_load()["loadavg"]
         records.append(rec)
         print(f"  [{k}/{len(cases)}] {progress_line(rec)}", flush=True)
     wall = time.perf_counter() - t_start
@@ -125,12 +134,18 @@ def main(argv: list[str] | None = None) -> int:
         "reps": reps,
         "case_modules": modules,
         "argv": sys.argv[1:] if argv is None else list(argv),
-        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - wall)),
+        "started_utc": started,
         "wall_s": wall,
         "machine": {"before": load_before, "after": load_after},
         "roofline_dot": dot,
         "records": records,
     }
+    if args.merge and (out / "results.json").exists():
+        old = json.loads((out / "results.json").read_text())
+        ids = {r["id"] for r in records}
+        kept = [r for r in old.get("records", []) if r["id"] not in ids]
+        result["records"] = kept + records
+        result["merged_runs"] = old.get("merged_runs", [old.get("started_utc")]) + [started]
     (out / "results.json").write_text(json.dumps(result, indent=1, default=_json_default))
     from benchmarks import report
 
