@@ -127,6 +127,9 @@ def softmax_cross_entropy(
     z = _acc(logits)
     valid = valid_rows(labels, where, ignore_index=ignore_index, batch_shape=z.shape[:-1])
     z = jnp.where(valid[..., None], z, 0.0)  # the first "where": masked rows never reach exp
+    if jnp.issubdtype(labels.dtype, jnp.integer):  # out-of-range ids (under jit): NaN row,
+        bad = _bad_labels(labels, c, ignore_index) & valid  # NaN gradient too, never finite
+        z = z + jnp.where(bad, jnp.nan, 0.0)[..., None]
     u = _labels_matrix(labels, c, z.dtype, label_smoothing)
     if class_weights is not None:
         u = u * _acc(class_weights).astype(z.dtype)
