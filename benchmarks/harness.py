@@ -170,6 +170,7 @@ class Context:
     reps: int
     seed: int = 0
     dot_flops_per_s: float | None = None
+    budget_s: float = 0.0  # seconds per case: cheap cases get up to 4·reps repetitions
 
     def key(self, salt: int = 0) -> jax.Array:
         return jax.random.PRNGKey(self.seed * 1000 + salt)
@@ -314,17 +315,31 @@ def interleaved(
     warmup: int,
     min_sample_s: float,
     cpu_samples: dict[str, list[float]] | None = None,
+    budget_s: float = 0.0,
+    max_reps: int | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per call of each side, sampled A B C A B C … ``reps`` times after warm-up.
 
     ``cpu_samples``, when given, is filled with this process's CPU seconds per call (all
     threads, ``time.process_time``): less disturbed than wall time when other processes
     share the cores, though it also counts the thread pool's spinning.
+
+    With ``budget_s``, cheap cases get more repetitions: as many rounds as fit in the
+    budget, at least ``reps`` and at most ``max_reps`` (default ``4·reps``).
     """
     for call in calls.values():
         for _ in range(warmup):
             _block(call())
     number = {name: _calibrate(call, min_sample_s) for name, call in calls.items()}
+    if budget_s > 0:
+        t0 = time.perf_counter()
+        for name, call in calls.items():
+            for _ in range(number[name]):
+                out = call()
+            _block(out)
+        round_s = time.perf_counter() - t0
+        cap = max_reps if max_reps is not None else 4 * reps
+        reps = max(reps, min(cap, int(budget_s / max(round_s, 1e-9))))
     samples: dict[str, list[float]] = {name: [] for name in calls}
     cpu = cpu_samples if cpu_samples is not None else {}
     for name in calls:
@@ -491,6 +506,7 @@ def _measure_pair(pair: Pair, ctx: Context, record: dict) -> None:
         warmup=2 if ctx.quick else 3,
         min_sample_s=0.002 if ctx.quick else 0.005,
         cpu_samples=cpu_samples,
+        budget_s=ctx.budget_s,
     )
     if ctx.device is not None and ctx.backend == "gpu":
         record["peak_bytes_in_use"] = _peak_bytes(ctx.device)

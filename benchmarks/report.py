@@ -60,6 +60,7 @@ def write_report(result: dict, out: Path) -> Path:
         f"matmul precision: {env['matmul_precision']} ({env['matmul_precision_note']})",
         f"- started {result['started_utc']}, wall {result['wall_s']:.0f} s, "
         f"{result['reps']} interleaved repetitions per side"
+        + (f" ({result['reps_note']})" if result.get("reps_note") else "")
         + (" (**--quick**: small sizes, few reps; not for claims)" if result["quick"] else ""),
         f"- roofline: `jnp.dot` {result['roofline_dot']['size']}³ in "
         f"{_ms(result['roofline_dot']['time_s'])} = "
@@ -172,8 +173,11 @@ def write_plots(result: dict, out: Path) -> list[Path]:
         size_key = _size_key(rs)
         if size_key is None:
             continue
-        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        fig, (ax, axr) = plt.subplots(
+            2, 1, figsize=(6.4, 6.4), sharex=True, gridspec_kw={"height_ratios": [3, 2]}
+        )
         series: dict[str, list[tuple[float, float]]] = {}
+        ratios: dict[str, list[tuple[float, float, float, float]]] = {}
         for r in rs:
             sub = ", ".join(
                 f"{k}={v}" for k, v in r["shapes"].items() if k != size_key and _scalar(v)
@@ -182,6 +186,8 @@ def write_plots(result: dict, out: Path) -> list[Path]:
             la, lb = r.get("labels", ["A", "B"])
             series.setdefault(f"{la} {sub}".strip(), []).append((x, r["metrics"]["time_a"]))
             series.setdefault(f"{lb} {sub}".strip(), []).append((x, r["metrics"]["time_b"]))
+            q = r["ratio"]
+            ratios.setdefault(sub or "A/B", []).append((x, q["median"], q["p25"], q["p75"]))
             for k, v in r["metrics"].items():
                 if k.startswith("time_") and k not in ("time_a", "time_b"):
                     series.setdefault(f"{k[5:]} {sub}".strip(), []).append((x, v))
@@ -189,9 +195,21 @@ def write_plots(result: dict, out: Path) -> list[Path]:
             pts.sort()
             ls = "--" if name.startswith(tuple(rs[0].get("labels", ["A", "B"])[1:])) else "-"
             ax.plot([p[0] for p in pts], [p[1] * 1e3 for p in pts], ls, marker="o", label=name)
+        for name, pts in ratios.items():
+            pts.sort()
+            xs, med, lo, hi = zip(*pts, strict=True)
+            yerr = [[m - a for m, a in zip(med, lo, strict=True)],
+                    [b - m for m, b in zip(med, hi, strict=True)]]  # fmt: skip
+            axr.errorbar(xs, med, yerr=yerr, marker="o", capsize=3, label=name)
+        for t in {(t["value"], t["metric"]) for r in rs for t in r["targets"]}:
+            if t[1] == "ratio":
+                axr.axhline(t[0], color="red", ls=":", label=f"target {t[0]:g}")
+        axr.set_ylabel("A/B per pair\n(median, IQR)")
+        axr.set_xlabel(size_key)
+        axr.grid(True, alpha=0.3)
+        axr.legend(fontsize=6)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel(size_key)
         ax.set_ylabel("median time per call (ms)")
         ax.set_title(f"{group}: {rs[0]['title']}\n{env['device']}, {result['dtype']}", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
