@@ -43,6 +43,7 @@ explicit loop seeded with ``c_k/m`` (:func:`forward_backward_weighted`); the two
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -198,7 +199,7 @@ def _forward(model: MLP, params, x, labels, where, class_weights):
     return per_ex, valid, (h, loss_res, dense_res, act_res)
 
 
-def _backward(model: MLP, state, seed, *, param_grads: bool = True, first_deltas: bool = True):
+def _backward(model: MLP, state, seed, *, param_grads: bool = True):
     """Reverse loop with per-row seed ``s (n,) = ∂L/∂ℓ_k``: ``(grads or None, deltas, acts)``.
 
     ``deltas[l] (n, o)`` is ``s_k·∂ℓ_k/∂z_l`` per row; ``acts[l] (n, i)`` is layer ``l``'s input.
@@ -263,11 +264,20 @@ def _sq_norms(deltas, acts):
 
 
 # ------------------------------------------------------------------------ public API
+#
+# The jitted bodies live at module level with the (hashable) model and the clipping method
+# static, and the clip bound and noise multiplier traced: building the same transform twice,
+# or changing C between steps, reuses the compiled code.
+
+
+def _check_model(model):
+    if not isinstance(model, MLP):
+        raise TypeError(f"model: expected a jaxbp.MLP, got {type(model).__name__}")
 
 
 def _wrap(model, run, name):
-    if not isinstance(model, MLP):
-        raise TypeError(f"model: expected a jaxbp.MLP, got {type(model).__name__}")
+    _check_model(model)
+    run = functools.partial(run, model)
 
     def fn(params, x, labels, *, where=None, class_weights=None):
         model.check_inputs(params, x, labels, where, class_weights)
@@ -276,6 +286,18 @@ def _wrap(model, run, name):
     fn.__name__ = name
     fn.jitted = run  # type: ignore[attr-defined]
     return fn
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _per_example_grads_run(model, params, x, labels, where, class_weights):
+    _, _, deltas, acts, _ = _unit_deltas(model, params, x, labels, where, class_weights)
+    return [dense_per_example_grads(a, d) for a, d in zip(acts, deltas, strict=True)]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _per_example_grad_norms_run(model, params, x, labels, where, class_weights):
+    _, _, deltas, acts, _ = _unit_deltas(model, params, x, labels, where, class_weights)
+    return jnp.sqrt(_sq_norms(deltas, acts))
 
 
 def per_example_grads(model: MLP) -> Callable:
@@ -288,13 +310,7 @@ def per_example_grads(model: MLP) -> Callable:
     from one unit-seeded reverse loop: ``w = "ni,no->nio"(a, δ)``, ``b = δ``. Jitted.
     Memory is ``n`` times the parameters; for norms use :func:`per_example_grad_norms`.
     """
-
-    @jax.jit
-    def run(params, x, labels, where, class_weights):
-        _, _, deltas, acts, _ = _unit_deltas(model, params, x, labels, where, class_weights)
-        return [dense_per_example_grads(a, d) for a, d in zip(acts, deltas, strict=True)]
-
-    return _wrap(model, run, "per_example_grads")
+    return _wrap(model, _per_example_grads_run, "per_example_grads")
 
 
 def per_example_grad_norms(model: MLP) -> Callable:
@@ -304,13 +320,7 @@ def per_example_grad_norms(model: MLP) -> Callable:
     of one unit-seeded reverse loop; no ``(n, i, o)`` array is ever formed. 0 on rows that do
     not count. float32 for half-precision inputs. Jitted.
     """
-
-    @jax.jit
-    def run(params, x, labels, where, class_weights):
-        _, _, deltas, acts, _ = _unit_deltas(model, params, x, labels, where, class_weights)
-        return jnp.sqrt(_sq_norms(deltas, acts))
-
-    return _wrap(model, run, "per_example_grad_norms")
+    return _wrap(model, _per_example_grad_norms_run, "per_example_grad_norms")
 
 
 def _clip_factors(norms, l2_clip):
@@ -323,10 +333,11 @@ def _add_noise(tree, key, std):
     """Add independent ``N(0, std²)`` to every entry of ``tree`` (one subkey per leaf)."""
     leaves, treedef = jax.tree.flatten(tree)
     keys = jax.random.split(key, len(leaves))
-    noisy = [
-        (_acc(leaf) + std * jax.random.normal(k, leaf.shape, _acc(leaf).dtype)).astype(leaf.dtype)
-        for k, leaf in zip(keys, leaves, strict=True)
-    ]
+    noisy = []
+    for k, leaf in zip(keys, leaves, strict=True):
+        acc = _acc(leaf)
+        noise = jax.random.normal(k, leaf.shape, acc.dtype) * jnp.asarray(std).astype(acc.dtype)
+        noisy.append((acc + noise).astype(leaf.dtype))
     return jax.tree.unflatten(treedef, noisy)
 
 
@@ -368,6 +379,38 @@ def _denominator(valid, batch_size, dtype):
     return jnp.maximum(jnp.sum(valid), 1).astype(dtype)
 
 
+def _divide(tree, m):
+    return jax.tree.map(lambda g: (_acc(g) / m.astype(_acc(g).dtype)).astype(g.dtype), tree)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _clipped_grad_run(
+    model, method, batch_size, noisy, params, x, labels, key, where, class_weights, l2_clip,
+    noise_multiplier,
+):  # fmt: skip
+    per_ex, valid, deltas, acts, state = _unit_deltas(
+        model, params, x, labels, where, class_weights
+    )
+    norms = jnp.sqrt(_sq_norms(deltas, acts))  # ‖g_k‖ (n,)
+    clip = jnp.asarray(l2_clip).astype(norms.dtype)
+    m = _denominator(valid, batch_size, norms.dtype)
+    factors = _clip_factors(norms, clip)  # c_k (n,)
+    # With noise, the clipped *sum* is formed, noised, then divided; without, seed c_k/m.
+    seed = factors if noisy else factors / m
+    if method == "two_pass":
+        grads, _, _ = _backward(model, state, jnp.where(valid, seed.astype(per_ex.dtype), 0.0))
+    else:  # book-keeping: δ is linear in the seed, so rescale the unit-seeded rows
+        grads = []
+        for res, d in zip(state[2], deltas, strict=True):
+            d_seeded = (seed.astype(_acc(d).dtype)[:, None] * _acc(d)).astype(d.dtype)
+            dw, db = dense_bwd_params(res, d_seeded)  # "ni,no->io", "no->o"
+            grads.append({"w": dw, "b": db})
+    if noisy:
+        std = jnp.asarray(noise_multiplier).astype(norms.dtype) * clip
+        grads = _divide(_add_noise(grads, key, std), m)
+    return grads, norms
+
+
 def clipped_grad(
     model: MLP,
     *,
@@ -402,42 +445,20 @@ def clipped_grad(
     Noise: one ``jax.random.split`` subkey per parameter leaf, in ``params``' leaf order.
     Jitted; the returned function also works under ``jax.vmap``/``jax.jit``.
     """
-    if not isinstance(model, MLP):
-        raise TypeError(f"model: expected a jaxbp.MLP, got {type(model).__name__}")
+    _check_model(model)
     l2_clip, noise_multiplier = _check_clip_options(l2_clip, noise_multiplier, batch_size, method)
+    noisy = noise_multiplier > 0.0
 
-    @jax.jit
     def run(params, x, labels, key, where, class_weights):
-        per_ex, valid, deltas, acts, state = _unit_deltas(
-            model, params, x, labels, where, class_weights
-        )
-        norms = jnp.sqrt(_sq_norms(deltas, acts))  # (n,)
-        m = _denominator(valid, batch_size, norms.dtype)
-        weights = _clip_factors(norms, l2_clip)  # c_k (n,)
-        if noise_multiplier > 0.0:
-            # Noise goes onto the clipped *sum*: seed with c_k, add noise, then divide.
-            seed = weights
-        else:
-            seed = weights / m
-        if method == "two_pass":
-            grads, _, _ = _backward(model, state, jnp.where(valid, seed.astype(per_ex.dtype), 0.0))
-        else:
-            grads = []
-            for r, d in zip(state[2], deltas, strict=True):
-                d_scaled = (seed.astype(_acc(d).dtype)[:, None] * _acc(d)).astype(d.dtype)
-                dw, db = dense_bwd_params(r, d_scaled)  # "ni,no->io", "no->o"
-                grads.append({"w": dw, "b": db})
-        if noise_multiplier > 0.0:
-            grads = _add_noise(grads, key, noise_multiplier * l2_clip)
-            grads = jax.tree.map(
-                lambda g: (_acc(g) / m.astype(_acc(g).dtype)).astype(g.dtype), grads
-            )
-        return grads, norms
+        return _clipped_grad_run(
+            model, method, batch_size, noisy, params, x, labels, key if noisy else None, where,
+            class_weights, l2_clip, noise_multiplier,
+        )  # fmt: skip
 
     def clipped_grad_fn(params, x, labels, key=None, where=None, class_weights=None):
         _check_key(key, noise_multiplier)
         model.check_inputs(params, x, labels, where, class_weights)
-        return run(params, x, labels, key if noise_multiplier > 0.0 else None, where, class_weights)
+        return run(params, x, labels, key, where, class_weights)
 
     clipped_grad_fn.jitted = run  # type: ignore[attr-defined]
     return clipped_grad_fn
@@ -456,9 +477,8 @@ def _reference_grads(model, params, x, labels, where, class_weights):
 
     grads = jax.vmap(jax.grad(loss_one), in_axes=(None, 0, 0))(params, x, labels)
     valid = model.valid(labels, where, n=x.shape[0])
-    return jax.tree.map(
-        lambda g: jnp.where(valid.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0.0), grads
-    ), valid
+    mask = lambda g: jnp.where(valid.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0.0)
+    return jax.tree.map(mask, grads), valid
 
 
 def _tree_norms(tree):
@@ -466,24 +486,46 @@ def _tree_norms(tree):
     return jnp.sqrt(sq)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _reference_grads_run(model, params, x, labels, where, class_weights):
+    return _reference_grads(model, params, x, labels, where, class_weights)[0]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _reference_norms_run(model, params, x, labels, where, class_weights):
+    return _tree_norms(_reference_grads(model, params, x, labels, where, class_weights)[0])
+
+
 def reference_per_example_grads(model: MLP) -> Callable:
     """Reference: ``jax.vmap(jax.grad(ℓ_k))`` of the plain-jnp network, 0 on masked rows."""
-
-    @jax.jit
-    def run(params, x, labels, where, class_weights):
-        return _reference_grads(model, params, x, labels, where, class_weights)[0]
-
-    return _wrap(model, run, "reference_per_example_grads")
+    return _wrap(model, _reference_grads_run, "reference_per_example_grads")
 
 
 def reference_per_example_grad_norms(model: MLP) -> Callable:
     """Reference: the L2 norms ``(n,)`` of the materialised ``vmap(grad)`` gradients."""
+    return _wrap(model, _reference_norms_run, "reference_per_example_grad_norms")
 
-    @jax.jit
-    def run(params, x, labels, where, class_weights):
-        return _tree_norms(_reference_grads(model, params, x, labels, where, class_weights)[0])
 
-    return _wrap(model, run, "reference_per_example_grad_norms")
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _reference_clipped_run(
+    model, batch_size, noisy, params, x, labels, key, where, class_weights, l2_clip,
+    noise_multiplier,
+):  # fmt: skip
+    grads, valid = _reference_grads(model, params, x, labels, where, class_weights)
+    norms = _tree_norms(grads)
+    clip = jnp.asarray(l2_clip).astype(norms.dtype)
+    m = _denominator(valid, batch_size, norms.dtype)
+    factors = _clip_factors(norms, clip)
+
+    def clip_sum(g):
+        f = factors.astype(_acc(g).dtype).reshape((-1,) + (1,) * (g.ndim - 1))
+        return jnp.sum(f * _acc(g), axis=0)
+
+    summed = jax.tree.map(clip_sum, grads)
+    if noisy:
+        summed = _add_noise(summed, key, jnp.asarray(noise_multiplier).astype(norms.dtype) * clip)
+    out = jax.tree.map(lambda s, p: (s / m.astype(s.dtype)).astype(p.dtype), summed, params)
+    return out, norms
 
 
 def reference_clipped_grad(
@@ -493,31 +535,22 @@ def reference_clipped_grad(
 
     Same signature, result and noise draws as :func:`clipped_grad`.
     """
+    _check_model(model)
     l2_clip, noise_multiplier = _check_clip_options(
         l2_clip, noise_multiplier, batch_size, "bookkeeping"
     )
+    noisy = noise_multiplier > 0.0
 
-    @jax.jit
     def run(params, x, labels, key, where, class_weights):
-        grads, valid = _reference_grads(model, params, x, labels, where, class_weights)
-        norms = _tree_norms(grads)
-        m = _denominator(valid, batch_size, norms.dtype)
-        factors = _clip_factors(norms, l2_clip)
-
-        def clip_sum(g):
-            f = factors.astype(_acc(g).dtype).reshape((-1,) + (1,) * (g.ndim - 1))
-            return jnp.sum(f * _acc(g), axis=0)
-
-        summed = jax.tree.map(clip_sum, grads)
-        if noise_multiplier > 0.0:
-            summed = _add_noise(summed, key, noise_multiplier * l2_clip)
-        out = jax.tree.map(lambda s, p: (s / m.astype(s.dtype)).astype(p.dtype), summed, params)
-        return out, norms
+        return _reference_clipped_run(
+            model, batch_size, noisy, params, x, labels, key if noisy else None, where,
+            class_weights, l2_clip, noise_multiplier,
+        )  # fmt: skip
 
     def fn(params, x, labels, key=None, where=None, class_weights=None):
         _check_key(key, noise_multiplier)
         model.check_inputs(params, x, labels, where, class_weights)
-        return run(params, x, labels, key if noise_multiplier > 0.0 else None, where, class_weights)
+        return run(params, x, labels, key, where, class_weights)
 
     fn.jitted = run  # type: ignore[attr-defined]
     return fn
