@@ -24,7 +24,6 @@ turned into a finite number). Half-precision inputs are computed in float32 and 
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 
@@ -46,11 +45,12 @@ __all__ = [
 ]  # fmt: skip
 
 
-def _elementwise(f: Callable, df: Callable, *, saves: str, defaults: dict):
+def _elementwise(name: str, f: Callable, df: Callable, *, saves: str, defaults: dict):
     """Build ``(op, op_fwd, op_bwd)`` from ``f`` and its derivative ``df``.
 
     ``df`` takes what is saved: the output ``y`` when ``saves == "output"``, else the input
     ``z``. Both run in float32 for half-precision inputs; results come back in ``z``'s dtype.
+    The jitted rules are named ``{name}_fwd`` and ``{name}_bwd`` (in jaxprs, logs, profiles).
     """
     names = tuple(defaults)
 
@@ -60,19 +60,22 @@ def _elementwise(f: Callable, df: Callable, *, saves: str, defaults: dict):
             raise TypeError(f"unexpected option(s) {sorted(unknown)}; options are {list(names)}")
         return {**defaults, **kwargs}
 
-    @functools.partial(jax.jit, static_argnames=names)
     def op_fwd(z, **opts):
         zc = z.astype(_checks.accum_dtype(z.dtype))
         y = f(zc, **opts).astype(z.dtype)
         return y, (y if saves == "output" else z,)
 
-    @functools.partial(jax.jit, static_argnames=names)
     def op_bwd(res, g, **opts):
         (r,) = res  # y or z, shape n
         rc = r.astype(_checks.accum_dtype(r.dtype))
         dz = g.astype(rc.dtype) * df(rc, **opts)  # "n,n->n": the Jacobian is diagonal
         dz = jnp.where(jnp.isnan(rc), rc, dz)  # NaN in, NaN out (never a finite 0)
         return (dz.astype(g.dtype),)
+
+    for rule, suffix in ((op_fwd, "_fwd"), (op_bwd, "_bwd")):
+        rule.__name__ = rule.__qualname__ = name + suffix
+    op_fwd = jax.jit(op_fwd, static_argnames=names)
+    op_bwd = jax.jit(op_bwd, static_argnames=names)
 
     core = custom_vjp_op(op_fwd, op_bwd)
 
@@ -109,23 +112,30 @@ def _dgelu(z, approximate):
 
 
 _relu, relu_fwd, relu_bwd = _elementwise(
-    lambda z: jnp.maximum(z, 0), lambda y: (y > 0).astype(y.dtype), saves="output", defaults={}
+    "relu",
+    lambda z: jnp.maximum(z, 0),
+    lambda y: (y > 0).astype(y.dtype),
+    saves="output",
+    defaults={},
 )
 _leaky_relu, leaky_relu_fwd, leaky_relu_bwd = _elementwise(
+    "leaky_relu",
     lambda z, negative_slope: jnp.where(z > 0, z, negative_slope * z),
     lambda z, negative_slope: jnp.where(z > 0, 1.0, negative_slope).astype(z.dtype),
     saves="input",
     defaults={"negative_slope": 0.01},
 )
 _sigmoid, sigmoid_fwd, sigmoid_bwd = _elementwise(
-    jax.nn.sigmoid, lambda y: y * (1 - y), saves="output", defaults={}
+    "sigmoid", jax.nn.sigmoid, lambda y: y * (1 - y), saves="output", defaults={}
 )
-_tanh, tanh_fwd, tanh_bwd = _elementwise(jnp.tanh, lambda y: 1 - y * y, saves="output", defaults={})
+_tanh, tanh_fwd, tanh_bwd = _elementwise(
+    "tanh", jnp.tanh, lambda y: 1 - y * y, saves="output", defaults={}
+)
 _gelu_op, gelu_fwd, gelu_bwd = _elementwise(
-    _gelu, _dgelu, saves="input", defaults={"approximate": True}
+    "gelu", _gelu, _dgelu, saves="input", defaults={"approximate": True}
 )
 _softplus, softplus_fwd, softplus_bwd = _elementwise(
-    lambda z: jnp.logaddexp(z, 0), lambda y: -jnp.expm1(-y), saves="output", defaults={}
+    "softplus", lambda z: jnp.logaddexp(z, 0), lambda y: -jnp.expm1(-y), saves="output", defaults={}
 )
 
 
