@@ -379,6 +379,12 @@ def _denominator(valid, batch_size, dtype):
     return jnp.maximum(jnp.sum(valid), 1).astype(dtype)
 
 
+def _mean_loss(per_ex, valid):
+    """The mean loss over valid rows, as :func:`jaxbp.value_and_grad` reports it."""
+    count = jnp.maximum(jnp.sum(valid), 1).astype(per_ex.dtype)
+    return jnp.sum(jnp.where(valid, per_ex, 0.0)) / count
+
+
 def _divide(tree, m):
     return jax.tree.map(lambda g: (_acc(g) / m.astype(_acc(g).dtype)).astype(g.dtype), tree)
 
@@ -408,7 +414,7 @@ def _clipped_grad_run(
     if noisy:
         std = jnp.asarray(noise_multiplier).astype(norms.dtype) * clip
         grads = _divide(_add_noise(grads, key, std), m)
-    return grads, norms
+    return _mean_loss(per_ex, valid), grads, norms
 
 
 def clipped_grad(
@@ -418,6 +424,7 @@ def clipped_grad(
     noise_multiplier: float = 0.0,
     batch_size: int | None = None,
     method: str = "bookkeeping",
+    return_loss: bool = False,
 ) -> Callable:
     """DP-SGD gradient: ``f(params, x, labels, key=None, where=None, class_weights=None)``.
 
@@ -442,6 +449,9 @@ def clipped_grad(
         ``c_k/m`` (:func:`forward_backward_weighted`). Per-example gradients are never
         materialised by either.
 
+      return_loss: also return the (unclipped) mean loss over valid rows, first:
+        ``(loss, grads, per_example_norms)``, for logging in a training loop.
+
     Noise: one ``jax.random.split`` subkey per parameter leaf, in ``params``' leaf order.
     Jitted; the returned function also works under ``jax.vmap``/``jax.jit``.
     """
@@ -450,10 +460,11 @@ def clipped_grad(
     noisy = noise_multiplier > 0.0
 
     def run(params, x, labels, key, where, class_weights):
-        return _clipped_grad_run(
+        loss, grads, norms = _clipped_grad_run(
             model, method, batch_size, noisy, params, x, labels, key if noisy else None, where,
             class_weights, l2_clip, noise_multiplier,
         )  # fmt: skip
+        return (loss, grads, norms) if return_loss else (grads, norms)
 
     def clipped_grad_fn(params, x, labels, key=None, where=None, class_weights=None):
         _check_key(key, noise_multiplier)
@@ -511,6 +522,8 @@ def _reference_clipped_run(
     model, batch_size, noisy, params, x, labels, key, where, class_weights, l2_clip,
     noise_multiplier,
 ):  # fmt: skip
+    from . import reference
+
     grads, valid = _reference_grads(model, params, x, labels, where, class_weights)
     norms = _tree_norms(grads)
     clip = jnp.asarray(l2_clip).astype(norms.dtype)
@@ -525,11 +538,19 @@ def _reference_clipped_run(
     if noisy:
         summed = _add_noise(summed, key, jnp.asarray(noise_multiplier).astype(norms.dtype) * clip)
     out = jax.tree.map(lambda s, p: (s / m.astype(s.dtype)).astype(p.dtype), summed, params)
-    return out, norms
+    loss = model.mean_loss(
+        params, x, labels, where=where, class_weights=class_weights, ops=reference
+    )
+    return loss, out, norms
 
 
 def reference_clipped_grad(
-    model: MLP, *, l2_clip: float, noise_multiplier: float = 0.0, batch_size: int | None = None
+    model: MLP,
+    *,
+    l2_clip: float,
+    noise_multiplier: float = 0.0,
+    batch_size: int | None = None,
+    return_loss: bool = False,
 ) -> Callable:
     """Reference DP-SGD: materialise ``vmap(grad)``, clip each row, sum, add noise, divide.
 
@@ -542,10 +563,11 @@ def reference_clipped_grad(
     noisy = noise_multiplier > 0.0
 
     def run(params, x, labels, key, where, class_weights):
-        return _reference_clipped_run(
+        loss, grads, norms = _reference_clipped_run(
             model, batch_size, noisy, params, x, labels, key if noisy else None, where,
             class_weights, l2_clip, noise_multiplier,
         )  # fmt: skip
+        return (loss, grads, norms) if return_loss else (grads, norms)
 
     def fn(params, x, labels, key=None, where=None, class_weights=None):
         _check_key(key, noise_multiplier)

@@ -200,10 +200,11 @@ def per_example_grad_norms(model):
     return reference_per_example_grad_norms(model)
 
 
-def clipped_grad(model, *, l2_clip, noise_multiplier=0.0, batch_size=None):
+def clipped_grad(model, *, l2_clip, noise_multiplier=0.0, batch_size=None, return_loss=False):
     """DP-SGD from materialised ``vmap(grad)`` gradients: as :func:`jaxbp.clipped_grad`."""
     from .per_example import reference_clipped_grad
 
     return reference_clipped_grad(
-        model, l2_clip=l2_clip, noise_multiplier=noise_multiplier, batch_size=batch_size
-    )
+        model, l2_clip=l2_clip, noise_multiplier=noise_multiplier, batch_size=batch_size,
+        return_loss=return_loss,
+    )  # fmt: skip

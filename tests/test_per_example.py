@@ -431,3 +431,17 @@ def test_transforms_compose_with_jit_and_vmap_over_microbatches():
         jaxbp.per_example_grads(model)(params, x, labels),
         jnp.float64,
     )
+
+
+def test_return_loss_gives_the_mean_loss_over_valid_rows_first():
+    model, params, x, labels = _problem((4, 5, 3), 6)
+    where = jnp.arange(6) < 5
+    loss, grads, norms = jaxbp.clipped_grad(model, l2_clip=0.5, return_loss=True)(
+        params, x, labels, where=where
+    )
+    want_loss, _ = jaxbp.reference.value_and_grad(model)(params, x, labels, where=where)
+    assert_close(loss, want_loss, jnp.float64)
+    ref_loss, ref_grads, ref_norms = jaxbp.reference.clipped_grad(
+        model, l2_clip=0.5, return_loss=True
+    )(params, x, labels, where=where)
+    assert_close((loss, grads, norms), (ref_loss, ref_grads, ref_norms), jnp.float64)
