@@ -55,15 +55,17 @@ def jacobian(op: Callable, *args, argnum: int = 0, **options) -> jax.Array:
         ``jaxbp.softmax_cross_entropy``, ...).
       *args: its positional arguments, as for ``op``.
       argnum: which argument to differentiate.
-      **options: the op's keyword options (``axis`` excepted: the feature axis is the last).
+      **options: the op's keyword options (``axis`` excepted: the feature axis is the last);
+        array options such as ``where`` and ``class_weights`` are held fixed.
 
     Returns:
       With output ``(n..., c)`` (or ``(n...)`` for a per-example loss) and the argument:
 
-      * batched argument ``(n..., k)``: ``J (n..., c, k)`` (``(n..., k)`` for a loss),
+      * batched argument (the first, or one of the first's shape, such as labels)
+        ``(n..., k)``: ``J (n..., c, k)`` (``(n..., k)`` for a loss),
         ``J[n, c, k] = ∂out[n, c]/∂arg[n, k]``;
-      * unbatched argument (a weight ``(i, o)``): ``J (n..., c, i, o)``, each example's
-        output against the shared parameter.
+      * unbatched argument (a weight ``(i, o)`` or a bias ``(o,)``): ``J (n..., c, i, o)``,
+        each example's output against the shared parameter.
 
     Example (the softmax Jacobian from the softmax backward)::
 
