@@ -240,7 +240,8 @@ def forward_backward_weighted(
     here the caller picks ``s (n,)``. Unjitted (call it inside ``jax.jit``); no ``jax.grad``.
 
     Returns:
-      ``(per_example_loss (n,), grads, deltas, acts)``: ``grads`` has the structure of
+      ``(per_example_loss (n,), grads, deltas, acts)``: the losses as the loss rule gives
+      them (softmax cross-entropy writes 0 on masked rows); ``grads`` has the structure of
       ``params``; ``deltas[l] = s_k·∂ℓ_k/∂z_l (n, o)`` (0 on rows that do not count) and
       ``acts[l]`` is layer ``l``'s input ``(n, i)``.
     """
