@@ -213,57 +213,78 @@ def _preacts(model: MLP, params, x):
     return out
 
 
-def _finite_difference_rows(model, params, x, labels, where, class_weights, grads, k, seed):
-    """Rows comparing ``⟨grads, d⟩`` with central differences along ``k`` unit directions."""
-    leaves, treedef = jax.tree.flatten(params)
-    names = _leaf_names(params)
-    gleaves = jax.tree.leaves(grads)
+def _fd_directions(leaves, k: int, seed: int):
+    """``3k`` random unit directions per leaf ``(3k, *leaf.shape)`` and a step per leaf."""
+    rng = np.random.default_rng(seed)
+    m = 3 * k  # candidates: a few may be dropped near a kink
+    steps = [FD_STEP * max(1.0, float(jnp.max(jnp.abs(l)))) if l.size else FD_STEP for l in leaves]
+    dirs = []
+    for leaf in leaves:
+        d = rng.standard_normal((m, *leaf.shape))
+        norms = np.sqrt(np.sum(d.reshape(m, -1) ** 2, axis=1)).reshape((m,) + (1,) * leaf.ndim)
+        dirs.append(jnp.asarray(d / np.maximum(norms, 1e-300), leaf.dtype))
+    return dirs, steps
 
-    @jax.jit
-    def loss_at(leaf_index_params):
+
+def _fd_evaluate(model, params, dirs, steps, x, labels, where, class_weights):
+    """For every candidate direction of every leaf: ``L(θ + h·d)``, ``L(θ − h·d)`` and whether
+    the step keeps every hidden pre-activation's sign (only relu/leaky_relu have kinks).
+    Traceable: vmapped over the directions of each leaf."""
+    leaves, treedef = jax.tree.flatten(params)
+
+    def loss(p):
         return model.mean_loss(
-            leaf_index_params, x, labels, where=where, class_weights=class_weights, ops=reference
+            p, x, labels, where=where, class_weights=class_weights, ops=reference
         )
 
-    @jax.jit
-    def kink_free(p_plus, p_minus):
+    def same_signs(p_a, p_b):
         if model.activation not in _KINKED:
             return jnp.asarray(True)
-        signs = [
-            (jnp.sign(a) == jnp.sign(b)).all() & (jnp.sign(a) == jnp.sign(c)).all()
-            for a, b, c in zip(
-                _preacts(model, params, x),
-                _preacts(model, p_plus, x),
-                _preacts(model, p_minus, x),
-                strict=True,
-            )
-        ]
-        return jnp.all(jnp.stack(signs)) if signs else jnp.asarray(True)
+        pairs = zip(_preacts(model, p_a, x), _preacts(model, p_b, x), strict=True)
+        return jnp.all(jnp.asarray([jnp.all(jnp.sign(a) == jnp.sign(b)) for a, b in pairs]))
 
+    # One vmapped program over every (leaf, direction) pair: the perturbation of pair (j, ·)
+    # is h_j·d in leaf j and zero elsewhere, stacked to (leaves·3k, *leaf.shape) per leaf.
+    m = dirs[0].shape[0]
+    deltas = [
+        jnp.concatenate([
+            (h * d_stack if i == j else jnp.zeros((m, *leaf.shape), leaf.dtype))
+            for j in range(len(leaves))
+        ])
+        for i, (leaf, h, d_stack) in enumerate(zip(leaves, steps, dirs, strict=True))
+    ]  # fmt: skip
+
+    def at(delta_leaves):
+        delta = jax.tree.unflatten(treedef, delta_leaves)
+        p_plus = jax.tree.map(jnp.add, params, delta)
+        p_minus = jax.tree.map(jnp.subtract, params, delta)
+        ok = same_signs(params, p_plus) & same_signs(params, p_minus)
+        return loss(p_plus), loss(p_minus), ok
+
+    lp, lm, ok = jax.vmap(at)(deltas)  # (leaves·3k,) each
+    shape = (len(leaves), m)
+    return list(zip(lp.reshape(shape), lm.reshape(shape), ok.reshape(shape), strict=True))
+
+
+def _fd_rows(names, dirs, steps, grads, results, k):
+    """Rows comparing ``⟨grads, d⟩`` with the central differences of the first ``k``
+    kink-free directions of each leaf."""
     rows, notes = [], []
-    rng = np.random.default_rng(seed)
-    for index, (leaf, g, name) in enumerate(zip(leaves, gleaves, names, strict=True)):
-        h = FD_STEP * max(1.0, float(jnp.max(jnp.abs(leaf))) if leaf.size else 1.0)
-        fd, exact, redrawn = [], [], 0
-        while len(fd) < k and redrawn < 20 * k:
-            d = rng.standard_normal(leaf.shape)
-            d = d / max(np.linalg.norm(d), 1e-300)
-            d = jnp.asarray(d, leaf.dtype)
-            plus = [l + h * d if j == index else l for j, l in enumerate(leaves)]
-            minus = [l - h * d if j == index else l for j, l in enumerate(leaves)]
-            p_plus = jax.tree.unflatten(treedef, plus)
-            p_minus = jax.tree.unflatten(treedef, minus)
-            if not bool(kink_free(p_plus, p_minus)):
-                redrawn += 1
-                continue
-            fd.append((float(loss_at(p_plus)) - float(loss_at(p_minus))) / (2.0 * h))
-            exact.append(float(jnp.vdot(g, d)))
-        if redrawn:
-            notes.append(f"{name}: {redrawn} direction(s) redrawn to keep the step off a kink")
-        if len(fd) < k:
-            notes.append(f"{name}: only {len(fd)} of {k} kink-free directions found")
-        row = _row("finite diff", name, np.asarray(exact), np.asarray(fd), "float64", FD_TOLERANCE)
-        rows.append(dataclasses.replace(row, shape=(len(fd),)))
+    gleaves = jax.tree.leaves(grads)
+    for name, leaf_dirs, h, g, (lp, lm, ok) in zip(
+        names, dirs, steps, gleaves, results, strict=True
+    ):
+        ok = np.asarray(ok)
+        keep = np.flatnonzero(ok)[:k]
+        fd = (np.asarray(lp, np.float64)[keep] - np.asarray(lm, np.float64)[keep]) / (2.0 * h)
+        exact = np.asarray(jnp.tensordot(leaf_dirs, g, axes=g.ndim), np.float64)[keep]
+        dropped = int(np.sum(~ok[: keep[-1] + 1])) if keep.size else ok.size
+        if dropped:
+            notes.append(f"{name}: {dropped} direction(s) dropped to keep the step off a kink")
+        if keep.size < k:
+            notes.append(f"{name}: only {keep.size} of {k} kink-free directions found")
+        row = _row("finite diff", name, exact, fd, "float64", FD_TOLERANCE)
+        rows.append(dataclasses.replace(row, shape=(int(keep.size),)))
     return rows, notes
 
 
@@ -320,9 +341,34 @@ def compare(
         wh = None if where is None else jnp.asarray(where, bool)
         model.check_inputs(p, xx, yy, wh, cw)
 
-        loss_m, g_m = value_and_grad(model)(p, xx, yy, where=wh, class_weights=cw)
-        loss_r, g_r = reference.value_and_grad(model)(p, xx, yy, where=wh, class_weights=cw)
-        g_c = jax.jit(jax.grad(lambda q: model.mean_loss(q, xx, yy, where=wh, class_weights=cw)))(p)
+        f64 = jnp.float64
+        p64 = _cast(params, f64) if fd else None
+        x64_ = jnp.asarray(x).astype(f64) if fd else None
+        y64 = _cast_labels(model, labels, f64) if fd else None
+        cw64 = None if (class_weights is None or not fd) else jnp.asarray(class_weights).astype(f64)
+        dirs, steps = _fd_directions(jax.tree.leaves(p64), fd_directions, seed) if fd else ([], [])
+
+        @jax.jit  # every route in one compiled program
+        def routes(p, xx, yy, wh, cw, p64, x64_, y64, cw64, dirs):
+            out = {
+                "manual": value_and_grad(model)(p, xx, yy, where=wh, class_weights=cw),
+                "reference": reference.value_and_grad(model)(p, xx, yy, where=wh, class_weights=cw),
+                "custom_vjp": jax.grad(
+                    lambda q: model.mean_loss(q, xx, yy, where=wh, class_weights=cw)
+                )(p),
+            }
+            if fd:
+                # The manual gradient again in float64 (the same one when dtype is float64).
+                out["manual64"] = (
+                    out["manual"][1]
+                    if name == "float64"
+                    else value_and_grad(model)(p64, x64_, y64, where=wh, class_weights=cw64)[1]
+                )
+                out["fd"] = _fd_evaluate(model, p64, dirs, steps, x64_, y64, wh, cw64)
+            return out
+
+        r = routes(p, xx, yy, wh, cw, p64, x64_, y64, cw64, dirs)
+        (loss_m, g_m), (loss_r, g_r), g_c = r["manual"], r["reference"], r["custom_vjp"]
 
         tol = TOLERANCES[name]
         rows = [_row("loss", "mean loss", loss_m, loss_r, name, tol)]
@@ -334,20 +380,7 @@ def compare(
 
         notes: list[str] = []
         if fd:
-            f64 = jnp.float64
-            p64, x64_, y64 = (
-                _cast(params, f64),
-                jnp.asarray(x).astype(f64),
-                _cast_labels(model, labels, f64),
-            )
-            cw64 = None if class_weights is None else jnp.asarray(class_weights).astype(f64)
-            if name == "float64":
-                g64 = g_m
-            else:
-                _, g64 = value_and_grad(model)(p64, x64_, y64, where=wh, class_weights=cw64)
-            fd_rows, notes = _finite_difference_rows(
-                model, p64, x64_, y64, wh, cw64, g64, fd_directions, seed
-            )
+            fd_rows, notes = _fd_rows(names, dirs, steps, r["manual64"], r["fd"], fd_directions)
             rows += fd_rows
         return Report(
             sizes=model.sizes,

@@ -137,8 +137,12 @@ def _epoch_fn(model: MLP, opt: optax.GradientTransformation, grad_fn: Callable, 
             params, opt_state = carry
             idx, k = inputs  # idx (n,)
             loss, grads = grad_fn(params, x[idx], labels[idx], k)
-            updates, opt_state = opt.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), loss
+            # optax mixes Python floats with int32 step counts: let it promote as it expects
+            # even when the caller runs with jax_numpy_dtype_promotion="strict".
+            with jax.numpy_dtype_promotion("standard"):
+                updates, opt_state = opt.update(grads, opt_state, params)
+                params = optax.apply_updates(params, updates)
+            return (params, opt_state), loss
 
         keys = jax.random.split(k_steps, steps)
         (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (order, keys))
