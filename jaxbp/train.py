@@ -155,7 +155,8 @@ def _accuracy_fn(model: MLP):
     @jax.jit
     def accuracy(params, x, labels):
         logits = model.apply(params, x)  # (n, c)
-        return jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
+        hits = jnp.argmax(logits, axis=-1).astype(labels.dtype) == labels
+        return jnp.mean(hits.astype(jnp.float32))
 
     return accuracy
 
@@ -195,6 +196,25 @@ def _run(model, args, split, log: Callable[[str], None] | None):
     return params, losses, step_losses, test_acc, float(accuracy(params, x_tr, y_tr)), seconds
 
 
+def _check_config(sizes, activation, optimizer, epochs, batch_size):
+    """Clear ``ValueError``s for a bad configuration, before anything is traced."""
+    model = MLP(tuple(sizes), activation, "softmax_cross_entropy")
+    split = load_digits()
+    if model.sizes[0] != split.x_train.shape[1] or model.sizes[-1] != split.num_classes:
+        raise ValueError(
+            f"sizes: the digits need {split.x_train.shape[1]} inputs and {split.num_classes} "
+            f"outputs, got {model.sizes}"
+        )
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer: expected one of {list(OPTIMIZERS)}, got {optimizer!r}")
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs: expected a positive int, got {epochs!r}")
+    n_train = split.x_train.shape[0]
+    if not isinstance(batch_size, int) or not 1 <= batch_size <= n_train:
+        raise ValueError(f"batch_size: expected an int from 1 to {n_train}, got {batch_size!r}")
+    return model, split
+
+
 def train(
     sizes=DEFAULTS["sizes"],
     *,
@@ -225,15 +245,7 @@ def train(
     Returns:
       A :class:`TrainResult`; ``result.accuracy`` is the held-out accuracy (359 examples).
     """
-    model = MLP(tuple(sizes), activation, "softmax_cross_entropy")
-    split = load_digits()
-    if model.sizes[0] != split.x_train.shape[1] or model.sizes[-1] != split.num_classes:
-        raise ValueError(
-            f"sizes: the digits need {split.x_train.shape[1]} inputs and {split.num_classes} "
-            f"outputs, got {model.sizes}"
-        )
-    if epochs < 1:
-        raise ValueError(f"epochs: expected a positive int, got {epochs!r}")
+    model, split = _check_config(sizes, activation, optimizer, epochs, batch_size)
     config = dict(
         sizes=model.sizes, activation=activation, optimizer=optimizer, lr=lr, epochs=epochs,
         batch_size=batch_size, seed=seed, **extra,
@@ -332,10 +344,11 @@ def run(args) -> int:
         f"batch {args.batch_size}"
     )
     try:
-        result = train(check=args.check, log=print, **options)
+        _check_config(args.sizes, args.activation, args.optimizer, args.epochs, args.batch_size)
     except ValueError as e:
         print(f"jaxbp train: error: {e}", file=sys.stderr)
         return 2
+    result = train(check=args.check, log=print, **options)
     print(
         f"done in {result.seconds:.1f} s: test accuracy {result.accuracy:.4f}, "
         f"train accuracy {result.train_accuracy:.4f}, final train loss {result.losses[-1]:.4f}"

@@ -181,13 +181,14 @@ def test_uneven_shard_masks_give_the_global_mean_over_valid_rows():
     keep = np.flatnonzero(np.asarray(where))
     per_ex = model.per_example_loss(params, x, labels, ops=jaxbp.reference)
     assert_close(loss, jnp.mean(per_ex[keep]), jnp.float64)
-    # The same as summing each shard's masked sum and dividing by the global count.
-    shard_sums = []
-    for s in range(4):
-        rows = slice(4 * s, 4 * s + 4)
-        shard_loss, _ = VG(model)(params, x[rows], labels[rows], where=where[rows])
-        shard_sums.append(float(shard_loss) * max(int(where[rows].sum()), 1))
-    assert_close(loss, jnp.asarray(sum(shard_sums) / 7.0, jnp.float64), jnp.float64)
+    # The same as summing each shard's masked sum and dividing by the global count,
+    # not the mean of the shard means (which would overweight the 1-row shard).
+    shard_sums = [
+        jnp.sum(jnp.where(where[s : s + 4], per_ex[s : s + 4], 0.0)) for s in (0, 4, 8, 12)
+    ]
+    assert_close(loss, sum(shard_sums) / 7.0, jnp.float64)
+    shard_means = [m / c for m, c in zip(shard_sums, (4, 1, 0, 2), strict=True) if c]
+    assert abs(float(loss) - float(sum(shard_means) / len(shard_means))) > 1e-3
     ref = REF(model)(params, x[keep], labels[keep])
     assert_close((loss, grads), ref, jnp.float64)
 
