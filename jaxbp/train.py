@@ -103,6 +103,17 @@ def _optimizer(name: str, lr: float) -> optax.GradientTransformation:
     raise ValueError(f"optimizer: expected one of {list(OPTIMIZERS)}, got {name!r}")
 
 
+def _check_dp(dp_clip: float | None, noise: float) -> None:
+    """Clear errors for ``--dp-clip C`` / ``--noise σ`` before anything is compiled."""
+    from .per_example import _check_clip_options
+
+    if dp_clip is None:
+        if noise:
+            raise ValueError(f"noise: --noise {noise} needs --dp-clip C (the noise std is σ·C)")
+        return
+    _check_clip_options(dp_clip, noise, None, "bookkeeping")
+
+
 def _grad_fn(model: MLP, args: Any) -> Callable:
     """The gradient used for training: ``(params, x (n, i), labels (n,), key) -> (loss, grads)``.
 
@@ -110,7 +121,24 @@ def _grad_fn(model: MLP, args: Any) -> Callable:
     ``args.reference`` picks ``jax.grad`` of the plain-jnp network instead of the
     hand-written reverse loop. Extend here (a clipped, noised gradient, …) and add the
     matching arguments in :func:`add_arguments`; ``key`` is a fresh PRNG key per step.
+
+    ``args.dp_clip`` (``--dp-clip C``) and ``args.noise`` (``--noise σ``) select DP-SGD:
+    :func:`jaxbp.clipped_grad` (its ``vmap(grad)`` reference with ``args.reference``).
     """
+    dp_clip = getattr(args, "dp_clip", None)
+    noise = float(getattr(args, "noise", 0.0) or 0.0)
+    _check_dp(dp_clip, noise)
+    if dp_clip is not None:  # DP-SGD: per-example clipping to C, Gaussian noise σ·C
+        from .per_example import clipped_grad, reference_clipped_grad
+
+        build = reference_clipped_grad if getattr(args, "reference", False) else clipped_grad
+        dp = build(model, l2_clip=dp_clip, noise_multiplier=noise, return_loss=True)
+
+        def dp_grad_fn(params, x, labels, key):
+            loss, grads, _ = dp(params, x, labels, key=key)
+            return loss, grads
+
+        return dp_grad_fn
     if getattr(args, "reference", False):
         vg = reference.value_and_grad(model)
     else:
@@ -331,6 +359,20 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--check", action="store_true", help="train again with jax.grad and compare the loss curves"
     )
+    parser.add_argument(
+        "--dp-clip",
+        type=float,
+        default=None,
+        metavar="C",
+        help="DP-SGD: clip each example's gradient to L2 norm C (jaxbp.clipped_grad)",
+    )
+    parser.add_argument(
+        "--noise",
+        type=float,
+        default=0.0,
+        metavar="SIGMA",
+        help="DP-SGD noise multiplier σ: N(0, (σ·C)²) on the clipped sum (needs --dp-clip)",
+    )
     parser.add_argument("--json", metavar="PATH",
                         help="also write the curve and accuracy as JSON")  # fmt: skip
 
@@ -345,6 +387,7 @@ def run(args) -> int:
     )
     try:
         _check_config(args.sizes, args.activation, args.optimizer, args.epochs, args.batch_size)
+        _check_dp(args.dp_clip, args.noise)
     except ValueError as e:
         print(f"jaxbp train: error: {e}", file=sys.stderr)
         return 2

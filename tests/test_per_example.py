@@ -488,3 +488,28 @@ def test_bfloat16_norms_are_float32_and_close_to_the_float32_reference():
     up = lambda t: jax.tree.map(lambda a: a.astype(jnp.float32), to_bf16(t))
     want = jaxbp.reference.per_example_grad_norms(model)(up(params), up(x), labels)
     assert_close(got, want, jnp.bfloat16)
+
+
+# ------------------------------------------------------------------ jaxbp train --dp-clip
+
+
+def test_dp_training_on_the_digits_runs_and_prints_accuracy(capsys):
+    from jaxbp import cli
+
+    argv = ["train", "--sizes", "64,16,10", "--epochs", "2", "--batch-size", "128", "--lr",
+            "0.01", "--dp-clip", "1.0", "--noise", "1.1"]  # fmt: skip
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    accuracy = float(out.split("test accuracy ")[-1].split(",")[0])
+    assert 0.2 < accuracy <= 1.0  # ten classes: chance is 0.1
+    assert cli.main(["train", "--epochs", "1", "--noise", "1.0"]) == 2  # no --dp-clip
+    assert "needs --dp-clip" in capsys.readouterr().err
+
+
+def test_dp_training_with_a_huge_bound_and_no_noise_is_plain_training():
+    from jaxbp import train
+
+    options = dict(epochs=1, batch_size=256, lr=1e-2, seed=3)
+    plain = train.train((64, 8, 10), **options)
+    dp = train.train((64, 8, 10), dp_clip=1e30, noise=0.0, **options)
+    np.testing.assert_allclose(dp.step_losses, plain.step_losses, rtol=1e-5)
