@@ -141,11 +141,12 @@ class Report:
 
         lines += [fmt(cols), fmt(["-" * w for w in widths]), *map(fmt, body)]
         lines += [f"note: {n}" for n in self.notes]
-        lines.append(
-            "jax.grad: hand-written reverse loop vs jax.grad of plain jnp; custom_vjp: jax.grad "
-            "through jaxbp's ops vs the same;\nfinite diff: ⟨manual grad, d⟩ in float64 vs "
-            "(L(θ+hd) − L(θ−hd))/2h along random unit directions d. Errors relative to max|ref|."
-        )
+        lines += [
+            "jax.grad:    the hand-written reverse loop vs jax.grad of the plain-jnp network",
+            "custom_vjp:  jax.grad through jaxbp's ops (their _bwd rules) vs the same",
+            "finite diff: ⟨manual grad, d⟩ in float64 vs (L(θ+hd) − L(θ−hd))/2h, random unit d",
+            "Errors are relative to the reference's max-abs, per leaf.",
+        ]
         bad = len(self.failures)
         lines.append(
             f"PASSED: all {len(self.rows)} checks within tolerance"
