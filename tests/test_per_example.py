@@ -504,12 +504,3 @@ def test_dp_training_on_the_digits_runs_and_prints_accuracy(capsys):
     assert 0.2 < accuracy <= 1.0  # ten classes: chance is 0.1
     assert cli.main(["train", "--epochs", "1", "--noise", "1.0"]) == 2  # no --dp-clip
     assert "needs --dp-clip" in capsys.readouterr().err
-
-
-def test_dp_training_with_a_huge_bound_and_no_noise_is_plain_training():
-    from jaxbp import train
-
-    options = dict(epochs=1, batch_size=256, lr=1e-2, seed=3)
-    plain = train.train((64, 8, 10), **options)
-    dp = train.train((64, 8, 10), dp_clip=1e30, noise=0.0, **options)
-    np.testing.assert_allclose(dp.step_losses, plain.step_losses, rtol=1e-5)
