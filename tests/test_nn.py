@@ -104,20 +104,6 @@ def test_value_and_grad_validates_then_matches_reference():
     assert_close(VG(model)(params, x, labels), REF(model)(params, x, labels), jnp.float64)
 
 
-def test_gradient_matches_central_finite_differences_float64():
-    model, params, x, labels = _problem(activation="softplus")
-    _, grads = VG(model)(params, x, labels)
-    d = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(3), p.shape, p.dtype), params)
-    h = 1e-6
-    shift = lambda s: jax.tree.map(lambda p, v: p + s * h * v, params, d)  # noqa: E731
-    loss = jax.jit(lambda p: model.mean_loss(p, x, labels, ops=jaxbp.reference))
-    fd = (loss(shift(1.0)) - loss(shift(-1.0))) / (2 * h)
-    exact = sum(
-        jnp.vdot(g, v) for g, v in zip(jax.tree.leaves(grads), jax.tree.leaves(d), strict=True)
-    )
-    assert abs(float(fd) - float(exact)) <= 1e-6 * abs(float(exact))
-
-
 # ------------------------------------------------------------------------ loss options
 
 
@@ -161,7 +147,7 @@ def test_probability_labels_match_reference():
 # ----------------------------------------------------------------------------- masking
 
 
-@settings(max_examples=6)
+@settings(max_examples=5)  # each new subset size compiles
 @given(mask=st.lists(st.booleans(), min_size=6, max_size=6).filter(any))
 def test_masked_rows_are_excluded_from_the_mean(mask):
     model, params, x, labels = _problem(n=6, activation="relu")
