@@ -27,4 +27,3 @@ def test_every_python_block_runs_in_order_and_its_asserts_hold():
             exec(code, namespace)
         except Exception as e:  # name the block that failed
             pytest.fail(f"{DOC.name} python block {number} failed: {type(e).__name__}: {e}")
-
