@@ -42,7 +42,7 @@ _OPTIONS = {
     dtype=sts.float_dtypes,
     seed=sts.seeds,
 )
-@settings(max_examples=20)
+@settings(max_examples=12)
 def test_property_any_shape_scale_and_option_matches_reference(
     name, which, shape, scale, dtype, seed
 ):

@@ -61,7 +61,7 @@ def test_no_bias_gives_no_bias_cotangent():
     seed=sts.seeds,
     scale=sts.scales,
 )
-@settings(max_examples=15)
+@settings(max_examples=10)
 def test_property_any_shape_and_scale_matches_reference(batch, i, o, bias, dtype, seed, scale):
     def make(rng):
         d = {"x": rng.normal(size=(*batch, i)) * scale, "w": rng.normal(size=(i, o))}

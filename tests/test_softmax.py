@@ -32,7 +32,7 @@ def test_gradient_matches_central_finite_differences(case):
     dtype=sts.float_dtypes,
     seed=sts.seeds,
 )
-@settings(max_examples=20)
+@settings(max_examples=10)
 def test_property_any_shape_axis_and_scale_matches_reference(
     name, shape, axis_seed, scale, dtype, seed
 ):

@@ -115,7 +115,7 @@ def test_probability_targets_not_summing_to_one_match_torch():
     ignore=st.sampled_from([None, -100, 0]),
     scale=st.sampled_from([0.1, 3.0, 30.0]),
 )
-@settings(max_examples=15)
+@settings(max_examples=8)
 def test_property_random_option_combinations_match_torch(
     seed, probs, weight, label_smoothing, ignore, scale
 ):
