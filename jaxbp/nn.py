@@ -24,6 +24,7 @@ and every gradient are 0 (PyTorch returns NaN there; we prefer a step that does 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -258,6 +259,46 @@ def forward_backward(model: MLP, params, x, labels, where=None, class_weights=No
     return loss, grads, per_ex, deltas, acts
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _manual_value_and_grad(model, params, x, labels, where, class_weights):
+    loss, grads, *_ = forward_backward(model, params, x, labels, where, class_weights)
+    return loss, grads
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _reference_value_and_grad(model, params, x, labels, where, class_weights):
+    from . import reference
+
+    def loss(params):
+        return model.mean_loss(
+            params, x, labels, where=where, class_weights=class_weights, ops=reference
+        )
+
+    return jax.value_and_grad(loss)(params)
+
+
+def _checked_entry(model: MLP, run: Callable) -> Callable:
+    """Validate (clear errors before tracing), then call the jitted ``run``.
+
+    ``run`` is one module-level jit keyed on the (hashable) model, so building
+    ``value_and_grad(model)`` again for an equal model compiles nothing new.
+    """
+
+    def value_and_grad_fn(params, x, labels, *, where=None, class_weights=None):
+        model.check_inputs(params, x, labels, where, class_weights)
+        return run(model, params, x, labels, where, class_weights)
+
+    # The jitted core without validation: (params, x, labels, where, class_weights).
+    value_and_grad_fn.jitted = _bound(run, model)  # type: ignore[attr-defined]
+    return value_and_grad_fn
+
+
+@functools.lru_cache(maxsize=64)
+def _bound(run: Callable, model: MLP) -> Callable:
+    """``jax.jit(run)`` with the model bound: a real jitted function (``.lower`` works)."""
+    return jax.jit(functools.partial(run, model))
+
+
 def value_and_grad(model: MLP) -> Callable:
     """``f(params, x, labels, *, where=None, class_weights=None) -> (mean loss, grads)``.
 
@@ -268,34 +309,9 @@ def value_and_grad(model: MLP) -> Callable:
 
     Shapes: ``x (n, i)``, ``labels (n,)`` ids or ``(n, c)``, ``where (n,)`` bool.
     """
-
-    @jax.jit
-    def run(params, x, labels, where, class_weights):
-        loss, grads, *_ = forward_backward(model, params, x, labels, where, class_weights)
-        return loss, grads
-
-    def value_and_grad_fn(params, x, labels, *, where=None, class_weights=None):
-        model.check_inputs(params, x, labels, where, class_weights)
-        return run(params, x, labels, where, class_weights)
-
-    value_and_grad_fn.jitted = run  # type: ignore[attr-defined]
-    return value_and_grad_fn
+    return _checked_entry(model, _manual_value_and_grad)
 
 
 def reference_value_and_grad(model: MLP) -> Callable:
     """The same as :func:`value_and_grad`, through ``jax.value_and_grad`` of plain jnp."""
-    from . import reference
-
-    def loss(params, x, labels, where, class_weights):
-        return model.mean_loss(
-            params, x, labels, where=where, class_weights=class_weights, ops=reference
-        )
-
-    run = jax.jit(jax.value_and_grad(loss))
-
-    def value_and_grad_fn(params, x, labels, *, where=None, class_weights=None):
-        model.check_inputs(params, x, labels, where, class_weights)
-        return run(params, x, labels, where, class_weights)
-
-    value_and_grad_fn.jitted = run  # type: ignore[attr-defined]
-    return value_and_grad_fn
+    return _checked_entry(model, _reference_value_and_grad)

@@ -254,6 +254,7 @@ def test_no_autodiff_runs_inside_value_and_grad(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("autodiff called while tracing the manual gradient")
 
+    jax.clear_caches()  # value_and_grad jits are cached per model: force fresh traces
     for name in ("grad", "vjp", "value_and_grad", "linearize", "jvp"):
         monkeypatch.setattr(jax, name, forbidden)
     loss, grads = jaxbp.value_and_grad(model)(params, x, labels)  # fresh trace: must not raise
