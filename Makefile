@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(PY) -m jaxbp train
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto
 
 bench: $(STAMP)
 	$(PY) -m benchmarks $(BENCH_ARGS)
