@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         old = json.loads((out / "results.json").read_text())
         ids = {r["id"] for r in records}
         kept = [r for r in old.get("records", []) if r["id"] not in ids]
-        result["records"] = kept + records
+        order = {c.id: k for k, c in enumerate(harness.CASES)}
+        result["records"] = sorted(kept + records, key=lambda r: order.get(r["id"], len(order)))
         result["merged_runs"] = old.get("merged_runs", [old.get("started_utc")]) + [started]
     (out / "results.json").write_text(json.dumps(result, indent=1, default=_json_default))
     from benchmarks import report

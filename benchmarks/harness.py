@@ -265,6 +265,8 @@ def _block(out):
 
 def compile_side(fn: Callable, args: tuple) -> dict:
     """Lower and compile apart, timing each; the compiled object and its memory analysis."""
+    if not hasattr(fn, "lower"):  # a plain callable: jit it (a no-op wrapper if it jits inside)
+        fn = jax.jit(fn)
     t0 = time.perf_counter()
     lowered = fn.lower(*args)
     t1 = time.perf_counter()

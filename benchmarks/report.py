@@ -66,6 +66,14 @@ def write_report(result: dict, out: Path) -> Path:
         f"{_ms(result['roofline_dot']['time_s'])} = "
         f"{result['roofline_dot']['flops_per_s'] / 1e9:.1f} GFLOP/s",
     ]
+    if result.get("merged_runs"):
+        lines.append(
+            "- records merged from runs started at "
+            + ", ".join(str(t) for t in result["merged_runs"])
+            + " (`--merge`; each record keeps its own `run_started_utc` and load); the header "
+            "lines describe the last run"
+        )
+    lines += [f"- {note}" for note in result.get("notes", [])]
     mach = result.get("machine", {})
     la = (mach.get("before") or {}).get("loadavg")
     lb = (mach.get("after") or {}).get("loadavg")
