@@ -446,21 +446,6 @@ def test_return_loss_gives_the_mean_loss_over_valid_rows_first():
     assert_close((loss, grads, norms), (ref_loss, ref_grads, ref_norms), jnp.float64)
 
 
-def test_docs_per_example_python_blocks_run_in_order():
-    import pathlib
-    import re
-
-    doc = pathlib.Path(__file__).resolve().parent.parent / "docs" / "per_example.md"
-    blocks = re.findall(r"^```python\n(.*?)^```", doc.read_text(encoding="utf-8"), re.S | re.M)
-    assert len(blocks) >= 4
-    namespace: dict = {"__name__": "per_example_md"}
-    for number, block in enumerate(blocks, start=1):
-        try:
-            exec(compile(block, f"per_example.md:block{number}", "exec"), namespace)
-        except Exception as e:  # name the block that failed
-            pytest.fail(f"per_example.md python block {number}: {type(e).__name__}: {e}")
-
-
 def test_forward_backward_weighted_gives_the_gradient_of_the_seeded_sum():
     model, params, x, labels = _problem((4, 5, 3), 6, activation="softplus")
     where = jnp.arange(6) != 2
