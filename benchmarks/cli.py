@@ -180,9 +180,10 @@ def progress_line(rec: dict) -> str:
         return f"{rec['id']:28s} {rec['status'].upper()}: {rec.get('reason', '')}"
     m = rec["metrics"]
     parts = [f"{rec['id']:28s}"]
-    if "time_a" in m:
+    if "time_a" in m and "time_b" in m:
         parts.append(f"A {m['time_a'] * 1e3:8.3f} ms  B {m['time_b'] * 1e3:8.3f} ms")
-        r = rec["ratio"]
+    r = rec.get("ratio")
+    if r:
         parts.append(f"A/B {r['median']:.3f} [{r['p25']:.3f}, {r['p75']:.3f}]")
     if "roofline" in m:
         parts.append(f"roofline {m['roofline']:.2f}")
