@@ -38,7 +38,7 @@ from .dense import dense_bwd, dense_bwd_params, dense_fwd
 from .jacobian import rules_of
 from .losses import _validate_ce, check_label_range, valid_rows
 
-__all__ = ["MLP", "LOSSES", "value_and_grad", "Params"]
+__all__ = ["MLP", "LOSSES", "Params", "backward", "forward", "forward_backward", "value_and_grad"]
 
 Params = list[dict[str, jax.Array]]
 
@@ -204,17 +204,11 @@ def _ops(ops):
     return ops
 
 
-def forward_backward(model: MLP, params, x, labels, where=None, class_weights=None):
-    """The explicit loop, unjitted: ``(mean loss, grads, per_example_loss, deltas)``.
-
-    ``deltas[l]`` is ``δ_l = ∂L/∂z_l (n, o)``, the gradient at layer ``l``'s pre-activation,
-    and ``acts[l]`` its input ``a_{l−1} (n, i)``: what per-example quantities are made of.
-    """
-    act_fwd, act_bwd = rules_of(ACTIVATIONS[model.activation])
+def forward(model: MLP, params, x, labels, where, class_weights):
+    """Forward through the ``_fwd`` rules: per-example losses, valid rows and residuals."""
+    act_fwd, _ = rules_of(ACTIVATIONS[model.activation])
     act_opts = dict(model.activation_options)
     L = model.num_layers
-
-    # Forward: keep each rule's residuals.
     dense_res, act_res, h = [], [], x
     for layer, p in enumerate(params):
         h, r = dense_fwd(h, p["w"], p["b"])
@@ -222,40 +216,61 @@ def forward_backward(model: MLP, params, x, labels, where=None, class_weights=No
         if layer < L - 1:
             h, r = act_fwd(h, **act_opts)
             act_res.append(r)
-
-    # Loss and the seed gradient g = ∂(mean over valid rows)/∂(per-example loss), (n,).
-    n = x.shape[0]
-    valid = model.valid(labels, where, n=n)
-    loss_fwd, loss_bwd = rules_of(getattr(_ops(None), model.loss))
-    opts = dict(model.loss_options)  # empty but for softmax cross-entropy
+    loss_fwd, _ = rules_of(getattr(_ops(None), model.loss))
+    opts = dict(model.loss_options)
     if model.loss == "softmax_cross_entropy":
-        per_ex, res = loss_fwd(h, labels, where, class_weights, **opts)
+        per_ex, loss_res = loss_fwd(h, labels, where, class_weights, **opts)
     elif model.loss == "mse":
-        per_ex, res = loss_fwd(h, labels.astype(h.dtype))
+        per_ex, loss_res = loss_fwd(h, labels.astype(h.dtype))
     else:
-        elem, res = loss_fwd(h, labels.astype(h.dtype))  # (n, c) elementwise
+        elem, loss_res = loss_fwd(h, labels.astype(h.dtype))  # (n, c)
         per_ex = jnp.mean(elem, axis=-1)
+    valid = model.valid(labels, where, n=x.shape[0])
+    return per_ex, valid, (h, loss_res, dense_res, act_res)
+
+
+def backward(model: MLP, state, seed, *, param_grads: bool = True):
+    """Reverse loop with per-row seed ``s (n,) = ∂L/∂ℓ_k``: ``(grads or None, deltas, acts)``.
+
+    ``deltas[l] (n, o)`` is ``s_k·∂ℓ_k/∂z_l`` per row; ``acts[l] (n, i)`` is layer ``l``'s input.
+    """
+    h, loss_res, dense_res, act_res = state
+    _, act_bwd = rules_of(ACTIVATIONS[model.activation])
+    _, loss_bwd = rules_of(getattr(_ops(None), model.loss))
+    opts = dict(model.loss_options)
+    L = model.num_layers
+    if model.loss == "sigmoid_binary_cross_entropy":
+        c = h.shape[-1]
+        delta = loss_bwd(loss_res, jnp.broadcast_to((seed / c)[:, None], h.shape))[0]
+    else:
+        delta = loss_bwd(loss_res, seed, **opts)[0]  # (n, c)
+    grads = [{} for _ in range(L)] if param_grads else None
+    deltas: list[Any] = [None] * L
+    for layer in reversed(range(L)):
+        deltas[layer] = delta
+        if layer == 0:  # nobody needs ∂L/∂x: skip the δ·wᵀ product
+            dw, db = dense_bwd_params(dense_res[0], delta)  # "ni,no->io", "no->o"
+        else:  # unused dw, db are dropped by XLA when param_grads is False
+            dx, dw, db = dense_bwd(dense_res[layer], delta)  # dx "no,io->ni"
+            (delta,) = act_bwd(act_res[layer - 1], dx)
+        if param_grads:
+            grads[layer] = {"w": dw, "b": db}
+    acts = [r[0] for r in dense_res]
+    return grads, deltas, acts
+
+
+def forward_backward(model: MLP, params, x, labels, where=None, class_weights=None):
+    """The explicit loop, unjitted: ``(mean loss, grads, per_example_loss, deltas, acts)``.
+
+    The seed is ``g = valid / n_valid (n,)``, the derivative of the mean over valid rows.
+    ``deltas[l]`` is ``δ_l = ∂L/∂z_l (n, o)``, the gradient at layer ``l``'s pre-activation,
+    and ``acts[l]`` its input ``a_{l−1} (n, i)``: what per-example quantities are made of.
+    """
+    per_ex, valid, state = forward(model, params, x, labels, where, class_weights)
     count = jnp.maximum(jnp.sum(valid), 1).astype(per_ex.dtype)
     loss = jnp.sum(jnp.where(valid, per_ex, 0.0)) / count
     g = jnp.where(valid, 1.0 / count, 0.0).astype(per_ex.dtype)  # (n,)
-
-    # Backward: δ_L from the loss rule, then the layers in reverse.
-    if model.loss == "sigmoid_binary_cross_entropy":
-        c = h.shape[-1]
-        delta = loss_bwd(res, jnp.broadcast_to((g / c)[:, None], h.shape))[0]  # "n->nc"
-    else:
-        delta = loss_bwd(res, g, **opts)[0]  # (n, c)
-    grads: list[dict[str, jax.Array]] = [{} for _ in range(L)]
-    deltas: list[jax.Array] = [None] * L  # type: ignore[list-item]
-    for layer in reversed(range(L)):
-        deltas[layer] = delta
-        if layer == 0:  # nobody needs ∂L/∂x: skip the g·wᵀ product
-            dw, db = dense_bwd_params(dense_res[0], delta)
-        else:
-            dx, dw, db = dense_bwd(dense_res[layer], delta)  # dx (n, i)
-            (delta,) = act_bwd(act_res[layer - 1], dx)
-        grads[layer] = {"w": dw, "b": db}
-    acts = [r[0] for r in dense_res]
+    grads, deltas, acts = backward(model, state, g)
     return loss, grads, per_ex, deltas, acts
 
 

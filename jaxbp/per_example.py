@@ -46,16 +46,13 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from . import _checks
-from .activations import ACTIVATIONS
-from .dense import dense_bwd, dense_bwd_params, dense_fwd
-from .jacobian import rules_of
-from .nn import MLP
+from .dense import dense_bwd_params
+from .nn import MLP, backward, forward
 
 __all__ = [
     "per_example_grads",
@@ -172,65 +169,6 @@ def dense_grad_sq_norms(
 # ---------------------------------------------------- the explicit loop, per-row seeded
 
 
-def _forward(model: MLP, params, x, labels, where, class_weights):
-    """Forward through the ``_fwd`` rules: per-example losses, valid rows and residuals."""
-    import jaxbp
-
-    act_fwd, _ = rules_of(ACTIVATIONS[model.activation])
-    act_opts = dict(model.activation_options)
-    L = model.num_layers
-    dense_res, act_res, h = [], [], x
-    for layer, p in enumerate(params):
-        h, r = dense_fwd(h, p["w"], p["b"])
-        dense_res.append(r)
-        if layer < L - 1:
-            h, r = act_fwd(h, **act_opts)
-            act_res.append(r)
-    loss_fwd, _ = rules_of(getattr(jaxbp, model.loss))
-    opts = dict(model.loss_options)
-    if model.loss == "softmax_cross_entropy":
-        per_ex, loss_res = loss_fwd(h, labels, where, class_weights, **opts)
-    elif model.loss == "mse":
-        per_ex, loss_res = loss_fwd(h, labels.astype(h.dtype))
-    else:
-        elem, loss_res = loss_fwd(h, labels.astype(h.dtype))  # (n, c)
-        per_ex = jnp.mean(elem, axis=-1)
-    valid = model.valid(labels, where, n=x.shape[0])
-    return per_ex, valid, (h, loss_res, dense_res, act_res)
-
-
-def _backward(model: MLP, state, seed, *, param_grads: bool = True):
-    """Reverse loop with per-row seed ``s (n,) = ∂L/∂ℓ_k``: ``(grads or None, deltas, acts)``.
-
-    ``deltas[l] (n, o)`` is ``s_k·∂ℓ_k/∂z_l`` per row; ``acts[l] (n, i)`` is layer ``l``'s input.
-    """
-    import jaxbp
-
-    h, loss_res, dense_res, act_res = state
-    _, act_bwd = rules_of(ACTIVATIONS[model.activation])
-    _, loss_bwd = rules_of(getattr(jaxbp, model.loss))
-    opts = dict(model.loss_options)
-    L = model.num_layers
-    if model.loss == "sigmoid_binary_cross_entropy":
-        c = h.shape[-1]
-        delta = loss_bwd(loss_res, jnp.broadcast_to((seed / c)[:, None], h.shape))[0]
-    else:
-        delta = loss_bwd(loss_res, seed, **opts)[0]  # (n, c)
-    grads = [{} for _ in range(L)] if param_grads else None
-    deltas: list[Any] = [None] * L
-    for layer in reversed(range(L)):
-        deltas[layer] = delta
-        if layer == 0:  # nobody needs ∂L/∂x: skip the δ·wᵀ product
-            dw, db = dense_bwd_params(dense_res[0], delta)  # "ni,no->io", "no->o"
-        else:  # unused dw, db are dropped by XLA when param_grads is False
-            dx, dw, db = dense_bwd(dense_res[layer], delta)  # dx "no,io->ni"
-            (delta,) = act_bwd(act_res[layer - 1], dx)
-        if param_grads:
-            grads[layer] = {"w": dw, "b": db}
-    acts = [r[0] for r in dense_res]
-    return grads, deltas, acts
-
-
 def forward_backward_weighted(
     model: MLP, params, x, labels, seed, *, where=None, class_weights=None
 ):
@@ -245,17 +183,17 @@ def forward_backward_weighted(
       ``params``; ``deltas[l] = s_k·∂ℓ_k/∂z_l (n, o)`` (0 on rows that do not count) and
       ``acts[l]`` is layer ``l``'s input ``(n, i)``.
     """
-    per_ex, valid, state = _forward(model, params, x, labels, where, class_weights)
+    per_ex, valid, state = forward(model, params, x, labels, where, class_weights)
     seed = jnp.where(valid, jnp.asarray(seed).astype(per_ex.dtype), 0.0)
-    grads, deltas, acts = _backward(model, state, seed)
+    grads, deltas, acts = backward(model, state, seed)
     return per_ex, grads, deltas, acts
 
 
 def _unit_deltas(model, params, x, labels, where, class_weights):
     """``(per_ex, valid, deltas, acts, state)`` of the unit-seeded pass (no parameter grads)."""
-    per_ex, valid, state = _forward(model, params, x, labels, where, class_weights)
+    per_ex, valid, state = forward(model, params, x, labels, where, class_weights)
     seed = valid.astype(per_ex.dtype)  # 1 per counted row: each δ row is its own ∂ℓ_k/∂z
-    _, deltas, acts = _backward(model, state, seed, param_grads=False)
+    _, deltas, acts = backward(model, state, seed, param_grads=False)
     return per_ex, valid, deltas, acts, state
 
 
@@ -405,7 +343,7 @@ def _clipped_grad_run(
     # With noise, the clipped *sum* is formed, noised, then divided; without, seed c_k/m.
     seed = factors if noisy else factors / m
     if method == "two_pass":
-        grads, _, _ = _backward(model, state, jnp.where(valid, seed.astype(per_ex.dtype), 0.0))
+        grads, _, _ = backward(model, state, jnp.where(valid, seed.astype(per_ex.dtype), 0.0))
     else:  # book-keeping: δ is linear in the seed, so rescale the unit-seeded rows
         grads = []
         for res, d in zip(state[2], deltas, strict=True):
