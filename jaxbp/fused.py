@@ -42,7 +42,7 @@ import numpy as np
 from jax import lax
 
 from . import _checks
-from .losses import _bad_labels, check_label_range, valid_rows
+from .losses import _bad_labels, check_label_range, valid_rows, validate_ce_options
 
 __all__ = [
     "linear_softmax_cross_entropy",
@@ -453,22 +453,9 @@ def _validate(x, w, b, labels, where, class_weights, label_smoothing, z_loss, so
         raise ValueError(
             f"labels: expected the batch shape {x.shape[:-1]} of x {x.shape}, got {labels.shape}"
         )
-    if where is not None:
-        where = jnp.asarray(where)
-        if where.dtype != jnp.bool_:
-            raise TypeError(f"where: expected a bool mask, got {where.dtype}")
-        if where.shape != labels.shape:
-            raise ValueError(f"where: expected the batch shape {labels.shape}, got {where.shape}")
-    if class_weights is not None:
-        class_weights = _checks.floating("class_weights", class_weights)
-        if class_weights.shape != (v,):
-            raise ValueError(
-                f"class_weights: expected shape (v,) = ({v},), got {class_weights.shape}"
-            )
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"label_smoothing: expected a float in [0, 1], got {label_smoothing!r}")
-    if float(z_loss) < 0.0:
-        raise ValueError(f"z_loss: expected a float ≥ 0, got {z_loss!r}")
+    where, class_weights = validate_ce_options(
+        labels.shape, v, where, class_weights, label_smoothing, ignore_index, z_loss, letter="v"
+    )
     if softcap is not None and not float(softcap) > 0.0:
         raise ValueError(f"softcap: expected None or a float > 0, got {softcap!r}")
     if chunk_size is not None and (
@@ -478,8 +465,6 @@ def _validate(x, w, b, labels, where, class_weights, label_smoothing, z_loss, so
         raise ValueError(f"chunk_size: expected None or an int ≥ 1, got {chunk_size!r}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
-    if ignore_index is not None and not isinstance(ignore_index, int | np.integer):
-        raise TypeError(f"ignore_index: expected an int or None, got {ignore_index!r}")
     if accum_dtype is not None:
         acc = jnp.dtype(accum_dtype)
         if not jnp.issubdtype(acc, jnp.floating) or acc.itemsize < max(4, x.dtype.itemsize):

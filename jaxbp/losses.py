@@ -304,6 +304,20 @@ def _validate_ce(logits, labels, where, class_weights, label_smoothing, ignore_i
         raise TypeError(
             f"labels: expected integer class ids or floating probabilities, got {labels.dtype}"
         )
+    where, class_weights = validate_ce_options(
+        batch, c, where, class_weights, label_smoothing, ignore_index, z_loss
+    )
+    return logits, labels, where, class_weights
+
+
+def validate_ce_options(
+    batch, c, where, class_weights, label_smoothing, ignore_index, z_loss, *, letter="c"
+):  # fmt: skip
+    """Check the options every softmax cross-entropy shares; returns ``(where, class_weights)``.
+
+    ``batch`` is the batch shape ``(n,)``, ``c`` the number of classes (``letter`` names it in
+    messages: ``v`` for the fused loss over a vocabulary).
+    """
     if where is not None:
         where = jnp.asarray(where)
         if where.dtype != jnp.bool_:
@@ -314,7 +328,7 @@ def _validate_ce(logits, labels, where, class_weights, label_smoothing, ignore_i
         class_weights = _checks.floating("class_weights", class_weights)
         if class_weights.shape != (c,):
             raise ValueError(
-                f"class_weights: expected shape (c,) = ({c},), got {class_weights.shape}"
+                f"class_weights: expected shape ({letter},) = ({c},), got {class_weights.shape}"
             )
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"label_smoothing: expected a float in [0, 1], got {label_smoothing!r}")
@@ -322,7 +336,7 @@ def _validate_ce(logits, labels, where, class_weights, label_smoothing, ignore_i
         raise ValueError(f"z_loss: expected a float ≥ 0, got {z_loss!r}")
     if ignore_index is not None and not isinstance(ignore_index, int | np.integer):
         raise TypeError(f"ignore_index: expected an int or None, got {ignore_index!r}")
-    return logits, labels, where, class_weights
+    return where, class_weights
 
 
 def check_label_range(labels, c, ignore_index=None, *, where=None, name="labels"):
