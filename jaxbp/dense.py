@@ -96,11 +96,19 @@ def _xt_cpu(x2, g2):
     return jax.lax.optimization_barrier(x2.T) @ g2  # "in,no->io"
 
 
+# Below this many multiply-adds the transpose copy costs more than the faster kernel saves
+# (measured on XLA:CPU, MLP steps: 128×256×256 1.13× slower with the copy, 1024³ 2% faster).
+_XT_COPY_MIN_MACS = 1 << 27
+
+
 def _xt_dot(x2, g2):
-    """``dw (i, o) = xᵀ·g``, ``"ni,no->io"``; on CPU through an explicit transpose of x."""
-    return jax.lax.platform_dependent(
-        x2, g2, cpu=_xt_cpu, default=lambda x2, g2: jnp.einsum("ni,no->io", x2, g2)
-    )
+    """``dw (i, o) = xᵀ·g``, ``"ni,no->io"``; on CPU, for large products, through an
+    explicit transpose of x."""
+    (n, i), o = x2.shape, g2.shape[1]
+    plain = lambda x2, g2: jnp.einsum("ni,no->io", x2, g2)  # noqa: E731
+    if n * i * o < _XT_COPY_MIN_MACS:
+        return plain(x2, g2)
+    return jax.lax.platform_dependent(x2, g2, cpu=_xt_cpu, default=plain)
 
 
 _dense = custom_vjp_op(dense_fwd, dense_bwd)
