@@ -30,6 +30,17 @@ def _wrong_relu_bwd(res, g):
     return (g * jnp.ones_like(y),)
 
 
+@pytest.fixture
+def wrong_relu_rule(monkeypatch):
+    """Swap in the wrong relu rule. Compiled steps are cached per model, so clear JAX's
+    caches on the way in (the wrong rule must be traced) and out (nobody keeps it)."""
+    jax.clear_caches()
+    monkeypatch.setattr(activations, "relu_bwd", _wrong_relu_bwd)
+    yield
+    monkeypatch.undo()
+    jax.clear_caches()
+
+
 def test_report_has_a_row_per_check_and_leaf_with_errors_cosine_and_verdict():
     model, params, x, labels = _problem()
     report = jaxbp.compare(model, params, x, labels, dtype=jnp.float32, fd_directions=3)
@@ -72,10 +83,9 @@ def test_report_serialises_and_prints_a_table():
     assert all(r[end - 4] == "e" and r[end - 3] in "+-" for r in rows), rows
 
 
-def test_wrong_backward_rule_is_caught(monkeypatch):
+def test_wrong_backward_rule_is_caught(wrong_relu_rule):
     model, params, x, labels = _problem("relu")
     x = x * 3.0  # plenty of units off, so the wrong rule matters
-    monkeypatch.setattr(activations, "relu_bwd", _wrong_relu_bwd)
     report = jaxbp.compare(model, params, x, labels, fd_directions=2)
     assert not report.passed
     failed = {(r.check, r.leaf) for r in report.failures}
@@ -87,8 +97,7 @@ def test_wrong_backward_rule_is_caught(monkeypatch):
     assert "FAILED" in report.table() and "FAIL" in report.table()
 
 
-def test_wrong_backward_rule_makes_the_cli_exit_1(monkeypatch, capsys):
-    monkeypatch.setattr(activations, "relu_bwd", _wrong_relu_bwd)
+def test_wrong_backward_rule_makes_the_cli_exit_1(wrong_relu_rule, capsys):
     assert main(["compare", "--sizes", "6,8,3", "--batch", "8", "--fd-directions", "2"]) == 1
     assert "FAILED" in capsys.readouterr().out
 

@@ -221,6 +221,7 @@ def test_any_batch_size_and_a_deeper_network(n):
 
 def test_repeated_calls_trace_once(monkeypatch):
     model, params, x, labels = _problem()
+    jax.clear_caches()  # compiled steps are cached per model: count from a fresh cache
     counted = chex.assert_max_traces(nn.forward_backward, n=1)
     monkeypatch.setattr(nn, "forward_backward", counted)
     vg = jaxbp.value_and_grad(model)
@@ -248,7 +249,7 @@ def test_out_of_range_label_under_jit_gives_nan_not_a_wrong_number():
 # --------------------------------------------------------------- what the trace contains
 
 
-def test_no_autodiff_runs_inside_value_and_grad(monkeypatch):
+def test_no_autodiff_runs_inside_value_and_grad(monkeypatch, request):
     model, params, x, labels = _problem()
 
     def forbidden(*args, **kwargs):
@@ -257,6 +258,7 @@ def test_no_autodiff_runs_inside_value_and_grad(monkeypatch):
     jax.clear_caches()  # value_and_grad jits are cached per model: force fresh traces
     for name in ("grad", "vjp", "value_and_grad", "linearize", "jvp"):
         monkeypatch.setattr(jax, name, forbidden)
+    request.addfinalizer(jax.clear_caches)
     loss, grads = jaxbp.value_and_grad(model)(params, x, labels)  # fresh trace: must not raise
     assert np.isfinite(float(loss))
     # The patch does bite: the reference goes through jax.value_and_grad.
