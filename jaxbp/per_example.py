@@ -396,12 +396,20 @@ def clipped_grad(
     """
     _check_model(model)
     l2_clip, noise_multiplier = _check_clip_options(l2_clip, noise_multiplier, batch_size, method)
+    core = functools.partial(_clipped_grad_run, model, method, batch_size)
+    return _clipped_entry(model, core, l2_clip, noise_multiplier, return_loss)
+
+
+def _clipped_entry(model, core, l2_clip, noise_multiplier, return_loss) -> Callable:
+    """The public DP-SGD function around ``core(noisy, params, x, labels, key, where,
+    class_weights, l2_clip, noise_multiplier) -> (loss, grads, norms)``: checks the key
+    and the inputs, then calls the jitted core (shared by the manual and reference forms)."""
     noisy = noise_multiplier > 0.0
 
     def run(params, x, labels, key, where, class_weights):
-        loss, grads, norms = _clipped_grad_run(
-            model, method, batch_size, noisy, params, x, labels, key if noisy else None, where,
-            class_weights, l2_clip, noise_multiplier,
+        loss, grads, norms = core(
+            noisy, params, x, labels, key if noisy else None, where, class_weights, l2_clip,
+            noise_multiplier,
         )  # fmt: skip
         return (loss, grads, norms) if return_loss else (grads, norms)
 
@@ -499,19 +507,5 @@ def reference_clipped_grad(
     l2_clip, noise_multiplier = _check_clip_options(
         l2_clip, noise_multiplier, batch_size, "bookkeeping"
     )
-    noisy = noise_multiplier > 0.0
-
-    def run(params, x, labels, key, where, class_weights):
-        loss, grads, norms = _reference_clipped_run(
-            model, batch_size, noisy, params, x, labels, key if noisy else None, where,
-            class_weights, l2_clip, noise_multiplier,
-        )  # fmt: skip
-        return (loss, grads, norms) if return_loss else (grads, norms)
-
-    def fn(params, x, labels, key=None, where=None, class_weights=None):
-        _check_key(key, noise_multiplier)
-        model.check_inputs(params, x, labels, where, class_weights)
-        return run(params, x, labels, key, where, class_weights)
-
-    fn.jitted = run  # type: ignore[attr-defined]
-    return fn
+    core = functools.partial(_reference_clipped_run, model, batch_size)
+    return _clipped_entry(model, core, l2_clip, noise_multiplier, return_loss)
