@@ -14,10 +14,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from . import _checks
-from .dense import _validate as _validate_dense
-from .losses import _bad_labels, _labels_matrix, _validate_ce, check_label_range, valid_rows
-from .softmax import _validate as _validate_softmax
+from .. import _checks
+from ..dense import _validate as _validate_dense
+from ..losses import _bad_labels, _labels_matrix, _validate_ce, check_label_range, valid_rows
+from ..softmax import _validate as _validate_softmax
 
 __all__ = [
     "dense", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "softplus",
@@ -153,8 +153,8 @@ def linear_softmax_cross_entropy(
     """Reference fused loss: the full ``(n, v)`` logits ``x·w + b`` (accumulated in float32
     for half precision), optional ``cap·tanh(z/cap)``, then :func:`softmax_cross_entropy`.
     ``chunk_size`` and ``strategy`` are accepted and ignored."""
-    from .fused import _acc_of
-    from .fused import _validate as _validate_fused
+    from ..fused import _acc_of
+    from ..fused import _validate as _validate_fused
 
     x, w, b, labels, where, class_weights, accum_dtype = _validate_fused(
         x, w, b, labels, where, class_weights, label_smoothing, z_loss, softcap, chunk_size,
@@ -178,7 +178,7 @@ def value_and_grad(model):
     Same call signature as :func:`jaxbp.value_and_grad`: ``f(params, x, labels, *,
     where=None, class_weights=None) -> (mean loss, grads)``.
     """
-    from .nn import reference_value_and_grad
+    from ..nn import reference_value_and_grad
 
     return reference_value_and_grad(model)
 
@@ -188,21 +188,21 @@ def per_example_grads(model):
 
     Same call signature and result as :func:`jaxbp.per_example_grads`.
     """
-    from .per_example import reference_per_example_grads
+    from ..per_example import reference_per_example_grads
 
     return reference_per_example_grads(model)
 
 
 def per_example_grad_norms(model):
     """L2 norms ``(n,)`` of the materialised ``vmap(grad)`` per-example gradients."""
-    from .per_example import reference_per_example_grad_norms
+    from ..per_example import reference_per_example_grad_norms
 
     return reference_per_example_grad_norms(model)
 
 
 def clipped_grad(model, *, l2_clip, noise_multiplier=0.0, batch_size=None, return_loss=False):
     """DP-SGD from materialised ``vmap(grad)`` gradients: as :func:`jaxbp.clipped_grad`."""
-    from .per_example import reference_clipped_grad
+    from ..per_example import reference_clipped_grad
 
     return reference_clipped_grad(
         model, l2_clip=l2_clip, noise_multiplier=noise_multiplier, batch_size=batch_size,
