@@ -8,6 +8,9 @@ w.r.t. ``(x, w)``, for each strategy (``recompute``, ``forward``). Side B: the s
 
 P5  compiled temporary memory A/B (``memory_ratio``) at n 4096, d 512, v {16384, 32768,
     65536}; and ``P5/growth``: A's temporary bytes at 2v ÷ at v (compile only).
+P5  also against the strongest plain baseline, optax's
+    ``softmax_cross_entropy_with_integer_labels`` on full logits ``x·w`` under
+    ``jit(value_and_grad)`` (``P5/optax-*``): time ≤ 1.05 and temporary memory ≤ 0.05.
 P6  time A/B (``ratio``) for both strategies; on a GPU also n 8192, d 2304, v 256000 in
     bfloat16 (skipped elsewhere), where the harness adds the device's peak bytes.
 ``--quick``: n 512, d 64, the same vocabularies (so that the memory ratios, which depend
@@ -24,6 +27,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import optax
 
 import jaxbp
 from benchmarks.harness import Case, Custom, Pair, Skip, Target, register
@@ -65,6 +69,23 @@ def _build(ctx, n, d, v, strategy, dtype=None, gpu_only=False):
         labels=(f"fused ({strategy})", "full-logits jit(grad)"),
         notes="A: hand-written chunked backward; B: jax.grad of the (n, v) logits",
     )
+
+
+def _optax_loss_and_grad():
+    """``jit(value_and_grad)`` of optax's integer-label CE on the full ``(n, v)`` logits."""
+
+    def mean_loss(x, w, labels):
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(x @ w, labels))
+
+    return jax.jit(jax.value_and_grad(mean_loss, argnums=(0, 1)))
+
+
+def _build_optax(ctx, n, d, v):
+    pair = _build(ctx, n, d, v, "recompute")
+    pair.baseline = _optax_loss_and_grad()
+    pair.labels = ("fused (recompute)", "optax full-logits jit(grad)")
+    pair.notes = "A: hand-written chunked backward; B: optax integer-label CE on (n, v) logits"
+    return pair
 
 
 def _temp_bytes(n, d, v, dtype, strategy):
@@ -146,5 +167,20 @@ for _strategy in ("recompute", "forward"):
                 ),
             ),
             quick=False,
+        )
+    )
+
+for _v in CPU_VOCABS:
+    register(
+        Case(
+            id=f"P5/optax-v{_v}",
+            group="P5",
+            title=f"fused (recompute) vs optax on full logits, n {N} d {D}",
+            build=functools.partial(_build_optax, n=N, d=D, v=_v),
+            quick_build=functools.partial(_build_optax, n=QUICK_N, d=QUICK_D, v=_v),
+            targets=(
+                Target("ratio", "<=", 1.05, note="P5 vs optax"),
+                Target("memory_ratio", "<=", 0.05, note="P5 vs optax"),
+            ),
         )
     )

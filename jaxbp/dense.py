@@ -19,8 +19,11 @@ so the backward knows whether a bias cotangent is owed (it is never read).
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import _checks
 from ._op import custom_vjp_op
@@ -89,26 +92,75 @@ def dense_bwd_params(res, g: jax.Array):
 
 def _xt_cpu(x2, g2):
     # XLA:CPU's fast matmul kernels take the contracted axis last on the left operand; a dot
-    # contracting both operands' first axis (n) falls back to a slower generic kernel (3x
-    # slower for i=1024, o=10). One explicit transpose of x (n·i copies against n·i·o
-    # multiply-adds), kept apart from the dot by an optimization barrier so that XLA does
-    # not fold it back into the dot's dimension numbers, gets the fast kernel.
+    # contracting both operands' first axis (n) may fall back to a slower generic kernel
+    # (2x slower for i=1024, o=10 on one machine). One explicit transpose of x (n·i copies
+    # against n·i·o multiply-adds), kept apart from the dot by an optimization barrier so
+    # that XLA does not fold it back into the dot's dimension numbers, gets the fast kernel.
     return jax.lax.optimization_barrier(x2.T) @ g2  # "in,no->io"
 
 
-# Below this many multiply-adds the transpose copy costs more than the faster kernel saves
-# (measured on XLA:CPU, MLP steps: 128×256×256 1.13× slower with the copy, 1024³ 2% faster).
-_XT_COPY_MIN_MACS = 1 << 27
+def _plain_dw(x2, g2):
+    return jnp.einsum("ni,no->io", x2, g2)  # what autodiff emits: XLA's own choice
+
+
+# Which layout wins depends on the CPU (its vector width, XLA's kernels for it) and on the
+# shape: measured on one 2-core AMD EPYC (AVX2), the transpose halves dW time when o = 10
+# and is a wash (0.95-1.04x) for square layers; on an AVX-512 machine it made whole MLP
+# steps 7-15% slower. No constant holds everywhere, so the layout is measured, once per
+# shape and dtype, on the machine that runs it, and the transpose is used only where it is
+# clearly faster there. Everywhere else dW is the dot autodiff emits, so a manual step is
+# never slower than XLA's choice by design.
+_DW_MIN_MACS = 1 << 20  # below this, both take microseconds: keep XLA's choice untimed
+_DW_WIN = 0.9  # use the transpose only when it takes at most 90% of the plain dot's time
+_DW_LAYOUT_ENV = "JAXBP_DW_LAYOUT"  # "auto" (default), "plain" or "transpose"
+_dw_choice: dict[tuple, bool] = {}
+
+
+def _time_pairs(fa, fb, args, reps: int = 7) -> tuple[float, float]:
+    """Median seconds of ``fa`` and ``fb``, interleaved A B A B after a warm-up."""
+    import time
+
+    for f in (fa, fb):
+        jax.block_until_ready(f(*args))
+    ta, tb = [], []
+    for _ in range(reps):
+        for f, out in ((fa, ta), (fb, tb)):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            out.append(time.perf_counter() - t0)
+    return sorted(ta)[reps // 2], sorted(tb)[reps // 2]
+
+
+def _use_transpose_on_cpu(n: int, i: int, o: int, dtype) -> bool:
+    """True when ``xᵀ @ g`` through an explicit transpose is clearly faster than the plain
+    dot on this machine's CPU for these sizes (measured once, then cached)."""
+    mode = os.environ.get(_DW_LAYOUT_ENV, "auto")
+    if mode not in ("auto", "plain", "transpose"):
+        raise ValueError(f"{_DW_LAYOUT_ENV}: expected 'auto', 'plain' or 'transpose', got {mode!r}")
+    if mode != "auto":
+        return mode == "transpose"
+    if n * i * o < _DW_MIN_MACS:
+        return False
+    key = (n, i, o, jnp.dtype(dtype).name)
+    if key not in _dw_choice:
+        cpu = jax.devices("cpu")[0]
+        rng = np.random.default_rng(0)
+        args = [
+            jax.device_put(rng.standard_normal(shape).astype(jnp.dtype(dtype)), cpu)
+            for shape in ((n, i), (n, o))
+        ]
+        t_xt, t_plain = _time_pairs(jax.jit(_xt_cpu), jax.jit(_plain_dw), args)
+        _dw_choice[key] = t_xt <= _DW_WIN * t_plain
+    return _dw_choice[key]
 
 
 def _xt_dot(x2, g2):
-    """``dw (i, o) = xᵀ·g``, ``"ni,no->io"``; on CPU, for large products, through an
-    explicit transpose of x."""
+    """``dw (i, o) = xᵀ·g``, ``"ni,no->io"``; on CPU through an explicit transpose of x
+    where that was measured to be clearly faster on this machine (see above)."""
     (n, i), o = x2.shape, g2.shape[1]
-    plain = lambda x2, g2: jnp.einsum("ni,no->io", x2, g2)  # noqa: E731
-    if n * i * o < _XT_COPY_MIN_MACS:
-        return plain(x2, g2)
-    return jax.lax.platform_dependent(x2, g2, cpu=_xt_cpu, default=plain)
+    if not _use_transpose_on_cpu(n, i, o, x2.dtype):
+        return _plain_dw(x2, g2)
+    return jax.lax.platform_dependent(x2, g2, cpu=_xt_cpu, default=_plain_dw)
 
 
 _dense = custom_vjp_op(dense_fwd, dense_bwd)

@@ -96,3 +96,41 @@ def test_bad_dtypes_raise_type_error_naming_the_argument():
         jaxbp.dense(x, w.astype(jnp.float32))
     with pytest.raises(TypeError, match="b"):
         jaxbp.dense(x, w, jnp.ones(4, jnp.float32))
+
+
+_dense_mod = __import__("sys").modules["jaxbp.dense"]
+
+
+@pytest.mark.parametrize("layout", ["plain", "transpose"])
+def test_both_dw_layouts_give_the_documented_product(monkeypatch, layout):
+    # dW = xᵀ·g whichever layout the CPU measurement picks; a 32·32·1024 product is above
+    # the untimed threshold, so the forced layout is the one compiled.
+    monkeypatch.setenv("JAXBP_DW_LAYOUT", layout)
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((1024, 32)))
+    w = jnp.asarray(rng.standard_normal((32, 32)))
+    g = jnp.asarray(rng.standard_normal((1024, 32)))
+    assert _dense_mod._use_transpose_on_cpu(1024, 32, 32, x.dtype) is (layout == "transpose")
+    dw, _ = dense_bwd_params.__wrapped__((x, w, None), g)  # trace now: the env var applies
+    np.testing.assert_allclose(dw, np.asarray(x).T @ np.asarray(g), rtol=1e-12)
+
+
+def test_dw_layout_setting_is_validated(monkeypatch):
+    monkeypatch.setenv("JAXBP_DW_LAYOUT", "fastest")
+    with pytest.raises(ValueError, match="JAXBP_DW_LAYOUT"):
+        _dense_mod._use_transpose_on_cpu(1024, 1024, 1024, jnp.float32)
+
+
+def test_dw_layout_is_measured_once_per_shape_and_small_products_are_not_timed(monkeypatch):
+    monkeypatch.delenv("JAXBP_DW_LAYOUT", raising=False)
+    calls = []
+    monkeypatch.setattr(_dense_mod, "_time_pairs", lambda *a, **k: calls.append(1) or (1.0, 1.0))
+    monkeypatch.setattr(_dense_mod, "_dw_choice", {})
+    assert _dense_mod._use_transpose_on_cpu(8, 8, 8, jnp.float32) is False
+    assert calls == []
+    # equal times: not "clearly faster", so XLA's own layout is kept
+    assert _dense_mod._use_transpose_on_cpu(1024, 1024, 10, jnp.float32) is False
+    assert _dense_mod._use_transpose_on_cpu(1024, 1024, 10, jnp.float32) is False
+    assert calls == [1]
+    monkeypatch.setattr(_dense_mod, "_time_pairs", lambda *a, **k: (0.5, 1.0))
+    assert _dense_mod._use_transpose_on_cpu(1024, 1024, 11, jnp.float32) is True
