@@ -323,11 +323,14 @@ def _flat(x, labels, where):
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def linear_softmax_cross_entropy_fwd(
-    x, w, b, labels, where=None, class_weights=None, *, ignore_index=None,
+    x, w, labels, b=None, where=None, class_weights=None, *, ignore_index=None,
     label_smoothing=0.0, z_loss=0.0, softcap=None, chunk_size=None, accum_dtype=None,
     strategy=DEFAULT_STRATEGY,
 ):  # fmt: skip
-    """Forward: ``loss (n,)`` and the residuals.
+    """Forward: ``loss (n,)`` and the residuals; the arguments in the op's order.
+
+    No validation here (shapes, dtypes, options): :func:`linear_softmax_cross_entropy` does
+    it. Call the op for checked inputs.
 
     ``"recompute"``: ``res = (x, w, b, labels, where, class_weights, lse (n,))`` — only
     ``lse`` is new. ``"forward"``: the same plus the gradients for ``g = 1``:
@@ -350,7 +353,8 @@ def linear_softmax_cross_entropy_bwd(
     res, g, *, ignore_index=None, label_smoothing=0.0, z_loss=0.0, softcap=None,
     chunk_size=None, accum_dtype=None, strategy=DEFAULT_STRATEGY,
 ):  # fmt: skip
-    """Backward: ``(dx (n,d), dw (d,v), db (v,) | None, None, None, dclass_weights | None)``.
+    """Backward: ``(dx (n,d), dw (d,v), None, db (v,) | None, None, dclass_weights | None)``,
+    one cotangent per argument of the forward, in its order (``None`` for the labels and mask).
 
     ``"recompute"``: one more pass over the vocabulary chunks, ``dz = g·(p·(Σu + 2λ·lse) − u)``
     per chunk, then ``dx += dz·w_kᵀ``, ``dw_k = xᵀ·dz``, ``db_k = Σₙ dz``.
@@ -374,7 +378,7 @@ def linear_softmax_cross_entropy_bwd(
 
     if grads is None:
         dx, dw, db, dcw = recompute()
-        return dx, dw, db, None, None, dcw
+        return dx, dw, None, db, None, dcw
 
     dx1, dw1, db1, dcw1 = grads
     valid = valid_rows(lf, wf, ignore_index=ignore_index, batch_shape=lf.shape)
@@ -390,11 +394,11 @@ def linear_softmax_cross_entropy_bwd(
                 cast(db1, b), cast(dcw1, cw))  # fmt: skip
 
     dx, dw, db, dcw = lax.cond(uniform, scaled, recompute)
-    return dx, dw, db, None, None, dcw
+    return dx, dw, None, db, None, dcw
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused(options, x, w, b, labels, where, class_weights):
+def _fused(options, x, w, labels, b, where, class_weights):
     # The primal alone (no gradient asked for): loss only, whatever the strategy.
     opts = {k: v for k, v in options if k != "strategy"}
     if dict(options)["strategy"] == "forward":
@@ -548,4 +552,4 @@ def linear_softmax_cross_entropy(
         ("accum_dtype", accum_dtype),
         ("strategy", strategy),
     )
-    return _fused(options, x, w, b, labels, where, class_weights)
+    return _fused(options, x, w, labels, b, where, class_weights)
