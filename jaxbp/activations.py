@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax.scipy.special import erfc
 
 from . import _checks
-from ._op import custom_vjp_op
+from ._op import custom_vjp_op, declare_op
 
 __all__ = [
     "relu", "relu_fwd", "relu_bwd",
@@ -200,3 +200,6 @@ ACTIVATIONS: dict[str, Callable] = {
     "gelu": gelu,
     "softplus": softplus,
 }
+
+for _activation in ACTIVATIONS.values():
+    declare_op(per_example=("z",))(_activation)  # elementwise: z is the only argument

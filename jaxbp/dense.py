@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _checks
-from ._op import custom_vjp_op
+from ._op import custom_vjp_op, declare_op
 
 __all__ = ["dense", "dense_fwd", "dense_bwd", "dense_bwd_params"]
 
@@ -114,6 +114,7 @@ def _xt_dot(x2, g2):
 _dense = custom_vjp_op(dense_fwd, dense_bwd)
 
 
+@declare_op(per_example=("x",))
 def dense(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
     """Dense layer ``y = x·w + b`` whose gradient is the hand-written :func:`dense_bwd`.
 

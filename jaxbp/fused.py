@@ -42,6 +42,7 @@ import numpy as np
 from jax import lax
 
 from . import _checks
+from ._op import declare_op
 from .losses import _bad_labels, check_label_range, valid_rows, validate_ce_options
 
 __all__ = [
@@ -480,6 +481,7 @@ def _validate(x, w, b, labels, where, class_weights, label_smoothing, z_loss, so
     return x, w, b, labels, where, class_weights, accum_dtype
 
 
+@declare_op(per_example=("x", "labels"))
 def linear_softmax_cross_entropy(
     x: jax.Array,
     w: jax.Array,

@@ -42,7 +42,7 @@ import numpy as np
 from jax.experimental import checkify
 
 from . import _checks
-from ._op import custom_vjp_op
+from ._op import custom_vjp_op, declare_op
 
 __all__ = [
     "mse", "mse_fwd", "mse_bwd",
@@ -85,6 +85,7 @@ def mse_bwd(res, g: jax.Array):
 _mse = custom_vjp_op(mse_fwd, mse_bwd)
 
 
+@declare_op(per_example=("pred", "target"))
 def mse(pred: jax.Array, target: jax.Array) -> jax.Array:
     """Mean squared error over the last axis, per example.
 
@@ -131,6 +132,7 @@ def sigmoid_binary_cross_entropy_bwd(res, g: jax.Array):
 _bce = custom_vjp_op(sigmoid_binary_cross_entropy_fwd, sigmoid_binary_cross_entropy_bwd)
 
 
+@declare_op(per_example=("logits", "labels"))
 def sigmoid_binary_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Binary cross-entropy on logits, elementwise (as optax; reduce it yourself).
 
@@ -369,6 +371,7 @@ def check_label_range(labels, c, ignore_index=None, *, where=None, name="labels"
         )
 
 
+@declare_op(per_example=("logits", "labels"))
 def softmax_cross_entropy(
     logits: jax.Array,
     labels: jax.Array,

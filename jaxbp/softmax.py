@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _checks
-from ._op import custom_vjp_op
+from ._op import custom_vjp_op, declare_op
 
 __all__ = [
     "softmax", "softmax_fwd", "softmax_bwd",
@@ -91,6 +91,7 @@ _softmax = custom_vjp_op(softmax_fwd, softmax_bwd)
 _log_softmax = custom_vjp_op(log_softmax_fwd, log_softmax_bwd)
 
 
+@declare_op(per_example=("z",))
 def softmax(z: jax.Array, *, axis: int = -1) -> jax.Array:
     """Softmax along ``axis``: ``z (..., c) → s (..., c)``, rows summing to 1.
 
@@ -105,6 +106,7 @@ def softmax(z: jax.Array, *, axis: int = -1) -> jax.Array:
     return _softmax((("axis", axis),), z)
 
 
+@declare_op(per_example=("z",))
 def log_softmax(z: jax.Array, *, axis: int = -1) -> jax.Array:
     """Log-softmax along ``axis``: ``z (..., c) → z − logΣe^z (..., c)``.
 
