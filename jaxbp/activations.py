@@ -29,6 +29,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import erfc
 
 from . import _checks
@@ -58,7 +59,15 @@ def _elementwise(name: str, f: Callable, df: Callable, *, saves: str, defaults: 
         unknown = set(kwargs) - set(names)
         if unknown:
             raise TypeError(f"unexpected option(s) {sorted(unknown)}; options are {list(names)}")
-        return {**defaults, **kwargs}
+        opts = {**defaults, **kwargs}
+        for k, v in kwargs.items():  # static options: Python constants, never traced values
+            if isinstance(defaults[k], bool):
+                if not _checks.is_concrete(v) or not isinstance(v, bool | np.bool_):
+                    raise TypeError(f"{k}: must be a Python bool (a static option), got {v!r}")
+                opts[k] = bool(v)
+            else:
+                opts[k] = _checks.static_number(k, v)
+        return opts
 
     def op_fwd(z, **opts):
         zc = z.astype(_checks.accum_dtype(z.dtype))

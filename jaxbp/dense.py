@@ -52,7 +52,10 @@ def _validate(x, w, b):
 
 @jax.jit
 def dense_fwd(x: jax.Array, w: jax.Array, b: jax.Array | None = None):
-    """Forward: ``y (..., o) = x (..., i) · w (i, o) [+ b (o,)]``; returns ``(y, (x, w, b))``."""
+    """Forward: ``y (..., o) = x (..., i) · w (i, o) [+ b (o,)]``; returns ``(y, (x, w, b))``.
+
+    Validates shapes and dtypes like :func:`dense`."""
+    _validate(x, w, b)
     y = jnp.einsum("...i,io->...o", x, w)
     if b is not None:
         y = y + b

@@ -461,8 +461,10 @@ def _validate(x, w, b, labels, where, class_weights, label_smoothing, z_loss, so
     where, class_weights = validate_ce_options(
         labels.shape, v, where, class_weights, label_smoothing, ignore_index, z_loss, letter="v"
     )
-    if softcap is not None and not float(softcap) > 0.0:
-        raise ValueError(f"softcap: expected None or a float > 0, got {softcap!r}")
+    softcap = _checks.static_number("softcap", softcap, allow_none=True)
+    if softcap is not None and not 0.0 < softcap < np.inf:
+        raise ValueError(f"softcap: expected None or a finite float > 0, got {softcap!r}")
+    _checks.static_int("chunk_size", chunk_size, allow_none=True)
     if chunk_size is not None and (
         not isinstance(chunk_size, int | np.integer) or isinstance(chunk_size, bool)
         or chunk_size < 1

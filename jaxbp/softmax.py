@@ -46,6 +46,7 @@ __all__ = [
 def _validate(z, axis):
     z = _checks.floating("z", z)
     _checks.min_rank("z", z, 1, "(..., c)")
+    _checks.static_int("axis", axis)
     if not isinstance(axis, int) or not -z.ndim <= axis < z.ndim:
         raise ValueError(f"axis: expected an int in [{-z.ndim}, {z.ndim}), got {axis!r}")
     return z, axis % z.ndim
@@ -53,7 +54,8 @@ def _validate(z, axis):
 
 @functools.partial(jax.jit, static_argnames="axis")
 def softmax_fwd(z: jax.Array, *, axis: int = -1):
-    """Forward: ``s (..., c) = softmax(z)``; returns ``(s, (s,))``."""
+    """Forward: ``s (..., c) = softmax(z)``; returns ``(s, (s,))``. Validates like the op."""
+    z, axis = _validate(z, axis)
     zc = z.astype(_checks.accum_dtype(z.dtype))
     s = jax.nn.softmax(zc, axis=axis).astype(z.dtype)
     return s, (s,)
@@ -71,7 +73,8 @@ def softmax_bwd(res, g: jax.Array, *, axis: int = -1):
 
 @functools.partial(jax.jit, static_argnames="axis")
 def log_softmax_fwd(z: jax.Array, *, axis: int = -1):
-    """Forward: ``ℓ (..., c) = z − logΣₖe^{zₖ}``; returns ``(ℓ, (ℓ,))``."""
+    """Forward: ``ℓ (..., c) = z − logΣₖe^{zₖ}``; returns ``(ℓ, (ℓ,))``. Validates like the op."""
+    z, axis = _validate(z, axis)
     zc = z.astype(_checks.accum_dtype(z.dtype))
     out = jax.nn.log_softmax(zc, axis=axis).astype(z.dtype)
     return out, (out,)
