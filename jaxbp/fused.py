@@ -330,13 +330,15 @@ def linear_softmax_cross_entropy_fwd(
 ):  # fmt: skip
     """Forward: ``loss (n,)`` and the residuals; the arguments in the op's order.
 
-    No validation here (shapes, dtypes, options): :func:`linear_softmax_cross_entropy` does
-    it. Call the op for checked inputs.
+    Validates shapes, dtypes and options like :func:`linear_softmax_cross_entropy` (label
+    values are not checked here: out-of-range ids give NaN rows).
 
     ``"recompute"``: ``res = (x, w, b, labels, where, class_weights, lse (n,))`` — only
     ``lse`` is new. ``"forward"``: the same plus the gradients for ``g = 1``:
     ``dx1 (n,d)``, ``dw1 (d,v)``, ``db1 (v,)``, ``dcw1 (v,)`` (accumulation dtype).
     """
+    _validate(x, w, b, labels, where, class_weights, label_smoothing, z_loss, softcap,
+              chunk_size, accum_dtype, strategy, ignore_index)  # fmt: skip
     opts = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
                 softcap=softcap, chunk_size=chunk_size, accum_dtype=accum_dtype)  # fmt: skip
     xf, lf, wf = _flat(x, labels, where)
