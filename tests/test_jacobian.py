@@ -11,6 +11,7 @@ import jaxbp
 from jaxbp.jacobian import rules_of
 from tests.helpers import assert_close
 from tests.settings import (
+    OP_EXAMPLES,
     away_from_zero,
     op_examples,
     probabilities,
@@ -157,7 +158,9 @@ def test_rules_of_rejects_a_function_without_rules():
 
 def _square_cases():
     for name in public_ops_with_rules():
-        for ex in op_examples(name):
+        if name not in OP_EXAMPLES:  # the test fails on it (op_examples raises), never a skip
+            yield pytest.param(name, None, 0, id=f"{name}-MISSING")
+        for ex in OP_EXAMPLES.get(name, []):
             args = ex.args()
             for k, a in enumerate(args):
                 if a is not None and jnp.issubdtype(a.dtype, jnp.floating):
@@ -167,6 +170,8 @@ def _square_cases():
 @pytest.mark.parametrize(("name", "example", "argnum"), list(_square_cases()))
 def test_jacobian_with_square_shapes_matches_jacrev_of_reference(name, example, argnum):
     """n = i = o = c: batching must come from the op's declaration, not from shapes."""
+    if example is None:
+        op_examples(name)  # raises LookupError naming the op and the table to extend
     op, ref = getattr(jaxbp, name), getattr(jaxbp.reference, name)
     args = example.args()
     J = jaxbp.jacobian(op, *args, argnum=argnum, **example.options)
