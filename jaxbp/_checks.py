@@ -53,6 +53,47 @@ def same_shape(name: str, x: jax.Array, other_name: str, other: jax.Array) -> No
         )
 
 
+def _traced_option(name: str, value: Any, kind: str) -> TypeError:
+    return TypeError(
+        f"{name}: must be a Python {kind}, got a traced value {value!r}: it is a static "
+        "option, fixed when the function is traced; pass a Python constant, or mark the "
+        "argument static (jax.jit(..., static_argnames=...)) if it comes from outside"
+    )
+
+
+def static_number(name: str, value: Any, *, allow_none: bool = False) -> float | None:
+    """``value`` as a Python ``float``: a static option (``negative_slope``, ``z_loss``...).
+
+    Raises ``TypeError`` naming ``name`` for a traced value (inside ``jit``/``vmap``/``grad``)
+    and for anything that is not a real number (a bool, a string, an array of several
+    values). Range checks are the caller's.
+    """
+    if value is None and allow_none:
+        return None
+    if not is_concrete(value):
+        raise _traced_option(name, value, "number")
+    arr = np.asarray(value)
+    if (
+        isinstance(value, bool)
+        or arr.shape != ()
+        or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer))
+    ):
+        raise TypeError(f"{name}: must be a Python number, got {value!r}")
+    return float(arr)
+
+
+def static_int(name: str, value: Any, *, allow_none: bool = False) -> int | None:
+    """``value`` as a Python ``int``: a static option (``axis``, ``ignore_index``...).
+
+    Raises ``TypeError`` naming ``name`` for a traced value; other checks are the caller's.
+    """
+    if value is None and allow_none:
+        return None
+    if not is_concrete(value):
+        raise _traced_option(name, value, "int")
+    return value
+
+
 def is_concrete(x: Any) -> bool:
     """True when ``x`` holds values now (not a tracer inside jit/vmap/grad)."""
     try:

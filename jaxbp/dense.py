@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _checks
-from ._op import custom_vjp_op
+from ._op import custom_vjp_op, declare_op
 
 __all__ = ["dense", "dense_fwd", "dense_bwd", "dense_bwd_params"]
 
@@ -55,7 +55,10 @@ def _validate(x, w, b):
 
 @jax.jit
 def dense_fwd(x: jax.Array, w: jax.Array, b: jax.Array | None = None):
-    """Forward: ``y (..., o) = x (..., i) · w (i, o) [+ b (o,)]``; returns ``(y, (x, w, b))``."""
+    """Forward: ``y (..., o) = x (..., i) · w (i, o) [+ b (o,)]``; returns ``(y, (x, w, b))``.
+
+    Validates shapes and dtypes like :func:`dense`."""
+    _validate(x, w, b)
     y = jnp.einsum("...i,io->...o", x, w)
     if b is not None:
         y = y + b
@@ -166,6 +169,7 @@ def _xt_dot(x2, g2):
 _dense = custom_vjp_op(dense_fwd, dense_bwd)
 
 
+@declare_op(per_example=("x",))
 def dense(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
     """Dense layer ``y = x·w + b`` whose gradient is the hand-written :func:`dense_bwd`.
 

@@ -42,6 +42,7 @@ import numpy as np
 from jax import lax
 
 from . import _checks
+from ._op import declare_op
 from .losses import _bad_labels, check_label_range, valid_rows, validate_ce_options
 
 __all__ = [
@@ -323,16 +324,21 @@ def _flat(x, labels, where):
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def linear_softmax_cross_entropy_fwd(
-    x, w, b, labels, where=None, class_weights=None, *, ignore_index=None,
+    x, w, labels, b=None, where=None, class_weights=None, *, ignore_index=None,
     label_smoothing=0.0, z_loss=0.0, softcap=None, chunk_size=None, accum_dtype=None,
     strategy=DEFAULT_STRATEGY,
 ):  # fmt: skip
-    """Forward: ``loss (n,)`` and the residuals.
+    """Forward: ``loss (n,)`` and the residuals; the arguments in the op's order.
+
+    Validates shapes, dtypes and options like :func:`linear_softmax_cross_entropy` (label
+    values are not checked here: out-of-range ids give NaN rows).
 
     ``"recompute"``: ``res = (x, w, b, labels, where, class_weights, lse (n,))`` — only
     ``lse`` is new. ``"forward"``: the same plus the gradients for ``g = 1``:
     ``dx1 (n,d)``, ``dw1 (d,v)``, ``db1 (v,)``, ``dcw1 (v,)`` (accumulation dtype).
     """
+    _validate(x, w, b, labels, where, class_weights, label_smoothing, z_loss, softcap,
+              chunk_size, accum_dtype, strategy, ignore_index)  # fmt: skip
     opts = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
                 softcap=softcap, chunk_size=chunk_size, accum_dtype=accum_dtype)  # fmt: skip
     xf, lf, wf = _flat(x, labels, where)
@@ -350,7 +356,8 @@ def linear_softmax_cross_entropy_bwd(
     res, g, *, ignore_index=None, label_smoothing=0.0, z_loss=0.0, softcap=None,
     chunk_size=None, accum_dtype=None, strategy=DEFAULT_STRATEGY,
 ):  # fmt: skip
-    """Backward: ``(dx (n,d), dw (d,v), db (v,) | None, None, None, dclass_weights | None)``.
+    """Backward: ``(dx (n,d), dw (d,v), None, db (v,) | None, None, dclass_weights | None)``,
+    one cotangent per argument of the forward, in its order (``None`` for the labels and mask).
 
     ``"recompute"``: one more pass over the vocabulary chunks, ``dz = g·(p·(Σu + 2λ·lse) − u)``
     per chunk, then ``dx += dz·w_kᵀ``, ``dw_k = xᵀ·dz``, ``db_k = Σₙ dz``.
@@ -374,7 +381,7 @@ def linear_softmax_cross_entropy_bwd(
 
     if grads is None:
         dx, dw, db, dcw = recompute()
-        return dx, dw, db, None, None, dcw
+        return dx, dw, None, db, None, dcw
 
     dx1, dw1, db1, dcw1 = grads
     valid = valid_rows(lf, wf, ignore_index=ignore_index, batch_shape=lf.shape)
@@ -390,11 +397,11 @@ def linear_softmax_cross_entropy_bwd(
                 cast(db1, b), cast(dcw1, cw))  # fmt: skip
 
     dx, dw, db, dcw = lax.cond(uniform, scaled, recompute)
-    return dx, dw, db, None, None, dcw
+    return dx, dw, None, db, None, dcw
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused(options, x, w, b, labels, where, class_weights):
+def _fused(options, x, w, labels, b, where, class_weights):
     # The primal alone (no gradient asked for): loss only, whatever the strategy.
     opts = {k: v for k, v in options if k != "strategy"}
     if dict(options)["strategy"] == "forward":
@@ -456,8 +463,10 @@ def _validate(x, w, b, labels, where, class_weights, label_smoothing, z_loss, so
     where, class_weights = validate_ce_options(
         labels.shape, v, where, class_weights, label_smoothing, ignore_index, z_loss, letter="v"
     )
-    if softcap is not None and not float(softcap) > 0.0:
-        raise ValueError(f"softcap: expected None or a float > 0, got {softcap!r}")
+    softcap = _checks.static_number("softcap", softcap, allow_none=True)
+    if softcap is not None and not 0.0 < softcap < np.inf:
+        raise ValueError(f"softcap: expected None or a finite float > 0, got {softcap!r}")
+    _checks.static_int("chunk_size", chunk_size, allow_none=True)
     if chunk_size is not None and (
         not isinstance(chunk_size, int | np.integer) or isinstance(chunk_size, bool)
         or chunk_size < 1
@@ -476,6 +485,7 @@ def _validate(x, w, b, labels, where, class_weights, label_smoothing, z_loss, so
     return x, w, b, labels, where, class_weights, accum_dtype
 
 
+@declare_op(per_example=("x", "labels"))
 def linear_softmax_cross_entropy(
     x: jax.Array,
     w: jax.Array,
@@ -548,4 +558,4 @@ def linear_softmax_cross_entropy(
         ("accum_dtype", accum_dtype),
         ("strategy", strategy),
     )
-    return _fused(options, x, w, b, labels, where, class_weights)
+    return _fused(options, x, w, labels, b, where, class_weights)

@@ -24,11 +24,17 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-__all__ = ["jacobian", "rules_of"]
+from ._op import positional_names
+
+__all__ = ["jacobian", "rules_of", "per_example_args"]
 
 
 def rules_of(op: Callable) -> tuple[Callable, Callable]:
-    """The ``(op_fwd, op_bwd)`` pair written beside a public jaxbp op."""
+    """The ``(op_fwd, op_bwd)`` pair of a public jaxbp op: ``op.rules`` when declared (see
+    :func:`jaxbp._op.declare_op`), else ``{op}_fwd``/``{op}_bwd`` beside it in its module."""
+    rules = getattr(op, "rules", None)
+    if rules is not None:
+        return tuple(rules)
     module = sys.modules.get(getattr(op, "__module__", ""), None)
     name = getattr(op, "__name__", "")
     fwd = getattr(module, name + "_fwd", None)
@@ -36,6 +42,18 @@ def rules_of(op: Callable) -> tuple[Callable, Callable]:
     if fwd is None or bwd is None:
         raise TypeError(f"op: expected a jaxbp op with _fwd/_bwd rules beside it, got {op!r}")
     return fwd, bwd
+
+
+def per_example_args(op: Callable) -> tuple[str, ...]:
+    """The names of ``op``'s per-example positional arguments, as the op declares them."""
+    names = getattr(op, "per_example_args", None)
+    if names is None:
+        raise TypeError(
+            f"op: {getattr(op, '__name__', op)!r} does not declare which arguments are "
+            "per-example; decorate it with jaxbp._op.declare_op(per_example=(...)) or set "
+            "op.per_example_args to a tuple of its positional parameter names"
+        )
+    return tuple(names)
 
 
 def _static_options(bwd: Callable, options: dict) -> dict:
@@ -61,11 +79,14 @@ def jacobian(op: Callable, *args, argnum: int = 0, **options) -> jax.Array:
     Returns:
       With output ``(n..., c)`` (or ``(n...)`` for a per-example loss) and the argument:
 
-      * batched argument (the first, or one of the first's shape, such as labels)
-        ``(n..., k)``: ``J (n..., c, k)`` (``(n..., k)`` for a loss),
-        ``J[n, c, k] = ∂out[n, c]/∂arg[n, k]``;
-      * unbatched argument (a weight ``(i, o)`` or a bias ``(o,)``): ``J (n..., c, i, o)``,
-        each example's output against the shared parameter.
+      * per-example argument ``(n..., k)`` (``x``, ``z``, ``logits``, probability
+        ``labels``, ``target``: the op's ``per_example_args``): ``J (n..., c, k)``
+        (``(n..., k)`` for a loss), ``J[n, c, k] = ∂out[n, c]/∂arg[n, k]``;
+      * shared parameter (a weight ``(i, o)`` or a bias ``(o,)``, whatever its shape):
+        ``J (n..., c, i, o)``, each example's output against the shared parameter.
+
+      Which is which comes from the op's declaration (``op.per_example_args``, set by
+      :func:`jaxbp._op.declare_op`), never from the shapes.
 
     Example (the softmax Jacobian from the softmax backward)::
 
@@ -75,6 +96,10 @@ def jacobian(op: Callable, *args, argnum: int = 0, **options) -> jax.Array:
       (5, 3, 3)
     """
     fwd, bwd = rules_of(op)
+    names = positional_names(op)
+    per_example = per_example_args(op)
+    if not 0 <= argnum < len(args):
+        raise ValueError(f"argnum: expected an index into the {len(args)} arguments, got {argnum}")
     # The public op validates; use it to fail early with the op's own messages.
     op(*args, **options)
     arg = jnp.asarray(args[argnum])
@@ -82,18 +107,24 @@ def jacobian(op: Callable, *args, argnum: int = 0, **options) -> jax.Array:
         raise TypeError(f"argnum: argument {argnum} has dtype {arg.dtype}, which has no Jacobian")
     out, res = fwd(*args, **options)
     static = _static_options(bwd, options)
-    first = jnp.asarray(args[0])
-    feat_nd = out.ndim - (first.ndim - 1)  # 1 for a layer (n,c), 0 for a loss (n,)
+    # Batching comes from the declaration, never from shapes: the first per-example argument
+    # is (n..., k), so the batch is its leading axes; a shared parameter (a weight (i, o), a
+    # bias (o,)) is shared whatever its shape, even when it equals an input's.
+    lead = jnp.asarray(args[names.index(per_example[0])])
+    feat_nd = out.ndim - (lead.ndim - 1)  # 1 for a layer (n,c), 0 for a loss (n,)
     batch, feat = out.shape[: out.ndim - feat_nd], out.shape[out.ndim - feat_nd :]
     n_feat = math.prod(feat)
-    # The first argument carries the batch; another is per-example only if it has its shape
-    # (labels, targets). A weight (i, o) is shared even when i happens to equal n.
-    batched = argnum == 0 or arg.shape == first.shape
+    batched = argnum < len(names) and names[argnum] in per_example
 
     def vjp_of(g):
         return bwd(res, g.astype(out.dtype), **static)[argnum]
 
     if batched:
+        if arg.shape[: len(batch)] != batch:
+            raise ValueError(
+                f"argnum: per-example argument {names[argnum]!r} must lead with the batch "
+                f"shape {batch}, got {arg.shape}"
+            )
         basis = jnp.eye(n_feat, dtype=out.dtype).reshape((n_feat, *feat))
         rows = jax.vmap(lambda e: vjp_of(jnp.broadcast_to(e, out.shape)))(basis)  # (c, n, k)
         rows = jnp.moveaxis(rows, 0, len(batch))  # (n, c, k)

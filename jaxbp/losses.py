@@ -35,6 +35,7 @@ float32 and the gradient in the logits' dtype.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +43,7 @@ import numpy as np
 from jax.experimental import checkify
 
 from . import _checks
-from ._op import custom_vjp_op
+from ._op import custom_vjp_op, declare_op
 
 __all__ = [
     "mse", "mse_fwd", "mse_bwd",
@@ -68,7 +69,10 @@ def _safe_mul(u, v):
 
 @jax.jit
 def mse_fwd(pred: jax.Array, target: jax.Array):
-    """Forward: ``loss (...,) = mean_c (pred − target)²``; returns ``(loss, (pred − target,))``."""
+    """Forward: ``loss (...,) = mean_c (pred − target)²``; returns ``(loss, (pred − target,))``.
+
+    Validates shapes and dtypes like :func:`mse`."""
+    _validate_mse(pred, target)
     diff = _acc(pred) - _acc(target)
     return jnp.mean(diff * diff, axis=-1), (diff.astype(pred.dtype),)
 
@@ -85,6 +89,7 @@ def mse_bwd(res, g: jax.Array):
 _mse = custom_vjp_op(mse_fwd, mse_bwd)
 
 
+@declare_op(per_example=("pred", "target"))
 def mse(pred: jax.Array, target: jax.Array) -> jax.Array:
     """Mean squared error over the last axis, per example.
 
@@ -96,13 +101,18 @@ def mse(pred: jax.Array, target: jax.Array) -> jax.Array:
     Returns:
       ``loss (n,)``, float32 for half-precision inputs.
     """
+    pred, target = _validate_mse(pred, target)
+    return _mse((), pred, target.astype(pred.dtype))
+
+
+def _validate_mse(pred, target):
     pred = _checks.floating("pred", pred)
     target = _checks.floating("target", target)
     _checks.min_rank("pred", pred, 1, "(..., c)")
     _checks.same_shape("target", target, "pred", pred)
     if pred.shape[-1] == 0:
         raise ValueError(f"pred: expected a non-empty last axis c, got shape {pred.shape}")
-    return _mse((), pred, target.astype(pred.dtype))
+    return pred, target
 
 
 # ------------------------------------------------------- sigmoid binary cross-entropy
@@ -110,7 +120,10 @@ def mse(pred: jax.Array, target: jax.Array) -> jax.Array:
 
 @jax.jit
 def sigmoid_binary_cross_entropy_fwd(logits: jax.Array, labels: jax.Array):
-    """Forward: ``loss = softplus(z) − y·z`` elementwise; returns ``(loss, (z, y))``."""
+    """Forward: ``loss = softplus(z) − y·z`` elementwise; returns ``(loss, (z, y))``.
+
+    Validates shapes and dtypes like :func:`sigmoid_binary_cross_entropy`."""
+    _validate_bce(logits, labels)
     z, y = _acc(logits), labels.astype(_acc(logits).dtype)
     loss = jnp.maximum(z, 0) - z * y + jnp.log1p(jnp.exp(-jnp.abs(z)))
     return loss, (logits, labels)
@@ -131,6 +144,7 @@ def sigmoid_binary_cross_entropy_bwd(res, g: jax.Array):
 _bce = custom_vjp_op(sigmoid_binary_cross_entropy_fwd, sigmoid_binary_cross_entropy_bwd)
 
 
+@declare_op(per_example=("logits", "labels"))
 def sigmoid_binary_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Binary cross-entropy on logits, elementwise (as optax; reduce it yourself).
 
@@ -144,12 +158,17 @@ def sigmoid_binary_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Ar
     Returns:
       ``loss`` of the shape of ``logits``, float32 for half-precision inputs.
     """
-    logits = _checks.floating("logits", logits)
-    labels = jnp.asarray(labels)
-    _checks.same_shape("labels", labels, "logits", logits)
+    logits, labels = _validate_bce(logits, labels)
     if labels.dtype == jnp.bool_:
         labels = labels.astype(jnp.int8)
     return _bce((), logits, labels)
+
+
+def _validate_bce(logits, labels):
+    logits = _checks.floating("logits", logits)
+    labels = jnp.asarray(labels)
+    _checks.same_shape("labels", labels, "logits", logits)
+    return logits, labels
 
 
 # -------------------------------------------------------------- softmax cross-entropy
@@ -222,7 +241,10 @@ def softmax_cross_entropy_fwd(
     """Forward: ``loss (n,)``; returns ``(loss, (logits, labels, where, class_weights, lse_s))``.
 
     Only ``lse_s = lse − max_c z (n,)`` is new in the residuals; ``p`` is recomputed from it.
+    Validates shapes, dtypes and options like :func:`softmax_cross_entropy` (label values
+    are not checked here: out-of-range ids give NaN rows).
     """
+    _validate_ce(logits, labels, where, class_weights, label_smoothing, ignore_index, z_loss)
     zs, u, valid, bad = _ce_parts(
         logits, labels, where, class_weights, label_smoothing, ignore_index
     )
@@ -330,10 +352,11 @@ def validate_ce_options(
             raise ValueError(
                 f"class_weights: expected shape ({letter},) = ({c},), got {class_weights.shape}"
             )
-    if not 0.0 <= float(label_smoothing) <= 1.0:
+    if not 0.0 <= _checks.static_number("label_smoothing", label_smoothing) <= 1.0:
         raise ValueError(f"label_smoothing: expected a float in [0, 1], got {label_smoothing!r}")
-    if float(z_loss) < 0.0:
-        raise ValueError(f"z_loss: expected a float ≥ 0, got {z_loss!r}")
+    if not 0.0 <= _checks.static_number("z_loss", z_loss) < math.inf:  # NaN fails too
+        raise ValueError(f"z_loss: expected a finite float ≥ 0, got {z_loss!r}")
+    _checks.static_int("ignore_index", ignore_index, allow_none=True)
     if ignore_index is not None and not isinstance(ignore_index, int | np.integer):
         raise TypeError(f"ignore_index: expected an int or None, got {ignore_index!r}")
     return where, class_weights
@@ -369,6 +392,7 @@ def check_label_range(labels, c, ignore_index=None, *, where=None, name="labels"
         )
 
 
+@declare_op(per_example=("logits", "labels"))
 def softmax_cross_entropy(
     logits: jax.Array,
     labels: jax.Array,

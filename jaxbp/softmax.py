@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _checks
-from ._op import custom_vjp_op
+from ._op import custom_vjp_op, declare_op
 
 __all__ = [
     "softmax", "softmax_fwd", "softmax_bwd",
@@ -46,6 +46,7 @@ __all__ = [
 def _validate(z, axis):
     z = _checks.floating("z", z)
     _checks.min_rank("z", z, 1, "(..., c)")
+    _checks.static_int("axis", axis)
     if not isinstance(axis, int) or not -z.ndim <= axis < z.ndim:
         raise ValueError(f"axis: expected an int in [{-z.ndim}, {z.ndim}), got {axis!r}")
     return z, axis % z.ndim
@@ -53,7 +54,8 @@ def _validate(z, axis):
 
 @functools.partial(jax.jit, static_argnames="axis")
 def softmax_fwd(z: jax.Array, *, axis: int = -1):
-    """Forward: ``s (..., c) = softmax(z)``; returns ``(s, (s,))``."""
+    """Forward: ``s (..., c) = softmax(z)``; returns ``(s, (s,))``. Validates like the op."""
+    z, axis = _validate(z, axis)
     zc = z.astype(_checks.accum_dtype(z.dtype))
     s = jax.nn.softmax(zc, axis=axis).astype(z.dtype)
     return s, (s,)
@@ -71,7 +73,8 @@ def softmax_bwd(res, g: jax.Array, *, axis: int = -1):
 
 @functools.partial(jax.jit, static_argnames="axis")
 def log_softmax_fwd(z: jax.Array, *, axis: int = -1):
-    """Forward: ``ℓ (..., c) = z − logΣₖe^{zₖ}``; returns ``(ℓ, (ℓ,))``."""
+    """Forward: ``ℓ (..., c) = z − logΣₖe^{zₖ}``; returns ``(ℓ, (ℓ,))``. Validates like the op."""
+    z, axis = _validate(z, axis)
     zc = z.astype(_checks.accum_dtype(z.dtype))
     out = jax.nn.log_softmax(zc, axis=axis).astype(z.dtype)
     return out, (out,)
@@ -91,6 +94,7 @@ _softmax = custom_vjp_op(softmax_fwd, softmax_bwd)
 _log_softmax = custom_vjp_op(log_softmax_fwd, log_softmax_bwd)
 
 
+@declare_op(per_example=("z",))
 def softmax(z: jax.Array, *, axis: int = -1) -> jax.Array:
     """Softmax along ``axis``: ``z (..., c) → s (..., c)``, rows summing to 1.
 
@@ -105,6 +109,7 @@ def softmax(z: jax.Array, *, axis: int = -1) -> jax.Array:
     return _softmax((("axis", axis),), z)
 
 
+@declare_op(per_example=("z",))
 def log_softmax(z: jax.Array, *, axis: int = -1) -> jax.Array:
     """Log-softmax along ``axis``: ``z (..., c) → z − logΣe^z (..., c)``.
 

@@ -244,3 +244,105 @@ ALL_CASES = DENSE_CASES + ACTIVATION_CASES + SOFTMAX_CASES + LOSS_CASES + CE_CAS
 
 # Dtypes of the manual-vs-reference comparison, with EDGE_CASES.md tolerances (helpers.TOL).
 DTYPES = [jnp.float64, jnp.float32, jnp.bfloat16]
+
+
+# ------------------------------------------------- every public op, square shapes (contract)
+
+S = 3  # n = i = o = c = d = v: square on purpose, so no shape tells a weight from an input
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """Positional arguments for a public op, all ``S``-sized: ``make(rng) -> tuple``.
+
+    ``per_example`` names the positional arguments that hold one row per example (written
+    here, independently of the op's own declaration); the others are shared parameters.
+    """
+
+    id: str
+    make: Callable[[np.random.Generator], tuple]
+    per_example: tuple[str, ...]
+    options: dict = dataclasses.field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return self.id
+
+    def args(self, seed: int = 0) -> tuple:
+        out = []
+        for a in self.make(np.random.default_rng(seed)):
+            out.append(None if a is None else jnp.asarray(a))
+        return tuple(out)
+
+
+def _sq(*shapes):
+    return lambda rng: tuple(away_from_zero(rng, s) for s in shapes)
+
+
+def _sq_ids(rng):
+    return rng.integers(0, S, size=(S,)).astype(np.int32)
+
+
+_Z = ((S, S),)
+OP_EXAMPLES: dict[str, list[Example]] = {
+    "dense": [
+        Example("dense", _sq((S, S), (S, S), (S,)), ("x",)),
+        Example("dense-nobias", _sq((S, S), (S, S)), ("x",)),
+    ],
+    **{
+        name: [Example(name, _sq(*_Z), ("z",))]
+        for name in ("relu", "sigmoid", "tanh", "softplus", "softmax", "log_softmax")
+    },
+    "leaky_relu": [Example("leaky_relu", _sq(*_Z), ("z",), {"negative_slope": 0.2})],
+    "gelu": [
+        Example("gelu-tanh", _sq(*_Z), ("z",), {"approximate": True}),
+        Example("gelu-erf", _sq(*_Z), ("z",), {"approximate": False}),
+    ],
+    "mse": [Example("mse", _sq((S, S), (S, S)), ("pred", "target"))],
+    "sigmoid_binary_cross_entropy": [
+        Example(
+            "bce-probs",
+            lambda rng: (away_from_zero(rng, (S, S)), rng.uniform(0, 1, (S, S))),
+            ("logits", "labels"),
+        )
+    ],
+    "softmax_cross_entropy": [
+        Example(
+            "ce-probs",
+            lambda rng: (away_from_zero(rng, (S, S)), probabilities(rng, (S, S))),
+            ("logits", "labels"),
+            {"label_smoothing": 0.1},
+        ),
+        Example("ce-ids", lambda rng: (away_from_zero(rng, (S, S)), _sq_ids(rng)),
+                ("logits", "labels")),
+    ],
+    "linear_softmax_cross_entropy": [
+        Example(
+            "fused",
+            lambda rng: (*_sq((S, S), (S, S))(rng), _sq_ids(rng), away_from_zero(rng, (S,))),
+            ("x", "labels"),
+        ),
+        Example("fused-nobias", lambda rng: (*_sq((S, S), (S, S))(rng), _sq_ids(rng)),
+                ("x", "labels"), {"z_loss": 1e-2}),
+    ],
+}  # fmt: skip
+
+
+def public_ops_with_rules() -> list[str]:
+    """Every name in ``jaxbp.__all__`` with ``_fwd`` and ``_bwd`` rules beside it."""
+    return sorted(
+        n
+        for n in jaxbp.__all__
+        if not n.endswith(("_fwd", "_bwd"))
+        and hasattr(jaxbp, n + "_fwd")
+        and hasattr(jaxbp, n + "_bwd")
+    )
+
+
+def op_examples(name: str) -> list[Example]:
+    """The examples of op ``name``; a public op without any is an error, never a skip."""
+    if name not in OP_EXAMPLES:
+        raise LookupError(
+            f"jaxbp.{name} has _fwd/_bwd rules but no entry in tests/settings.py OP_EXAMPLES: "
+            "add its square-shaped example arguments there"
+        )
+    return OP_EXAMPLES[name]

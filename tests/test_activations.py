@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.special
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -48,8 +49,8 @@ def test_property_any_shape_scale_and_option_matches_reference(
 ):
     options = _OPTIONS[name][which % len(_OPTIONS[name])]
     if name == "gelu":
-        # Far left, gelu is ~z·e^{-z²/2} computed as z·(1 + tanh(·)) by both codes: the
-        # cancellation, not the rule, sets the error, so keep |z| ≤ 3 for the 1e-12 bound.
+        # Far left, the reference (jax.nn.gelu) computes z·(1 + tanh(·)): its cancellation,
+        # not the rule, sets the error there, so keep |z| ≤ 3 for the 1e-12 bound.
         scale = min(scale, 1.5)
     case = Case(
         "h",
@@ -113,3 +114,63 @@ def test_activation_grad_has_input_dtype_for_bfloat16():
         f = getattr(jaxbp, name)
         g = jax.grad(lambda z, f=f: jnp.sum(f(z).astype(jnp.float32)))(z)
         assert g.dtype == jnp.bfloat16, name
+
+
+# ------------------------------------------------------------------ GELU far into the tails
+# Oracles in float64 from scipy, at the very float32 points the op sees:
+#   exact  x·Φ(x),  Φ = scipy.special.ndtr;  derivative Φ(x) + x·φ(x)
+#   tanh   x·σ(v),  v = 2√(2/π)(x + 0.044715x³), σ = scipy.special.expit (so ½(1 + tanh(v/2))
+#          without its cancellation);  derivative σ(v) + x·σ(v)σ(−v)·v'
+_GELU_Z32 = np.linspace(-12.0, 5.0, 1701).astype(np.float32)
+_TINY32 = float(np.finfo(np.float32).tiny)
+
+
+def _gelu_oracle(approximate):
+    x = _GELU_Z32.astype(np.float64)
+    if approximate:
+        v = 2.0 * np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)
+        dv = 2.0 * np.sqrt(2.0 / np.pi) * (1.0 + 3 * 0.044715 * x**2)
+        s = scipy.special.expit(v)
+        terms = (s, x * s * scipy.special.expit(-v) * dv)
+        # Where σ(v) itself is below float32's normal range the float32 result is ~0.
+        representable = s > 2 * _TINY32
+    else:
+        terms = (scipy.special.ndtr(x), x * np.exp(-0.5 * x * x) / np.sqrt(2.0 * np.pi))
+        representable = np.ones_like(x, bool)
+    return x * terms[0], terms, representable
+
+
+def _gelu_value_and_grad(approximate):
+    def f(z):
+        return jaxbp.gelu(z, approximate=approximate)
+
+    return jax.jit(lambda z: (f(z), jax.vmap(jax.grad(f))(z)))
+
+
+_GELU_VG = {a: _gelu_value_and_grad(a) for a in (True, False)}
+
+
+@pytest.mark.parametrize("approximate", [False, True], ids=["erf", "tanh"])
+def test_gelu_float32_value_and_derivative_keep_relative_precision_from_minus_12_to_5(approximate):
+    value, terms, ok = _gelu_oracle(approximate)
+    got, dgot = (np.asarray(a, np.float64) for a in _GELU_VG[approximate](_GELU_Z32))
+    assert got.dtype == dgot.dtype == np.float64  # (cast above; the op ran in float32)
+    assert ok.sum() > 1400  # [−10, 5] at least (tanh form), all of [−12, 5] (exact form)
+    np.testing.assert_allclose(got[ok], value[ok], rtol=2e-5, atol=0)
+    # The derivative crosses 0 near z = −0.75 (a sum of two terms of opposite sign): there
+    # relative error is measured against the size of the terms, |Φ| + |z·φ|.
+    deriv, scale = terms[0] + terms[1], np.abs(terms[0]) + np.abs(terms[1])
+    err = np.abs(dgot - deriv)
+    assert np.all(err[ok] <= 2e-5 * scale[ok]), _GELU_Z32[ok][np.argmax(err[ok] / scale[ok])]
+    # Below float32's normal range: 0 or a denormal, never a wrong sign or a large value.
+    assert np.all(np.abs(got[~ok]) <= 1e-34) and np.all(np.abs(dgot[~ok]) <= 1e-34)
+    assert np.all(got[~ok] <= 0.0)
+
+
+def test_exact_gelu_far_left_tail_values_match_x_times_phi():
+    # −5.294529 once came out −7.89e-07 (true −3.16e-07) and −6 came out −0.0 (true −5.9e-09).
+    z = np.asarray([-5.294529, -6.0, -8.0], np.float32)
+    expected = z.astype(np.float64) * scipy.special.ndtr(z.astype(np.float64))
+    assert abs(expected[0] + 3.16e-07) < 1e-9 and abs(expected[1] + 5.9e-09) < 1e-10
+    got = np.asarray(jaxbp.gelu(jnp.asarray(z), approximate=False), np.float64)
+    np.testing.assert_allclose(got, expected, rtol=2e-5)

@@ -15,17 +15,27 @@ import numpy as np
 import pytest
 
 import jaxbp
-from jaxbp._op import custom_vjp_op
+from jaxbp._op import custom_vjp_op, positional_names
 from jaxbp.jacobian import rules_of
 from tests.helpers import assert_close
-from tests.settings import ALL_CASES, cotangent, grad_of
+from tests.settings import (
+    ALL_CASES,
+    OP_EXAMPLES,
+    cotangent,
+    grad_of,
+    op_examples,
+    public_ops_with_rules,
+)
 
 OPS = sorted({c.name for c in ALL_CASES})
 # One case per op: the first one in the settings lists.
 FIRST = {name: next(c for c in ALL_CASES if c.name == name) for name in OPS}
+# Every public op with rules beside it, found in jaxbp.__all__ (a new op is picked up here
+# and must get its examples in tests/settings.py OP_EXAMPLES, or these tests fail).
+PUBLIC = public_ops_with_rules()
 
 
-@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("name", PUBLIC)
 def test_every_op_has_jitted_fwd_and_bwd_and_a_reference_with_the_same_signature(name):
     op = getattr(jaxbp, name)
     fwd, bwd = rules_of(op)
@@ -176,3 +186,88 @@ def test_forward_mode_is_not_supported_and_reference_is_the_way():
         jax.jvp(jaxbp.softmax, (z,), (z,))
     _, tangent = jax.jvp(jaxbp.reference.softmax, (z,), (z,))
     assert tangent.shape == (2, 3)
+
+
+# ------------------------------------------- fwd/bwd take and give the op's arguments, in order
+
+
+def test_every_public_op_has_examples_and_no_example_is_stale():
+    missing = [n for n in PUBLIC if n not in OP_EXAMPLES]
+    assert not missing, f"public ops without examples in tests/settings.py OP_EXAMPLES: {missing}"
+    stale = sorted(set(OP_EXAMPLES) - set(PUBLIC))
+    assert not stale, f"OP_EXAMPLES names no public op with rules: {stale}"
+    assert {"dense", "softmax_cross_entropy", "linear_softmax_cross_entropy"} <= set(PUBLIC)
+
+
+@pytest.mark.parametrize("name", PUBLIC)
+def test_fwd_takes_the_ops_positional_arguments_in_the_ops_order(name):
+    op, (fwd, bwd) = getattr(jaxbp, name), rules_of(getattr(jaxbp, name))
+    op_args, fwd_args = positional_names(op), positional_names(fwd)
+    assert fwd_args[: len(op_args)] == op_args, (op_args, fwd_args)
+    # Anything after them is an optional array option (where, class_weights).
+    params = inspect.signature(fwd).parameters
+    assert all(params[a].default is None for a in fwd_args[len(op_args) :]), fwd_args
+    assert positional_names(bwd) == ("res", "g")
+
+
+@pytest.mark.parametrize("name", PUBLIC)
+def test_op_declares_which_positional_arguments_are_per_example(name):
+    op = getattr(jaxbp, name)
+    for example in op_examples(name):
+        assert tuple(op.per_example_args) == example.per_example, example.id
+    assert set(op.per_example_args) <= set(positional_names(op))
+
+
+def _examples():
+    for name in PUBLIC:
+        if name not in OP_EXAMPLES:  # the test fails on it (op_examples raises), never a skip
+            yield pytest.param(name, None, id=f"{name}-MISSING")
+        for ex in OP_EXAMPLES.get(name, []):
+            yield pytest.param(name, ex, id=ex.id)
+
+
+@pytest.mark.parametrize(("name", "example"), list(_examples()))
+def test_fwd_with_the_ops_positional_args_and_bwd_give_one_cotangent_per_argument(name, example):
+    if example is None:
+        op_examples(name)  # raises LookupError naming the op and the table to extend
+    op, ref = getattr(jaxbp, name), getattr(jaxbp.reference, name)
+    fwd, bwd = rules_of(op)
+    args, opts = example.args(), example.options
+    out, res = fwd(*args, **opts)
+    assert_close(out, op(*args, **opts), jnp.float64)
+    g = cotangent(out)
+    cts = bwd(res, g, **opts)
+    assert len(cts) == len(positional_names(fwd)), (len(cts), positional_names(fwd))
+    # The reference's cotangents, in the op's order: with square shapes (x and w both
+    # (3, 3)) only the right order matches.
+    floats = [k for k, a in enumerate(args) if a is not None and jnp.issubdtype(a.dtype, float)]
+
+    def of_floats(*fl):
+        full = list(args)
+        for k, a in zip(floats, fl, strict=True):
+            full[k] = a
+        return ref(*full, **opts)
+
+    _, vjp = jax.vjp(of_floats, *(args[k] for k in floats))
+    expected = dict(zip(floats, vjp(g), strict=True))
+    for k, ct in enumerate(cts):
+        if k in expected:
+            assert ct is not None and ct.shape == args[k].shape and ct.dtype == args[k].dtype
+            assert_close(ct, expected[k], jnp.float64, name=f"cotangent {k}")
+        else:  # integer labels, an absent bias, where, class_weights not given
+            assert ct is None, (k, ct)
+
+
+def test_jacobian_of_linear_softmax_cross_entropy_takes_the_ops_argument_order():
+    """jaxbp.jacobian(op, x, w, y) once failed: the rules took (x, w, b, labels)."""
+    rng = np.random.default_rng(0)
+    x, w = jnp.asarray(rng.normal(size=(4, 3))), jnp.asarray(rng.normal(size=(3, 5)))
+    y = jnp.asarray([0, 4, 2, 1])
+    J = jaxbp.jacobian(jaxbp.linear_softmax_cross_entropy, x, w, y)
+    assert J.shape == (4, 3)
+    # ∂loss[n]/∂x[n] = w·(p[n] − onehot(y[n]))
+    dz = jax.nn.softmax(x @ w) - jax.nn.one_hot(y, 5, dtype=x.dtype)
+    assert_close(J, dz @ w.T, jnp.float64)
+    Jw = jaxbp.jacobian(jaxbp.linear_softmax_cross_entropy, x, w, y, argnum=1)
+    assert Jw.shape == (4, 3, 5)
+    assert_close(Jw, jnp.einsum("nd,nv->ndv", x, dz), jnp.float64)

@@ -399,3 +399,94 @@ def test_float32_stays_float32_without_x64():
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
     )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+# ------------------------------------------------ static options: Python numbers, in range
+
+_X3, _W3, _Y3 = jnp.ones((3, 4)), jnp.ones((4, 5)), jnp.asarray([0, 1, 2])
+
+# (option, a call taking the option's value): each option is static, fixed at trace time.
+_STATIC_OPTIONS = {
+    "negative_slope": lambda s: jaxbp.leaky_relu(Z, negative_slope=s),
+    "approximate": lambda s: jaxbp.gelu(Z, approximate=s),
+    "axis": lambda s: jaxbp.softmax(Z, axis=s),
+    "axis-log_softmax": lambda s: jaxbp.log_softmax(Z, axis=s),
+    "label_smoothing": lambda s: CE(Z, jnp.asarray([0, 1, 2, 0]), label_smoothing=s),
+    "z_loss": lambda s: CE(Z, jnp.asarray([0, 1, 2, 0]), z_loss=s),
+    "ignore_index": lambda s: CE(Z, jnp.asarray([0, 1, 2, 0]), ignore_index=s),
+    "label_smoothing-fused": lambda s: jaxbp.linear_softmax_cross_entropy(
+        _X3, _W3, _Y3, label_smoothing=s
+    ),
+    "z_loss-fused": lambda s: jaxbp.linear_softmax_cross_entropy(_X3, _W3, _Y3, z_loss=s),
+    "softcap": lambda s: jaxbp.linear_softmax_cross_entropy(_X3, _W3, _Y3, softcap=s),
+    "chunk_size": lambda s: jaxbp.linear_softmax_cross_entropy(_X3, _W3, _Y3, chunk_size=s),
+}
+_GOOD = {"approximate": True, "axis": 0, "ignore_index": 1, "chunk_size": 2}
+
+
+@pytest.mark.parametrize("key", sorted(_STATIC_OPTIONS))
+def test_static_option_given_a_traced_value_raises_type_error_naming_it(key):
+    option = key.split("-")[0]
+    call = _STATIC_OPTIONS[key]
+    value = _GOOD.get(option, 0.1)
+    call(value)  # a Python constant is fine
+    with pytest.raises(TypeError, match=rf"{option}: must be a Python (number|int|bool)"):
+        jax.jit(call)(value)
+
+
+def test_leaky_relu_traced_negative_slope_message_says_python_number():
+    with pytest.raises(TypeError, match="negative_slope: must be a Python number"):
+        jax.jit(lambda s: jaxbp.leaky_relu(Z, negative_slope=s))(0.1)
+    with pytest.raises(TypeError, match="negative_slope"):
+        jaxbp.leaky_relu(Z, negative_slope="0.1")
+    with pytest.raises(TypeError, match="approximate"):
+        jaxbp.gelu(Z, approximate="yes")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -1.0, -np.inf], ids=str)
+@pytest.mark.parametrize("op", ["ce", "fused"])
+def test_z_loss_nan_inf_or_negative_raises_value_error(op, bad):
+    with pytest.raises(ValueError, match="z_loss"):
+        if op == "ce":
+            CE(Z, jnp.asarray([0, 1, 2, 0]), z_loss=bad)
+        else:
+            jaxbp.linear_softmax_cross_entropy(_X3, _W3, _Y3, z_loss=bad)
+
+
+@pytest.mark.parametrize("bad", [np.nan, -0.5, 1.5], ids=str)
+def test_label_smoothing_nan_or_outside_0_1_raises_value_error(bad):
+    with pytest.raises(ValueError, match="label_smoothing"):
+        CE(Z, jnp.asarray([0, 1, 2, 0]), label_smoothing=bad)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 0.0, -1.0], ids=str)
+def test_softcap_nan_inf_or_not_positive_raises_value_error(bad):
+    with pytest.raises(ValueError, match="softcap"):
+        jaxbp.linear_softmax_cross_entropy(_X3, _W3, _Y3, softcap=bad)
+
+
+# (fwd, bad positional arguments, options, error type, argument named in the message)
+_FWD_BAD = [
+    ("softmax_fwd", (jnp.arange(3),), {}, TypeError, "z"),
+    ("softmax_fwd", (Z,), {"axis": 2}, ValueError, "axis"),
+    ("log_softmax_fwd", (jnp.ones(()),), {}, ValueError, "z"),
+    ("relu_fwd", (jnp.arange(3),), {}, TypeError, "z"),
+    ("leaky_relu_fwd", (Z,), {"negative_slope": "x"}, TypeError, "negative_slope"),
+    ("dense_fwd", (jnp.ones((2, 3)), jnp.ones((4, 5))), {}, ValueError, "x"),
+    ("mse_fwd", (jnp.ones((2, 3)), jnp.ones((2, 1))), {}, ValueError, "target"),
+    ("sigmoid_binary_cross_entropy_fwd", (Z, jnp.ones((4, 2))), {}, ValueError, "labels"),
+    ("softmax_cross_entropy_fwd", (Z, jnp.asarray([0, 1])), {}, ValueError, "labels"),
+    ("softmax_cross_entropy_fwd", (Z, jnp.asarray([0, 1, 2, 0])), {"z_loss": -1.0}, ValueError,
+     "z_loss"),
+    ("linear_softmax_cross_entropy_fwd", (_X3, _W3, _Y3[:2]), {}, ValueError, "labels"),
+    ("linear_softmax_cross_entropy_fwd", (_X3, _W3, _Y3), {"softcap": -1.0}, ValueError,
+     "softcap"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("fwd", "args", "options", "error", "name"), _FWD_BAD, ids=[f"{c[0]}-{c[4]}" for c in _FWD_BAD]
+)
+def test_fwd_rules_validate_their_inputs_like_the_ops(fwd, args, options, error, name):
+    with pytest.raises(error, match=name):
+        getattr(jaxbp, fwd)(*args, **options)

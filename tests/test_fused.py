@@ -318,9 +318,9 @@ def test_fused_fwd_bwd_rules_match_grad_and_save_no_logits(strategy):
     arrays, _ = _problem(6, 3, 40)
     x, w, b, lab = arrays["x"], arrays["w"], arrays["b"], arrays["labels"]
     g = _upstreams((6,))["random"]
-    loss, res = fused.linear_softmax_cross_entropy_fwd(x, w, b, lab, strategy=strategy,
+    loss, res = fused.linear_softmax_cross_entropy_fwd(x, w, lab, b, strategy=strategy,
                                                         chunk_size=4)  # fmt: skip
-    dx, dw, db, dlab, dwhere, dcw = fused.linear_softmax_cross_entropy_bwd(
+    dx, dw, dlab, db, dwhere, dcw = fused.linear_softmax_cross_entropy_bwd(
         res, g, strategy=strategy, chunk_size=4
     )
     assert dlab is None and dwhere is None and dcw is None

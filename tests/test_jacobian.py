@@ -1,5 +1,7 @@
 """Explicit Jacobians: softmax_jacobian and jaxbp.jacobian vs vmap(jacrev(reference op))."""
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,13 @@ import pytest
 import jaxbp
 from jaxbp.jacobian import rules_of
 from tests.helpers import assert_close
-from tests.settings import away_from_zero, probabilities
+from tests.settings import (
+    OP_EXAMPLES,
+    away_from_zero,
+    op_examples,
+    probabilities,
+    public_ops_with_rules,
+)
 
 N, I, O, C = 3, 4, 2, 5
 RNG = np.random.default_rng(0)
@@ -143,3 +151,106 @@ def test_rules_of_rejects_a_function_without_rules():
     with pytest.raises(TypeError, match="op"):
         rules_of(jnp.sin)
     assert rules_of(jaxbp.softmax) == (jaxbp.softmax_fwd, jaxbp.softmax_bwd)
+
+
+# ------------------------------------------------ every public op, with n = i = o = c
+
+
+def _square_cases():
+    for name in public_ops_with_rules():
+        if name not in OP_EXAMPLES:  # the test fails on it (op_examples raises), never a skip
+            yield pytest.param(name, None, 0, id=f"{name}-MISSING")
+        for ex in OP_EXAMPLES.get(name, []):
+            args = ex.args()
+            for k, a in enumerate(args):
+                if a is not None and jnp.issubdtype(a.dtype, jnp.floating):
+                    yield pytest.param(name, ex, k, id=f"{ex.id}-arg{k}")
+
+
+@pytest.mark.parametrize(("name", "example", "argnum"), list(_square_cases()))
+def test_jacobian_with_square_shapes_matches_jacrev_of_reference(name, example, argnum):
+    """n = i = o = c: batching must come from the op's declaration, not from shapes."""
+    if example is None:
+        op_examples(name)  # raises LookupError naming the op and the table to extend
+    op, ref = getattr(jaxbp, name), getattr(jaxbp.reference, name)
+    args = example.args()
+    J = jaxbp.jacobian(op, *args, argnum=argnum, **example.options)
+
+    def of_arg(a):
+        return ref(*args[:argnum], a, *args[argnum + 1 :], **example.options)
+
+    full = np.asarray(jax.jit(jax.jacrev(of_arg))(args[argnum]))  # out.shape + arg.shape
+    out_shape = of_arg(args[argnum]).shape
+    n = out_shape[0]
+    param = list(inspect.signature(op).parameters)[argnum]
+    if param in example.per_example:
+        # full[m, ..., m', ...]: examples are independent, so only m = m' blocks are non-zero.
+        rows = np.arange(n)
+        if len(out_shape) == 1:  # a per-example loss (n,)
+            blocks = full[rows, rows]  # (n, k)
+        else:
+            blocks = full[rows, :, rows]  # (n, c, k)
+        off = full.copy()
+        if len(out_shape) == 1:
+            off[rows, rows] = 0.0
+        else:
+            off[rows, :, rows] = 0.0
+        np.testing.assert_array_equal(off, 0.0)
+        expected = blocks
+    else:
+        expected = full  # a shared parameter: every example's output against all of it
+    assert J.shape == expected.shape, (J.shape, expected.shape)
+    assert_close(J, expected, jnp.float64)
+
+
+def test_jacobian_of_dense_square_weight_keeps_the_batch_axis():
+    """The reported case: x (3, 3), w (3, 3), b (3,) gives J (n, o, i, o) = (3, 3, 3, 3)."""
+    x, w, b = (jnp.asarray(RNG.normal(size=s)) for s in [(3, 3), (3, 3), (3,)])
+    J = jaxbp.jacobian(jaxbp.dense, x, w, b, argnum=1)
+    assert J.shape == (3, 3, 3, 3)
+    # ∂y[n, o]/∂w[i, o'] = x[n, i]·δ(o, o')
+    expected = np.einsum("ni,op->nopi", np.asarray(x), np.eye(3)).transpose(0, 1, 3, 2)
+    np.testing.assert_allclose(J, expected, atol=1e-15)
+
+
+def test_jacobian_of_an_undeclared_op_raises_type_error_saying_how_to_declare():
+    def my_op(x):
+        return x
+
+    my_op.rules = (jaxbp.relu_fwd, jaxbp.relu_bwd)
+    with pytest.raises(TypeError, match="per_example"):
+        jaxbp.jacobian(my_op, Z)
+
+
+def test_a_user_built_op_declares_its_batching_and_rules():
+    from jaxbp._op import custom_vjp_op, declare_op
+
+    def scale_fwd(x, s):
+        return x * s, (x, s)
+
+    def scale_bwd(res, g):
+        x, s = res
+        return g * s, jnp.sum(g * x, axis=0)
+
+    core = custom_vjp_op(scale_fwd, scale_bwd)
+
+    @declare_op(per_example=("x",), fwd=scale_fwd, bwd=scale_bwd)
+    def scale(x, s):
+        """``x (n, c) ⊙ s (c,)``."""
+        return core((), x, s)
+
+    x = jnp.asarray(RNG.normal(size=(3, 3)))
+    s = jnp.asarray(RNG.normal(size=(3,)))
+    assert rules_of(scale) == (scale_fwd, scale_bwd)
+    np.testing.assert_allclose(jaxbp.jacobian(scale, x, s), jax.vmap(jnp.diag)(
+        jnp.broadcast_to(s, (3, 3))), atol=0)  # fmt: skip
+    Js = jaxbp.jacobian(scale, x, s, argnum=1)  # (n, c, c): ∂(x s)[n, c]/∂s[c'] = x[n, c]δ
+    assert Js.shape == (3, 3, 3)
+    np.testing.assert_allclose(Js, jax.vmap(jnp.diag)(x), atol=0)
+
+
+def test_declare_op_rejects_names_that_are_not_positional_parameters():
+    from jaxbp._op import declare_op
+
+    with pytest.raises(ValueError, match="per_example"):
+        declare_op(per_example=("y",))(lambda x, w: x)
