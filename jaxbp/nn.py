@@ -32,6 +32,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import _checks
 from .activations import ACTIVATIONS
@@ -196,7 +197,7 @@ class MLP:
         for layer, (p, i, o) in enumerate(
             zip(params, self.sizes[:-1], self.sizes[1:], strict=True)
         ):
-            w, b = jnp.shape(p["w"]), jnp.shape(p["b"])
+            w, b = np.shape(p["w"]), np.shape(p["b"])
             if w != (i, o) or b != (o,):
                 raise ValueError(
                     f"params[{layer}]: expected w {(i, o)} and b {(o,)}, got w {w} and b {b}"
@@ -231,8 +232,8 @@ class MLP:
             labels = _checks.floating("labels", labels)
             if labels.shape != (n, c):
                 raise ValueError(f"labels: expected shape (n, c) = {(n, c)}, got {labels.shape}")
-            if where is not None and jnp.shape(where) != (n,):
-                raise ValueError(f"where: expected shape (n,) = ({n},), got {jnp.shape(where)}")
+            if where is not None and np.shape(where) != (n,):
+                raise ValueError(f"where: expected shape (n,) = ({n},), got {np.shape(where)}")
             if class_weights is not None:
                 raise ValueError(f"class_weights: only for softmax_cross_entropy, not {self.loss}")
         if where is not None:
