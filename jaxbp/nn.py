@@ -356,6 +356,7 @@ def value_and_grad(model: MLP) -> Callable:
     validated with clear errors before tracing, and integer labels out of range raise when
     they are concrete (under an outer ``jit`` their rows make the loss NaN instead).
 
-    Shapes: ``x (n, i)``, ``labels (n,)`` ids or ``(n, c)``, ``where (n,)`` bool.
+    Shapes: ``x (n, i)``, ``labels (n,)`` ids or ``(n, c)``, ``where (n,)`` bool. Any
+    input may be a JAX array, a NumPy array or a (nested) Python list.
     """
     return _checked_entry(model, _manual_value_and_grad)
