@@ -15,7 +15,7 @@ backward walks the layers in reverse, feeding each ``_bwd`` the gradient from th
 
 No ``jax.grad``, ``jax.vjp`` or ``custom_vjp`` dispatch runs inside :func:`value_and_grad`:
 the loop *is* backpropagation. :func:`jaxbp.reference.value_and_grad` computes the same
-through ``jax.value_and_grad`` of the plain-jnp network, for comparison.
+through ``jax.value_and_grad`` of a plain-jnp network of its own, for comparison.
 
 The mean is over valid rows (``where`` / ``ignore_index``); if every row is masked the loss
 and every gradient are 0 (PyTorch returns NaN there; we prefer a step that does nothing).
@@ -25,24 +25,35 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import _checks
 from .activations import ACTIVATIONS
 from .dense import dense_bwd, dense_bwd_params, dense_fwd
 from .jacobian import rules_of
-from .losses import _validate_ce, check_label_range, valid_rows
+from .losses import _validate_ce, check_label_range, valid_rows, validate_ce_options
 
 __all__ = ["MLP", "LOSSES", "Params", "backward", "forward", "forward_backward", "value_and_grad"]
 
 Params = list[dict[str, jax.Array]]
 
 LOSSES = ("softmax_cross_entropy", "sigmoid_binary_cross_entropy", "mse")
+
+
+CE_OPTIONS = ("label_smoothing", "z_loss", "ignore_index")
+
+
+def _keyword_options(fn) -> tuple[str, ...]:
+    """The keyword-only options of an activation (``negative_slope``, ``approximate``)."""
+    params = inspect.signature(fn).parameters.values()
+    return tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
 
 def _frozen(options: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
@@ -91,6 +102,28 @@ class MLP:
                 object.__setattr__(self, name, _frozen(value))
         if self.loss != "softmax_cross_entropy" and self.loss_options:
             raise ValueError(f"loss_options: {self.loss} takes no options, got {self.loss_options}")
+        self._check_options()
+
+    def _check_options(self):
+        """Unknown option names and bad option values fail here, when the model is built."""
+        act_keys = _keyword_options(ACTIVATIONS[self.activation])
+        for name, given, valid in (
+            ("activation_options", self.activation_options, act_keys),
+            ("loss_options", self.loss_options, CE_OPTIONS),
+        ):
+            unknown = sorted(k for k, _ in given if k not in valid)
+            if unknown:
+                what = self.activation if name == "activation_options" else self.loss
+                raise ValueError(
+                    f"{name}: unknown option {', '.join(map(repr, unknown))} for {what}; "
+                    f"expected some of {sorted(valid) or 'none'}"
+                )
+        if self.loss == "softmax_cross_entropy":
+            opts = dict(self.loss_options)
+            validate_ce_options(
+                (), self.sizes[-1], None, None, opts.get("label_smoothing", 0.0),
+                opts.get("ignore_index"), opts.get("z_loss", 0.0),
+            )  # fmt: skip
 
     @property
     def num_layers(self) -> int:
@@ -164,15 +197,24 @@ class MLP:
         for layer, (p, i, o) in enumerate(
             zip(params, self.sizes[:-1], self.sizes[1:], strict=True)
         ):
-            w, b = jnp.shape(p["w"]), jnp.shape(p["b"])
+            w, b = np.shape(p["w"]), np.shape(p["b"])
             if w != (i, o) or b != (o,):
                 raise ValueError(
                     f"params[{layer}]: expected w {(i, o)} and b {(o,)}, got w {w} and b {b}"
                 )
 
     def check_inputs(self, params, x, labels, where=None, class_weights=None):
-        """Validate shapes and dtypes (clear errors at trace time; label values when concrete)."""
+        """Validate shapes and dtypes (clear errors at trace time; label values when concrete).
+
+        Returns ``(params, x, labels, where, class_weights)`` as arrays: Python lists and
+        NumPy arrays are accepted wherever an array is.
+        """
         self._check_params(params)
+        params = type(params)(
+            {**p, "w": _checks.floating(f"params[{layer}]['w']", p["w"]),
+             "b": _checks.floating(f"params[{layer}]['b']", p["b"])}
+            for layer, p in enumerate(params)
+        )  # fmt: skip
         x = _checks.floating("x", x)
         if x.ndim != 2 or x.shape[1] != self.sizes[0]:
             raise ValueError(f"x: expected shape (n, {self.sizes[0]}), got {x.shape}")
@@ -190,10 +232,15 @@ class MLP:
             labels = _checks.floating("labels", labels)
             if labels.shape != (n, c):
                 raise ValueError(f"labels: expected shape (n, c) = {(n, c)}, got {labels.shape}")
-            if where is not None and jnp.shape(where) != (n,):
-                raise ValueError(f"where: expected shape (n,) = ({n},), got {jnp.shape(where)}")
+            if where is not None and np.shape(where) != (n,):
+                raise ValueError(f"where: expected shape (n,) = ({n},), got {np.shape(where)}")
             if class_weights is not None:
                 raise ValueError(f"class_weights: only for softmax_cross_entropy, not {self.loss}")
+        if where is not None:
+            where = jnp.asarray(where)
+        if class_weights is not None:
+            class_weights = _checks.floating("class_weights", class_weights)
+        return params, x, labels, where, class_weights
 
 
 def _ops(ops):
@@ -280,18 +327,6 @@ def _manual_value_and_grad(model, params, x, labels, where, class_weights):
     return loss, grads
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _reference_value_and_grad(model, params, x, labels, where, class_weights):
-    from . import reference
-
-    def loss(params):
-        return model.mean_loss(
-            params, x, labels, where=where, class_weights=class_weights, ops=reference
-        )
-
-    return jax.value_and_grad(loss)(params)
-
-
 def _checked_entry(model: MLP, run: Callable) -> Callable:
     """Validate (clear errors before tracing), then call the jitted ``run``.
 
@@ -300,8 +335,7 @@ def _checked_entry(model: MLP, run: Callable) -> Callable:
     """
 
     def value_and_grad_fn(params, x, labels, *, where=None, class_weights=None):
-        model.check_inputs(params, x, labels, where, class_weights)
-        return run(model, params, x, labels, where, class_weights)
+        return run(model, *model.check_inputs(params, x, labels, where, class_weights))
 
     # The jitted core without validation: (params, x, labels, where, class_weights).
     value_and_grad_fn.jitted = _bound(run, model)  # type: ignore[attr-defined]
@@ -322,11 +356,7 @@ def value_and_grad(model: MLP) -> Callable:
     validated with clear errors before tracing, and integer labels out of range raise when
     they are concrete (under an outer ``jit`` their rows make the loss NaN instead).
 
-    Shapes: ``x (n, i)``, ``labels (n,)`` ids or ``(n, c)``, ``where (n,)`` bool.
+    Shapes: ``x (n, i)``, ``labels (n,)`` ids or ``(n, c)``, ``where (n,)`` bool. Any
+    input may be a JAX array, a NumPy array or a (nested) Python list.
     """
     return _checked_entry(model, _manual_value_and_grad)
-
-
-def reference_value_and_grad(model: MLP) -> Callable:
-    """The same as :func:`value_and_grad`, through ``jax.value_and_grad`` of plain jnp."""
-    return _checked_entry(model, _reference_value_and_grad)

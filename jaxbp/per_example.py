@@ -62,9 +62,6 @@ __all__ = [
     "dense_per_example_grads",
     "dense_grad_sq_norms",
     "ghost_norm_is_cheaper",
-    "reference_per_example_grads",
-    "reference_per_example_grad_norms",
-    "reference_clipped_grad",
 ]
 
 CLIP_METHODS = ("bookkeeping", "two_pass")
@@ -219,8 +216,7 @@ def _wrap(model, run, name):
     run = functools.partial(run, model)
 
     def fn(params, x, labels, *, where=None, class_weights=None):
-        model.check_inputs(params, x, labels, where, class_weights)
-        return run(params, x, labels, where, class_weights)
+        return run(*model.check_inputs(params, x, labels, where, class_weights))
 
     fn.__name__ = name
     fn.jitted = run  # type: ignore[attr-defined]
@@ -245,7 +241,7 @@ def per_example_grads(model: MLP) -> Callable:
     Each leaf gets a leading batch axis: ``w (n, i, o)``, ``b (n, o)``. Row ``k`` is
     ``∇_θ ℓ_k``, the gradient of example ``k``'s *own* loss (unscaled: not divided by the
     batch size), and 0 for rows with ``where=False`` or ``ignore_index`` labels; it equals
-    ``jax.vmap(jax.grad(per-example loss))`` (:func:`reference_per_example_grads`). Built
+    ``jax.vmap(jax.grad(per-example loss))`` (:func:`jaxbp.reference.per_example_grads`). Built
     from one unit-seeded reverse loop: ``w = "ni,no->nio"(a, δ)``, ``b = δ``. Jitted.
     Memory is ``n`` times the parameters; for norms use :func:`per_example_grad_norms`.
     """
@@ -403,7 +399,7 @@ def clipped_grad(
 def _clipped_entry(model, core, l2_clip, noise_multiplier, return_loss) -> Callable:
     """The public DP-SGD function around ``core(noisy, params, x, labels, key, where,
     class_weights, l2_clip, noise_multiplier) -> (loss, grads, norms)``: checks the key
-    and the inputs, then calls the jitted core (shared by the manual and reference forms)."""
+    and the inputs, then calls the jitted core."""
     noisy = noise_multiplier > 0.0
 
     def run(params, x, labels, key, where, class_weights):
@@ -415,97 +411,33 @@ def _clipped_entry(model, core, l2_clip, noise_multiplier, return_loss) -> Calla
 
     def clipped_grad_fn(params, x, labels, key=None, where=None, class_weights=None):
         _check_key(key, noise_multiplier)
-        model.check_inputs(params, x, labels, where, class_weights)
+        params, x, labels, where, class_weights = model.check_inputs(
+            params, x, labels, where, class_weights
+        )
         return run(params, x, labels, key, where, class_weights)
 
     clipped_grad_fn.jitted = run  # type: ignore[attr-defined]
     return clipped_grad_fn
 
 
-# ---------------------------------------------------- references: vmap(grad) of plain jnp
+# The vmap(grad) references live in jaxbp.reference (per_example_grads, per_example_grad_norms,
+# clipped_grad). The old names below still resolve, with a warning, for existing callers.
+_MOVED = {
+    "reference_per_example_grads": "per_example_grads",
+    "reference_per_example_grad_norms": "per_example_grad_norms",
+    "reference_clipped_grad": "clipped_grad",
+}
 
 
-def _reference_grads(model, params, x, labels, where, class_weights):
-    from . import reference
+def __getattr__(name):
+    if name in _MOVED:
+        import importlib
+        import warnings
 
-    def loss_one(p, xk, yk):
-        return model.per_example_loss(
-            p, xk[None], yk[None], class_weights=class_weights, ops=reference
-        )[0]
-
-    grads = jax.vmap(jax.grad(loss_one), in_axes=(None, 0, 0))(params, x, labels)
-    valid = model.valid(labels, where, n=x.shape[0])
-    mask = lambda g: jnp.where(valid.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0.0)
-    return jax.tree.map(mask, grads), valid
-
-
-def _tree_norms(tree):
-    sq = sum(jnp.sum(_acc(g).reshape(g.shape[0], -1) ** 2, axis=-1) for g in jax.tree.leaves(tree))
-    return jnp.sqrt(sq)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _reference_grads_run(model, params, x, labels, where, class_weights):
-    return _reference_grads(model, params, x, labels, where, class_weights)[0]
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _reference_norms_run(model, params, x, labels, where, class_weights):
-    return _tree_norms(_reference_grads(model, params, x, labels, where, class_weights)[0])
-
-
-def reference_per_example_grads(model: MLP) -> Callable:
-    """Reference: ``jax.vmap(jax.grad(ℓ_k))`` of the plain-jnp network, 0 on masked rows."""
-    return _wrap(model, _reference_grads_run, "reference_per_example_grads")
-
-
-def reference_per_example_grad_norms(model: MLP) -> Callable:
-    """Reference: the L2 norms ``(n,)`` of the materialised ``vmap(grad)`` gradients."""
-    return _wrap(model, _reference_norms_run, "reference_per_example_grad_norms")
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _reference_clipped_run(
-    model, batch_size, noisy, params, x, labels, key, where, class_weights, l2_clip,
-    noise_multiplier,
-):  # fmt: skip
-    from . import reference
-
-    grads, valid = _reference_grads(model, params, x, labels, where, class_weights)
-    norms = _tree_norms(grads)
-    clip = jnp.asarray(l2_clip).astype(norms.dtype)
-    m = _denominator(valid, batch_size, norms.dtype)
-    factors = _clip_factors(norms, clip)
-
-    def clip_sum(g):
-        f = factors.astype(_acc(g).dtype).reshape((-1,) + (1,) * (g.ndim - 1))
-        return jnp.sum(f * _acc(g), axis=0)
-
-    summed = jax.tree.map(clip_sum, grads)
-    if noisy:
-        summed = _add_noise(summed, key, jnp.asarray(noise_multiplier).astype(norms.dtype) * clip)
-    out = jax.tree.map(lambda s, p: (s / m.astype(s.dtype)).astype(p.dtype), summed, params)
-    loss = model.mean_loss(
-        params, x, labels, where=where, class_weights=class_weights, ops=reference
-    )
-    return loss, out, norms
-
-
-def reference_clipped_grad(
-    model: MLP,
-    *,
-    l2_clip: float,
-    noise_multiplier: float = 0.0,
-    batch_size: int | None = None,
-    return_loss: bool = False,
-) -> Callable:
-    """Reference DP-SGD: materialise ``vmap(grad)``, clip each row, sum, add noise, divide.
-
-    Same signature, result and noise draws as :func:`clipped_grad`.
-    """
-    _check_model(model)
-    l2_clip, noise_multiplier = _check_clip_options(
-        l2_clip, noise_multiplier, batch_size, "bookkeeping"
-    )
-    core = functools.partial(_reference_clipped_run, model, batch_size)
-    return _clipped_entry(model, core, l2_clip, noise_multiplier, return_loss)
+        new = _MOVED[name]
+        warnings.warn(
+            f"jaxbp.per_example.{name} is deprecated: use jaxbp.reference.{new}",
+            DeprecationWarning, stacklevel=2,
+        )  # fmt: skip
+        return getattr(importlib.import_module("jaxbp.reference"), new)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

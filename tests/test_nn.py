@@ -358,3 +358,54 @@ def test_bad_model_configuration_is_a_clear_error():
         nn.MLP((3,))
     with pytest.raises(ValueError, match="loss_options"):
         nn.MLP((3, 2), "relu", "mse", loss_options={"label_smoothing": 0.1})
+
+
+# -------------------------------------------------------------------- inputs and options
+
+
+@pytest.mark.parametrize(
+    "vg", [jaxbp.value_and_grad, jaxbp.reference.value_and_grad], ids=["rules", "reference"]
+)
+def test_value_and_grad_accepts_lists_and_numpy_arrays(vg):
+    # As every op does: Python lists and NumPy arrays are arrays. The oracle is the same
+    # model on jnp arrays (checked against the reference above).
+    model, params, x, labels = _problem(activation="relu")
+    want = REF(model)(params, x, labels)
+    as_lists = [{"w": np.asarray(p["w"]).tolist(), "b": np.asarray(p["b"]).tolist()}
+                for p in params]  # fmt: skip
+    as_numpy = [{"w": np.asarray(p["w"]), "b": np.asarray(p["b"])} for p in params]
+    got_lists = vg(model)(as_lists, np.asarray(x).tolist(), np.asarray(labels).tolist())
+    got_numpy = vg(model)(as_numpy, np.asarray(x), np.asarray(labels))
+    assert_close(got_lists, want, jnp.float64)
+    assert_close(got_numpy, want, jnp.float64)
+    where = [True, False, True, True, True, True, True]
+    assert_close(
+        vg(model)(as_numpy, np.asarray(x), np.asarray(labels), where=where,
+                  class_weights=[1.0, 2.0, 0.5]),
+        REF(model)(params, x, labels, where=jnp.array(where),
+                   class_weights=jnp.array([1.0, 2.0, 0.5], jnp.float64)),
+        jnp.float64,
+    )  # fmt: skip
+
+
+def test_per_example_transforms_accept_lists_and_numpy_arrays():
+    model, params, x, labels = _problem(activation="relu")
+    as_numpy = [{"w": np.asarray(p["w"]), "b": np.asarray(p["b"])} for p in params]
+    want = jaxbp.reference.per_example_grad_norms(model)(params, x, labels)
+    got = jaxbp.per_example_grad_norms(model)(as_numpy, np.asarray(x).tolist(), labels.tolist())
+    assert_close(got, want, jnp.float64)
+    clipped = jaxbp.clipped_grad(model, l2_clip=1e9)(as_numpy, np.asarray(x), np.asarray(labels))
+    assert_close(clipped[0], REF(model)(params, x, labels)[1], jnp.float64)
+
+
+def test_a_typo_in_loss_options_fails_when_the_model_is_built():
+    with pytest.raises(ValueError, match=r"loss_options: unknown option 'label_smothing'") as e:
+        nn.MLP((4, 3), loss_options={"label_smothing": 0.1})
+    for valid in ("ignore_index", "label_smoothing", "z_loss"):
+        assert valid in str(e.value)
+    with pytest.raises(ValueError, match="activation_options: unknown option 'slope'"):
+        nn.MLP((4, 3), "leaky_relu", activation_options={"slope": 0.1})
+    with pytest.raises(ValueError, match="label_smoothing"):
+        nn.MLP((4, 3), loss_options={"label_smoothing": 1.5})
+    nn.MLP((4, 3), "gelu", activation_options={"approximate": False},
+           loss_options={"label_smoothing": 0.1, "z_loss": 1e-4, "ignore_index": -1})  # fmt: skip

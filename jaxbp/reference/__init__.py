@@ -6,10 +6,15 @@ functions runs JAX's own transposes. They are also what forward mode (``jax.jvp`
 ``jax.jacfwd``) should use, since a ``custom_vjp`` does not support it.
 
 This package is an oracle: it may share input *validation* with the hand-written rules, but
-no code that computes a value.
+no code that computes a value. ``_ops`` holds the ops, ``_nn`` the network
+(:func:`value_and_grad`), ``_per_example`` the per-example transforms and DP-SGD.
 """
 
+from ._nn import *  # noqa: F403
+from ._nn import __all__ as _nn_all
 from ._ops import *  # noqa: F403
 from ._ops import __all__ as _ops_all
+from ._per_example import *  # noqa: F403
+from ._per_example import __all__ as _per_example_all
 
-__all__ = [*_ops_all]
+__all__ = [*_ops_all, *_nn_all, *_per_example_all]

@@ -16,14 +16,14 @@ import jax.numpy as jnp
 
 from .. import _checks
 from ..dense import _validate as _validate_dense
-from ..losses import _bad_labels, _labels_matrix, _validate_ce, check_label_range, valid_rows
+from ..fused import _validate as _validate_fused
+from ..losses import _validate_ce, check_label_range
 from ..softmax import _validate as _validate_softmax
 
 __all__ = [
     "dense", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "softplus",
     "softmax", "log_softmax", "mse", "sigmoid_binary_cross_entropy", "softmax_cross_entropy",
-    "value_and_grad", "linear_softmax_cross_entropy",
-    "per_example_grads", "per_example_grad_norms", "clipped_grad",
+    "linear_softmax_cross_entropy",
 ]  # fmt: skip
 
 
@@ -125,14 +125,21 @@ def softmax_cross_entropy(
     c = logits.shape[-1]
     check_label_range(labels, c, ignore_index, where=where)
     z = _acc(logits)
-    valid = valid_rows(labels, where, ignore_index=ignore_index, batch_shape=z.shape[:-1])
+    integer = jnp.issubdtype(labels.dtype, jnp.integer)
+    valid = jnp.ones(z.shape[:-1], bool) if where is None else where
+    if integer and ignore_index is not None:
+        valid = valid & (labels != ignore_index)
     z = jnp.where(valid[..., None], z, 0.0)  # the first "where": masked rows never reach exp
-    if jnp.issubdtype(labels.dtype, jnp.integer):  # out-of-range ids (under jit): NaN row,
-        bad = _bad_labels(labels, c, ignore_index) & valid  # NaN gradient too, never finite
-        z = z + jnp.where(bad, jnp.nan, 0.0)[..., None]
-    u = _labels_matrix(labels, c, z.dtype, label_smoothing)
-    if class_weights is not None:
-        u = u * _acc(class_weights).astype(z.dtype)
+    if integer:  # jax.nn.one_hot: an id outside [0, c) gives a row of zeros
+        y = jax.nn.one_hot(labels, c, dtype=z.dtype)
+        # An out-of-range id (only possible under jit) poisons its row: NaN loss and gradient.
+        out_of_range = valid & ((labels < 0) | (labels >= c))
+        z = z + jnp.where(out_of_range, jnp.nan, 0.0)[..., None]
+    else:
+        y = labels.astype(z.dtype)
+    if label_smoothing:  # every class gets ε/c, the label keeps 1 − ε on top of its share
+        y = y * (1.0 - label_smoothing) + jnp.full_like(y, label_smoothing / c)
+    u = y if class_weights is None else y * _acc(class_weights).astype(z.dtype)
     logp = jax.nn.log_softmax(z, axis=-1)
     logp = jnp.where(u == 0, 0.0, logp)  # 0·(−∞) is 0 here, and its gradient too
     loss = -jnp.sum(u * logp, axis=-1)
@@ -140,8 +147,8 @@ def softmax_cross_entropy(
         lse = jax.nn.logsumexp(z, axis=-1)
         loss = loss + z_loss * lse**2
     loss = jnp.where(valid, loss, 0.0)  # the second "where"
-    if jnp.issubdtype(labels.dtype, jnp.integer):
-        loss = jnp.where(_bad_labels(labels, c, ignore_index) & valid, jnp.nan, loss)
+    if integer:
+        loss = jnp.where(out_of_range, jnp.nan, loss)
     return loss
 
 
@@ -153,14 +160,11 @@ def linear_softmax_cross_entropy(
     """Reference fused loss: the full ``(n, v)`` logits ``x·w + b`` (accumulated in float32
     for half precision), optional ``cap·tanh(z/cap)``, then :func:`softmax_cross_entropy`.
     ``chunk_size`` and ``strategy`` are accepted and ignored."""
-    from ..fused import _acc_of
-    from ..fused import _validate as _validate_fused
-
     x, w, b, labels, where, class_weights, accum_dtype = _validate_fused(
         x, w, b, labels, where, class_weights, label_smoothing, z_loss, softcap, chunk_size,
         accum_dtype, strategy, ignore_index,
     )  # fmt: skip
-    acc = _acc_of(accum_dtype, x.dtype)
+    acc = _checks.accum_dtype(x.dtype) if accum_dtype is None else jnp.dtype(accum_dtype)
     z = jnp.einsum("...d,dv->...v", x, w, preferred_element_type=acc)
     if b is not None:
         z = z + b.astype(acc)
@@ -169,42 +173,4 @@ def linear_softmax_cross_entropy(
     return softmax_cross_entropy(
         z, labels, where=where, class_weights=class_weights, label_smoothing=label_smoothing,
         ignore_index=ignore_index, z_loss=z_loss,
-    )  # fmt: skip
-
-
-def value_and_grad(model):
-    """``jax.jit(jax.value_and_grad)`` of ``model``'s mean loss built from these plain-jnp ops.
-
-    Same call signature as :func:`jaxbp.value_and_grad`: ``f(params, x, labels, *,
-    where=None, class_weights=None) -> (mean loss, grads)``.
-    """
-    from ..nn import reference_value_and_grad
-
-    return reference_value_and_grad(model)
-
-
-def per_example_grads(model):
-    """``jax.vmap(jax.grad)`` of each example's own loss, 0 on masked rows.
-
-    Same call signature and result as :func:`jaxbp.per_example_grads`.
-    """
-    from ..per_example import reference_per_example_grads
-
-    return reference_per_example_grads(model)
-
-
-def per_example_grad_norms(model):
-    """L2 norms ``(n,)`` of the materialised ``vmap(grad)`` per-example gradients."""
-    from ..per_example import reference_per_example_grad_norms
-
-    return reference_per_example_grad_norms(model)
-
-
-def clipped_grad(model, *, l2_clip, noise_multiplier=0.0, batch_size=None, return_loss=False):
-    """DP-SGD from materialised ``vmap(grad)`` gradients: as :func:`jaxbp.clipped_grad`."""
-    from ..per_example import reference_clipped_grad
-
-    return reference_clipped_grad(
-        model, l2_clip=l2_clip, noise_multiplier=noise_multiplier, batch_size=batch_size,
-        return_loss=return_loss,
     )  # fmt: skip

@@ -1,0 +1,117 @@
+"""Reference network: ``jax.value_and_grad`` of a plain-jnp MLP built from the reference ops.
+
+Index letters::
+
+    n  batch            i  input features           c  classes (the last layer's width)
+
+Everything that computes a value is written here with :mod:`jaxbp.reference`'s own ops:
+the forward loop over ``params``, the per-example and mean losses, the valid-row mask. From
+:class:`jaxbp.MLP` only the configuration and :meth:`~jaxbp.MLP.check_inputs` (validation)
+are used, so a wrong hand-written rule cannot leak into the oracle.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from ..nn import MLP
+from ._ops import (
+    dense,
+    gelu,
+    leaky_relu,
+    mse,
+    relu,
+    sigmoid,
+    sigmoid_binary_cross_entropy,
+    softmax_cross_entropy,
+    softplus,
+    tanh,
+)
+
+__all__ = ["value_and_grad"]
+
+_ACTIVATIONS = {
+    "relu": relu, "leaky_relu": leaky_relu, "sigmoid": sigmoid, "tanh": tanh, "gelu": gelu,
+    "softplus": softplus,
+}  # fmt: skip
+
+
+def _check_model(model):
+    if not isinstance(model, MLP):
+        raise TypeError(f"model: expected a jaxbp.MLP, got {type(model).__name__}")
+
+
+def forward(model: MLP, params, x):
+    """Outputs ``(n, c)``: ``dense → act → … → dense`` with the reference ops."""
+    act = _ACTIVATIONS[model.activation]
+    options = dict(model.activation_options)
+    h = x
+    for layer, p in enumerate(params):
+        h = dense(h, p["w"], p["b"])
+        if layer < len(params) - 1:
+            h = act(h, **options)
+    return h
+
+
+def per_example_loss(model: MLP, params, x, labels, class_weights=None):
+    """Per-example losses ``(n,)`` (softmax CE writes 0 on ``ignore_index`` rows)."""
+    out = forward(model, params, x)
+    if model.loss == "softmax_cross_entropy":
+        return softmax_cross_entropy(
+            out, labels, class_weights=class_weights, **dict(model.loss_options)
+        )
+    if model.loss == "mse":
+        return mse(out, labels)
+    return jnp.mean(sigmoid_binary_cross_entropy(out, labels), axis=-1)
+
+
+def valid(model: MLP, labels, where, n):
+    """Bool ``(n,)``: ``where`` (all rows by default), minus ``ignore_index`` integer labels."""
+    keep = jnp.ones((n,), bool) if where is None else jnp.asarray(where, bool)
+    ignore = dict(model.loss_options).get("ignore_index")
+    if ignore is not None and jnp.issubdtype(labels.dtype, jnp.integer):
+        keep = keep & (labels != ignore)
+    return keep
+
+
+def mean_loss(model: MLP, params, x, labels, where=None, class_weights=None):
+    """Mean of the per-example losses over valid rows; 0 when no row is valid."""
+    per_ex = per_example_loss(model, params, x, labels, class_weights)
+    keep = valid(model, labels, where, x.shape[0])
+    total = jnp.sum(jnp.where(keep, per_ex, 0.0))
+    return total / jnp.maximum(jnp.sum(keep), 1).astype(total.dtype)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _value_and_grad_run(model, params, x, labels, where, class_weights):
+    def loss(p):
+        return mean_loss(model, p, x, labels, where, class_weights)
+
+    return jax.value_and_grad(loss)(params)
+
+
+@functools.lru_cache(maxsize=64)
+def _bound(model: MLP) -> Callable:
+    return jax.jit(functools.partial(_value_and_grad_run, model))
+
+
+def value_and_grad(model: MLP) -> Callable:
+    """``jax.jit(jax.value_and_grad)`` of ``model``'s mean loss built from the plain-jnp ops.
+
+    Same call signature and result as :func:`jaxbp.value_and_grad`: ``f(params, x (n, i),
+    labels, *, where=None, class_weights=None) -> (mean loss, grads)``; inputs are validated
+    (and lists or NumPy arrays converted) before tracing. ``f.jitted`` is the jitted core
+    ``(params, x, labels, where, class_weights)`` without validation.
+    """
+    _check_model(model)
+
+    def value_and_grad_fn(params, x, labels, *, where=None, class_weights=None):
+        args = model.check_inputs(params, x, labels, where, class_weights)
+        return _value_and_grad_run(model, *args)
+
+    value_and_grad_fn.jitted = _bound(model)  # type: ignore[attr-defined]
+    return value_and_grad_fn
