@@ -162,3 +162,25 @@ def test_op_rejects_unknown_options_and_bad_declarations():
         jaxbp.Op(_stanh_fwd, _stanh_bwd, _stanh_ref, options={"scale": [1.0]})
     with pytest.raises(TypeError, match="jaxbp.reference"):
         jaxbp.check(lambda z: z, Z)
+
+
+def _lookup_fwd(ids, table):
+    return table[ids], (ids, table)
+
+
+def _lookup_bwd(res, g):
+    ids, table = res
+    return None, jnp.zeros_like(table).at[ids].add(g)  # repeated ids accumulate
+
+
+lookup = jaxbp.Op(_lookup_fwd, _lookup_bwd, lambda ids, table: table[ids], name="lookup")
+
+
+def test_check_skips_integer_arguments_and_checks_the_rest():
+    ids = jnp.array([[0, 2, 2], [1, 0, 2]])
+    table = jnp.arange(12.0).reshape(4, 3) / 7
+    report = jaxbp.check(lookup, ids, table)
+    assert report.passed, report.table()
+    assert {r.leaf for r in report.rows} == {"out", "table"}
+    grad = jax.grad(lambda t: jnp.sum(lookup(ids, t)))(table)
+    np.testing.assert_allclose(grad[:, 0], [2.0, 1.0, 3.0, 0.0])
