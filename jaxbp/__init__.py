@@ -27,6 +27,9 @@ from .activations import softplus_fwd as softplus_fwd
 from .activations import tanh as tanh
 from .activations import tanh_bwd as tanh_bwd
 from .activations import tanh_fwd as tanh_fwd
+from .custom import CheckReport as CheckReport
+from .custom import Op as Op
+from .custom import check as check
 from .datasets import load_digits as load_digits
 from .dense import dense as dense
 from .dense import dense_bwd as dense_bwd
@@ -82,4 +85,5 @@ __all__ = [
     "linear_softmax_cross_entropy", "linear_softmax_cross_entropy_fwd",
     "linear_softmax_cross_entropy_bwd",
     "compare", "explain", "load_digits",
+    "Op", "check", "CheckReport",
 ]  # fmt: skip
