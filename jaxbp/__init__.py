@@ -31,6 +31,7 @@ from .custom import CheckReport as CheckReport
 from .custom import Op as Op
 from .custom import check as check
 from .datasets import load_digits as load_digits
+from .datasets import load_shakespeare as load_shakespeare
 from .dense import dense as dense
 from .dense import dense_bwd as dense_bwd
 from .dense import dense_fwd as dense_fwd
@@ -38,6 +39,7 @@ from .explain import explain as explain
 from .fused import linear_softmax_cross_entropy as linear_softmax_cross_entropy
 from .fused import linear_softmax_cross_entropy_bwd as linear_softmax_cross_entropy_bwd
 from .fused import linear_softmax_cross_entropy_fwd as linear_softmax_cross_entropy_fwd
+from .gpt import GPT as GPT
 from .gradcheck import compare as compare
 from .jacobian import jacobian as jacobian
 from .losses import mse as mse
@@ -84,6 +86,6 @@ __all__ = [
     "softmax_cross_entropy", "softmax_cross_entropy_fwd", "softmax_cross_entropy_bwd",
     "linear_softmax_cross_entropy", "linear_softmax_cross_entropy_fwd",
     "linear_softmax_cross_entropy_bwd",
-    "compare", "explain", "load_digits",
+    "GPT", "compare", "explain", "load_digits", "load_shakespeare",
     "Op", "check", "CheckReport",
 ]  # fmt: skip

@@ -18,7 +18,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from ..gpt import GPT
 from ..nn import MLP
+from ._gpt import gpt_value_and_grad
 from ._ops import (
     dense,
     gelu,
@@ -41,8 +43,8 @@ _ACTIVATIONS = {
 
 
 def _check_model(model):
-    if not isinstance(model, MLP):
-        raise TypeError(f"model: expected a jaxbp.MLP, got {type(model).__name__}")
+    if not isinstance(model, MLP | GPT):
+        raise TypeError(f"model: expected a jaxbp.MLP or jaxbp.GPT, got {type(model).__name__}")
 
 
 def forward(model: MLP, params, x):
@@ -105,9 +107,13 @@ def value_and_grad(model: MLP) -> Callable:
     Same call signature and result as :func:`jaxbp.value_and_grad`: ``f(params, x (n, i),
     labels, *, where=None, class_weights=None) -> (mean loss, grads)``; inputs are validated
     (and lists or NumPy arrays converted) before tracing. ``f.jitted`` is the jitted core
-    ``(params, x, labels, where, class_weights)`` without validation.
+    ``(params, x, labels, where, class_weights)`` without validation. For a
+    :class:`jaxbp.GPT`: ``f(params, ids, targets, *, where=None)``, the plain twin of
+    :mod:`jaxbp.reference._gpt`.
     """
     _check_model(model)
+    if isinstance(model, GPT):
+        return gpt_value_and_grad(model)
 
     def value_and_grad_fn(params, x, labels, *, where=None, class_weights=None):
         args = model.check_inputs(params, x, labels, where, class_weights)
