@@ -41,7 +41,7 @@ GPT_DEFAULTS: dict[str, Any] = {
     "layers": 4,
     "context": 64,
     "batch_size": 32,
-    "steps": 600,
+    "steps": 1000,
     "lr": 3e-3,
     "warmup": 50,
     "weight_decay": 0.1,
