@@ -21,9 +21,15 @@ from .activations import relu_fwd as relu_fwd
 from .activations import sigmoid as sigmoid
 from .activations import sigmoid_bwd as sigmoid_bwd
 from .activations import sigmoid_fwd as sigmoid_fwd
+from .activations import silu as silu
+from .activations import silu_bwd as silu_bwd
+from .activations import silu_fwd as silu_fwd
 from .activations import softplus as softplus
 from .activations import softplus_bwd as softplus_bwd
 from .activations import softplus_fwd as softplus_fwd
+from .activations import swish as swish
+from .activations import swish_bwd as swish_bwd
+from .activations import swish_fwd as swish_fwd
 from .activations import tanh as tanh
 from .activations import tanh_bwd as tanh_bwd
 from .activations import tanh_fwd as tanh_fwd
@@ -74,6 +80,8 @@ __all__ = [
     "tanh", "tanh_fwd", "tanh_bwd",
     "gelu", "gelu_fwd", "gelu_bwd",
     "softplus", "softplus_fwd", "softplus_bwd",
+    "silu", "silu_fwd", "silu_bwd",
+    "swish", "swish_fwd", "swish_bwd",
     "softmax", "softmax_fwd", "softmax_bwd",
     "log_softmax", "log_softmax_fwd", "log_softmax_bwd",
     "softmax_jacobian",

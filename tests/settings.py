@@ -158,8 +158,25 @@ ACTIVATION_CASES = [
     Case("gelu-tanh", "gelu", _z(scale=2.0), {"approximate": True}, diff=("z",)),
     Case("gelu-erf", "gelu", _z(scale=2.0), {"approximate": False}, diff=("z",)),
     Case("softplus", "softplus", _z(scale=3.0), diff=("z",)),
+    Case("silu", "silu", _z(scale=3.0), diff=("z",)),
     Case("relu-3d", "relu", _z((2, 3, 4)), diff=("z",)),
 ]
+
+
+def _z_where(mask_shape, scale=2.0):
+    """Logits ``(N, C)`` and a mask: entry (2, 0) kept (tests/test_edge_cases.py puts a NaN
+    there), and with a per-row mask ``(N, 1)`` row 1 masked whole."""
+
+    def make(rng):
+        where = rng.uniform(size=mask_shape) < 0.6
+        where[2, 0] = True
+        if mask_shape[-1] == 1:
+            where[:, 0] = True
+            where[1, 0] = False  # a fully masked row
+        return {"z": away_from_zero(rng, (N, C), scale), "where": where}
+
+    return make
+
 
 SOFTMAX_CASES = [
     Case("softmax", "softmax", _z(scale=2.0), diff=("z",)),
@@ -168,6 +185,10 @@ SOFTMAX_CASES = [
     Case("softmax-large-logits", "softmax", _z(scale=50.0), diff=("z",)),
     Case("log_softmax", "log_softmax", _z(scale=2.0), diff=("z",)),
     Case("log_softmax-axis0", "log_softmax", _z(scale=2.0), {"axis": 0}, diff=("z",)),
+    Case("softmax-where", "softmax", _z_where((N, C)), diff=("z",)),
+    Case("softmax-where-rows", "softmax", _z_where((N, 1)), diff=("z",)),
+    Case("log_softmax-where", "log_softmax", _z_where((N, C)), diff=("z",)),
+    Case("log_softmax-where-rows", "log_softmax", _z_where((N, 1)), diff=("z",)),
 ]
 
 
@@ -290,7 +311,8 @@ OP_EXAMPLES: dict[str, list[Example]] = {
     ],
     **{
         name: [Example(name, _sq(*_Z), ("z",))]
-        for name in ("relu", "sigmoid", "tanh", "softplus", "softmax", "log_softmax")
+        for name in ("relu", "sigmoid", "tanh", "softplus", "silu", "swish", "softmax",
+                     "log_softmax")
     },
     "leaky_relu": [Example("leaky_relu", _sq(*_Z), ("z",), {"negative_slope": 0.2})],
     "gelu": [

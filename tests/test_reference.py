@@ -16,7 +16,7 @@ ROOT = pathlib.Path(jaxbp.__file__).parent
 ALLOWED = {
     "_checks": {"*module*"},
     "dense": {"_validate"},
-    "softmax": {"_validate"},
+    "softmax": {"_validate", "_validate_where"},
     "fused": {"_validate"},
     "losses": {"_validate_ce", "check_label_range"},
     "nn": {"MLP"},
