@@ -57,6 +57,12 @@ from .losses import softmax_cross_entropy_bwd as softmax_cross_entropy_bwd
 from .losses import softmax_cross_entropy_fwd as softmax_cross_entropy_fwd
 from .nn import MLP as MLP
 from .nn import value_and_grad as value_and_grad
+from .norms import layer_norm as layer_norm
+from .norms import layer_norm_bwd as layer_norm_bwd
+from .norms import layer_norm_fwd as layer_norm_fwd
+from .norms import rms_norm as rms_norm
+from .norms import rms_norm_bwd as rms_norm_bwd
+from .norms import rms_norm_fwd as rms_norm_fwd
 from .per_example import clipped_grad as clipped_grad
 from .per_example import per_example_grad_norms as per_example_grad_norms
 from .per_example import per_example_grads as per_example_grads
@@ -92,6 +98,8 @@ __all__ = [
     "softmax_cross_entropy", "softmax_cross_entropy_fwd", "softmax_cross_entropy_bwd",
     "linear_softmax_cross_entropy", "linear_softmax_cross_entropy_fwd",
     "linear_softmax_cross_entropy_bwd",
+    "layer_norm", "layer_norm_fwd", "layer_norm_bwd",
+    "rms_norm", "rms_norm_fwd", "rms_norm_bwd",
     "compare", "explain", "load_digits",
     "Op", "check", "CheckReport",
 ]  # fmt: skip

@@ -25,6 +25,7 @@ import jaxbp
 from jaxbp.jacobian import rules_of
 
 N, I, O, C = 4, 3, 5, 6  # batch, in, out, classes: small, so that compiles stay cheap
+D = 5  # model dimension
 
 
 def away_from_zero(rng: np.random.Generator, shape, scale: float = 1.0) -> np.ndarray:
@@ -261,7 +262,38 @@ CE_CASES = [
          {"label_smoothing": 0.2, "z_loss": 1e-3}, diff=_LYW),
 ]  # fmt: skip
 
-ALL_CASES = DENSE_CASES + ACTIVATION_CASES + SOFTMAX_CASES + LOSS_CASES + CE_CASES
+
+# ------------------------------------------------------------------ transformer ops
+
+
+def _norm(beta: bool, batch=(N,), scale=1.0):
+    def make(rng):
+        d = {"x": away_from_zero(rng, (*batch, D), scale) + rng.normal(size=(*batch, 1))}
+        d["gamma"] = away_from_zero(rng, (D,))
+        if beta:
+            d["beta"] = away_from_zero(rng, (D,))
+        return d
+
+    return make
+
+
+_XGB = ("x", "gamma", "beta")
+NORM_CASES = [
+    Case("layer_norm", "layer_norm", _norm(True), diff=_XGB),
+    Case("layer_norm-3d-batch", "layer_norm", _norm(True, (2, 3)), diff=_XGB),
+    Case("layer_norm-eps0.1-small", "layer_norm", _norm(True, scale=0.1), {"eps": 0.1},
+         diff=_XGB),
+    Case("rms_norm", "rms_norm", _norm(False), diff=("x", "gamma")),
+    Case("rms_norm-3d-batch", "rms_norm", _norm(False, (2, 3)), diff=("x", "gamma")),
+    Case("rms_norm-eps0.1-small", "rms_norm", _norm(False, scale=0.1), {"eps": 0.1},
+         diff=("x", "gamma")),
+]  # fmt: skip
+
+TRANSFORMER_CASES = NORM_CASES
+
+ALL_CASES = (
+    DENSE_CASES + ACTIVATION_CASES + SOFTMAX_CASES + LOSS_CASES + CE_CASES + TRANSFORMER_CASES
+)
 
 # Dtypes of the manual-vs-reference comparison, with EDGE_CASES.md tolerances (helpers.TOL).
 DTYPES = [jnp.float64, jnp.float32, jnp.bfloat16]
@@ -346,6 +378,8 @@ OP_EXAMPLES: dict[str, list[Example]] = {
         Example("fused-nobias", lambda rng: (*_sq((S, S), (S, S))(rng), _sq_ids(rng)),
                 ("x", "labels"), {"z_loss": 1e-2}),
     ],
+    "layer_norm": [Example("layer_norm", _sq((S, S), (S,), (S,)), ("x",), {"eps": 1e-3})],
+    "rms_norm": [Example("rms_norm", _sq((S, S), (S,)), ("x",))],
 }  # fmt: skip
 
 

@@ -17,6 +17,7 @@ ALLOWED = {
     "_checks": {"*module*"},
     "dense": {"_validate"},
     "softmax": {"_validate", "_validate_where"},
+    "norms": {"_validate_layer_norm", "_validate_rms_norm"},
     "fused": {"_validate"},
     "losses": {"_validate_ce", "check_label_range"},
     "nn": {"MLP"},
