@@ -40,6 +40,9 @@ from .datasets import load_digits as load_digits
 from .dense import dense as dense
 from .dense import dense_bwd as dense_bwd
 from .dense import dense_fwd as dense_fwd
+from .embedding import embedding as embedding
+from .embedding import embedding_bwd as embedding_bwd
+from .embedding import embedding_fwd as embedding_fwd
 from .explain import explain as explain
 from .fused import linear_softmax_cross_entropy as linear_softmax_cross_entropy
 from .fused import linear_softmax_cross_entropy_bwd as linear_softmax_cross_entropy_bwd
@@ -98,6 +101,7 @@ __all__ = [
     "softmax_cross_entropy", "softmax_cross_entropy_fwd", "softmax_cross_entropy_bwd",
     "linear_softmax_cross_entropy", "linear_softmax_cross_entropy_fwd",
     "linear_softmax_cross_entropy_bwd",
+    "embedding", "embedding_fwd", "embedding_bwd",
     "layer_norm", "layer_norm_fwd", "layer_norm_bwd",
     "rms_norm", "rms_norm_fwd", "rms_norm_bwd",
     "compare", "explain", "load_digits",

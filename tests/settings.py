@@ -25,7 +25,7 @@ import jaxbp
 from jaxbp.jacobian import rules_of
 
 N, I, O, C = 4, 3, 5, 6  # batch, in, out, classes: small, so that compiles stay cheap
-D = 5  # model dimension
+D, V = 5, 7  # model dimension, vocabulary (embedding rows)
 
 
 def away_from_zero(rng: np.random.Generator, shape, scale: float = 1.0) -> np.ndarray:
@@ -266,6 +266,24 @@ CE_CASES = [
 # ------------------------------------------------------------------ transformer ops
 
 
+def _ids(batch=(N,)):
+    """Ids with a repeat (their rows accumulate in the backward) and id 2 looked up
+    (tests/test_edge_cases.py puts a NaN in table row 2)."""
+
+    def make(rng):
+        ids = rng.integers(0, V, size=batch).astype(np.int32)
+        ids.reshape(-1)[:3] = (3, 3, 2)
+        return {"ids": ids, "table": away_from_zero(rng, (V, D))}
+
+    return make
+
+
+EMBEDDING_CASES = [
+    Case("embedding", "embedding", _ids(), diff=("table",)),
+    Case("embedding-2d-ids", "embedding", _ids((2, 3)), diff=("table",)),
+]
+
+
 def _norm(beta: bool, batch=(N,), scale=1.0):
     def make(rng):
         d = {"x": away_from_zero(rng, (*batch, D), scale) + rng.normal(size=(*batch, 1))}
@@ -289,7 +307,7 @@ NORM_CASES = [
          diff=("x", "gamma")),
 ]  # fmt: skip
 
-TRANSFORMER_CASES = NORM_CASES
+TRANSFORMER_CASES = EMBEDDING_CASES + NORM_CASES
 
 ALL_CASES = (
     DENSE_CASES + ACTIVATION_CASES + SOFTMAX_CASES + LOSS_CASES + CE_CASES + TRANSFORMER_CASES
@@ -377,6 +395,9 @@ OP_EXAMPLES: dict[str, list[Example]] = {
         ),
         Example("fused-nobias", lambda rng: (*_sq((S, S), (S, S))(rng), _sq_ids(rng)),
                 ("x", "labels"), {"z_loss": 1e-2}),
+    ],
+    "embedding": [
+        Example("embedding", lambda rng: (_sq_ids(rng), away_from_zero(rng, (S, S))), ("ids",)),
     ],
     "layer_norm": [Example("layer_norm", _sq((S, S), (S,), (S,)), ("x",), {"eps": 1e-3})],
     "rms_norm": [Example("rms_norm", _sq((S, S), (S,)), ("x",))],

@@ -18,6 +18,7 @@ ALLOWED = {
     "dense": {"_validate"},
     "softmax": {"_validate", "_validate_where"},
     "norms": {"_validate_layer_norm", "_validate_rms_norm"},
+    "embedding": {"_validate"},
     "fused": {"_validate"},
     "losses": {"_validate_ce", "check_label_range"},
     "nn": {"MLP"},

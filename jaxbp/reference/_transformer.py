@@ -1,8 +1,8 @@
-"""The transformer ops in plain ``jax.numpy``: layer and RMS norm.
+"""The transformer ops in plain ``jax.numpy``: embedding, layer and RMS norm.
 
 Each is the textbook forward, differentiated by JAX's own transposes; only the input
-validation is shared with the hand-written rules. The norms use ``jnp.var``/``jnp.mean``
-and ``lax.rsqrt``.
+validation is shared with the hand-written rules. The embedding is a ``jnp.take`` (its
+transpose is JAX's scatter), the norms use ``jnp.var``/``jnp.mean`` and ``lax.rsqrt``.
 """
 
 from __future__ import annotations
@@ -11,13 +11,29 @@ import jax.numpy as jnp
 from jax import lax
 
 from .. import _checks
+from ..embedding import _validate as _validate_embedding
+from ..losses import check_label_range
 from ..norms import _validate_layer_norm, _validate_rms_norm
 
-__all__ = ["layer_norm", "rms_norm"]
+__all__ = ["embedding", "layer_norm", "rms_norm"]
 
 
 def _acc(x):
     return x.astype(_checks.accum_dtype(x.dtype))
+
+
+def embedding(ids, table):
+    """Reference embedding: ``table[ids]`` by ``jnp.take``; an out-of-range id (possible only
+    under ``jit``) gives a NaN row (``mode="fill"``) whose cotangent JAX drops."""
+    ids, table = _validate_embedding(ids, table)
+    if ids.dtype.itemsize < 4:
+        ids = ids.astype(jnp.int32)
+    v = table.shape[0]
+    check_label_range(ids, v, name="ids")
+    # Negative ids would wrap in jnp.take: send them past the end, where "fill" gives NaN.
+    ids = jnp.where(ids < 0, v, ids)
+    out = jnp.take(_acc(table), ids, axis=0, mode="fill", fill_value=jnp.nan)
+    return out.astype(table.dtype)
 
 
 def layer_norm(x, gamma, beta, *, eps=1e-5):
