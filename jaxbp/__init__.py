@@ -33,6 +33,9 @@ from .activations import swish_fwd as swish_fwd
 from .activations import tanh as tanh
 from .activations import tanh_bwd as tanh_bwd
 from .activations import tanh_fwd as tanh_fwd
+from .attention import attention as attention
+from .attention import attention_bwd as attention_bwd
+from .attention import attention_fwd as attention_fwd
 from .custom import CheckReport as CheckReport
 from .custom import Op as Op
 from .custom import check as check
@@ -104,6 +107,7 @@ __all__ = [
     "embedding", "embedding_fwd", "embedding_bwd",
     "layer_norm", "layer_norm_fwd", "layer_norm_bwd",
     "rms_norm", "rms_norm_fwd", "rms_norm_bwd",
+    "attention", "attention_fwd", "attention_bwd",
     "compare", "explain", "load_digits",
     "Op", "check", "CheckReport",
 ]  # fmt: skip

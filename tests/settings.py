@@ -26,6 +26,7 @@ from jaxbp.jacobian import rules_of
 
 N, I, O, C = 4, 3, 5, 6  # batch, in, out, classes: small, so that compiles stay cheap
 D, V = 5, 7  # model dimension, vocabulary (embedding rows)
+H, T, E = 2, 4, 3  # heads, sequence length, head dimension
 
 
 def away_from_zero(rng: np.random.Generator, shape, scale: float = 1.0) -> np.ndarray:
@@ -307,7 +308,44 @@ NORM_CASES = [
          diff=("x", "gamma")),
 ]  # fmt: skip
 
-TRANSFORMER_CASES = EMBEDDING_CASES + NORM_CASES
+
+def _qkv(t=T, s=T, where=False, batch=(2,)):
+    """``q (n, h, t, e)``, ``k, v (n, h, s, e)``; the mask (``(n, 1, t, s)``) keeps query row 2
+    of the first example (tests/test_edge_cases.py puts a NaN there) and masks every key of
+    row 1 of the last example (a fully masked row)."""
+
+    def make(rng):
+        d = {
+            "q": rng.normal(size=(*batch, H, t, E)),
+            "k": rng.normal(size=(*batch, H, s, E)),
+            "v": rng.normal(size=(*batch, H, s, E)),
+        }
+        if where:
+            m = rng.uniform(size=(*batch, 1, t, s)) < 0.6
+            m[..., :, 0] = True
+            m.reshape(-1, 1, t, s)[-1, 0, 1] = False
+            d["where"] = m
+        return d
+
+    return make
+
+
+_QKV = ("q", "k", "v")
+ATTENTION_CASES = [
+    Case("attention-causal", "attention", _qkv(), diff=_QKV),
+    Case("attention-causal-recompute", "attention", _qkv(), {"strategy": "recompute"},
+         diff=_QKV),
+    Case("attention-full", "attention", _qkv(), {"causal": False}, diff=_QKV),
+    Case("attention-where", "attention", _qkv(where=True), {"causal": False}, diff=_QKV),
+    Case("attention-where-causal-recompute", "attention", _qkv(where=True),
+         {"strategy": "recompute"}, diff=_QKV),
+    Case("attention-cross-t4-s6", "attention", _qkv(s=6), {"causal": False}, diff=_QKV),
+    Case("attention-cross-recompute", "attention", _qkv(s=6, where=True),
+         {"causal": False, "strategy": "recompute"}, diff=_QKV),
+    Case("attention-3d-batch", "attention", _qkv(batch=(2, 2)), diff=_QKV),
+]  # fmt: skip
+
+TRANSFORMER_CASES = EMBEDDING_CASES + NORM_CASES + ATTENTION_CASES
 
 ALL_CASES = (
     DENSE_CASES + ACTIVATION_CASES + SOFTMAX_CASES + LOSS_CASES + CE_CASES + TRANSFORMER_CASES
@@ -401,6 +439,11 @@ OP_EXAMPLES: dict[str, list[Example]] = {
     ],
     "layer_norm": [Example("layer_norm", _sq((S, S), (S,), (S,)), ("x",), {"eps": 1e-3})],
     "rms_norm": [Example("rms_norm", _sq((S, S), (S,)), ("x",))],
+    "attention": [
+        Example("attention-causal", _sq(*[(S, S, S, S)] * 3), ("q", "k", "v")),
+        Example("attention-recompute", _sq(*[(S, S, S, S)] * 3), ("q", "k", "v"),
+                {"causal": False, "strategy": "recompute"}),
+    ],
 }  # fmt: skip
 
 

@@ -19,6 +19,7 @@ ALLOWED = {
     "softmax": {"_validate", "_validate_where"},
     "norms": {"_validate_layer_norm", "_validate_rms_norm"},
     "embedding": {"_validate"},
+    "attention": {"_validate"},
     "fused": {"_validate"},
     "losses": {"_validate_ce", "check_label_range"},
     "nn": {"MLP"},
