@@ -16,7 +16,10 @@ ROOT = pathlib.Path(jaxbp.__file__).parent
 ALLOWED = {
     "_checks": {"*module*"},
     "dense": {"_validate"},
-    "softmax": {"_validate"},
+    "softmax": {"_validate", "_validate_where"},
+    "norms": {"_validate_layer_norm", "_validate_rms_norm"},
+    "embedding": {"_validate"},
+    "attention": {"_validate"},
     "fused": {"_validate"},
     "losses": {"_validate_ce", "check_label_range"},
     "nn": {"MLP"},

@@ -29,8 +29,10 @@ from ._ops import (
     relu,
     sigmoid,
     sigmoid_binary_cross_entropy,
+    silu,
     softmax_cross_entropy,
     softplus,
+    swish,
     tanh,
 )
 
@@ -38,7 +40,7 @@ __all__ = ["value_and_grad"]
 
 _ACTIVATIONS = {
     "relu": relu, "leaky_relu": leaky_relu, "sigmoid": sigmoid, "tanh": tanh, "gelu": gelu,
-    "softplus": softplus,
+    "softplus": softplus, "silu": silu, "swish": swish,
 }  # fmt: skip
 
 
