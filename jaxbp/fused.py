@@ -42,8 +42,9 @@ import numpy as np
 from jax import lax
 
 from . import _checks
+from ._checks import check_label_range
 from ._op import declare_op
-from .losses import _bad_labels, check_label_range, valid_rows, validate_ce_options
+from .losses import _bad_labels, valid_rows, validate_ce_options
 
 __all__ = [
     "linear_softmax_cross_entropy",

@@ -57,10 +57,11 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from . import _checks
+from ._checks import check_label_range
 from .activations import ACTIVATIONS
 from .dense import dense_bwd, dense_bwd_params, dense_fwd
 from .jacobian import rules_of
-from .losses import _bad_labels, _validate_ce, check_label_range, valid_rows
+from .losses import _bad_labels, _validate_ce, valid_rows
 from .nn import MLP, forward_backward
 
 __all__ = [
