@@ -142,13 +142,14 @@ def check_label_range(labels, c, ignore_index=None, *, where=None, name="labels"
         bad = bad & (labels != ignore_index)
     if where is not None:
         bad = bad & jnp.asarray(where, bool)
-    flat = bad.reshape(-1)
-    first = jnp.argmax(flat) if flat.shape[0] else 0
+    # Elementwise ops and reductions only (no dynamic index): fine on sharded ids too.
+    index = jnp.arange(bad.size, dtype=jnp.int32).reshape(bad.shape)  # row-major position
+    first = jnp.min(jnp.where(bad, index, bad.size))
     checkify.debug_check(
         ~jnp.any(bad),
         f"{name}: expected class ids in {allowed}, got {{v}} at flat index {{i}} "
         f"({{count}} out of range)",
-        v=labels.reshape(-1)[first] if flat.shape[0] else jnp.zeros((), labels.dtype),
+        v=jnp.sum(jnp.where(index == first, labels, jnp.zeros((), labels.dtype))),
         i=first,
         count=jnp.sum(bad),
     )
@@ -168,4 +169,24 @@ def checked(fn: Callable) -> Callable:
         err, loss = jax.jit(jaxbp.checked(loss_fn))(params, x, labels)
         err.throw()
     """
-    return functools.wraps(fn)(checkify.checkify(fn, errors=checkify.user_checks))
+    checked_fn = checkify.checkify(fn, errors=checkify.user_checks)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        err, out = checked_fn(*args, **kwargs)
+        return jax.tree.map(_replicated, err), out
+
+    return wrapper
+
+
+def _replicated(a: Any) -> Any:
+    """An error payload replicated on its mesh: checks inside a ``shard_map`` on a mesh with
+    Explicit axes leave one payload per device, sharded, and ``checkify``'s ``err.get()``
+    sorts them, which JAX refuses along a sharded axis."""
+    typeof = getattr(jax, "typeof", None)
+    sharding = getattr(typeof(a), "sharding", None) if typeof is not None else None
+    spec = getattr(sharding, "spec", None)
+    if spec is None or all(s is None for s in spec) or not hasattr(sharding, "update"):
+        return a
+    reshard = getattr(jax.sharding, "reshard", None) or getattr(jax, "reshard", None)
+    return reshard(a, sharding.update(spec=jax.sharding.PartitionSpec()))
