@@ -18,7 +18,7 @@ leaf (``[0]['w'] (i, o)``, ``[0]['b'] (o,)``, …):
   ``d`` of each leaf, compared as directional derivatives ``⟨∇L, d⟩ (k,)``. Directions whose
   step would cross a kink of ``relu``/``leaky_relu`` are redrawn.
 
-Errors are relative to the reference's max-abs (EDGE_CASES.md): float64 ≤ 1e-12,
+Errors are relative to the reference's max-abs (docs/edge_cases.md): float64 ≤ 1e-12,
 float32 ≤ 1e-5, bfloat16 ≤ 2e-2 against ``jax.grad``; ≤ 1e-6 against finite differences.
 """
 
@@ -322,7 +322,7 @@ def compare(
 
     Returns:
       A :class:`Report`; ``report.passed`` is True when every row is within tolerance
-      (EDGE_CASES.md), ``report.table()`` prints it, ``report.to_dict()`` serialises it.
+      (docs/edge_cases.md), ``report.table()`` prints it, ``report.to_dict()`` serialises it.
 
     float64 is switched on (``jax_enable_x64``) for the duration of the call when needed;
     inputs are validated with the model's clear errors first.

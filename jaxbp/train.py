@@ -60,7 +60,7 @@ class TrainResult:
     minibatch's ``(epochs·s,)``; ``test_accuracy`` the held-out accuracy after every epoch.
     ``check`` (with ``check=True``) holds the reference run's curve and the largest
     difference between the two step-loss curves, absolute and relative to the reference
-    curve's max-abs (the convention of EDGE_CASES.md), passed at ``CHECK_TOLERANCE``.
+    curve's max-abs (the convention of docs/edge_cases.md), passed at ``CHECK_TOLERANCE``.
     """
 
     config: dict[str, Any]

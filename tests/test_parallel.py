@@ -4,7 +4,7 @@ The CPU device count is fixed when JAX starts (``XLA_FLAGS=
 --xla_force_host_platform_device_count=8``), so every mesh test runs in a subprocess,
 ``tests/parallel_worker.py``, which computes the sharded result and one device's result in
 the same process and saves both; the assertions (``tests.helpers.assert_close`` at the
-EDGE_CASES tolerances) run here. The rest of the suite never sees more than one device.
+docs/edge_cases.md tolerances) run here. The rest of the suite never sees more than one device.
 """
 
 from __future__ import annotations
