@@ -127,9 +127,9 @@ def _grad_fn(model: MLP, args: Any) -> Callable:
     noise = float(getattr(args, "noise", 0.0) or 0.0)
     _check_dp(dp_clip, noise)
     if dp_clip is not None:  # DP-SGD: per-example clipping to C, Gaussian noise σ·C
-        from .per_example import clipped_grad, reference_clipped_grad
+        from .per_example import clipped_grad
 
-        build = reference_clipped_grad if getattr(args, "reference", False) else clipped_grad
+        build = reference.clipped_grad if getattr(args, "reference", False) else clipped_grad
         dp = build(model, l2_clip=dp_clip, noise_multiplier=noise, return_loss=True)
 
         def dp_grad_fn(params, x, labels, key):
