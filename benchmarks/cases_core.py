@@ -1,4 +1,4 @@
-"""PERF.md P1–P4: the manual MLP step, its roofline, dense backward ÷ forward, softmax VJP.
+"""P1–P4 (docs/performance.md): the manual MLP step, its roofline, dense bwd ÷ fwd, softmax VJP.
 
 Index letters: n batch, i in, o out, c classes, w the MLP's width.
 

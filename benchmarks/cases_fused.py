@@ -1,4 +1,4 @@
-"""PERF.md P5–P6: fused linear + softmax cross-entropy vs full-logits ``jax.grad``.
+"""docs/performance.md P5–P6: fused linear + softmax cross-entropy vs full-logits ``jax.grad``.
 
 Index letters: n tokens, d model dimension, v vocabulary.
 

@@ -1,4 +1,4 @@
-"""PERF.md P9: data- and vocabulary-parallel hand-written backward on an 8-device mesh.
+"""docs/performance.md P9: data- and vocabulary-parallel hand-written backward on an 8-device mesh.
 
 Index letters: n batch, v vocabulary (classes), i/o layer widths.
 

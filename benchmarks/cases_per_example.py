@@ -1,4 +1,5 @@
-"""PERF.md P7–P8: per-example gradient norms without per-example gradients; DP-SGD step.
+"""P7–P8 (docs/performance.md): per-example gradient norms without per-example gradients;
+the DP-SGD step.
 
 Index letters: n batch, i in, o out, t tokens per example, d width, c classes.
 
@@ -150,7 +151,7 @@ for _quick, (_n, _t, _i, _d) in ((False, (256, 16, 256, 256)), (True, (64, 8, 12
             group="P7-seq",
             title="sequence per-example grad norms ÷ jit(vmap(grad)) + norms",
             build=functools.partial(build_seq, n=_n, t=_t, i=_i, d=_d),
-            targets=(),  # PERF.md's P7 targets are for the MLP; this row is reported only
+            targets=(),  # P7's targets (docs/performance.md) are for the MLP: reported only
             quick=_quick,
         )
     )

@@ -21,7 +21,9 @@ DTYPES = ("float32", "bfloat16", "float16", "float64")
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
-        description="Time jaxbp's hand-written backward passes against jax.grad (PERF.md).",
+        description=(
+            "Time jaxbp's hand-written backward passes against jax.grad (docs/performance.md)."
+        ),
     )
     p.add_argument("--quick", action="store_true", help="small sizes, few repetitions")
     p.add_argument(

@@ -67,7 +67,7 @@ __all__ = [
 ]  # fmt: skip
 
 # Agreement tolerances, relative to the baseline's max-abs per output leaf. Looser than the
-# unit tests' (EDGE_CASES.md) because benchmark shapes sum over thousands of terms, and on
+# unit tests' (docs/edge_cases.md) because benchmark shapes sum over thousands of terms, and on
 # GPUs float32 matmuls run in TF32 by default.
 TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "bfloat16": 5e-2, "float16": 2e-2}
 TOLERANCE_TF32 = 2e-2
@@ -79,7 +79,7 @@ class AgreementError(AssertionError):
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """A target from PERF.md: ``metrics[metric] <op> value``, e.g. ``ratio <= 1.0``.
+    """A target from docs/performance.md: ``metrics[metric] <op> value``, e.g. ``ratio <= 1.0``.
 
     ``backends`` / ``dtypes`` restrict where the target applies (``None``: everywhere).
     """
@@ -148,7 +148,8 @@ class Custom:
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One benchmark configuration. ``id`` is unique, ``group`` the PERF.md row (``P1``…)."""
+    """One benchmark configuration. ``id`` is unique, ``group`` the row of
+    docs/performance.md (``P1``…)."""
 
     id: str
     group: str

@@ -7,7 +7,6 @@ the argument, what was expected and what came.
 
 from __future__ import annotations
 
-import contextvars
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -109,20 +108,63 @@ def accum_dtype(dtype: Any) -> Any:
     return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype
 
 
-_CHECKING: contextvars.ContextVar[bool] = contextvars.ContextVar("jaxbp_checking", default=False)
+def check_label_range(labels, c, ignore_index=None, *, where=None, name="labels") -> None:
+    """Integer ids must lie in ``[0, c)`` (or equal ``ignore_index``); masked rows are exempt.
 
-
-def checking() -> bool:
-    """True while :func:`checked` traces a function: value checks become checkify checks."""
-    return _CHECKING.get()
+    Concrete ids (eager calls) raise ``ValueError`` naming ``name``, the first bad value and
+    its index. Traced ids (inside ``jit``, ``vmap``, ``grad``, ``shard_map``) cannot raise:
+    the op poisons the affected rows with NaN, and this adds a
+    ``jax.experimental.checkify.debug_check`` to the traced program. That check does
+    nothing unless the program is transformed by ``checkify`` (:func:`checked`), so the
+    same jaxpr serves the plain and the checked call, whichever way ``jit`` and
+    :func:`checked` are composed, and whatever ``jit``'s cache holds. Every op that takes
+    integer ids checks them here. Float labels pass through.
+    """
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        return
+    allowed = f"[0, {c})" + ("" if ignore_index is None else f" or {ignore_index}")
+    if is_concrete(labels) and (where is None or is_concrete(where)):
+        lab = np.asarray(labels)
+        bad = (lab < 0) | (lab >= c)
+        if ignore_index is not None:
+            bad &= lab != ignore_index
+        if where is not None:
+            bad &= np.asarray(where, bool)
+        if bad.any():
+            pos = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(
+                f"{name}: expected class ids in {allowed}, got {int(lab[pos])} at index {pos} "
+                f"({int(bad.sum())} out of range)"
+            )
+        return
+    bad = (labels < 0) | (labels >= c)
+    if ignore_index is not None:
+        bad = bad & (labels != ignore_index)
+    if where is not None:
+        bad = bad & jnp.asarray(where, bool)
+    # Elementwise ops and reductions only (no dynamic index): fine on sharded ids too.
+    index = jnp.arange(bad.size, dtype=jnp.int32).reshape(bad.shape)  # row-major position
+    first = jnp.min(jnp.where(bad, index, bad.size))
+    checkify.debug_check(
+        ~jnp.any(bad),
+        f"{name}: expected class ids in {allowed}, got {{v}} at flat index {{i}} "
+        f"({{count}} out of range)",
+        v=jnp.sum(jnp.where(index == first, labels, jnp.zeros((), labels.dtype))),
+        i=first,
+        count=jnp.sum(bad),
+    )
 
 
 def checked(fn: Callable) -> Callable:
-    """Checked mode: ``checked(f)(*args) -> (err, out)`` with jaxbp's value checks on.
+    r"""Checked mode: ``checked(f)(*args) -> (err, out)`` with jaxbp's value checks on.
 
-    Checks that need values (integer labels in range) cannot raise under ``jit``; there the
-    affected rows are NaN. Under ``checked`` they are also ``checkify`` checks, so
-    ``err.throw()`` (or ``err.get()``) names the bad label. Works with ``jax.jit`` around it::
+    Checks that need values (integer labels in range) cannot raise inside ``jit``: there
+    the affected rows are NaN. They are also in the traced program as
+    ``checkify.debug_check``\ s, which do nothing in a plain call and which ``checked``
+    (``checkify.checkify`` with the user checks) turns on, so ``err.get()`` names the bad
+    label and ``err.throw()`` raises. Any composition works, in any order, warm or cold:
+    ``jax.jit(checked(f))``, ``checked(jax.jit(f))`` (also after the jitted ``f`` ran, and
+    ``f`` keeps working unchecked afterwards), ``checked(jax.grad(f))``::
 
         err, loss = jax.jit(jaxbp.checked(loss_fn))(params, x, labels)
         err.throw()
@@ -131,10 +173,20 @@ def checked(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        token = _CHECKING.set(True)
-        try:
-            return checked_fn(*args, **kwargs)
-        finally:
-            _CHECKING.reset(token)
+        err, out = checked_fn(*args, **kwargs)
+        return jax.tree.map(_replicated, err), out
 
     return wrapper
+
+
+def _replicated(a: Any) -> Any:
+    """An error payload replicated on its mesh: checks inside a ``shard_map`` on a mesh with
+    Explicit axes leave one payload per device, sharded, and ``checkify``'s ``err.get()``
+    sorts them, which JAX refuses along a sharded axis."""
+    typeof = getattr(jax, "typeof", None)
+    sharding = getattr(typeof(a), "sharding", None) if typeof is not None else None
+    spec = getattr(sharding, "spec", None)
+    if spec is None or all(s is None for s in spec) or not hasattr(sharding, "update"):
+        return a
+    reshard = getattr(jax.sharding, "reshard", None) or getattr(jax, "reshard", None)
+    return reshard(a, sharding.update(spec=jax.sharding.PartitionSpec()))

@@ -21,6 +21,8 @@ from collections.abc import Callable
 
 import jax
 
+from . import _vma
+
 
 def custom_vjp_op(fwd: Callable, bwd: Callable) -> Callable:
     """Return ``op(options, *args)``: a custom_vjp whose backward is ``bwd``.
@@ -29,6 +31,11 @@ def custom_vjp_op(fwd: Callable, bwd: Callable) -> Callable:
     keywords. Under ``jax.grad``/``jax.vjp`` JAX calls ``fwd`` and then ``bwd``; without
     differentiation it calls ``fwd`` and keeps only the output (XLA drops the unused
     residuals under ``jit``).
+
+    Inside a user's ``shard_map`` (``check_vma=True``), each cotangent gets its argument's
+    varying-axes type: ``psum`` over the axes it varies along beyond its argument's (what
+    JAX's autodiff does for the implicit ``pvary``), see :mod:`jaxbp._vma`. ``bwd`` itself
+    stays the plain rule: called directly, it returns the per-device cotangents.
     """
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -36,10 +43,13 @@ def custom_vjp_op(fwd: Callable, bwd: Callable) -> Callable:
         return fwd(*args, **dict(options))[0]
 
     def op_fwd(options, *args):
-        return fwd(*args, **dict(options))
+        out, res = fwd(*args, **dict(options))
+        # Inside a shard_map: each argument's varying axes, static, for the cotangents.
+        return out, (res, _vma.Static(tuple(_vma.of(a) for a in args)))
 
     def op_bwd(options, res, g):
-        return tuple(bwd(res, g, **dict(options)))
+        res, vmas = res
+        return _vma.fit_cotangents(tuple(bwd(res, g, **dict(options))), vmas.value)
 
     op.defvjp(op_fwd, op_bwd)
     return op

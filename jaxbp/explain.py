@@ -24,8 +24,7 @@ This answers two questions people ask about softmax and backpropagation:
 from __future__ import annotations
 
 import dataclasses
-import json
-import sys
+import math
 from typing import Any
 
 import jax
@@ -108,6 +107,49 @@ def _maxdiff(a, b) -> float:
 # --------------------------------------------------------------------------- the walk
 
 
+# The full-Jacobian route holds every explicit Jacobian of the network (float64); refuse it
+# beyond this many bytes rather than run out of memory.
+FULL_JACOBIAN_MAX_BYTES = 2**30
+
+
+def full_jacobian_bytes(sizes, batch: int) -> tuple[int, str, tuple[int, ...]]:
+    """``(bytes, name, shape)``: the float64 bytes of every explicit Jacobian the
+    full-Jacobian route forms for ``sizes``/``batch``, and the largest of them.
+
+    Softmax ``(n, c, c)``; per layer ``l`` (``i`` in, ``o`` out) ``∂z/∂W (n, o, i, o)``,
+    ``∂z/∂b (n, o, o)`` and, below the last, ``∂z/∂a (n, o, i)``, ``∂a/∂z (n, i, i)``.
+    """
+    sizes = tuple(int(s) for s in sizes)
+    n, c = int(batch), sizes[-1]
+    shapes = [("∂p/∂z", (n, c, c))]
+    for layer in range(len(sizes) - 1, 0, -1):
+        i, o = sizes[layer - 1], sizes[layer]
+        shapes += [(f"∂z{layer}/∂W{layer}", (n, o, i, o)), (f"∂z{layer}/∂b{layer}", (n, o, o))]
+        if layer > 1:
+            shapes += [(f"∂z{layer}/∂a{layer - 1}", (n, o, i)),
+                       (f"∂a{layer - 1}/∂z{layer - 1}", (n, i, i))]  # fmt: skip
+    name, shape = max(shapes, key=lambda ns: math.prod(ns[1]))
+    return 8 * sum(math.prod(s) for _, s in shapes), name, shape
+
+
+def _bytes(b: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if b >= size:
+            return f"{b / size:.1f} {unit}"
+    return f"{b} B"
+
+
+def _check_full_jacobian(sizes, batch, name) -> None:
+    need, big, shape = full_jacobian_bytes(sizes, batch)
+    if need > FULL_JACOBIAN_MAX_BYTES:
+        raise ValueError(
+            f"{name}: the full-Jacobian route would need {_bytes(need)} ({need} bytes) for its "
+            f"Jacobians (the largest, {big}, has shape {shape}); the limit is "
+            f"{_bytes(FULL_JACOBIAN_MAX_BYTES)}: use smaller sizes or batch, or leave out "
+            "the full Jacobians"
+        )
+
+
 def explain(
     sizes=(4, 5, 3),
     batch: int = 2,
@@ -125,7 +167,8 @@ def explain(
       seed: seed of the inputs, labels and parameters.
       full_jacobian: also compute the gradient with explicit Jacobians all the way
         (``(n, c, c)``, ``(n, o, i)``, ``(n, i, i)``, ``(n, o, i, o)``, …) and compare it with
-        the fused rules.
+        the fused rules. ``ValueError`` when they would take more than
+        ``FULL_JACOBIAN_MAX_BYTES`` (:func:`full_jacobian_bytes`).
 
     Returns:
       An :class:`Explanation` (float64). ``.text()`` reads as a walkthrough.
@@ -133,6 +176,8 @@ def explain(
     model = MLP(tuple(sizes), activation, "softmax_cross_entropy")
     if batch < 1:
         raise ValueError(f"batch: expected a positive int, got {batch!r}")
+    if full_jacobian:
+        _check_full_jacobian(model.sizes, batch, "full_jacobian")
     with x64():
         return _explain(model, batch, seed, full_jacobian)
 
@@ -490,6 +535,7 @@ def _render(e: Explanation) -> str:
 
 def add_arguments(parser) -> None:
     """``jaxbp explain``'s arguments."""
+    from .cli import json_path, positive_int
     from .gradcheck import _sizes
 
     parser.add_argument(
@@ -498,7 +544,7 @@ def add_arguments(parser) -> None:
         default=(4, 5, 3),
         help="layer widths, input first; the last is the number of classes (default 4,5,3)",
     )
-    parser.add_argument("--batch", type=int, default=2, help="batch size n (default 2)")
+    parser.add_argument("--batch", type=positive_int, default=2, help="batch size n (default 2)")
     parser.add_argument(
         "--activation",
         choices=tuple(ACTIVATIONS),
@@ -509,23 +555,28 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--full-jacobian",
         action="store_true",
-        help="also compute the gradient with explicit Jacobians all the way",
+        help="also compute the gradient with explicit Jacobians all the way (refused when "
+        f"they would take more than {_bytes(FULL_JACOBIAN_MAX_BYTES)})",
     )
-    parser.add_argument("--json", metavar="PATH", help="also write the result as JSON")  # fmt: skip
+    parser.add_argument("--json", metavar="PATH", type=json_path,
+                        help="also write the result as JSON ('-': stdout)")  # fmt: skip
+
+
+def validate(args) -> None:
+    """``--full-jacobian`` only for sizes whose Jacobians fit (:func:`full_jacobian_bytes`)."""
+    if args.full_jacobian:
+        _check_full_jacobian(args.sizes, args.batch, "--sizes/--batch")
 
 
 def run(args) -> int:
-    """Run ``jaxbp explain``; 0 when every difference it shows is at float64 round-off."""
-    if args.batch < 1:
-        print(f"jaxbp explain: error: --batch: expected a positive int, got {args.batch}",
-              file=sys.stderr)  # fmt: skip
-        return 2
+    """Run ``jaxbp explain`` (arguments already validated); 0 when every difference it shows
+    is at float64 round-off."""
+    from .cli import text_stream, write_json
+
     e = explain(args.sizes, args.batch, activation=args.activation, seed=args.seed,
                 full_jacobian=args.full_jacobian)  # fmt: skip
-    print(e.text())
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(e.to_dict(), f, indent=1)
+    print(e.text(), file=text_stream(args))
+    write_json(args.json, e.to_dict())
     return 0 if _consistent(e) else 1
 
 

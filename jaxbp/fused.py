@@ -41,9 +41,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import _checks
+from . import _checks, _vma
+from ._checks import check_label_range
 from ._op import declare_op
-from .losses import _bad_labels, check_label_range, valid_rows, validate_ce_options
+from .losses import _bad_labels, valid_rows, validate_ce_options
 
 __all__ = [
     "linear_softmax_cross_entropy",
@@ -75,12 +76,15 @@ def _mm(a, b, contract, acc):
                            preferred_element_type=acc)  # fmt: skip
 
 
-def _over_chunks(total, size, body, carry):
+def _over_chunks(total, size, body, carry, vma=frozenset()):
     """Run ``body(start, k, carry)`` over ``[0, total)`` in chunks of ``k = size``.
 
     Full chunks run in a ``fori_loop`` (``start`` traced); a shorter last chunk, if any, runs
     once more with its own static length, so nothing is padded and no column is masked.
+    Inside a ``shard_map``, ``vma`` names the mesh axes the carried values vary along (all
+    the axes of the inputs they are computed from): the carry starts with that type.
     """
+    carry = _vma.pvary_tree(carry, vma)
     nfull, rem = divmod(total, size)
     if nfull:
         carry = lax.fori_loop(0, nfull, lambda j, c: body(j * size, size, c), carry)
@@ -178,7 +182,8 @@ def _loss_and_lse(x, w, b, labels, where, cw, *, ignore_index, label_smoothing, 
 
     zeros = jnp.zeros((n,), acc)
     m0 = jnp.full((n,), -jnp.inf, acc)
-    m, s, zy, zc = _over_chunks(v, _chunk(chunk_size, v), body, (m0, zeros, zeros, zeros))
+    vma = _vma.union(x, w, b, labels, where, cw)
+    m, s, zy, zc = _over_chunks(v, _chunk(chunk_size, v), body, (m0, zeros, zeros, zeros), vma)
     m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
     lse = m_safe + jnp.log(s)
     loss = _finish_loss(lse, zy, zc, valid, bad, su, cw_y, v=v, label_smoothing=eps, z_loss=z_loss)
@@ -241,7 +246,8 @@ def _grads_recompute(x, w, b, labels, where, cw, lse, g, *, ignore_index, label_
         None if b is None else jnp.zeros(b.shape, b.dtype),
         None if cw is None else jnp.zeros(cw.shape, cw.dtype),
     )
-    dx, dw, db, dcw = _over_chunks(v, _chunk(chunk_size, v), body, carry)
+    vma = _vma.union(x, w, b, labels, where, cw, lse, g)
+    dx, dw, db, dcw = _over_chunks(v, _chunk(chunk_size, v), body, carry, vma)
     return dx.astype(x.dtype), dw, db, dcw
 
 
@@ -307,7 +313,7 @@ def _forward_with_grads(x, w, b, labels, where, cw, *, ignore_index, label_smoot
         None if cw is None else jnp.zeros((v,), acc),
     )
     tokens = max(1, min(n, default if chunk_size is None else int(chunk_size)))
-    return _over_chunks(n, tokens, body, carry)
+    return _over_chunks(n, tokens, body, carry, _vma.union(x, w, b, labels, where, cw))
 
 
 # --------------------------------------------------------------------- the op triple
@@ -396,7 +402,11 @@ def linear_softmax_cross_entropy_bwd(
         return (dx.astype(x.dtype).reshape(x.shape), cast(dw1, w),
                 cast(db1, b), cast(dcw1, cw))  # fmt: skip
 
-    dx, dw, db, dcw = lax.cond(uniform, scaled, recompute)
+    # Both branches return one type: varying along every axis any input varies along.
+    vma = _vma.union(res, g)
+    dx, dw, db, dcw = lax.cond(
+        uniform, lambda: _vma.pvary_tree(scaled(), vma), lambda: _vma.pvary_tree(recompute(), vma)
+    )
     return dx, dw, None, db, None, dcw
 
 
@@ -417,11 +427,15 @@ def _loss_only(x, w, b, labels, where, class_weights, **opts):
 
 
 def _fused_fwd(options, *args):
-    return linear_softmax_cross_entropy_fwd(*args, **dict(options))
+    out, res = linear_softmax_cross_entropy_fwd(*args, **dict(options))
+    # Inside a shard_map: each argument's varying axes, static, for the cotangents (_op.py).
+    return out, (res, _vma.Static(tuple(_vma.of(a) for a in args)))
 
 
 def _fused_bwd(options, res, g):
-    return tuple(linear_softmax_cross_entropy_bwd(res, g, **dict(options)))
+    res, vmas = res
+    cts = tuple(linear_softmax_cross_entropy_bwd(res, g, **dict(options)))
+    return _vma.fit_cotangents(cts, vmas.value)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)

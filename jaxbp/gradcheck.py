@@ -18,7 +18,7 @@ leaf (``[0]['w'] (i, o)``, ``[0]['b'] (o,)``, …):
   ``d`` of each leaf, compared as directional derivatives ``⟨∇L, d⟩ (k,)``. Directions whose
   step would cross a kink of ``relu``/``leaky_relu`` are redrawn.
 
-Errors are relative to the reference's max-abs (EDGE_CASES.md): float64 ≤ 1e-12,
+Errors are relative to the reference's max-abs (docs/edge_cases.md): float64 ≤ 1e-12,
 float32 ≤ 1e-5, bfloat16 ≤ 2e-2 against ``jax.grad``; ≤ 1e-6 against finite differences.
 """
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import sys
 from typing import Any
 
 import jax
@@ -42,6 +41,7 @@ __all__ = ["TOLERANCES", "FD_TOLERANCE", "Row", "Report", "compare", "x64"]
 TOLERANCES = {"float64": 1e-12, "float32": 1e-5, "bfloat16": 2e-2, "float16": 2e-2}
 FD_TOLERANCE = 1e-6
 FD_STEP = 1e-6
+FD_DIRECTIONS = 4  # random unit directions per leaf
 _KINKED = ("relu", "leaky_relu")
 
 
@@ -302,7 +302,7 @@ def compare(
     class_weights=None,
     dtype: Any = None,
     fd: bool = True,
-    fd_directions: int = 4,
+    fd_directions: int = FD_DIRECTIONS,
     seed: int = 0,
 ) -> Report:
     """Compare the hand-written gradient of ``model`` with ``jax.grad`` and finite differences.
@@ -322,7 +322,7 @@ def compare(
 
     Returns:
       A :class:`Report`; ``report.passed`` is True when every row is within tolerance
-      (EDGE_CASES.md), ``report.table()`` prints it, ``report.to_dict()`` serialises it.
+      (docs/edge_cases.md), ``report.table()`` prints it, ``report.to_dict()`` serialises it.
 
     float64 is switched on (``jax_enable_x64``) for the duration of the call when needed;
     inputs are validated with the model's clear errors first.
@@ -402,14 +402,14 @@ def compare(
 # --------------------------------------------------------------------------- command line
 
 
-def _names(value: str, choices: tuple[str, ...], what: str) -> list[str]:
+def _names(value: str, choices: tuple[str, ...]) -> list[str]:
     import argparse
 
     names = list(choices) if value == "all" else [v.strip() for v in value.split(",") if v.strip()]
     bad = [v for v in names if v not in choices]
     if bad or not names:
         raise argparse.ArgumentTypeError(
-            f"{what}: expected 'all' or a comma list of {', '.join(choices)}; got {value!r}"
+            f"expected 'all' or a comma list of {', '.join(choices)}; got {value!r}"
         )
     return names
 
@@ -423,14 +423,26 @@ def _sizes(value: str) -> tuple[int, ...]:
         sizes = ()
     if len(sizes) < 2 or min(sizes) < 1:
         raise argparse.ArgumentTypeError(
-            f"sizes: expected at least two positive widths like 64,32,10, got {value!r}"
+            f"expected at least two positive widths like 64,32,10, got {value!r}"
         )
     return sizes
+
+
+def _choice_list(choices: tuple[str, ...]):
+    def parse(value: str) -> list[str]:
+        return _names(value, choices)
+
+    parse.__name__ = "list"  # argparse names the type in some messages
+    return parse
+
+
+DTYPES = ("float32", "float64", "bfloat16")
 
 
 def add_arguments(parser) -> None:
     """``jaxbp compare``'s arguments."""
     from .activations import ACTIVATIONS
+    from .cli import json_path, nonnegative_float, positive_int, unit_float
     from .nn import LOSSES
 
     parser.add_argument(
@@ -439,20 +451,23 @@ def add_arguments(parser) -> None:
         default=(64, 32, 10),
         help="layer widths, input first (default 64,32,10)",
     )
-    parser.add_argument("--batch", type=int, default=32, help="batch size n (default 32)")
+    parser.add_argument("--batch", type=positive_int, default=32, help="batch size n (default 32)")
     parser.add_argument(
         "--activation",
-        default="relu",
+        type=_choice_list(tuple(ACTIVATIONS)),
+        default=["relu"],
         help=f"one of {', '.join(ACTIVATIONS)}, a comma list, or 'all' (default relu)",
     )
     parser.add_argument(
         "--loss",
-        default="softmax_cross_entropy",
+        type=_choice_list(tuple(LOSSES)),
+        default=["softmax_cross_entropy"],
         help=f"one of {', '.join(LOSSES)}, a comma list, or 'all' (default softmax_cross_entropy)",
     )
     parser.add_argument(
         "--dtype",
-        default="float32",
+        type=_choice_list(DTYPES),
+        default=["float32"],
         help="float32, float64, bfloat16, a comma list, or 'all' (default float32)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of data, parameters, directions")
@@ -464,21 +479,51 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--fd-directions",
-        type=int,
-        default=4,
-        help="random directions per leaf for finite differences (default 4)",
+        type=positive_int,
+        default=None,
+        help=f"random directions per leaf for finite differences (default {FD_DIRECTIONS})",
     )
     parser.add_argument("--no-fd", action="store_true", help="skip the finite-difference check")
     parser.add_argument(
         "--label-smoothing",
-        type=float,
+        type=unit_float,
         default=0.0,
-        help="softmax_cross_entropy's label_smoothing (default 0)",
+        help="softmax_cross_entropy's label_smoothing in [0, 1] (default 0)",
     )
     parser.add_argument(
-        "--z-loss", type=float, default=0.0, help="softmax_cross_entropy's z_loss (default 0)"
+        "--z-loss",
+        type=nonnegative_float,
+        default=0.0,
+        help="softmax_cross_entropy's z_loss ≥ 0 (default 0)",
     )
-    parser.add_argument("--json", metavar="PATH", help="also write the reports as JSON")
+    parser.add_argument(
+        "--json", metavar="PATH", type=json_path, help="also write the reports as JSON (-: stdout)"
+    )
+
+
+def validate(args) -> None:
+    """What no single value shows: options that do not apply, the digits' sizes."""
+    if "softmax_cross_entropy" not in args.loss:
+        for flag, value in (("--label-smoothing", args.label_smoothing), ("--z-loss", args.z_loss)):
+            if value:
+                raise ValueError(
+                    f"{flag}: only for --loss softmax_cross_entropy, got --loss "
+                    f"{','.join(args.loss)}"
+                )
+    if args.no_fd and args.fd_directions is not None:
+        raise ValueError("--fd-directions: does not apply with --no-fd")
+    if args.dataset == "digits":
+        from .datasets import load_digits
+
+        split = load_digits()
+        i, c = split.x_train.shape[1], split.num_classes
+        if args.sizes[0] != i or args.sizes[-1] != c:
+            raise ValueError(
+                f"--sizes: the digits data set needs {i} inputs and {c} classes, got "
+                f"{','.join(map(str, args.sizes))}"
+            )
+        if args.batch > split.x_train.shape[0]:
+            raise ValueError(f"--batch: expected 1 to {split.x_train.shape[0]}, got {args.batch}")
 
 
 def _batch(model: MLP, dataset: str, batch: int, seed: int):
@@ -509,55 +554,38 @@ def _batch(model: MLP, dataset: str, batch: int, seed: int):
 
 
 def run(args) -> int:
-    """Run ``jaxbp compare``; 0 when every comparison passes, 1 otherwise."""
-    import argparse
-    import json
+    """Run ``jaxbp compare`` (arguments already validated); 0 when every comparison passes,
+    1 otherwise."""
+    from .cli import text_stream, write_json
 
-    from .activations import ACTIVATIONS
-    from .nn import LOSSES
-
-    try:
-        activations = _names(args.activation, tuple(ACTIVATIONS), "--activation")
-        losses = _names(args.loss, LOSSES, "--loss")
-        dtypes = _names(args.dtype, ("float32", "float64", "bfloat16"), "--dtype")
-    except argparse.ArgumentTypeError as e:
-        print(f"jaxbp compare: error: {e}", file=sys.stderr)
-        return 2
-    if args.batch < 1:
-        print(f"jaxbp compare: error: --batch: expected a positive int, got {args.batch}",
-              file=sys.stderr)  # fmt: skip
-        return 2
+    out = text_stream(args)
+    fd_directions = FD_DIRECTIONS if args.fd_directions is None else args.fd_directions
     reports = []
     with x64():
-        for dtype in dtypes:
-            for activation in activations:
-                for loss in losses:
+        for dtype in args.dtype:
+            for activation in args.activation:
+                for loss in args.loss:
                     opts = {}
                     if loss == "softmax_cross_entropy":
                         opts = {k: v for k, v in (("label_smoothing", args.label_smoothing),
                                                   ("z_loss", args.z_loss)) if v}  # fmt: skip
                     model = MLP(args.sizes, activation, loss, loss_options=opts)
-                    try:
-                        x, labels = _batch(model, args.dataset, args.batch, args.seed)
-                    except ValueError as e:
-                        print(f"jaxbp compare: error: {e}", file=sys.stderr)
-                        return 2
+                    x, labels = _batch(model, args.dataset, args.batch, args.seed)
                     params = model.init(jax.random.PRNGKey(args.seed + 1), jnp.float64)
                     report = compare(
                         model, params, x, labels, dtype=dtype, fd=not args.no_fd,
-                        fd_directions=args.fd_directions, seed=args.seed,
+                        fd_directions=fd_directions, seed=args.seed,
                     )  # fmt: skip
                     reports.append(report)
-                    print(report.table())
-                    print()
+                    print(report.table(), file=out)
+                    print(file=out)
     passed = all(r.passed for r in reports)
     if len(reports) > 1:
         bad = [f"{r.activation}/{r.loss}/{r.dtype}" for r in reports if not r.passed]
         print(
             f"{len(reports) - len(bad)} of {len(reports)} configurations passed"
-            + (f"; failed: {', '.join(bad)}" if bad else "")
+            + (f"; failed: {', '.join(bad)}" if bad else ""),
+            file=out,
         )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"passed": passed, "reports": [r.to_dict() for r in reports]}, f, indent=2)
+    write_json(args.json, {"passed": passed, "reports": [r.to_dict() for r in reports]}, 2)
     return 0 if passed else 1

@@ -40,7 +40,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import checkify
 
 from . import _checks
 from ._op import custom_vjp_op, declare_op
@@ -362,36 +361,6 @@ def validate_ce_options(
     return where, class_weights
 
 
-def check_label_range(labels, c, ignore_index=None, *, where=None, name="labels"):
-    """Raise ``ValueError`` for concrete integer ids outside ``[0, c)``; under
-    :func:`jaxbp.checked`, add a ``checkify`` check for traced ones. Masked rows are exempt."""
-    if not jnp.issubdtype(labels.dtype, jnp.integer):
-        return
-    if _checks.is_concrete(labels) and (where is None or _checks.is_concrete(where)):
-        lab = np.asarray(labels)
-        bad = (lab < 0) | (lab >= c)
-        if ignore_index is not None:
-            bad &= lab != ignore_index
-        if where is not None:
-            bad &= np.asarray(where, bool)
-        if bad.any():
-            pos = tuple(int(i) for i in np.argwhere(bad)[0])
-            allowed = f"[0, {c})" + ("" if ignore_index is None else f" or {ignore_index}")
-            raise ValueError(
-                f"{name}: expected class ids in {allowed}, got {int(lab[pos])} at index {pos} "
-                f"({int(bad.sum())} out of range)"
-            )
-    elif _checks.checking():
-        bad = _bad_labels(labels, c, ignore_index)
-        if where is not None:
-            bad = bad & where
-        checkify.check(
-            ~jnp.any(bad),
-            f"{name}: a class id is outside [0, {c}) (first bad value {{v}})",
-            v=jnp.where(bad, labels, 0).ravel()[jnp.argmax(bad.ravel())],
-        )
-
-
 @declare_op(per_example=("logits", "labels"))
 def softmax_cross_entropy(
     logits: jax.Array,
@@ -442,7 +411,7 @@ def softmax_cross_entropy(
     logits, labels, where, class_weights = _validate_ce(
         logits, labels, where, class_weights, label_smoothing, ignore_index, z_loss
     )
-    check_label_range(labels, logits.shape[-1], ignore_index, where=where)
+    _checks.check_label_range(labels, logits.shape[-1], ignore_index, where=where)
     options = (
         ("ignore_index", None if ignore_index is None else int(ignore_index)),
         ("label_smoothing", float(label_smoothing)),

@@ -35,10 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _checks
+from ._checks import check_label_range
 from .activations import ACTIVATIONS
 from .dense import dense_bwd, dense_bwd_params, dense_fwd
 from .jacobian import rules_of
-from .losses import _validate_ce, check_label_range, valid_rows, validate_ce_options
+from .losses import _validate_ce, valid_rows, validate_ce_options
 
 __all__ = [
     "MLP", "LOSSES", "Params", "backward", "forward", "forward_backward", "register_model",

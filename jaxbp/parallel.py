@@ -6,9 +6,12 @@ Index letters::
     c  classes (global)        c/P  classes on one vocab shard  (P devices on the model axis)
     i  input features of a layer,  o  output features
 
-Everything runs on JAX's own distributed engine: a :class:`jax.sharding.Mesh`, ``shard_map``
-and the collectives ``psum``/``pmax`` inside it; across hosts, ``jax.distributed.initialize``
-makes one global mesh of every process's devices and the same code runs unchanged.
+Everything runs on JAX's own distributed engine: a :class:`jax.sharding.Mesh` (as
+``jax.make_mesh`` makes it: Explicit or Auto axes), ``shard_map`` and the collectives
+``psum``/``pmax`` inside it; across hosts, ``jax.distributed.initialize`` makes one global
+mesh of every process's devices and the same code runs unchanged. On Explicit axes the
+inputs are resharded to the layout each ``shard_map`` wants (:func:`_laid_out`), and a
+cotangent gets its primal's layout where the primal's type names the mesh.
 
 **Data parallel** (:func:`value_and_grad`). The batch is split over the mesh axis ``axis``;
 parameters are replicated. Each shard runs the explicit reverse loop of
@@ -56,11 +59,12 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from . import _checks
+from . import _checks, _vma
+from ._checks import check_label_range
 from .activations import ACTIVATIONS
 from .dense import dense_bwd, dense_bwd_params, dense_fwd
 from .jacobian import rules_of
-from .losses import _bad_labels, _validate_ce, check_label_range, valid_rows
+from .losses import _bad_labels, _validate_ce, valid_rows
 from .nn import MLP, forward_backward
 
 __all__ = [
@@ -106,10 +110,20 @@ def shard_map(f: Callable, *, mesh: Mesh, in_specs: Any, out_specs: Any, check: 
     return fn(f, **kwargs)
 
 
-def make_mesh(shape: Sequence[int], axis_names: Sequence[str], *, devices=None) -> Mesh:
-    """A :class:`~jax.sharding.Mesh` of ``shape`` over ``devices`` (default: all of them,
-    across every process after ``jax.distributed.initialize``), e.g. ``make_mesh((2, 4),
-    ("data", "model"))`` on 8 devices."""
+def make_mesh(
+    shape: Sequence[int], axis_names: Sequence[str], *, devices=None, axis_types=None
+) -> Mesh:
+    """``jax.make_mesh(shape, axis_names, axis_types=..., devices=...)`` with clear errors.
+
+    Users make meshes with :func:`jax.make_mesh` and every function here takes them as they
+    come: its axes are ``Explicit`` by default in recent JAX (``Auto`` in older ones), and
+    jaxbp lays inputs out itself on Explicit axes. This helper is that call with the shape
+    checked against the device count first (``ValueError`` naming ``shape`` or
+    ``axis_names``); ``devices`` defaults to all of them, across every process after
+    ``jax.distributed.initialize``. On a JAX without ``jax.make_mesh`` it builds the
+    :class:`~jax.sharding.Mesh` from ``devices`` in order. E.g. ``make_mesh((2, 4),
+    ("data", "model"))`` on 8 devices.
+    """
     devices = jax.devices() if devices is None else list(devices)
     shape = tuple(int(s) for s in shape)
     if len(shape) != len(axis_names):
@@ -121,7 +135,16 @@ def make_mesh(shape: Sequence[int], axis_names: Sequence[str], *, devices=None) 
             f"shape: expected a mesh of {len(devices)} devices, got {shape} "
             f"({int(np.prod(shape))} devices)"
         )
-    return Mesh(np.asarray(devices, dtype=object).reshape(shape), tuple(axis_names))
+    names = tuple(axis_names)
+    jax_make_mesh = getattr(jax, "make_mesh", None)
+    if jax_make_mesh is None:  # JAX < 0.4.35
+        if axis_types is not None:
+            raise TypeError("axis_types: this JAX has no mesh axis types")
+        return Mesh(np.asarray(devices, dtype=object).reshape(shape), names)
+    kwargs = {"devices": devices}
+    if axis_types is not None:
+        kwargs["axis_types"] = tuple(axis_types)
+    return jax_make_mesh(shape, names, **kwargs)
 
 
 def shard(tree: Any, mesh: Mesh, spec: PartitionSpec | None = None) -> Any:
@@ -179,9 +202,75 @@ def _host_readable(*trees) -> bool:
     return all(readable(x) for x in jax.tree.leaves(trees))
 
 
+def _explicit_axes(mesh: Mesh) -> frozenset:
+    """The mesh axes of type ``Explicit`` (``jax.make_mesh``'s default in newer JAX)."""
+    explicit = getattr(getattr(jax.sharding, "AxisType", None), "Explicit", None)
+    types = getattr(mesh, "axis_types", None) or ()
+    if explicit is None:
+        return frozenset()
+    return frozenset(name for name, t in zip(mesh.axis_names, types, strict=False) if t == explicit)
+
+
+def _on_explicit_axes(spec: PartitionSpec, axes: frozenset) -> PartitionSpec:
+    """``spec`` with only the mesh axes in ``axes`` (the others are left to ``shard_map``)."""
+
+    def keep(entry):
+        names = entry if isinstance(entry, tuple) else (entry,)
+        names = tuple(a for a in names if a is not None and a in axes)
+        return None if not names else names[0] if len(names) == 1 else names
+
+    return P(*(keep(e) for e in spec))
+
+
+def _laid_out(mesh: Mesh, arg: Any, spec: Any) -> Any:
+    """``arg`` (a pytree under the spec prefix ``spec``) resharded as ``shard_map``'s
+    ``in_specs`` say, on the mesh's Explicit axes: there ``shard_map`` requires the inputs'
+    own shardings to match its specs, and unsharded or otherwise sharded inputs are moved
+    (``jax.sharding.reshard``). Auto axes need nothing: ``shard_map`` reshards them itself."""
+    axes = _explicit_axes(mesh)
+    if not axes:
+        return arg
+    reshard = getattr(jax.sharding, "reshard", None) or jax.reshard
+
+    def one(s, sub):
+        target = NamedSharding(mesh, _on_explicit_axes(s, axes))
+        return jax.tree.map(lambda a: reshard(a, target), sub)
+
+    return jax.tree.map(one, spec, arg, is_leaf=lambda s: isinstance(s, PartitionSpec))
+
+
+def _arg_specs(mesh: Mesh, args: Sequence[Any]) -> _vma.Static:
+    """The arguments' own layouts on an Explicit mesh (static, for the residuals), else
+    ``None``s: a custom_vjp's cotangent must have its primal's sharding type there. An
+    argument whose type names no mesh (unplaced, under ``jit`` without ``jax.set_mesh``)
+    constrains nothing: its cotangent keeps the layout of the shards."""
+    axes = _explicit_axes(mesh)
+    typeof = getattr(jax, "typeof", None)
+    if not axes or typeof is None:
+        return _vma.Static((None,) * len(args))
+
+    def spec(a):  # None where the primal's type names no mesh (it constrains nothing)
+        sharding = None if a is None else getattr(typeof(a), "sharding", None)
+        mesh_of = getattr(sharding, "mesh", None)
+        return None if mesh_of is None or not mesh_of.axis_names else sharding.spec
+
+    return _vma.Static(tuple(spec(a) for a in args))
+
+
+def _as_primals(mesh: Mesh, cts: Sequence[Any], specs: _vma.Static) -> tuple:
+    """Each cotangent resharded to its primal's layout (where :func:`_arg_specs` has one)."""
+    reshard = getattr(jax.sharding, "reshard", None) or getattr(jax, "reshard", None)
+    return tuple(
+        ct if ct is None or spec is None else reshard(ct, NamedSharding(mesh, spec))
+        for ct, spec in zip(cts, specs.value, strict=True)
+    )
+
+
 def _call(fn: Callable, mesh: Mesh, args: Sequence[Any], specs: Sequence[Any], out_specs: Any):
-    """``shard_map(fn)(*args)`` where some ``args`` may be ``None`` (passed through as None)."""
+    """``shard_map(fn)(*args)`` where some ``args`` may be ``None`` (passed through as None);
+    on a mesh with Explicit axes, the arguments are first laid out as ``specs`` say."""
     keep = [k for k, a in enumerate(args) if a is not None]
+    args = [a if a is None else _laid_out(mesh, a, specs[k]) for k, a in enumerate(args)]
 
     def local(*kept):
         full: list[Any] = [None] * len(args)
@@ -350,13 +439,16 @@ def _vp_ce(options, logits, labels, where, class_weights):
 
 
 def _vp_ce_fwd(options, logits, labels, where, class_weights):
-    return vocab_parallel_softmax_cross_entropy_fwd(
+    out, res = vocab_parallel_softmax_cross_entropy_fwd(
         logits, labels, where, class_weights, **dict(options)
     )
+    return out, (res, _arg_specs(dict(options)["mesh"], (logits, labels, where, class_weights)))
 
 
 def _vp_ce_bwd(options, res, g):
-    return vocab_parallel_softmax_cross_entropy_bwd(res, g, **dict(options))
+    res, specs = res
+    cts = vocab_parallel_softmax_cross_entropy_bwd(res, g, **dict(options))
+    return _as_primals(dict(options)["mesh"], cts, specs)
 
 
 _vp_ce.defvjp(_vp_ce_fwd, _vp_ce_bwd)
@@ -510,9 +602,10 @@ def value_and_grad(
 
     Args:
       model: a :class:`jaxbp.MLP` (any loss).
-      mesh: a :class:`jax.sharding.Mesh` (one process, or every process's devices after
-        ``jax.distributed.initialize``). Mesh axes other than ``axis`` and ``model_axis``
-        hold replicas.
+      mesh: a :class:`jax.sharding.Mesh`, e.g. from ``jax.make_mesh`` (Explicit or Auto
+        axes; one process, or every process's devices after ``jax.distributed.initialize``).
+        Mesh axes other than ``axis`` and ``model_axis`` hold replicas. Inputs may come
+        unplaced or laid out any way: on Explicit axes they are resharded as needed.
       axis: the mesh axis the batch is split over. The batch size ``n`` must be divisible by
         its size (``ValueError`` otherwise; pad with ``where=False`` rows: they change
         nothing).
@@ -783,13 +876,17 @@ def _vpf(options, x, w, b, labels, where, class_weights):
 
 
 def _vpf_fwd(options, x, w, b, labels, where, class_weights):
-    return vocab_parallel_linear_softmax_cross_entropy_fwd(
+    out, res = vocab_parallel_linear_softmax_cross_entropy_fwd(
         x, w, b, labels, where, class_weights, **dict(options)
     )
+    args = (x, w, b, labels, where, class_weights)
+    return out, (res, _arg_specs(dict(options)["mesh"], args))
 
 
 def _vpf_bwd(options, res, g):
-    return vocab_parallel_linear_softmax_cross_entropy_bwd(res, g, **dict(options))
+    res, specs = res
+    cts = vocab_parallel_linear_softmax_cross_entropy_bwd(res, g, **dict(options))
+    return _as_primals(dict(options)["mesh"], cts, specs)
 
 
 _vpf.defvjp(_vpf_fwd, _vpf_bwd)

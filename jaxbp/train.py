@@ -20,8 +20,6 @@ a fresh PRNG key per step for gradient transforms that need randomness.
 from __future__ import annotations
 
 import dataclasses
-import json
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -62,7 +60,7 @@ class TrainResult:
     minibatch's ``(epochs·s,)``; ``test_accuracy`` the held-out accuracy after every epoch.
     ``check`` (with ``check=True``) holds the reference run's curve and the largest
     difference between the two step-loss curves, absolute and relative to the reference
-    curve's max-abs (the convention of EDGE_CASES.md), passed at ``CHECK_TOLERANCE``.
+    curve's max-abs (the convention of docs/edge_cases.md), passed at ``CHECK_TOLERANCE``.
     """
 
     config: dict[str, Any]
@@ -129,9 +127,9 @@ def _grad_fn(model: MLP, args: Any) -> Callable:
     noise = float(getattr(args, "noise", 0.0) or 0.0)
     _check_dp(dp_clip, noise)
     if dp_clip is not None:  # DP-SGD: per-example clipping to C, Gaussian noise σ·C
-        from .per_example import clipped_grad, reference_clipped_grad
+        from .per_example import clipped_grad
 
-        build = reference_clipped_grad if getattr(args, "reference", False) else clipped_grad
+        build = reference.clipped_grad if getattr(args, "reference", False) else clipped_grad
         dp = build(model, l2_clip=dp_clip, noise_multiplier=noise, return_loss=True)
 
         def dp_grad_fn(params, x, labels, key):
@@ -321,6 +319,7 @@ class _Args:
 
 def add_arguments(parser) -> None:
     """``jaxbp train``'s arguments: the one place they are declared."""
+    from .cli import json_path, nonnegative_float, positive_float, positive_int
     from .gradcheck import _sizes
 
     d = DEFAULTS
@@ -344,14 +343,14 @@ def add_arguments(parser) -> None:
         help=f"optax optimizer (default {d['optimizer']})",
     )
     parser.add_argument(
-        "--lr", type=float, default=d["lr"], help=f"learning rate (default {d['lr']})"
+        "--lr", type=positive_float, default=d["lr"], help=f"learning rate (default {d['lr']})"
     )
     parser.add_argument(
-        "--epochs", type=int, default=d["epochs"], help=f"epochs (default {d['epochs']})"
+        "--epochs", type=positive_int, default=d["epochs"], help=f"epochs (default {d['epochs']})"
     )
     parser.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         default=d["batch_size"],
         help=f"minibatch size (default {d['batch_size']})",
     )
@@ -361,40 +360,48 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--dp-clip",
-        type=float,
+        type=positive_float,
         default=None,
         metavar="C",
         help="DP-SGD: clip each example's gradient to L2 norm C (jaxbp.clipped_grad)",
     )
     parser.add_argument(
         "--noise",
-        type=float,
+        type=nonnegative_float,
         default=0.0,
         metavar="SIGMA",
         help="DP-SGD noise multiplier σ: N(0, (σ·C)²) on the clipped sum (needs --dp-clip)",
     )
-    parser.add_argument("--json", metavar="PATH",
-                        help="also write the curve and accuracy as JSON")  # fmt: skip
+    parser.add_argument("--json", metavar="PATH", type=json_path,
+                        help="also write the curve and accuracy as JSON (-: stdout)")  # fmt: skip
+
+
+def validate(args) -> None:
+    """The digits' sizes, the batch size against the training set, ``--noise`` only with
+    ``--dp-clip``: checked before anything is compiled."""
+    _check_config(args.sizes, args.activation, args.optimizer, args.epochs, args.batch_size)
+    _check_dp(args.dp_clip, args.noise)
 
 
 def run(args) -> int:
-    """Run ``jaxbp train``; 1 when ``--check`` finds the curves apart, 0 otherwise."""
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "run", "check", "json")}
+    """Run ``jaxbp train`` (arguments already validated); 1 when ``--check`` finds the curves
+    apart, 0 otherwise."""
+    from .cli import text_stream, write_json
+
+    out = text_stream(args)
+    skip = ("command", "check", "json")
+    options = {k: v for k, v in vars(args).items() if k not in skip and not k.startswith("_")}
     print(
         f"Training MLP {'-'.join(map(str, args.sizes))} ({args.activation}) on the digits "
         f"(1438 train / 359 test) with hand-written gradients, {args.optimizer} lr {args.lr}, "
-        f"batch {args.batch_size}"
+        f"batch {args.batch_size}",
+        file=out,
     )
-    try:
-        _check_config(args.sizes, args.activation, args.optimizer, args.epochs, args.batch_size)
-        _check_dp(args.dp_clip, args.noise)
-    except ValueError as e:
-        print(f"jaxbp train: error: {e}", file=sys.stderr)
-        return 2
-    result = train(check=args.check, log=print, **options)
+    result = train(check=args.check, log=lambda line: print(line, file=out), **options)
     print(
         f"done in {result.seconds:.1f} s: test accuracy {result.accuracy:.4f}, "
-        f"train accuracy {result.train_accuracy:.4f}, final train loss {result.losses[-1]:.4f}"
+        f"train accuracy {result.train_accuracy:.4f}, final train loss {result.losses[-1]:.4f}",
+        file=out,
     )
     status = 0
     if result.check is not None:
@@ -404,10 +411,10 @@ def run(args) -> int:
             f"check: manual and jax.grad loss curves {verdict} over {len(result.step_losses)} "
             f"steps: max difference {c['max_abs_difference']:.2e}, "
             f"{c['max_rel_difference']:.2e} relative to the curve's max (tolerance "
-            f"{c['tolerance']:.0e}); reference test accuracy {c['reference_test_accuracy'][-1]:.4f}"
+            f"{c['tolerance']:.0e}); reference test accuracy "
+            f"{c['reference_test_accuracy'][-1]:.4f}",
+            file=out,
         )
         status = 0 if c["passed"] else 1
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result.to_dict(), f, indent=1)
+    write_json(args.json, result.to_dict())
     return status

@@ -2,7 +2,7 @@
 
 * :func:`check_manual_vs_reference`: the public op under ``jax.grad`` *and* ``op_bwd`` called
   directly on ``op_fwd``'s residuals, against ``jax.grad`` of ``jaxbp.reference.op``, at the
-  EDGE_CASES.md tolerance of the dtype;
+  docs/edge_cases.md tolerance of the dtype;
 * :func:`check_finite_differences`: float64 central differences along random directions,
   step ``1e-6`` scaled to the input, error ``≤ 1e-6`` relative to ``‖grad‖·‖v‖``.
 """

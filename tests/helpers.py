@@ -1,9 +1,9 @@
-"""Shared test helpers: tolerances of EDGE_CASES.md and a per-leaf comparison."""
+"""Shared test helpers: tolerances of docs/edge_cases.md and a per-leaf comparison."""
 
 import jax
 import numpy as np
 
-# Tolerances of EDGE_CASES.md: relative to the reference's max-abs, per leaf.
+# Tolerances of docs/edge_cases.md: relative to the reference's max-abs, per leaf.
 TOL = {"float64": 1e-12, "float32": 1e-5, "bfloat16": 2e-2, "float16": 2e-2}
 
 

@@ -443,8 +443,10 @@ def run_single(out):
     import jax
 
     _configure()
+    from tests import mesh_cases  # jax.make_mesh meshes, ops inside a user's shard_map
+
     summary = {"_devices": jax.device_count()}
-    for case in SINGLE:
+    for case in SINGLE + mesh_cases.CASES:
         name = case.__name__.removeprefix("case_")
         t = time.perf_counter()
         try:

@@ -351,7 +351,7 @@ ALL_CASES = (
     DENSE_CASES + ACTIVATION_CASES + SOFTMAX_CASES + LOSS_CASES + CE_CASES + TRANSFORMER_CASES
 )
 
-# Dtypes of the manual-vs-reference comparison, with EDGE_CASES.md tolerances (helpers.TOL).
+# Dtypes of the manual-vs-reference comparison, with docs/edge_cases.md tolerances (helpers.TOL).
 DTYPES = [jnp.float64, jnp.float32, jnp.bfloat16]
 
 

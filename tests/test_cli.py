@@ -41,14 +41,108 @@ def test_compare_on_the_digits_with_loss_options(capsys):
     assert "batch=16" in capsys.readouterr().out
 
 
-def test_compare_bad_arguments_exit_2(capsys):
-    assert main(["compare", "--activation", "swish"]) == 2
-    assert "--activation" in capsys.readouterr().err
-    assert main(["compare", "--dataset", "digits", "--sizes", "8,3"]) == 2
-    assert "digits" in capsys.readouterr().err
+# (subcommand, arguments, what the message must name)
+BAD = [
+    ("compare", ["--activation", "swish"], "--activation"),
+    ("compare", ["--sizes", "64"], "--sizes"),
+    ("compare", ["--dataset", "digits", "--sizes", "8,3"], "digits data set needs 64 inputs"),
+    ("compare", ["--batch", "0"], "--batch"),
+    ("compare", ["--label-smoothing", "2"], "--label-smoothing: expected a number in [0, 1]"),
+    ("compare", ["--label-smoothing", "nan"], "--label-smoothing"),
+    ("compare", ["--z-loss", "-1"], "--z-loss: expected a finite number ≥ 0"),
+    ("compare", ["--z-loss", "inf"], "--z-loss"),
+    ("compare", ["--fd-directions", "0"], "--fd-directions: expected a positive integer"),
+    ("compare", ["--no-fd", "--fd-directions", "3"], "--fd-directions: does not apply"),
+    ("compare", ["--loss", "mse", "--label-smoothing", "0.1"],
+     "--label-smoothing: only for --loss softmax_cross_entropy, got --loss mse"),
+    ("compare", ["--loss", "sigmoid_binary_cross_entropy,mse", "--z-loss", "0.1"],
+     "--z-loss: only for --loss softmax_cross_entropy"),
+    ("compare", ["--json", "/no/such/directory/out.json"], "--json: cannot write"),
+    ("compare", ["--bogus"], "unrecognized arguments: --bogus"),
+    ("explain", ["--batch", "0"], "--batch"),
+    ("explain", ["--json", "/no/such/directory/out.json"], "no directory"),
+    ("explain", ["--full-jacobian", "--sizes", "64,256,256,10", "--batch", "64"],
+     "would need 10.2 GiB (10919710720 bytes) for its Jacobians (the largest, ∂z2/∂W2, "
+     "has shape (64, 256, 256, 256))"),
+    ("explain", ["--bogus"], "unrecognized arguments: --bogus"),
+    ("train", ["--lr", "-1"], "--lr: expected a finite number > 0"),
+    ("train", ["--lr", "0"], "--lr"),
+    ("train", ["--epochs", "0"], "--epochs"),
+    ("train", ["--batch-size", "0"], "--batch-size"),
+    ("train", ["--batch-size", "5000"], "batch_size: expected an int from 1 to 1438"),
+    ("train", ["--sizes", "8,3"], "sizes: the digits need 64 inputs"),
+    ("train", ["--noise", "1.0"], "--noise 1.0 needs --dp-clip"),
+    ("train", ["--dp-clip", "0"], "--dp-clip"),
+    ("train", ["--noise", "-1", "--dp-clip", "1"], "--noise"),
+    ("train", ["--json", "/no/such/directory/out.json"], "--json: cannot write"),
+    ("train", ["--bogus"], "unrecognized arguments: --bogus"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("command", "args", "message"), BAD, ids=lambda v: " ".join(v) if isinstance(v, list) else v
+)
+def test_bad_values_are_usage_errors_of_the_subcommand_before_any_work(
+    command, args, message, capsys, monkeypatch
+):
+    import importlib
+
+    module = importlib.import_module(
+        {"compare": "jaxbp.gradcheck"}.get(command, f"jaxbp.{command}")
+    )
+
+    def no_work(args):
+        raise AssertionError("the work started before the arguments were checked")
+
+    monkeypatch.setattr(module, "run", no_work)
     with pytest.raises(SystemExit) as e:
-        main(["compare", "--sizes", "64"])
+        main([command, *args])
     assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"usage: jaxbp {command}" in err, err  # the subcommand's usage, not jaxbp's
+    assert message in err, err
+    assert "Traceback" not in err
+
+
+def test_a_directory_as_json_path_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "--json", str(tmp_path)])
+    assert e.value.code == 2 and "is a directory" in capsys.readouterr().err
+
+
+def test_label_smoothing_with_all_losses_applies_to_cross_entropy(capsys):
+    args = ["compare", "--loss", "all", "--label-smoothing", "0.1", "--sizes", "4,3",
+            "--batch", "3", "--no-fd"]  # fmt: skip
+    assert main(args) == 0
+    assert "3 of 3 configurations passed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["compare", "--sizes", "4,5,3", "--batch", "3", "--no-fd"],
+        ["explain", "--sizes", "3,4,2", "--batch", "2", "--full-jacobian"],
+        ["train", "--sizes", "64,8,10", "--epochs", "1", "--batch-size", "512"],
+    ],
+    ids=lambda a: a[0],
+)
+def test_json_dash_writes_only_json_to_stdout_and_the_text_to_stderr(args, capsys):
+    assert main([*args, "--json", "-"]) == 0
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)  # all of stdout is one JSON document
+    assert isinstance(data, dict) and data
+    assert captured.err.strip(), "the human-readable text goes to stderr"
+
+
+def test_python_dash_m_jaxbp_train_bogus_shows_train_usage_and_exits_2():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxbp", "train", "--bogus"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "usage: jaxbp train" in proc.stderr and "--bogus" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
 def test_explain_with_json(tmp_path, capsys):

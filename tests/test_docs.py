@@ -24,7 +24,7 @@ def test_backprop_doc_has_its_formulas_as_code():
 
 def test_every_doc_with_math_has_runnable_code():
     for doc in DOCS:
-        if doc.name in ("README.md", "parallel.md"):
+        if doc.name in ("README.md", "parallel.md", "edge_cases.md", "performance.md"):
             continue
         assert _blocks(doc), f"{doc.name} has no ```python block"
 
@@ -40,3 +40,64 @@ def test_every_python_block_runs_in_order_and_its_asserts_hold(doc):
                 exec(code, namespace)
         except Exception as e:  # name the block that failed
             pytest.fail(f"{doc.name} python block {number} failed: {type(e).__name__}: {e}")
+
+
+# ------------------------------------------------- links and cited files exist in the repo
+
+MARKDOWN = [
+    ROOT / "README.md",
+    *sorted((ROOT / "docs").glob("*.md")),
+    ROOT / "benchmarks" / "README.md",
+]
+# Every Python file's docstrings and comments (this file names docs by their bare names).
+SOURCES = sorted(
+    p
+    for d in ("jaxbp", "benchmarks", "tests")
+    for p in (ROOT / d).rglob("*.py")
+    if p != pathlib.Path(__file__).resolve()
+)
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+CITED_MD = re.compile(r"(?<![\w./-])([\w][\w./-]*\.md)\b")
+# Written by `python -m benchmarks` into its --out folder, not a file of the repository.
+GENERATED = {"report.md"}
+
+
+def _rel(path: pathlib.Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
+@pytest.mark.parametrize("doc", MARKDOWN, ids=_rel)
+def test_every_relative_link_in_the_docs_points_to_a_file_in_the_repository(doc):
+    missing = []
+    for target in LINK.findall(doc.read_text(encoding="utf-8")):
+        if re.match(r"^[a-z]+:", target) or target.startswith("#"):
+            continue  # a URL or an anchor in the same page
+        path = target.split("#", 1)[0]
+        if not (doc.parent / path).exists():
+            missing.append(target)
+    assert not missing, f"{_rel(doc)} links to files that are not in the repository: {missing}"
+
+
+@pytest.mark.parametrize("path", MARKDOWN + SOURCES, ids=_rel)
+def test_every_cited_md_file_exists_in_the_repository(path):
+    missing = []
+    for cited in CITED_MD.findall(path.read_text(encoding="utf-8")):
+        if cited in GENERATED:
+            continue
+        if not ((ROOT / cited).exists() or (path.parent / cited).exists()):
+            missing.append(cited)
+    assert not missing, f"{_rel(path)} cites files that are not in the repository: {missing}"
+
+
+def test_edge_case_table_names_tests_that_exist():
+    text = (ROOT / "docs" / "edge_cases.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"`(test_\w+)`", text))
+    defined = {
+        m
+        for p in (ROOT / "tests").glob("test_*.py")
+        for m in re.findall(r"^def (test_\w+)\(", p.read_text(encoding="utf-8"), re.M)
+    }
+    assert len(named) >= 20
+    assert not sorted(named - defined), (
+        f"docs/edge_cases.md names missing tests: {sorted(named - defined)}"
+    )

@@ -1,4 +1,5 @@
-"""Every row of EDGE_CASES.md, one test (or a parametrised family) named after the behaviour."""
+"""Every row of docs/edge_cases.md: one test (or a parametrised family) named after the
+behaviour."""
 
 import subprocess
 import sys

@@ -118,3 +118,24 @@ def test_cli_explain_with_json(tmp_path, capsys):
     assert "softmax: δ2 = J·∂L/∂p" in out and "(2, 3, 3)" in out
     assert json.loads(path.read_text())["full_jacobian"]["entries"] > 0
     assert jax.config.jax_enable_x64
+
+
+def test_full_jacobian_refuses_sizes_whose_jacobians_would_not_fit():
+    from jaxbp.explain import FULL_JACOBIAN_MAX_BYTES, full_jacobian_bytes
+
+    need, name, shape = full_jacobian_bytes((64, 256, 256, 10), 64)
+    # By hand: ∂z2/∂W2 alone is 64·256·256·256 float64 entries = 8 GiB.
+    assert (name, shape) == ("∂z2/∂W2", (64, 256, 256, 256))
+    assert need > 64 * 256**3 * 8 > FULL_JACOBIAN_MAX_BYTES
+    with pytest.raises(ValueError, match=r"full_jacobian: .*would need 10\.2 GiB"):
+        jaxbp.explain((64, 256, 256, 10), 64, full_jacobian=True)
+    small, _, _ = full_jacobian_bytes((4, 5, 3), 2)
+    # (2,3,3) + (2,3,5,3) + (2,3,3) + (2,3,5) + (2,5,5) + (2,5,4,5) + (2,5,5) entries
+    assert small == 8 * (18 + 90 + 18 + 30 + 50 + 200 + 50)
+
+
+def test_full_jacobian_size_estimate_counts_exactly_the_jacobians_formed(default):
+    from jaxbp.explain import full_jacobian_bytes
+
+    need, _, _ = full_jacobian_bytes(default.sizes, default.batch)
+    assert need == 8 * default.full_jacobian["entries"]

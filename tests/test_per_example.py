@@ -487,5 +487,7 @@ def test_dp_training_on_the_digits_runs_and_prints_accuracy(capsys):
     out = capsys.readouterr().out
     accuracy = float(out.split("test accuracy ")[-1].split(",")[0])
     assert 0.2 < accuracy <= 1.0  # ten classes: chance is 0.1
-    assert cli.main(["train", "--epochs", "1", "--noise", "1.0"]) == 2  # no --dp-clip
+    with pytest.raises(SystemExit) as e:  # no --dp-clip: a usage error, before any work
+        cli.main(["train", "--epochs", "1", "--noise", "1.0"])
+    assert e.value.code == 2
     assert "needs --dp-clip" in capsys.readouterr().err

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from .. import _checks
 from ..dense import _validate as _validate_dense
 from ..fused import _validate as _validate_fused
-from ..losses import _validate_ce, check_label_range
+from ..losses import _validate_ce
 from ..softmax import _validate as _validate_softmax
 from ..softmax import _validate_where
 
@@ -134,7 +134,7 @@ def softmax_cross_entropy(
         logits, labels, where, class_weights, label_smoothing, ignore_index, z_loss
     )
     c = logits.shape[-1]
-    check_label_range(labels, c, ignore_index, where=where)
+    _checks.check_label_range(labels, c, ignore_index, where=where)
     z = _acc(logits)
     integer = jnp.issubdtype(labels.dtype, jnp.integer)
     valid = jnp.ones(z.shape[:-1], bool) if where is None else where

@@ -1,0 +1,182 @@
+"""``jaxbp.checked`` composed with ``jax.jit`` (and ``grad``) in every order, warm or cold.
+
+The label-range check of every op that takes integer ids is a ``checkify.debug_check`` in
+the traced program: a no-op in a plain call (the bad rows are NaN), an error under
+``checked``. So jit's cache, which keeps one program per shape whatever the caller, can
+never hand the checked caller an unchecked program or the plain caller a checked one.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxbp
+from jaxbp import parallel
+
+Z = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3)))
+GOOD = jnp.asarray([0, 1, 2, 2])
+BAD = jnp.asarray([0, 1, 5, 2])  # 5 is outside [0, 3), at index 2
+X = jnp.asarray(np.random.default_rng(1).normal(size=(4, 2)))
+W = jnp.asarray(np.random.default_rng(2).normal(size=(2, 3)))
+MODEL = jaxbp.MLP((2, 3))
+PARAMS = [{"w": W, "b": jnp.zeros((3,))}]
+MESH = parallel.make_mesh((1,), ("model",), devices=jax.devices()[:1])
+
+
+def _ce(z, y):
+    return jnp.mean(jaxbp.softmax_cross_entropy(z, y))
+
+
+def _ref_ce(z, y):
+    return jnp.mean(jaxbp.reference.softmax_cross_entropy(z, y))
+
+
+def _fused(z, y):  # z stands in for x (n, d) here: the loss of x·W
+    return jnp.mean(jaxbp.linear_softmax_cross_entropy(z[:, :2], W, y))
+
+
+def _mlp(z, y):
+    return jaxbp.value_and_grad(MODEL)(PARAMS, z[:, :2], y)[0]
+
+
+def _per_example(z, y):
+    return jnp.sum(jaxbp.per_example_grad_norms(MODEL)(PARAMS, z[:, :2], y))
+
+
+def _vocab_parallel(z, y):
+    return jnp.mean(parallel.vocab_parallel_softmax_cross_entropy(z, y, MESH))
+
+
+def _vocab_parallel_fused(z, y):
+    return jnp.mean(parallel.vocab_parallel_linear_softmax_cross_entropy(z[:, :2], W, y, MESH))
+
+
+# Every function of jaxbp that takes integer class ids (a scalar of z for each).
+ID_OPS = {
+    "softmax_cross_entropy": _ce,
+    "reference.softmax_cross_entropy": _ref_ce,
+    "linear_softmax_cross_entropy": _fused,
+    "value_and_grad(MLP)": _mlp,
+    "per_example_grad_norms(MLP)": _per_example,
+    "vocab_parallel_softmax_cross_entropy": _vocab_parallel,
+    "vocab_parallel_linear_softmax_cross_entropy": _vocab_parallel_fused,
+}
+
+
+def _assert_reports_bad_label(err):
+    message = err.get()
+    assert message is not None, "checked mode reported nothing for an out-of-range label"
+    assert "labels" in message and "got 5" in message and "[0, 3)" in message, message
+    with pytest.raises(Exception, match="labels"):
+        err.throw()
+
+
+# ------------------------------------------------------------ every order, on the plain loss
+
+
+def test_jit_of_checked_reports_out_of_range_label_and_passes_good_ones():
+    f = jax.jit(jaxbp.checked(_ce))
+    err, loss = f(Z, BAD)
+    _assert_reports_bad_label(err)
+    assert bool(jnp.isnan(loss))
+    err, loss = f(Z, GOOD)
+    assert err.get() is None and bool(jnp.isfinite(loss))
+
+
+def test_checked_of_jit_reports_out_of_range_label_on_a_cold_cache():
+    g = jax.jit(lambda z, y: _ce(z, y))
+    err, loss = jaxbp.checked(g)(Z, BAD)
+    _assert_reports_bad_label(err)
+    assert bool(jnp.isnan(loss))
+
+
+def test_checked_of_jit_reports_out_of_range_label_after_the_jitted_function_ran():
+    g = jax.jit(lambda z, y: _ce(z, y))
+    assert bool(jnp.isfinite(g(Z, GOOD)))  # warm: g's program for these shapes is cached
+    err, loss = jaxbp.checked(g)(Z, BAD)
+    _assert_reports_bad_label(err)
+    err, _ = jaxbp.checked(g)(Z, GOOD)
+    assert err.get() is None
+
+
+def test_plain_jit_after_checked_ran_gives_values_and_nan_rows_without_error():
+    g = jax.jit(lambda z, y: jaxbp.softmax_cross_entropy(z, y))
+    err, _ = jaxbp.checked(g)(Z, BAD)
+    _assert_reports_bad_label(err)
+    good = g(Z, GOOD)  # must neither raise nor reuse anything of the checked trace
+    np.testing.assert_allclose(good, jaxbp.softmax_cross_entropy(Z, GOOD), rtol=1e-12)
+    bad = g(Z, BAD)
+    assert bool(jnp.isnan(bad[2])) and bool(jnp.all(jnp.isfinite(bad[jnp.asarray([0, 1, 3])])))
+
+
+def test_jit_of_checked_of_grad_reports_out_of_range_label():
+    err, dz = jax.jit(jaxbp.checked(jax.grad(_ce)))(Z, BAD)
+    _assert_reports_bad_label(err)
+    assert bool(jnp.all(jnp.isnan(dz[2])))
+    err, dz = jax.jit(jaxbp.checked(jax.grad(_ce)))(Z, GOOD)
+    assert err.get() is None
+    np.testing.assert_allclose(dz, jax.grad(_ref_ce)(Z, GOOD), rtol=1e-12)
+
+
+def test_checked_of_jit_of_grad_reports_out_of_range_label_after_the_plain_call_ran():
+    g = jax.jit(jax.grad(_ce))
+    g(Z, GOOD)
+    err, _ = jaxbp.checked(g)(Z, BAD)
+    _assert_reports_bad_label(err)
+
+
+def test_checked_eager_call_with_concrete_bad_ids_raises_value_error_at_once():
+    # Without jit, checkify runs the function op by op: the ids are concrete, so the op
+    # raises its ValueError (naming the value and index) before any err is returned.
+    with pytest.raises(ValueError, match=r"labels: .*got 5 at index \(2,\)"):
+        jaxbp.checked(jax.grad(_ce))(Z, BAD)
+    err, _ = jaxbp.checked(jax.grad(_ce))(Z, GOOD)
+    assert err.get() is None
+
+
+def test_checked_under_vmap_reports_the_bad_example():
+    err, _ = jaxbp.checked(jax.vmap(_ce))(jnp.stack([Z, Z]), jnp.stack([GOOD, BAD]))
+    _assert_reports_bad_label(err)
+
+
+def test_checked_keeps_the_wrapped_functions_name():
+    assert jaxbp.checked(_ce).__name__ == "_ce"
+
+
+# ------------------------------------------------------------ every op that takes class ids
+
+
+@pytest.mark.parametrize("name", sorted(ID_OPS))
+def test_every_op_with_class_ids_is_checked_through_jit_warm(name):
+    g = jax.jit(ID_OPS[name])
+    assert bool(jnp.isfinite(g(Z, GOOD)))  # plain, warm
+    err, _ = jaxbp.checked(g)(Z, BAD)
+    _assert_reports_bad_label(err)
+    assert bool(jnp.isnan(g(Z, BAD)))  # plain again: NaN, no error
+
+
+@pytest.mark.parametrize("name", sorted(ID_OPS))
+def test_every_op_with_class_ids_is_checked_inside_jit_under_grad(name):
+    f = jax.jit(jaxbp.checked(jax.grad(ID_OPS[name])))
+    err, _ = f(Z, BAD)
+    _assert_reports_bad_label(err)
+    err, dz = f(Z, GOOD)
+    assert err.get() is None and bool(jnp.all(jnp.isfinite(dz)))
+
+
+@pytest.mark.parametrize("name", sorted(ID_OPS))
+def test_every_op_with_class_ids_raises_eagerly_on_concrete_ids(name):
+    with pytest.raises(ValueError, match=r"labels: expected class ids in \[0, 3\), got 5"):
+        ID_OPS[name](Z, BAD)
+
+
+def test_masked_rows_and_ignore_index_pass_the_check():
+    f = functools.partial(jaxbp.softmax_cross_entropy, ignore_index=-100)
+    mask = jnp.asarray([True, True, False, True])
+    err, _ = jaxbp.checked(jax.jit(f))(Z, jnp.asarray([0, -100, 9, 2]), where=mask)
+    assert err.get() is None
+    err, _ = jaxbp.checked(jax.jit(f))(Z, jnp.asarray([0, -100, 9, 2]))
+    assert err.get() is not None and "got 9" in err.get()
