@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from . import _checks
+from ._checks import check_label_range
 from ._op import custom_vjp_op, declare_op
-from .losses import check_label_range
 
 __all__ = ["embedding", "embedding_fwd", "embedding_bwd"]
 

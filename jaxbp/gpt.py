@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _checks
+from ._checks import check_label_range
 from .activations import gelu, gelu_bwd, gelu_fwd
 from .attention import STRATEGIES as ATTENTION_STRATEGIES
 from .attention import attention, attention_bwd, attention_fwd
@@ -59,7 +60,7 @@ from .fused import (
     linear_softmax_cross_entropy_bwd,
     linear_softmax_cross_entropy_fwd,
 )
-from .losses import check_label_range, valid_rows
+from .losses import valid_rows
 from .nn import register_model
 from .norms import layer_norm, layer_norm_bwd, layer_norm_fwd
 

@@ -15,9 +15,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from .. import _checks
+from .._checks import check_label_range
 from ..attention import _validate as _validate_attention
 from ..embedding import _validate as _validate_embedding
-from ..losses import check_label_range
 from ..norms import _validate_layer_norm, _validate_rms_norm
 
 __all__ = ["embedding", "layer_norm", "rms_norm", "attention"]
