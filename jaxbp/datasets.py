@@ -80,7 +80,7 @@ class Text:
         return len(self.vocab)
 
     def encode(self, text: str) -> np.ndarray:
-        """Ids ``(t,)`` int32 of ``text``; ``ValueError`` names a character not in the vocabulary."""
+        """Ids ``(t,)`` int32 of ``text``; ``ValueError`` names characters not in the vocabulary."""
         index = {ch: i for i, ch in enumerate(self.vocab)}
         missing = sorted(set(text) - set(index))
         if missing:
@@ -91,7 +91,9 @@ class Text:
         """The string of ids ``(t,)``."""
         ids = np.asarray(ids).reshape(-1)
         if ids.size and (ids.min() < 0 or ids.max() >= len(self.vocab)):
-            raise ValueError(f"ids: expected values in [0, {len(self.vocab)}), got {ids.min()}..{ids.max()}")
+            raise ValueError(
+                f"ids: expected values in [0, {len(self.vocab)}), got {ids.min()}..{ids.max()}"
+            )
         return "".join(self.vocab[i] for i in ids)
 
     def batch(self, key, batch_size: int, context: int, *, split: str = "train"):

@@ -254,8 +254,7 @@ class GPT:
         ids = _checks.integer("ids", ids)
         if ids.ndim != 2 or not 1 <= ids.shape[1] <= self.context:
             raise ValueError(
-                f"ids: expected shape (n, t) with 1 ≤ t ≤ context = {self.context}, "
-                f"got {ids.shape}"
+                f"ids: expected shape (n, t) with 1 ≤ t ≤ context = {self.context}, got {ids.shape}"
             )
         return ids
 

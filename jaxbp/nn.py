@@ -378,7 +378,5 @@ def value_and_grad(model: Any) -> Callable:
         if isinstance(model, cls):
             return build(model)
     if not isinstance(model, MLP):
-        raise TypeError(
-            f"model: expected a jaxbp.MLP or jaxbp.GPT, got {type(model).__name__}"
-        )
+        raise TypeError(f"model: expected a jaxbp.MLP or jaxbp.GPT, got {type(model).__name__}")
     return _checked_entry(model, _manual_value_and_grad)

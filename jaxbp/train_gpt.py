@@ -200,7 +200,8 @@ def train_gpt(
     opt = _optimizer(cfg)
     opt_state = opt.init(params)
     stretch = _stretch_fn(value_and_grad(model).jitted, opt)
-    vx, vy = text.batch(np.random.default_rng(12345), cfg["eval_batches"] * n, t, split="validation")
+    val_rng = np.random.default_rng(12345)  # the same validation windows in every run
+    vx, vy = text.batch(val_rng, cfg["eval_batches"] * n, t, split="validation")
     vx, vy = jnp.asarray(vx), jnp.asarray(vy)
     eval_loss = jax.jit(lambda p, x, y: model.mean_loss(p, x, y))
 

@@ -86,14 +86,14 @@ def test_manual_gradient_matches_finite_differences_along_random_directions():
     loss = jax.jit(lambda p: model.mean_loss(p, ids, targets))
     rng = np.random.default_rng(3)
     leaves, tree = jax.tree.flatten(params)
+    h = 1e-6
     for _ in range(3):
         d = jax.tree.unflatten(tree, [jnp.asarray(rng.normal(size=a.shape)) for a in leaves])
-        h = 1e-6
         plus = jax.tree.map(lambda a, b: a + h * b, params, d)
         minus = jax.tree.map(lambda a, b: a - h * b, params, d)
         fd = (float(loss(plus)) - float(loss(minus))) / (2 * h)
-        gd = sum(float(jnp.vdot(g, b)) for g, b in zip(jax.tree.leaves(grads),
-                                                       jax.tree.leaves(d), strict=True))  # fmt: skip
+        pairs = zip(jax.tree.leaves(grads), jax.tree.leaves(d), strict=True)
+        gd = sum(float(jnp.vdot(g, b)) for g, b in pairs)
         gnorm = np.sqrt(sum(float(jnp.vdot(g, g)) for g in jax.tree.leaves(grads)))
         dnorm = np.sqrt(sum(float(jnp.vdot(b, b)) for b in jax.tree.leaves(d)))
         assert abs(fd - gd) <= 1e-6 * gnorm * dnorm, (fd, gd)
