@@ -261,29 +261,31 @@ def train_gpt(
 
 # --------------------------------------------------------------------------- command line
 
-# ``jaxbp train`` flags that only the GPT takes, with their types and help; their argparse
+# ``jaxbp train`` flags that only the GPT takes, with their kind and help; their argparse
 # default is None so that giving one to ``--model mlp`` can be refused.
-GPT_FLAGS: dict[str, tuple[type, str]] = {
-    "d": (int, "model width"),
-    "heads": (int, "attention heads (divides --d)"),
-    "layers": (int, "transformer blocks"),
-    "context": (int, "sequence length t"),
-    "steps": (int, "training steps"),
-    "warmup": (int, "learning-rate warm-up steps"),
-    "weight_decay": (float, "AdamW weight decay"),
-    "log_every": (int, "steps per progress line (and validation loss)"),
-    "eval_batches": (int, "validation windows, in batches"),
-    "sample_chars": (int, "characters to generate at the end (0: none)"),
-    "temperature": (float, "sampling temperature"),
+GPT_FLAGS: dict[str, tuple[str, str]] = {
+    "d": ("positive_int", "model width"),
+    "heads": ("positive_int", "attention heads (divides --d)"),
+    "layers": ("positive_int", "transformer blocks"),
+    "context": ("positive_int", "sequence length t"),
+    "steps": ("positive_int", "training steps"),
+    "warmup": ("nonnegative_int", "learning-rate warm-up steps"),
+    "weight_decay": ("nonnegative_float", "AdamW weight decay"),
+    "log_every": ("positive_int", "steps per progress line (and validation loss)"),
+    "eval_batches": ("positive_int", "validation windows, in batches"),
+    "sample_chars": ("nonnegative_int", "characters to generate at the end (0: none)"),
+    "temperature": ("positive_float", "sampling temperature"),
 }
 
 
 def add_arguments(parser) -> None:
     """The GPT's flags of ``jaxbp train`` (``--model gpt``)."""
-    group = parser.add_argument_group("--model gpt (character-level GPT on Shakespeare)")
+    from . import cli
+
+    group = parser.add_argument_group("--model gpt (a character-level GPT on Shakespeare)")
     for name, (kind, text) in GPT_FLAGS.items():
         group.add_argument(
-            "--" + name.replace("_", "-"), type=kind, default=None,
+            "--" + name.replace("_", "-"), type=getattr(cli, kind), default=None,
             help=f"{text} (default {GPT_DEFAULTS[name]})",
         )  # fmt: skip
 
@@ -298,37 +300,30 @@ def options_from_args(args) -> dict[str, Any]:
 
 
 def run(args) -> int:
-    """Run ``jaxbp train --model gpt``; 1 when ``--check`` finds the gradients apart."""
-    import json
-    import sys
+    """Run ``jaxbp train --model gpt`` (arguments already validated); 1 when ``--check``
+    finds the gradients apart, 0 otherwise."""
+    from .cli import text_stream, write_json
 
+    out = text_stream(args)
     options = options_from_args(args)
     cfg = {**GPT_DEFAULTS, **options}
-    try:
-        model = check_config(cfg)
-    except ValueError as e:
-        print(f"jaxbp train: error: {e}", file=sys.stderr)
-        return 2
+    model = check_config(cfg)
+    text = load_shakespeare()
     print(
         f"Training GPT d={model.d} heads={model.heads} layers={model.layers} "
         f"context={model.context} ({model.num_params:,} parameters) on Shakespeare "
-        f"(1,003,855 train / 111,539 validation characters) with hand-written gradients: "
-        f"{cfg['steps']} steps of {cfg['batch_size']}×{cfg['context']} characters, AdamW "
-        f"lr {cfg['lr']}"
+        f"({text.train.size:,} train / {text.validation.size:,} validation characters) with "
+        f"hand-written gradients: {cfg['steps']} steps of {cfg['batch_size']}×{cfg['context']} "
+        f"characters, AdamW peak lr {cfg['lr']}",
+        file=out,
     )
-    result = train_gpt(check=args.check, log=print, **options)
+    result = train_gpt(check=args.check, log=lambda line: print(line, file=out), **options)
     print(
         f"done in {result.seconds:.1f} s ({result.tokens_per_second:,.0f} chars/s): "
-        f"validation loss {result.validation_loss:.4f} nats/char"
+        f"validation loss {result.validation_loss:.4f} nats/char",
+        file=out,
     )
     if result.sample:
-        print("sample:\n" + result.sample)
-    status = 0 if result.check is None or result.check["passed"] else 1
-    if args.json:
-        payload = json.dumps(result.to_dict(), indent=1)
-        if args.json == "-":
-            print(payload)
-        else:
-            with open(args.json, "w") as f:
-                f.write(payload)
-    return status
+        print(f"sample (temperature {cfg['temperature']}):\n" + result.sample, file=out)
+    write_json(args.json, result.to_dict())
+    return 0 if result.check is None or result.check["passed"] else 1
