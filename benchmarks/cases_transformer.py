@@ -1,4 +1,4 @@
-"""PERF.md P11: attention backward (store and recompute) vs autodiff of plain attention.
+"""Performance target P11: attention backward (store and recompute) vs autodiff of plain attention.
 
 Index letters: n batch, h heads, t query = key positions (causal self-attention), e head dim.
 Sizes: n 1, h 4, e 64 (small enough for a CPU), t ∈ {128, 256, 512, 1024, 2048}; float32
@@ -16,8 +16,8 @@ unless ``--dtype`` says otherwise.
 ``P11/growth-recompute-t{t}``  compile only: the recompute step's temporary memory per byte
     of one ``(n, h, t, e)`` array, at ``2t`` ÷ at ``t``. That normalisation takes out the
     ``(t, e)``-sized arrays (queries, accumulators, ``(block, s)`` tiles with ``s = t``): a
-    memory linear in ``t`` gives 1.0, a ``(t, s)`` array 2.0. Target ≤ 1.1 (PERF.md: "flat
-    in t² terms"). ``P11/growth-store-t{t}`` records the same for store (no target: it keeps
+    memory linear in ``t`` gives 1.0, a ``(t, s)`` array 2.0. Target ≤ 1.1 (P11: "flat in
+    t² terms"). ``P11/growth-store-t{t}`` records the same for store (no target: it keeps
     ``P``, so it is 2). At t = 128 recompute is one block of queries (the store computation);
     128 → 256 adds the loop's fixed overhead, so that first doubling reads 1.17 (see
     benchmarks/README.md).

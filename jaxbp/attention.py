@@ -62,6 +62,11 @@ from jax import lax
 from . import _checks
 from ._op import custom_vjp_op, declare_op
 
+try:  # shard_map support in the rules (jaxbp._vma), where this jaxbp has it
+    from . import _vma
+except ImportError:
+    _vma = None
+
 __all__ = ["attention", "attention_fwd", "attention_bwd", "STRATEGIES", "RECOMPUTE_BLOCK"]
 
 STRATEGIES = ("store", "recompute")
@@ -170,9 +175,14 @@ def _probabilities(qs, ka, mask):
     return P, m + jnp.log(l)
 
 
-def _over_blocks(t, body, carry):
+def _over_blocks(t, body, carry, inputs=()):
     """``body(start, size, carry)`` over query blocks of :data:`RECOMPUTE_BLOCK` rows: full
-    blocks in a ``fori_loop``, a shorter last block once more with its own static size."""
+    blocks in a ``fori_loop``, a shorter last block once more with its own static size.
+
+    Inside a user's ``shard_map`` (``check_vma=True``) the carry starts typed as varying
+    along every mesh axis the ``inputs`` vary along, the type of what it will hold."""
+    if _vma is not None:
+        carry = _vma.pvary_tree(carry, _vma.union(*inputs))
     nfull, rem = divmod(t, RECOMPUTE_BLOCK)
     if nfull == 1 and not rem:
         return body(0, t, carry)
@@ -212,7 +222,8 @@ def attention_fwd(q, k, v, where=None, *, causal: bool = True, strategy: str = "
         return O, L
 
     acc = ka.dtype
-    O, L = _over_blocks(t, body, (jnp.zeros(q.shape, acc), jnp.zeros(q.shape[:-1], acc)))
+    zeros = (jnp.zeros(q.shape, acc), jnp.zeros(q.shape[:-1], acc))
+    O, L = _over_blocks(t, body, zeros, (q, k, v, where))
     return O.astype(q.dtype), (q, k, v, where, L)
 
 
@@ -258,7 +269,7 @@ def attention_bwd(res, g, *, causal: bool = True, strategy: str = "store"):
             return dq, dk + dkb, dv + dvb
 
         zeros = (jnp.zeros(q.shape, ka.dtype), jnp.zeros(ka.shape, ka.dtype))
-        dq, dk, dv = _over_blocks(t, body, (*zeros, jnp.zeros(va.shape, va.dtype)))
+        dq, dk, dv = _over_blocks(t, body, (*zeros, jnp.zeros(va.shape, va.dtype)), (res, g))
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 

@@ -30,8 +30,12 @@ import jax
 import jax.numpy as jnp
 
 from . import _checks
+from . import losses as _losses
 from ._op import custom_vjp_op, declare_op
-from .losses import check_label_range
+
+# The label-range check shared by every op with class ids (losses' helper here; where
+# jaxbp._checks has it, that one).
+_check_label_range = getattr(_checks, "check_label_range", None) or _losses.check_label_range
 
 __all__ = ["embedding", "embedding_fwd", "embedding_bwd"]
 
@@ -44,6 +48,12 @@ def _validate(ids, table):
     if table.shape[0] == 0:
         raise ValueError(f"table: expected at least one row (v ≥ 1), got shape {table.shape}")
     return ids, table
+
+
+def _check_ids(ids, v):
+    """Concrete ids outside ``[0, v)`` raise ``ValueError`` naming ``ids``; traced ones are
+    checked under :func:`jaxbp.checked` (the same check as class ids)."""
+    _check_label_range(ids, v, name="ids")
 
 
 def _wide(ids):
@@ -109,5 +119,5 @@ def embedding(ids: jax.Array, table: jax.Array) -> jax.Array:
     """
     ids, table = _validate(ids, table)
     ids = _wide(ids)
-    check_label_range(ids, table.shape[0], name="ids")
+    _check_ids(ids, table.shape[0])
     return _embedding((), ids, table)
