@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import _checks
+from . import _checks, _vma
 from ._op import custom_vjp_op, declare_op
 
 __all__ = ["attention", "attention_fwd", "attention_bwd", "STRATEGIES", "RECOMPUTE_BLOCK"]
@@ -170,9 +170,13 @@ def _probabilities(qs, ka, mask):
     return P, m + jnp.log(l)
 
 
-def _over_blocks(t, body, carry):
+def _over_blocks(t, body, carry, inputs=()):
     """``body(start, size, carry)`` over query blocks of :data:`RECOMPUTE_BLOCK` rows: full
-    blocks in a ``fori_loop``, a shorter last block once more with its own static size."""
+    blocks in a ``fori_loop``, a shorter last block once more with its own static size.
+
+    Inside a user's ``shard_map`` (``check_vma=True``) the carry starts typed as varying
+    along every mesh axis the ``inputs`` vary along, the type of what it will hold."""
+    carry = _vma.pvary_tree(carry, _vma.union(*inputs))
     nfull, rem = divmod(t, RECOMPUTE_BLOCK)
     if nfull == 1 and not rem:
         return body(0, t, carry)
@@ -195,23 +199,25 @@ def attention_fwd(q, k, v, where=None, *, causal: bool = True, strategy: str = "
     """
     q, k, v, where, causal = _validate(q, k, v, where, causal, strategy)
     t, s = q.shape[-2], k.shape[-2]
-    qs = _acc(q) * (1.0 / math.sqrt(q.shape[-1]))  # q/√e
+    scale = 1.0 / math.sqrt(q.shape[-1])
     ka, va = _acc(k), _acc(v)
     if strategy == "store":
-        P, _ = _probabilities(qs, ka, _mask(0, t, s, causal, where))
+        P, _ = _probabilities(_acc(q) * scale, ka, _mask(0, t, s, causal, where))  # q/√e
         O = jnp.einsum("...ts,...se->...te", P, va)  # "nhts,nhse->nhte"
         return O.astype(q.dtype), (q, k, v, P)
 
     def body(start, tq, carry):
         O, L = carry
-        qb = _rows(qs, start, tq)
+        qb = _acc(_rows(q, start, tq)) * scale  # this block's q/√e only: no (t, e) copy
         P, Lb = _probabilities(qb, ka, _mask(start, tq, s, causal, where))
         Ob = jnp.einsum("...ts,...se->...te", P, va)
         O = lax.dynamic_update_slice_in_dim(O, Ob, start, axis=O.ndim - 2)
         L = lax.dynamic_update_slice_in_dim(L, Lb, start, axis=L.ndim - 1)
         return O, L
 
-    O, L = _over_blocks(t, body, (jnp.zeros(qs.shape, qs.dtype), jnp.zeros(q.shape[:-1], qs.dtype)))
+    acc = ka.dtype
+    zeros = (jnp.zeros(q.shape, acc), jnp.zeros(q.shape[:-1], acc))
+    O, L = _over_blocks(t, body, zeros, (q, k, v, where))
     return O.astype(q.dtype), (q, k, v, where, L)
 
 
@@ -228,8 +234,7 @@ def attention_bwd(res, g, *, causal: bool = True, strategy: str = "store"):
     q, k, v = res[:3]
     s = k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1])
-    qs = _acc(q) * scale  # q/√e, as in the forward
-    ka, va, ga = _acc(k), _acc(v), _acc(g)
+    ka, va = _acc(k), _acc(v)
 
     def block(P, qb, gb):
         """``dq`` of the block's queries and its ``dk, dv`` contributions (``qb = q/√e``)."""
@@ -241,14 +246,14 @@ def attention_bwd(res, g, *, causal: bool = True, strategy: str = "store"):
         return dq, dk, dv
 
     if strategy == "store":
-        dq, dk, dv = block(res[3], qs, ga)
+        dq, dk, dv = block(res[3], _acc(q) * scale, _acc(g))  # q/√e, as in the forward
     else:
         where, L = res[3], res[4]
         t = q.shape[-2]
 
         def body(start, tq, carry):
             dq, dk, dv = carry
-            qb, gb = _rows(qs, start, tq), _rows(ga, start, tq)
+            qb, gb = _acc(_rows(q, start, tq)) * scale, _acc(_rows(g, start, tq))
             Lb = lax.dynamic_slice_in_dim(L, start, tq, axis=L.ndim - 1)
             Lb = jnp.where(Lb == -jnp.inf, 0.0, Lb)  # fully masked rows: P is 0 anyway
             mask = _mask(start, tq, s, causal, where)
@@ -257,8 +262,8 @@ def attention_bwd(res, g, *, causal: bool = True, strategy: str = "store"):
             dq = lax.dynamic_update_slice_in_dim(dq, dqb, start, axis=dq.ndim - 2)
             return dq, dk + dkb, dv + dvb
 
-        zeros = (jnp.zeros(qs.shape, qs.dtype), jnp.zeros(ka.shape, ka.dtype))
-        dq, dk, dv = _over_blocks(t, body, (*zeros, jnp.zeros(va.shape, va.dtype)))
+        zeros = (jnp.zeros(q.shape, ka.dtype), jnp.zeros(ka.shape, ka.dtype))
+        dq, dk, dv = _over_blocks(t, body, (*zeros, jnp.zeros(va.shape, va.dtype)), (res, g))
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 

@@ -46,6 +46,12 @@ def _validate(ids, table):
     return ids, table
 
 
+def _check_ids(ids, v):
+    """Concrete ids outside ``[0, v)`` raise ``ValueError`` naming ``ids``; traced ones are
+    checked under :func:`jaxbp.checked` (the same check as class ids)."""
+    check_label_range(ids, v, name="ids")
+
+
 def _wide(ids):
     """int8/int16 (and uint8/uint16) ids as int32, so that ``v`` always fits their dtype."""
     return ids.astype(jnp.int32) if ids.dtype.itemsize < 4 else ids
@@ -109,5 +115,5 @@ def embedding(ids: jax.Array, table: jax.Array) -> jax.Array:
     """
     ids, table = _validate(ids, table)
     ids = _wide(ids)
-    check_label_range(ids, table.shape[0], name="ids")
+    _check_ids(ids, table.shape[0])
     return _embedding((), ids, table)

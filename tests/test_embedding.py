@@ -121,7 +121,7 @@ def test_nan_in_the_table_reaches_the_output_rows_that_read_it():
 
 def test_int8_ids_index_a_table_longer_than_their_range():
     table = jnp.asarray(RNG.normal(size=(300, 2)))
-    ids = jnp.asarray([1, 127, -1 + 1], jnp.int8)
+    ids = jnp.asarray([1, 127, 0], jnp.int8)
     np.testing.assert_array_equal(EMB(ids, table), np.asarray(table)[[1, 127, 0]])
     with pytest.raises(ValueError, match="ids"):
         EMB(jnp.asarray([1, -3], jnp.int8), table)

@@ -17,6 +17,7 @@ from jax import lax
 from .. import _checks
 from .._checks import check_label_range
 from ..attention import _validate as _validate_attention
+from ..embedding import _check_ids
 from ..embedding import _validate as _validate_embedding
 from ..norms import _validate_layer_norm, _validate_rms_norm
 
@@ -34,7 +35,7 @@ def embedding(ids, table):
     if ids.dtype.itemsize < 4:
         ids = ids.astype(jnp.int32)
     v = table.shape[0]
-    check_label_range(ids, v, name="ids")
+    _check_ids(ids, v)
     # Negative ids would wrap in jnp.take: send them past the end, where "fill" gives NaN.
     ids = jnp.where(ids < 0, v, ids)
     out = jnp.take(_acc(table), ids, axis=0, mode="fill", fill_value=jnp.nan)
