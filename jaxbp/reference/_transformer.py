@@ -15,7 +15,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from .. import _checks
-from .._checks import check_label_range
 from ..attention import _validate as _validate_attention
 from ..embedding import _check_ids
 from ..embedding import _validate as _validate_embedding
