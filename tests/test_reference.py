@@ -23,6 +23,7 @@ ALLOWED = {
     "fused": {"_validate"},
     "losses": {"_validate_ce"},
     "nn": {"MLP"},
+    "gpt": {"GPT"},
     "per_example": {"_check_clip_options", "_check_key"},
 }
 
