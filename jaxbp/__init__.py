@@ -21,23 +21,37 @@ from .activations import relu_fwd as relu_fwd
 from .activations import sigmoid as sigmoid
 from .activations import sigmoid_bwd as sigmoid_bwd
 from .activations import sigmoid_fwd as sigmoid_fwd
+from .activations import silu as silu
+from .activations import silu_bwd as silu_bwd
+from .activations import silu_fwd as silu_fwd
 from .activations import softplus as softplus
 from .activations import softplus_bwd as softplus_bwd
 from .activations import softplus_fwd as softplus_fwd
+from .activations import swish as swish
+from .activations import swish_bwd as swish_bwd
+from .activations import swish_fwd as swish_fwd
 from .activations import tanh as tanh
 from .activations import tanh_bwd as tanh_bwd
 from .activations import tanh_fwd as tanh_fwd
+from .attention import attention as attention
+from .attention import attention_bwd as attention_bwd
+from .attention import attention_fwd as attention_fwd
 from .custom import CheckReport as CheckReport
 from .custom import Op as Op
 from .custom import check as check
 from .datasets import load_digits as load_digits
+from .datasets import load_shakespeare as load_shakespeare
 from .dense import dense as dense
 from .dense import dense_bwd as dense_bwd
 from .dense import dense_fwd as dense_fwd
+from .embedding import embedding as embedding
+from .embedding import embedding_bwd as embedding_bwd
+from .embedding import embedding_fwd as embedding_fwd
 from .explain import explain as explain
 from .fused import linear_softmax_cross_entropy as linear_softmax_cross_entropy
 from .fused import linear_softmax_cross_entropy_bwd as linear_softmax_cross_entropy_bwd
 from .fused import linear_softmax_cross_entropy_fwd as linear_softmax_cross_entropy_fwd
+from .gpt import GPT as GPT
 from .gradcheck import compare as compare
 from .jacobian import jacobian as jacobian
 from .losses import mse as mse
@@ -51,6 +65,12 @@ from .losses import softmax_cross_entropy_bwd as softmax_cross_entropy_bwd
 from .losses import softmax_cross_entropy_fwd as softmax_cross_entropy_fwd
 from .nn import MLP as MLP
 from .nn import value_and_grad as value_and_grad
+from .norms import layer_norm as layer_norm
+from .norms import layer_norm_bwd as layer_norm_bwd
+from .norms import layer_norm_fwd as layer_norm_fwd
+from .norms import rms_norm as rms_norm
+from .norms import rms_norm_bwd as rms_norm_bwd
+from .norms import rms_norm_fwd as rms_norm_fwd
 from .per_example import clipped_grad as clipped_grad
 from .per_example import per_example_grad_norms as per_example_grad_norms
 from .per_example import per_example_grads as per_example_grads
@@ -74,6 +94,8 @@ __all__ = [
     "tanh", "tanh_fwd", "tanh_bwd",
     "gelu", "gelu_fwd", "gelu_bwd",
     "softplus", "softplus_fwd", "softplus_bwd",
+    "silu", "silu_fwd", "silu_bwd",
+    "swish", "swish_fwd", "swish_bwd",
     "softmax", "softmax_fwd", "softmax_bwd",
     "log_softmax", "log_softmax_fwd", "log_softmax_bwd",
     "softmax_jacobian",
@@ -84,6 +106,10 @@ __all__ = [
     "softmax_cross_entropy", "softmax_cross_entropy_fwd", "softmax_cross_entropy_bwd",
     "linear_softmax_cross_entropy", "linear_softmax_cross_entropy_fwd",
     "linear_softmax_cross_entropy_bwd",
-    "compare", "explain", "load_digits",
+    "embedding", "embedding_fwd", "embedding_bwd",
+    "layer_norm", "layer_norm_fwd", "layer_norm_bwd",
+    "rms_norm", "rms_norm_fwd", "rms_norm_bwd",
+    "attention", "attention_fwd", "attention_bwd",
+    "GPT", "compare", "explain", "load_digits", "load_shakespeare",
     "Op", "check", "CheckReport",
 ]  # fmt: skip

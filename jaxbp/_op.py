@@ -62,7 +62,11 @@ def positional_names(fn: Callable) -> tuple[str, ...]:
 
 
 def declare_op(
-    *, per_example: tuple[str, ...], fwd: Callable | None = None, bwd: Callable | None = None
+    *,
+    per_example: tuple[str, ...],
+    fwd: Callable | None = None,
+    bwd: Callable | None = None,
+    example_ndim: int = 1,
 ) -> Callable:
     """Decorator: declare a public op's signature for :func:`jaxbp.jacobian` (and the tests).
 
@@ -70,9 +74,12 @@ def declare_op(
     example (``x``, ``z``, ``logits``, ``labels``, ``target``); every other positional
     parameter is a parameter shared by all examples (a weight ``(i, o)``, a bias ``(o,)``),
     whatever its shape happens to be. The first per-example parameter has shape
-    ``(n..., k)``: its leading axes are the batch. ``fwd``/``bwd`` name the rules when they
-    are not ``{op}_fwd``/``{op}_bwd`` in the op's module. Sets ``op.per_example_args`` and,
-    when given, ``op.rules``; a user-built op may set these attributes directly::
+    ``(n..., k...)`` with ``example_ndim`` trailing axes ``k...`` per example (default 1:
+    ``(n..., k)``; 0 for integer ids ``(n...)``; 3 for attention's ``(n..., h, t, e)``): its
+    leading axes are the batch. ``fwd``/``bwd`` name the rules when they are not
+    ``{op}_fwd``/``{op}_bwd`` in the op's module. Sets ``op.per_example_args``,
+    ``op.example_ndim`` and, when given, ``op.rules``; a user-built op may set these
+    attributes directly::
 
         @declare_op(per_example=("x",), fwd=my_fwd, bwd=my_bwd)
         def my_layer(x, w): ...
@@ -80,6 +87,8 @@ def declare_op(
     per_example = tuple(per_example)
     if (fwd is None) != (bwd is None):
         raise TypeError("declare_op: give both fwd and bwd, or neither")
+    if not isinstance(example_ndim, int) or isinstance(example_ndim, bool) or example_ndim < 0:
+        raise ValueError(f"example_ndim: expected an int ≥ 0, got {example_ndim!r}")
 
     def decorate(op: Callable) -> Callable:
         names = positional_names(op)
@@ -90,6 +99,7 @@ def declare_op(
                 f"parameters {names}, got {per_example}"
             )
         op.per_example_args = per_example
+        op.example_ndim = example_ndim
         if fwd is not None:
             op.rules = (fwd, bwd)
         return op

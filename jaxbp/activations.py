@@ -14,7 +14,9 @@ wrong for softmax, whose Jacobian is full (see :mod:`jaxbp.softmax`).
 
 Each op saves the least its derivative needs: ``relu``, ``sigmoid``, ``tanh`` and
 ``softplus`` save only their output ``y`` (``f'`` is a function of ``y``: ``y>0``,
-``y(1−y)``, ``1−y²``, ``1−e^{−y}``); ``leaky_relu`` and ``gelu`` save their input ``z``.
+``y(1−y)``, ``1−y²``, ``1−e^{−y}``); ``leaky_relu``, ``gelu`` and ``silu`` save their input
+``z`` (``silu``'s output ``z·σ(z)`` does not determine ``z``: it is not monotonic).
+``swish`` is an alias: the very same function objects as ``silu`` (as ``jax.nn.swish``).
 
 Conventions: at exactly 0 the derivative is the left one: 0 for ``relu`` (as ``jax.nn.relu``)
 and ``negative_slope`` for ``leaky_relu`` (as PyTorch; ``jax.nn.leaky_relu`` takes 1 there,
@@ -42,6 +44,8 @@ __all__ = [
     "tanh", "tanh_fwd", "tanh_bwd",
     "gelu", "gelu_fwd", "gelu_bwd",
     "softplus", "softplus_fwd", "softplus_bwd",
+    "silu", "silu_fwd", "silu_bwd",
+    "swish", "swish_fwd", "swish_bwd",
     "ACTIVATIONS",
 ]  # fmt: skip
 
@@ -133,6 +137,16 @@ def _dgelu(z, approximate):
     return 0.5 * erfc(-z * _INV_SQRT_2) + z * _INV_SQRT_2PI * jnp.exp(-0.5 * z * z)
 
 
+def _silu(z):
+    return z * jax.nn.sigmoid(z)
+
+
+def _dsilu(z):
+    # d/dz z·σ(z) = σ(z) + z·σ(z)(1 − σ(z)) = σ(z)·(1 + z·σ(−z))   (1 − σ(z) = σ(−z): no
+    # cancellation for large z)
+    return jax.nn.sigmoid(z) * (1.0 + z * jax.nn.sigmoid(-z))
+
+
 _relu, relu_fwd, relu_bwd = _elementwise(
     "relu",
     lambda z: jnp.maximum(z, 0),
@@ -159,6 +173,8 @@ _gelu_op, gelu_fwd, gelu_bwd = _elementwise(
 _softplus, softplus_fwd, softplus_bwd = _elementwise(
     "softplus", lambda z: jnp.logaddexp(z, 0), lambda y: -jnp.expm1(-y), saves="output", defaults={}
 )
+
+_silu_op, silu_fwd, silu_bwd = _elementwise("silu", _silu, _dsilu, saves="input", defaults={})
 
 
 def relu(z: jax.Array) -> jax.Array:
@@ -201,6 +217,14 @@ def softplus(z: jax.Array) -> jax.Array:
     return _softplus(z)
 
 
+def silu(z: jax.Array) -> jax.Array:
+    """SiLU (swish) ``z·σ(z)`` elementwise; gradient ``g ⊙ σ(z)·(1 + z·σ(−z))`` from the saved
+    input. ``jaxbp.swish`` is this same function (an alias, as ``jax.nn.swish``)."""
+    return _silu_op(z)
+
+
+swish, swish_fwd, swish_bwd = silu, silu_fwd, silu_bwd  # an alias: the same objects
+
 ACTIVATIONS: dict[str, Callable] = {
     "relu": relu,
     "leaky_relu": leaky_relu,
@@ -208,6 +232,8 @@ ACTIVATIONS: dict[str, Callable] = {
     "tanh": tanh,
     "gelu": gelu,
     "softplus": softplus,
+    "silu": silu,
+    "swish": swish,
 }
 
 for _activation in ACTIVATIONS.values():

@@ -72,6 +72,17 @@ def positive_int(value: str) -> int:
     return k
 
 
+def nonnegative_int(value: str) -> int:
+    """An integer ``≥ 0`` (``--warmup``, ``--sample-chars``)."""
+    try:
+        k = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {value!r}") from None
+    if k < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {value!r}")
+    return k
+
+
 def json_path(value: str) -> str:
     """``-`` (standard output) or a file path that can be written: checked now, so that a
     typo in the directory fails before the work rather than after it."""

@@ -86,7 +86,10 @@ def jacobian(op: Callable, *args, argnum: int = 0, **options) -> jax.Array:
         ``J (n..., c, i, o)``, each example's output against the shared parameter.
 
       Which is which comes from the op's declaration (``op.per_example_args``, set by
-      :func:`jaxbp._op.declare_op`), never from the shapes.
+      :func:`jaxbp._op.declare_op`), never from the shapes. An op whose examples have
+      several axes declares how many (``op.example_ndim``): attention's examples are
+      ``(h, t, e)``, so ``J (n..., h, t, e, h, s, e)`` for ``k``; embedding's integer ids
+      ``(n...)`` have none, so ``J (n..., d, v, d)`` for the table.
 
     Example (the softmax Jacobian from the softmax backward)::
 
@@ -108,11 +111,13 @@ def jacobian(op: Callable, *args, argnum: int = 0, **options) -> jax.Array:
     out, res = fwd(*args, **options)
     static = _static_options(bwd, options)
     # Batching comes from the declaration, never from shapes: the first per-example argument
-    # is (n..., k), so the batch is its leading axes; a shared parameter (a weight (i, o), a
-    # bias (o,)) is shared whatever its shape, even when it equals an input's.
+    # is (n..., k...) with op.example_ndim trailing axes k... (1 unless declared otherwise),
+    # so the batch is its leading axes; a shared parameter (a weight (i, o), a bias (o,)) is
+    # shared whatever its shape, even when it equals an input's.
     lead = jnp.asarray(args[names.index(per_example[0])])
-    feat_nd = out.ndim - (lead.ndim - 1)  # 1 for a layer (n,c), 0 for a loss (n,)
-    batch, feat = out.shape[: out.ndim - feat_nd], out.shape[out.ndim - feat_nd :]
+    nb = lead.ndim - getattr(op, "example_ndim", 1)  # number of batch axes
+    # out (n..., c...): c... is () for a loss (n,), (c,) for a layer, (h, t, e) for attention
+    batch, feat = out.shape[:nb], out.shape[nb:]
     n_feat = math.prod(feat)
     batched = argnum < len(names) and names[argnum] in per_example
 

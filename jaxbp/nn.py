@@ -41,7 +41,10 @@ from .dense import dense_bwd, dense_bwd_params, dense_fwd
 from .jacobian import rules_of
 from .losses import _validate_ce, valid_rows, validate_ce_options
 
-__all__ = ["MLP", "LOSSES", "Params", "backward", "forward", "forward_backward", "value_and_grad"]
+__all__ = [
+    "MLP", "LOSSES", "Params", "backward", "forward", "forward_backward", "register_model",
+    "value_and_grad",
+]  # fmt: skip
 
 Params = list[dict[str, jax.Array]]
 
@@ -349,8 +352,19 @@ def _bound(run: Callable, model: MLP) -> Callable:
     return jax.jit(functools.partial(run, model))
 
 
-def value_and_grad(model: MLP) -> Callable:
-    """``f(params, x, labels, *, where=None, class_weights=None) -> (mean loss, grads)``.
+_MODELS: dict[type, Callable] = {}
+
+
+def register_model(cls: type, build: Callable) -> None:
+    """Make :func:`value_and_grad` serve instances of ``cls`` with ``build(model)``."""
+    _MODELS[cls] = build
+
+
+def value_and_grad(model: Any) -> Callable:
+    """The hand-written ``value_and_grad`` of a model: :class:`MLP` or :class:`jaxbp.GPT`.
+
+    For an MLP: ``f(params, x, labels, *, where=None, class_weights=None) -> (mean loss,
+    grads)``; for a GPT see :func:`jaxbp.gpt.value_and_grad`.
 
     The gradients come from an explicit reverse loop over the hand-written ``_bwd`` rules
     (see the module docstring); ``grads`` has the structure of ``params``. Jitted; inputs are
@@ -360,4 +374,9 @@ def value_and_grad(model: MLP) -> Callable:
     Shapes: ``x (n, i)``, ``labels (n,)`` ids or ``(n, c)``, ``where (n,)`` bool. Any
     input may be a JAX array, a NumPy array or a (nested) Python list.
     """
+    for cls, build in _MODELS.items():
+        if isinstance(model, cls):
+            return build(model)
+    if not isinstance(model, MLP):
+        raise TypeError(f"model: expected a jaxbp.MLP or jaxbp.GPT, got {type(model).__name__}")
     return _checked_entry(model, _manual_value_and_grad)

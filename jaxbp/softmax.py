@@ -19,8 +19,22 @@ For ``log_softmax`` (output ``ℓ = z − logΣe^z``) the Jacobian is ``I − 1 
 
     dz = g − s · Σₖ gₖ,   with s = e^ℓ
 
-Both rules save only their output. Rows whose logits are all ``−inf``, or that contain
-``+inf``, come out NaN (as ``jax.nn.softmax``); a single ``−inf`` logit is an exact 0.
+Both rules save only their output (and the mask, for ``log_softmax`` with ``where=``). Rows
+whose logits are all ``−inf``, or that contain ``+inf``, come out NaN (as
+``jax.nn.softmax``); a single ``−inf`` logit is an exact 0.
+
+Masks (``where=``, a bool array broadcastable to ``z``), with ``jax.nn``'s semantics: masked
+entries are left out of the normalisation as if they were not there. ``softmax`` gives them
+probability exactly 0; ``log_softmax`` gives them ``−inf`` (as ``jax.nn.log_softmax``). A
+row with every entry masked gives all 0 (``softmax``) or all ``−inf`` (``log_softmax``) and a
+zero gradient, never NaN. In the backward, masked entries get a zero gradient and the sums
+run over the unmasked ones only::
+
+    softmax:      dz = s ⊙ (g − ⟨s, g⟩)             (s = 0 where masked: nothing changes)
+    log_softmax:  dz = [m] ⊙ (g − s · Σₖ mₖ gₖ)     (m the mask)
+
+The bwd returns one cotangent per positional argument of the fwd: ``(dz, None)``, ``None``
+for the mask.
 Half-precision inputs are computed in float32 and cast back. Forward-mode (``jax.jvp``,
 ``jax.jacfwd``) does not go through a ``custom_vjp``: use :func:`softmax_jacobian` or
 ``jaxbp.reference`` for that.
@@ -52,42 +66,72 @@ def _validate(z, axis):
     return z, axis % z.ndim
 
 
+def _validate_where(z, where):
+    """``where``: ``None`` or a bool mask broadcastable to ``z``'s shape (not widening it)."""
+    if where is None:
+        return None
+    where = _checks._as_array(where)
+    if where.dtype != jnp.bool_:
+        raise TypeError(f"where: expected a bool mask, got {where.dtype} (shape {where.shape})")
+    try:
+        full = jnp.broadcast_shapes(where.shape, z.shape)
+    except ValueError:
+        full = None
+    if full != z.shape:
+        raise ValueError(
+            f"where: expected a shape broadcastable to z's {z.shape}, got {where.shape}"
+        )
+    return where
+
+
 @functools.partial(jax.jit, static_argnames="axis")
-def softmax_fwd(z: jax.Array, *, axis: int = -1):
-    """Forward: ``s (..., c) = softmax(z)``; returns ``(s, (s,))``. Validates like the op."""
+def softmax_fwd(z: jax.Array, where: jax.Array | None = None, *, axis: int = -1):
+    """Forward: ``s (..., c) = softmax(z)`` (0 where masked); returns ``(s, (s,))``.
+
+    Validates like the op. Masked entries have ``s = 0`` exactly, so ``s`` alone is all the
+    backward needs, with or without a mask."""
     z, axis = _validate(z, axis)
+    where = _validate_where(z, where)
     zc = z.astype(_checks.accum_dtype(z.dtype))
-    s = jax.nn.softmax(zc, axis=axis).astype(z.dtype)
+    s = jax.nn.softmax(zc, axis=axis, where=where).astype(z.dtype)
     return s, (s,)
 
 
 @functools.partial(jax.jit, static_argnames="axis")
 def softmax_bwd(res, g: jax.Array, *, axis: int = -1):
-    """Backward: ``dz = s ⊙ (g − ⟨s, g⟩)`` (``"nc,nc->nc"``), never forming ``J (n, c, c)``."""
+    """Backward: ``(dz, None)``, ``dz = s ⊙ (g − ⟨s, g⟩)`` (``"nc,nc->nc"``), never forming
+    ``J (n, c, c)``; ``None`` is the mask's cotangent. Masked entries (``s = 0``) get 0."""
     (s,) = res
     acc = _checks.accum_dtype(s.dtype)
     s, gc = s.astype(acc), g.astype(acc)
     sg = jnp.sum(s * gc, axis=axis, keepdims=True)  # ⟨s, g⟩  "nc,nc->n"
-    return ((s * (gc - sg)).astype(g.dtype),)
+    return (s * (gc - sg)).astype(g.dtype), None
 
 
 @functools.partial(jax.jit, static_argnames="axis")
-def log_softmax_fwd(z: jax.Array, *, axis: int = -1):
-    """Forward: ``ℓ (..., c) = z − logΣₖe^{zₖ}``; returns ``(ℓ, (ℓ,))``. Validates like the op."""
+def log_softmax_fwd(z: jax.Array, where: jax.Array | None = None, *, axis: int = -1):
+    """Forward: ``ℓ (..., c) = z − logΣₖe^{zₖ}`` (``−inf`` where masked); returns
+    ``(ℓ, (ℓ, where))``. Validates like the op."""
     z, axis = _validate(z, axis)
+    where = _validate_where(z, where)
     zc = z.astype(_checks.accum_dtype(z.dtype))
-    out = jax.nn.log_softmax(zc, axis=axis).astype(z.dtype)
-    return out, (out,)
+    out = jax.nn.log_softmax(zc, axis=axis, where=where).astype(z.dtype)
+    return out, (out, where)
 
 
 @functools.partial(jax.jit, static_argnames="axis")
 def log_softmax_bwd(res, g: jax.Array, *, axis: int = -1):
-    """Backward: ``dz = g − e^ℓ · Σₖ gₖ`` (``"nc,n->nc"``)."""
-    (out,) = res
+    """Backward: ``(dz, None)``, ``dz = g − e^ℓ · Σₖ gₖ`` (``"nc,n->nc"``); with a mask
+    ``m``, ``dz = m ⊙ (g − e^ℓ · Σₖ mₖgₖ)``. ``None`` is the mask's cotangent."""
+    out, where = res
     acc = _checks.accum_dtype(out.dtype)
     gc = g.astype(acc)
+    if where is not None:
+        gc = jnp.where(where, gc, 0.0)  # masked entries neither count nor get a gradient
     dz = gc - jnp.exp(out.astype(acc)) * jnp.sum(gc, axis=axis, keepdims=True)
-    return (dz.astype(g.dtype),)
+    if where is not None:
+        dz = jnp.where(where, dz, 0.0)  # e^ℓ = 0 there already; this keeps NaN·0 out
+    return dz.astype(g.dtype), None
 
 
 _softmax = custom_vjp_op(softmax_fwd, softmax_bwd)
@@ -95,28 +139,47 @@ _log_softmax = custom_vjp_op(log_softmax_fwd, log_softmax_bwd)
 
 
 @declare_op(per_example=("z",))
-def softmax(z: jax.Array, *, axis: int = -1) -> jax.Array:
+def softmax(z: jax.Array, *, axis: int = -1, where: jax.Array | None = None) -> jax.Array:
     """Softmax along ``axis``: ``z (..., c) → s (..., c)``, rows summing to 1.
 
     The gradient is the hand-written :func:`softmax_bwd`, ``s ⊙ (g − ⟨s, g⟩)``.
+
+    Args:
+      z: logits ``(..., c)``, floating.
+      axis: the class axis.
+      where: optional bool mask broadcastable to ``z`` (``jax.nn.softmax``'s ``where=``):
+        masked entries are left out and get probability 0 and gradient 0; a row with every
+        entry masked is all 0 with a zero gradient (never NaN).
 
     Example:
       >>> import jax.numpy as jnp, jaxbp
       >>> jaxbp.softmax(jnp.zeros((2, 4))).tolist()[0]
       [0.25, 0.25, 0.25, 0.25]
+      >>> jaxbp.softmax(jnp.zeros(3), where=jnp.array([True, False, True])).tolist()
+      [0.5, 0.0, 0.5]
     """
     z, axis = _validate(z, axis)
-    return _softmax((("axis", axis),), z)
+    where = _validate_where(z, where)
+    return _softmax((("axis", axis),), z, where)
 
 
 @declare_op(per_example=("z",))
-def log_softmax(z: jax.Array, *, axis: int = -1) -> jax.Array:
+def log_softmax(z: jax.Array, *, axis: int = -1, where: jax.Array | None = None) -> jax.Array:
     """Log-softmax along ``axis``: ``z (..., c) → z − logΣe^z (..., c)``.
 
     The gradient is the hand-written :func:`log_softmax_bwd`, ``g − s·Σg``.
+
+    Args:
+      z: logits ``(..., c)``, floating.
+      axis: the class axis.
+      where: optional bool mask broadcastable to ``z``, as ``jax.nn.log_softmax``'s: the
+        log-sum-exp runs over unmasked entries only; masked entries come out ``−inf`` (as in
+        ``jax.nn``) with gradient 0. A fully masked row is all ``−inf`` with a zero gradient.
+        Reduce with ``jnp.where(where, ℓ, 0)``, never ``ℓ·0`` (``0·(−inf)`` is NaN).
     """
     z, axis = _validate(z, axis)
-    return _log_softmax((("axis", axis),), z)
+    where = _validate_where(z, where)
+    return _log_softmax((("axis", axis),), z, where)
 
 
 @functools.partial(jax.jit, static_argnames="axis")

@@ -317,68 +317,91 @@ class _Args:
 # --------------------------------------------------------------------------- command line
 
 
+# Flags of one model only: their argparse default is None, so that giving one to the other
+# model is a usage error; the model's own default fills them in (validate).
+MLP_FLAGS = ("sizes", "activation", "optimizer", "epochs", "dp_clip", "noise")
+SHARED_FLAGS = ("lr", "batch_size", "seed")
+
+
 def add_arguments(parser) -> None:
     """``jaxbp train``'s arguments: the one place they are declared."""
+    from . import train_gpt
     from .cli import json_path, nonnegative_float, positive_float, positive_int
     from .gradcheck import _sizes
 
-    d = DEFAULTS
-    sizes = ",".join(map(str, d["sizes"]))
+    d, g = DEFAULTS, train_gpt.GPT_DEFAULTS
     parser.add_argument(
-        "--sizes",
-        type=_sizes,
-        default=d["sizes"],
-        help=f"layer widths, 64 in and 10 out (default {sizes})",
-    )
+        "--model", choices=("mlp", "gpt"), default="mlp",
+        help="mlp: an MLP on the bundled digits (default); gpt: a character-level GPT on the "
+        "bundled works of Shakespeare",
+    )  # fmt: skip
     parser.add_argument(
-        "--activation",
-        choices=tuple(ACTIVATIONS),
-        default=d["activation"],
-        help=f"hidden activation (default {d['activation']})",
-    )
+        "--lr", type=positive_float, default=None,
+        help=f"learning rate (default {d['lr']}; gpt: peak {g['lr']})",
+    )  # fmt: skip
     parser.add_argument(
-        "--optimizer",
-        choices=OPTIMIZERS,
-        default=d["optimizer"],
-        help=f"optax optimizer (default {d['optimizer']})",
-    )
+        "--batch-size", type=positive_int, default=None,
+        help=f"minibatch size (default {d['batch_size']}; gpt: {g['batch_size']} sequences)",
+    )  # fmt: skip
+    parser.add_argument("--seed", type=int, default=None, help="seed (default 0)")
     parser.add_argument(
-        "--lr", type=positive_float, default=d["lr"], help=f"learning rate (default {d['lr']})"
-    )
-    parser.add_argument(
-        "--epochs", type=positive_int, default=d["epochs"], help=f"epochs (default {d['epochs']})"
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=positive_int,
-        default=d["batch_size"],
-        help=f"minibatch size (default {d['batch_size']})",
-    )
-    parser.add_argument("--seed", type=int, default=d["seed"], help="seed (default 0)")
-    parser.add_argument(
-        "--check", action="store_true", help="train again with jax.grad and compare the loss curves"
-    )
-    parser.add_argument(
-        "--dp-clip",
-        type=positive_float,
-        default=None,
-        metavar="C",
-        help="DP-SGD: clip each example's gradient to L2 norm C (jaxbp.clipped_grad)",
-    )
-    parser.add_argument(
-        "--noise",
-        type=nonnegative_float,
-        default=0.0,
-        metavar="SIGMA",
-        help="DP-SGD noise multiplier σ: N(0, (σ·C)²) on the clipped sum (needs --dp-clip)",
-    )
+        "--check", action="store_true",
+        help="mlp: train again with jax.grad and compare the loss curves; gpt: compare the "
+        "hand-written gradients with jax.grad's at step 0",
+    )  # fmt: skip
     parser.add_argument("--json", metavar="PATH", type=json_path,
-                        help="also write the curve and accuracy as JSON (-: stdout)")  # fmt: skip
+                        help="also write the curve and results as JSON (-: stdout)")  # fmt: skip
+    mlp = parser.add_argument_group("--model mlp (an MLP on the digits)")
+    sizes = ",".join(map(str, d["sizes"]))
+    mlp.add_argument(
+        "--sizes", type=_sizes, default=None,
+        help=f"layer widths, 64 in and 10 out (default {sizes})",
+    )  # fmt: skip
+    mlp.add_argument(
+        "--activation", choices=tuple(ACTIVATIONS), default=None,
+        help=f"hidden activation (default {d['activation']})",
+    )  # fmt: skip
+    mlp.add_argument(
+        "--optimizer", choices=OPTIMIZERS, default=None,
+        help=f"optax optimizer (default {d['optimizer']})",
+    )  # fmt: skip
+    mlp.add_argument(
+        "--epochs", type=positive_int, default=None, help=f"epochs (default {d['epochs']})"
+    )
+    mlp.add_argument(
+        "--dp-clip", type=positive_float, default=None, metavar="C",
+        help="DP-SGD: clip each example's gradient to L2 norm C (jaxbp.clipped_grad)",
+    )  # fmt: skip
+    mlp.add_argument(
+        "--noise", type=nonnegative_float, default=None, metavar="SIGMA",
+        help="DP-SGD noise multiplier σ: N(0, (σ·C)²) on the clipped sum (needs --dp-clip)",
+    )  # fmt: skip
+    train_gpt.add_arguments(parser)
+
+
+def _given(args, names) -> list[str]:
+    return ["--" + n.replace("_", "-") for n in names if getattr(args, n, None) is not None]
 
 
 def validate(args) -> None:
-    """The digits' sizes, the batch size against the training set, ``--noise`` only with
-    ``--dp-clip``: checked before anything is compiled."""
+    """Flags of the other model are refused; then, for the MLP, the digits' sizes, the batch
+    size against the training set, ``--noise`` only with ``--dp-clip``; for the GPT its
+    configuration. Checked before anything is compiled; the model's defaults fill in the
+    flags not given."""
+    from . import train_gpt
+
+    if args.model == "gpt":
+        wrong = _given(args, MLP_FLAGS)
+        if wrong:
+            raise ValueError(f"{wrong[0]}: only for --model mlp (the digits MLP)")
+        train_gpt.check_config({**train_gpt.GPT_DEFAULTS, **train_gpt.options_from_args(args)})
+        return
+    wrong = _given(args, train_gpt.GPT_FLAGS)
+    if wrong:
+        raise ValueError(f"{wrong[0]}: only for --model gpt")
+    for name in (*MLP_FLAGS, *SHARED_FLAGS):
+        if getattr(args, name) is None:
+            setattr(args, name, {"dp_clip": None, "noise": 0.0}.get(name, DEFAULTS.get(name)))
     _check_config(args.sizes, args.activation, args.optimizer, args.epochs, args.batch_size)
     _check_dp(args.dp_clip, args.noise)
 
@@ -386,10 +409,13 @@ def validate(args) -> None:
 def run(args) -> int:
     """Run ``jaxbp train`` (arguments already validated); 1 when ``--check`` finds the curves
     apart, 0 otherwise."""
+    from . import train_gpt
     from .cli import text_stream, write_json
 
+    if args.model == "gpt":
+        return train_gpt.run(args)
     out = text_stream(args)
-    skip = ("command", "check", "json")
+    skip = ("command", "check", "json", "model", *train_gpt.GPT_FLAGS)
     options = {k: v for k, v in vars(args).items() if k not in skip and not k.startswith("_")}
     print(
         f"Training MLP {'-'.join(map(str, args.sizes))} ({args.activation}) on the digits "

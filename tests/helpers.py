@@ -21,6 +21,12 @@ def assert_close(actual, expected, dtype=None, *, tol=None, name="value"):
             if tol is not None
             else TOL[str(np.dtype(dtype) if dtype is not None else "float64")]
         )
-        scale = max(np.max(np.abs(e), initial=0.0), 1e-30)
-        err = np.max(np.abs(a - e), initial=0.0) / scale
+        # Equal infinities (log_softmax's −inf at masked entries) and NaN in both agree;
+        # any other non-finite value disagrees. The rest is compared relative to max-abs.
+        same = (a == e) | (np.isnan(a) & np.isnan(e))
+        finite = np.isfinite(e) & np.isfinite(a)
+        assert np.all(same | finite), f"{name}[{k}]: non-finite values differ"
+        scale = max(np.max(np.abs(np.where(finite, e, 0.0)), initial=0.0), 1e-30)
+        diff = np.where(finite, a, 0.0) - np.where(finite, e, 0.0)
+        err = np.max(np.abs(diff), initial=0.0) / scale
         assert err <= t, f"{name}[{k}]: relative error {err:.3e} > {t:.1e}"

@@ -25,6 +25,8 @@ import jaxbp
 from jaxbp.jacobian import rules_of
 
 N, I, O, C = 4, 3, 5, 6  # batch, in, out, classes: small, so that compiles stay cheap
+D, V = 5, 7  # model dimension, vocabulary (embedding rows)
+H, T, E = 2, 4, 3  # heads, sequence length, head dimension
 
 
 def away_from_zero(rng: np.random.Generator, shape, scale: float = 1.0) -> np.ndarray:
@@ -158,8 +160,25 @@ ACTIVATION_CASES = [
     Case("gelu-tanh", "gelu", _z(scale=2.0), {"approximate": True}, diff=("z",)),
     Case("gelu-erf", "gelu", _z(scale=2.0), {"approximate": False}, diff=("z",)),
     Case("softplus", "softplus", _z(scale=3.0), diff=("z",)),
+    Case("silu", "silu", _z(scale=3.0), diff=("z",)),
     Case("relu-3d", "relu", _z((2, 3, 4)), diff=("z",)),
 ]
+
+
+def _z_where(mask_shape, scale=2.0):
+    """Logits ``(N, C)`` and a mask: entry (2, 0) kept (tests/test_edge_cases.py puts a NaN
+    there), and with a per-row mask ``(N, 1)`` row 1 masked whole."""
+
+    def make(rng):
+        where = rng.uniform(size=mask_shape) < 0.6
+        where[2, 0] = True
+        if mask_shape[-1] == 1:
+            where[:, 0] = True
+            where[1, 0] = False  # a fully masked row
+        return {"z": away_from_zero(rng, (N, C), scale), "where": where}
+
+    return make
+
 
 SOFTMAX_CASES = [
     Case("softmax", "softmax", _z(scale=2.0), diff=("z",)),
@@ -168,6 +187,10 @@ SOFTMAX_CASES = [
     Case("softmax-large-logits", "softmax", _z(scale=50.0), diff=("z",)),
     Case("log_softmax", "log_softmax", _z(scale=2.0), diff=("z",)),
     Case("log_softmax-axis0", "log_softmax", _z(scale=2.0), {"axis": 0}, diff=("z",)),
+    Case("softmax-where", "softmax", _z_where((N, C)), diff=("z",)),
+    Case("softmax-where-rows", "softmax", _z_where((N, 1)), diff=("z",)),
+    Case("log_softmax-where", "log_softmax", _z_where((N, C)), diff=("z",)),
+    Case("log_softmax-where-rows", "log_softmax", _z_where((N, 1)), diff=("z",)),
 ]
 
 
@@ -240,7 +263,93 @@ CE_CASES = [
          {"label_smoothing": 0.2, "z_loss": 1e-3}, diff=_LYW),
 ]  # fmt: skip
 
-ALL_CASES = DENSE_CASES + ACTIVATION_CASES + SOFTMAX_CASES + LOSS_CASES + CE_CASES
+
+# ------------------------------------------------------------------ transformer ops
+
+
+def _ids(batch=(N,)):
+    """Ids with a repeat (their rows accumulate in the backward) and id 2 looked up
+    (tests/test_edge_cases.py puts a NaN in table row 2)."""
+
+    def make(rng):
+        ids = rng.integers(0, V, size=batch).astype(np.int32)
+        ids.reshape(-1)[:3] = (3, 3, 2)
+        return {"ids": ids, "table": away_from_zero(rng, (V, D))}
+
+    return make
+
+
+EMBEDDING_CASES = [
+    Case("embedding", "embedding", _ids(), diff=("table",)),
+    Case("embedding-2d-ids", "embedding", _ids((2, 3)), diff=("table",)),
+]
+
+
+def _norm(beta: bool, batch=(N,), scale=1.0):
+    def make(rng):
+        d = {"x": away_from_zero(rng, (*batch, D), scale) + rng.normal(size=(*batch, 1))}
+        d["gamma"] = away_from_zero(rng, (D,))
+        if beta:
+            d["beta"] = away_from_zero(rng, (D,))
+        return d
+
+    return make
+
+
+_XGB = ("x", "gamma", "beta")
+NORM_CASES = [
+    Case("layer_norm", "layer_norm", _norm(True), diff=_XGB),
+    Case("layer_norm-3d-batch", "layer_norm", _norm(True, (2, 3)), diff=_XGB),
+    Case("layer_norm-eps0.1-small", "layer_norm", _norm(True, scale=0.1), {"eps": 0.1},
+         diff=_XGB),
+    Case("rms_norm", "rms_norm", _norm(False), diff=("x", "gamma")),
+    Case("rms_norm-3d-batch", "rms_norm", _norm(False, (2, 3)), diff=("x", "gamma")),
+    Case("rms_norm-eps0.1-small", "rms_norm", _norm(False, scale=0.1), {"eps": 0.1},
+         diff=("x", "gamma")),
+]  # fmt: skip
+
+
+def _qkv(t=T, s=T, where=False, batch=(2,)):
+    """``q (n, h, t, e)``, ``k, v (n, h, s, e)``; the mask (``(n, 1, t, s)``) keeps query row 2
+    of the first example (tests/test_edge_cases.py puts a NaN there) and masks every key of
+    row 1 of the last example (a fully masked row)."""
+
+    def make(rng):
+        d = {
+            "q": rng.normal(size=(*batch, H, t, E)),
+            "k": rng.normal(size=(*batch, H, s, E)),
+            "v": rng.normal(size=(*batch, H, s, E)),
+        }
+        if where:
+            m = rng.uniform(size=(*batch, 1, t, s)) < 0.6
+            m[..., :, 0] = True
+            m.reshape(-1, 1, t, s)[-1, 0, 1] = False
+            d["where"] = m
+        return d
+
+    return make
+
+
+_QKV = ("q", "k", "v")
+ATTENTION_CASES = [
+    Case("attention-causal", "attention", _qkv(), diff=_QKV),
+    Case("attention-causal-recompute", "attention", _qkv(), {"strategy": "recompute"},
+         diff=_QKV),
+    Case("attention-full", "attention", _qkv(), {"causal": False}, diff=_QKV),
+    Case("attention-where", "attention", _qkv(where=True), {"causal": False}, diff=_QKV),
+    Case("attention-where-causal-recompute", "attention", _qkv(where=True),
+         {"strategy": "recompute"}, diff=_QKV),
+    Case("attention-cross-t4-s6", "attention", _qkv(s=6), {"causal": False}, diff=_QKV),
+    Case("attention-cross-recompute", "attention", _qkv(s=6, where=True),
+         {"causal": False, "strategy": "recompute"}, diff=_QKV),
+    Case("attention-3d-batch", "attention", _qkv(batch=(2, 2)), diff=_QKV),
+]  # fmt: skip
+
+TRANSFORMER_CASES = EMBEDDING_CASES + NORM_CASES + ATTENTION_CASES
+
+ALL_CASES = (
+    DENSE_CASES + ACTIVATION_CASES + SOFTMAX_CASES + LOSS_CASES + CE_CASES + TRANSFORMER_CASES
+)
 
 # Dtypes of the manual-vs-reference comparison, with docs/edge_cases.md tolerances (helpers.TOL).
 DTYPES = [jnp.float64, jnp.float32, jnp.bfloat16]
@@ -290,7 +399,8 @@ OP_EXAMPLES: dict[str, list[Example]] = {
     ],
     **{
         name: [Example(name, _sq(*_Z), ("z",))]
-        for name in ("relu", "sigmoid", "tanh", "softplus", "softmax", "log_softmax")
+        for name in ("relu", "sigmoid", "tanh", "softplus", "silu", "swish", "softmax",
+                     "log_softmax")
     },
     "leaky_relu": [Example("leaky_relu", _sq(*_Z), ("z",), {"negative_slope": 0.2})],
     "gelu": [
@@ -323,6 +433,16 @@ OP_EXAMPLES: dict[str, list[Example]] = {
         ),
         Example("fused-nobias", lambda rng: (*_sq((S, S), (S, S))(rng), _sq_ids(rng)),
                 ("x", "labels"), {"z_loss": 1e-2}),
+    ],
+    "embedding": [
+        Example("embedding", lambda rng: (_sq_ids(rng), away_from_zero(rng, (S, S))), ("ids",)),
+    ],
+    "layer_norm": [Example("layer_norm", _sq((S, S), (S,), (S,)), ("x",), {"eps": 1e-3})],
+    "rms_norm": [Example("rms_norm", _sq((S, S), (S,)), ("x",))],
+    "attention": [
+        Example("attention-causal", _sq(*[(S, S, S, S)] * 3), ("q", "k", "v")),
+        Example("attention-recompute", _sq(*[(S, S, S, S)] * 3), ("q", "k", "v"),
+                {"causal": False, "strategy": "recompute"}),
     ],
 }  # fmt: skip
 

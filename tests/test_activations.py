@@ -32,6 +32,7 @@ _OPTIONS = {
     "tanh": [{}],
     "gelu": [{"approximate": True}, {"approximate": False}],
     "softplus": [{}],
+    "silu": [{}],
 }
 
 
@@ -103,7 +104,7 @@ def test_integer_input_raises_type_error_naming_z(name):
 
 
 def test_registry_holds_every_activation():
-    assert set(jaxbp.ACTIVATIONS) == set(_OPTIONS)
+    assert set(jaxbp.ACTIVATIONS) == set(_OPTIONS) | {"swish"}
     for name, fn in jaxbp.ACTIVATIONS.items():
         assert fn is getattr(jaxbp, name)
 
@@ -174,3 +175,24 @@ def test_exact_gelu_far_left_tail_values_match_x_times_phi():
     assert abs(expected[0] + 3.16e-07) < 1e-9 and abs(expected[1] + 5.9e-09) < 1e-10
     got = np.asarray(jaxbp.gelu(jnp.asarray(z), approximate=False), np.float64)
     np.testing.assert_allclose(got, expected, rtol=2e-5)
+
+
+# ---------------------------------------------------------------------------- silu / swish
+
+
+def test_swish_is_silu_under_a_second_name():
+    assert jaxbp.swish is jaxbp.silu
+    assert jaxbp.swish_fwd is jaxbp.silu_fwd and jaxbp.swish_bwd is jaxbp.silu_bwd
+    assert jaxbp.ACTIVATIONS["swish"] is jaxbp.ACTIVATIONS["silu"] is jaxbp.silu
+    assert jaxbp.reference.swish is jaxbp.reference.silu
+
+
+def test_silu_saves_its_input_and_its_derivative_matches_float64_numpy_far_out():
+    z = np.linspace(-40.0, 40.0, 161)
+    s = scipy.special.expit(z)
+    want = s * (1.0 + z * scipy.special.expit(-z))  # σ(z) + z·σ(z)·(1 − σ(z))
+    _, res = jaxbp.silu_fwd(jnp.asarray(z, jnp.float32))
+    assert len(res) == 1 and res[0].dtype == jnp.float32
+    (dz,) = jaxbp.silu_bwd(res, jnp.ones(161, jnp.float32))
+    np.testing.assert_allclose(np.asarray(dz, np.float64), want, rtol=2e-6, atol=1e-30)
+    np.testing.assert_allclose(jaxbp.silu(jnp.asarray(z)), z * s, rtol=1e-15)

@@ -316,6 +316,11 @@ def test_nan_input_propagates_to_gradient(case):
     assert bool(jnp.any(jnp.isnan(out))), "NaN input, finite output"
     if case.name == "dense":  # dx = g·wᵀ does not read x; x's NaN reaches dw = xᵀ·g
         assert bool(jnp.any(jnp.isnan(grads["w"])))
+    elif case.name == "embedding":
+        # dtable = onehot(ids)ᵀ·g never reads the table: a NaN in the table reaches the
+        # output rows that look it up (above), and a NaN cotangent reaches dtable
+        # (tests/test_embedding.py).
+        assert bool(jnp.all(jnp.isfinite(grads["table"])))
     else:
         assert bool(jnp.isnan(grads[name][idx])), f"d{name}{idx} = {grads[name][idx]}"
 
@@ -331,7 +336,8 @@ BATCHED_CASES = [c for c in ALL_CASES if c.id not in ("dense-1d-x", "softmax-axi
 @pytest.mark.parametrize("case", BATCHED_CASES, ids=str)
 def test_empty_batch_gives_empty_result_and_gradient(case):
     arrays = case.arrays(jnp.float64)
-    lead = {k: v for k, v in arrays.items() if k not in ("w", "b", "class_weights")}
+    shared = ("w", "b", "class_weights", "table", "gamma", "beta")
+    lead = {k: v for k, v in arrays.items() if k not in shared}
     axis0 = {k: v[:0] if v.ndim else v for k, v in lead.items()}
     arrays = {**arrays, **axis0}
     out = case.op(**arrays, **case.options)

@@ -108,7 +108,7 @@ def test_bad_arguments_are_clear_errors():
     with pytest.raises(ValueError, match="batch"):
         jaxbp.explain(batch=0)
     with pytest.raises(ValueError, match="activation"):
-        jaxbp.explain(activation="swish")
+        jaxbp.explain(activation="mish")
 
 
 def test_cli_explain_with_json(tmp_path, capsys):

@@ -6,6 +6,7 @@ GPUs (a CPU-only primitive, a host callback, a platform-specific branch) fails h
 Shapes are tiny and arguments are ``jax.ShapeDtypeStruct``s: nothing runs.
 """
 
+import dataclasses
 import inspect
 
 import jax
@@ -128,3 +129,17 @@ def test_per_example_transforms_lower_for_cuda():
     _export_cuda(jaxbp.clipped_grad(MLP, l2_clip=1.0), params, x, y)
     noisy = jaxbp.clipped_grad(MLP, l2_clip=1.0, noise_multiplier=0.5)
     _export_cuda(noisy, params, x, y, jax.eval_shape(lambda: jax.random.PRNGKey(0)))
+
+
+GPT = jaxbp.GPT(vocab=7, d=8, heads=2, layers=1, context=4)
+
+
+@pytest.mark.parametrize("model", [GPT, dataclasses.replace(GPT, tied=True, attention="recompute")],
+                         ids=["default", "tied-recompute"])  # fmt: skip
+def test_gpt_value_and_grad_lowers_for_cuda(model):
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), F32))
+    _export_cuda(jaxbp.value_and_grad(model).jitted, params, S(2, 4, dtype=I32),
+                 S(2, 4, dtype=I32), None)  # fmt: skip
+    bf16 = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16), params)
+    _export_cuda(jaxbp.value_and_grad(model).jitted, bf16, S(2, 4, dtype=I32),
+                 S(2, 4, dtype=I32), None)  # fmt: skip

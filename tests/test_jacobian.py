@@ -52,7 +52,7 @@ def test_softmax_jacobian_is_diag_s_minus_s_s_transposed_symmetric_with_zero_row
 def test_softmax_jacobian_times_g_equals_softmax_bwd():
     g = jnp.asarray(RNG.normal(size=(N, C)))
     _, res = jaxbp.softmax_fwd(Z)
-    (dz,) = jaxbp.softmax_bwd(res, g)
+    dz, _ = jaxbp.softmax_bwd(res, g)
     assert_close(jnp.einsum("nkc,nk->nc", jaxbp.softmax_jacobian(Z), g), dz, jnp.float64)
 
 
@@ -184,19 +184,14 @@ def test_jacobian_with_square_shapes_matches_jacrev_of_reference(name, example, 
     n = out_shape[0]
     param = list(inspect.signature(op).parameters)[argnum]
     if param in example.per_example:
-        # full[m, ..., m', ...]: examples are independent, so only m = m' blocks are non-zero.
-        rows = np.arange(n)
-        if len(out_shape) == 1:  # a per-example loss (n,)
-            blocks = full[rows, rows]  # (n, k)
-        else:
-            blocks = full[rows, :, rows]  # (n, c, k)
-        off = full.copy()
-        if len(out_shape) == 1:
-            off[rows, rows] = 0.0
-        else:
-            off[rows, :, rows] = 0.0
-        np.testing.assert_array_equal(off, 0.0)
-        expected = blocks
+        # full[m, c..., m', k...]: examples are independent, so only m = m' blocks are
+        # non-zero; c... is () for a loss, (c,) for a layer, (h, t, e) for attention.
+        def block(m, mp):
+            return full[(m, *[slice(None)] * (len(out_shape) - 1), mp)]
+
+        off = [block(m, mp) for m in range(n) for mp in range(n) if m != mp]
+        np.testing.assert_array_equal(np.asarray(off), 0.0)
+        expected = np.stack([block(m, m) for m in range(n)])  # (n, c..., k...)
     else:
         expected = full  # a shared parameter: every example's output against all of it
     assert J.shape == expected.shape, (J.shape, expected.shape)

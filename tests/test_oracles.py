@@ -322,6 +322,8 @@ ACTIVATIONS = [
     ("gelu", {"approximate": True}, functools.partial(jax.nn.gelu, approximate=True)),
     ("gelu", {"approximate": False}, functools.partial(jax.nn.gelu, approximate=False)),
     ("softplus", {}, jax.nn.softplus),
+    ("silu", {}, jax.nn.silu),
+    ("swish", {}, jax.nn.swish),
     ("softmax", {}, jax.nn.softmax),
     ("log_softmax", {}, jax.nn.log_softmax),
 ]

@@ -16,10 +16,14 @@ ROOT = pathlib.Path(jaxbp.__file__).parent
 ALLOWED = {
     "_checks": {"*module*"},
     "dense": {"_validate"},
-    "softmax": {"_validate"},
+    "softmax": {"_validate", "_validate_where"},
+    "norms": {"_validate_layer_norm", "_validate_rms_norm"},
+    "embedding": {"_validate", "_check_ids"},
+    "attention": {"_validate"},
     "fused": {"_validate"},
     "losses": {"_validate_ce"},
     "nn": {"MLP"},
+    "gpt": {"GPT"},
     "per_example": {"_check_clip_options", "_check_key"},
 }
 

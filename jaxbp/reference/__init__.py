@@ -7,7 +7,8 @@ functions runs JAX's own transposes. They are also what forward mode (``jax.jvp`
 
 This package is an oracle: it may share input *validation* with the hand-written rules, but
 no code that computes a value. ``_ops`` holds the ops, ``_nn`` the network
-(:func:`value_and_grad`), ``_per_example`` the per-example transforms and DP-SGD.
+(:func:`value_and_grad`), ``_per_example`` the per-example transforms and DP-SGD,
+``_transformer`` the transformer ops (embedding, norms, attention).
 """
 
 from ._nn import *  # noqa: F403
@@ -16,5 +17,7 @@ from ._ops import *  # noqa: F403
 from ._ops import __all__ as _ops_all
 from ._per_example import *  # noqa: F403
 from ._per_example import __all__ as _per_example_all
+from ._transformer import *  # noqa: F403
+from ._transformer import __all__ as _transformer_all
 
-__all__ = [*_ops_all, *_nn_all, *_per_example_all]
+__all__ = [*_ops_all, *_nn_all, *_per_example_all, *_transformer_all]

@@ -18,7 +18,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from ..gpt import GPT
 from ..nn import MLP
+from ._gpt import gpt_value_and_grad
 from ._ops import (
     dense,
     gelu,
@@ -27,8 +29,10 @@ from ._ops import (
     relu,
     sigmoid,
     sigmoid_binary_cross_entropy,
+    silu,
     softmax_cross_entropy,
     softplus,
+    swish,
     tanh,
 )
 
@@ -36,13 +40,13 @@ __all__ = ["value_and_grad"]
 
 _ACTIVATIONS = {
     "relu": relu, "leaky_relu": leaky_relu, "sigmoid": sigmoid, "tanh": tanh, "gelu": gelu,
-    "softplus": softplus,
+    "softplus": softplus, "silu": silu, "swish": swish,
 }  # fmt: skip
 
 
 def _check_model(model):
-    if not isinstance(model, MLP):
-        raise TypeError(f"model: expected a jaxbp.MLP, got {type(model).__name__}")
+    if not isinstance(model, MLP | GPT):
+        raise TypeError(f"model: expected a jaxbp.MLP or jaxbp.GPT, got {type(model).__name__}")
 
 
 def forward(model: MLP, params, x):
@@ -105,9 +109,13 @@ def value_and_grad(model: MLP) -> Callable:
     Same call signature and result as :func:`jaxbp.value_and_grad`: ``f(params, x (n, i),
     labels, *, where=None, class_weights=None) -> (mean loss, grads)``; inputs are validated
     (and lists or NumPy arrays converted) before tracing. ``f.jitted`` is the jitted core
-    ``(params, x, labels, where, class_weights)`` without validation.
+    ``(params, x, labels, where, class_weights)`` without validation. For a
+    :class:`jaxbp.GPT`: ``f(params, ids, targets, *, where=None)``, the plain twin of
+    :mod:`jaxbp.reference._gpt`.
     """
     _check_model(model)
+    if isinstance(model, GPT):
+        return gpt_value_and_grad(model)
 
     def value_and_grad_fn(params, x, labels, *, where=None, class_weights=None):
         args = model.check_inputs(params, x, labels, where, class_weights)

@@ -19,9 +19,10 @@ from ..dense import _validate as _validate_dense
 from ..fused import _validate as _validate_fused
 from ..losses import _validate_ce
 from ..softmax import _validate as _validate_softmax
+from ..softmax import _validate_where
 
 __all__ = [
-    "dense", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "softplus",
+    "dense", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "softplus", "silu", "swish",
     "softmax", "log_softmax", "mse", "sigmoid_binary_cross_entropy", "softmax_cross_entropy",
     "linear_softmax_cross_entropy",
 ]  # fmt: skip
@@ -83,16 +84,26 @@ def softplus(z):
     return _elementwise(jax.nn.softplus)(z)
 
 
-def softmax(z, *, axis=-1):
-    """Reference softmax: ``jax.nn.softmax`` (JAX's own derivative rule)."""
-    z, axis = _validate_softmax(z, axis)
-    return jax.nn.softmax(_acc(z), axis=axis).astype(z.dtype)
+def silu(z):
+    """Reference SiLU: ``jax.nn.silu`` (``z·σ(z)``)."""
+    return _elementwise(jax.nn.silu)(z)
 
 
-def log_softmax(z, *, axis=-1):
-    """Reference log-softmax: ``jax.nn.log_softmax``."""
+swish = silu  # an alias, as jaxbp.swish is jaxbp.silu
+
+
+def softmax(z, *, axis=-1, where=None):
+    """Reference softmax: ``jax.nn.softmax`` (JAX's own derivative rule), ``where=`` as its."""
     z, axis = _validate_softmax(z, axis)
-    return jax.nn.log_softmax(_acc(z), axis=axis).astype(z.dtype)
+    where = _validate_where(z, where)
+    return jax.nn.softmax(_acc(z), axis=axis, where=where).astype(z.dtype)
+
+
+def log_softmax(z, *, axis=-1, where=None):
+    """Reference log-softmax: ``jax.nn.log_softmax`` (``−inf`` where masked)."""
+    z, axis = _validate_softmax(z, axis)
+    where = _validate_where(z, where)
+    return jax.nn.log_softmax(_acc(z), axis=axis, where=where).astype(z.dtype)
 
 
 def mse(pred, target):

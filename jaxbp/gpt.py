@@ -1,0 +1,466 @@
+"""A GPT whose gradient is an explicit reverse loop over the hand-written ``_bwd`` rules.
+
+Index letters::
+
+    n  sequences in a batch        t  positions (≤ the model's context)
+    d  model width                 h  heads        e  head width, d = h·e
+    f  MLP width (4·d)             v  vocabulary
+
+The model (pre-norm blocks, as GPT-2)::
+
+    x₀   = tok[ids] + pos[:t]                              (n,t,d)   embedding, position
+    per block:
+      a    = layer_norm(x)                                  (n,t,d)
+      q,k,v= split(a·W_qkv + b_qkv)                         (n,h,t,e) each
+      o    = attention(q, k, v, causal)                     (n,h,t,e)
+      x    = x + merge(o)·W_o + b_o                         (n,t,d)   residual
+      m    = layer_norm(x)
+      x    = x + gelu(m·W_fc + b_fc)·W_out + b_out          (n,t,f) inside
+    loss = linear_softmax_cross_entropy(layer_norm(x), W_head, next ids)   (n·t,)
+
+:func:`value_and_grad` runs this forward through the ``_fwd`` rules, keeps each one's
+residuals, and then walks back through the matching ``_bwd`` rules, layer by layer::
+
+    δ    = head_bwd(g)                 (n·t,d)  g = valid/n_valid, the mean's seed
+    δ    = layer_norm_bwd(δ)
+    per block, last first:
+      δ   += layer_norm_bwd(dense_bwd(gelu_bwd(dense_bwd(δ))))       the MLP branch
+      dO   = unmerge(dense_bwd(δ))                                    (n,h,t,e)
+      dq,dk,dv = attention_bwd(dO)     through dS = P ⊙ (dP − rowsum(dP ⊙ P)), (t,t) per head
+      δ   += layer_norm_bwd(dense_bwd(merge(dq, dk, dv)))             the attention branch
+    dtok = embedding_bwd(δ) (+ dW_headᵀ when tied);   dpos[:t] = Σₙ δ
+
+A residual connection copies its input to two places, so its backward adds the two
+gradients: that is every ``δ +=`` above. No ``jax.grad``, ``jax.vjp`` or ``custom_vjp``
+dispatch runs inside :func:`value_and_grad`; :func:`jaxbp.reference.value_and_grad` computes
+the same with ``jax.value_and_grad`` of a plain-jnp twin.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _checks
+from ._checks import check_label_range
+from .activations import gelu, gelu_bwd, gelu_fwd
+from .attention import STRATEGIES as ATTENTION_STRATEGIES
+from .attention import attention, attention_bwd, attention_fwd
+from .dense import dense, dense_bwd, dense_fwd
+from .embedding import embedding, embedding_bwd, embedding_fwd
+from .fused import (
+    linear_softmax_cross_entropy,
+    linear_softmax_cross_entropy_bwd,
+    linear_softmax_cross_entropy_fwd,
+)
+from .losses import valid_rows
+from .nn import register_model
+from .norms import layer_norm, layer_norm_bwd, layer_norm_fwd
+
+__all__ = ["GPT", "GPTParams", "value_and_grad", "forward", "backward"]
+
+GPTParams = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT:
+    """A decoder-only transformer (GPT-2 layout) trained with hand-written backward passes.
+
+    Args:
+      vocab: vocabulary size ``v`` (65 characters for :func:`jaxbp.load_shakespeare`).
+      d: model width ``d``.
+      heads: attention heads ``h``; must divide ``d`` (head width ``e = d/h``).
+      layers: number of blocks.
+      context: longest sequence ``t`` the position table covers.
+      tied: the head reuses the token table (``W_head = tokᵀ``), as GPT-2 does.
+      mlp_ratio: MLP width ``f = mlp_ratio·d``.
+      eps: layer-norm epsilon.
+      attention: ``"store"`` (keep each head's ``(t, t)`` probabilities for the backward) or
+        ``"recompute"`` (keep the log-sum-exp ``(t,)`` and recompute them, flash-style).
+      head_strategy: the fused head's strategy (``"forward"``: gradients during the forward
+        pass, no logit computed twice; ``"recompute"``: the least memory).
+
+    The model is hashable and holds no arrays: parameters are a separate pytree
+    (:meth:`init`), a dict ``{"tok": (v, d), "pos": (context, d), "blocks": [...],
+    "ln_f": {...}, "head": {"w": (d, v)}}`` whose blocks hold ``ln1``, ``attn.qkv (d, 3d)``,
+    ``attn.proj (d, d)``, ``ln2``, ``mlp.fc (d, f)``, ``mlp.out (f, d)``. optax takes the
+    gradients as they are.
+
+    Example:
+      >>> import jax, jaxbp
+      >>> model = jaxbp.GPT(vocab=65, d=32, heads=4, layers=2, context=16)
+      >>> params = model.init(jax.random.PRNGKey(0))
+      >>> ids = jax.numpy.zeros((2, 16), jax.numpy.int32)
+      >>> model.apply(params, ids).shape
+      (2, 16, 65)
+    """
+
+    vocab: int
+    d: int
+    heads: int
+    layers: int
+    context: int
+    tied: bool = False
+    mlp_ratio: int = 4
+    eps: float = 1e-5
+    attention: str = "store"
+    head_strategy: str = "forward"
+
+    def __post_init__(self):
+        for name in ("vocab", "d", "heads", "layers", "context", "mlp_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+            object.__setattr__(self, name, int(value))
+        if self.d % self.heads:
+            raise ValueError(f"heads: expected a divisor of d = {self.d}, got {self.heads}")
+        if self.attention not in ATTENTION_STRATEGIES:
+            raise ValueError(
+                f"attention: expected one of {list(ATTENTION_STRATEGIES)}, got {self.attention!r}"
+            )
+        if self.head_strategy not in ("forward", "recompute"):
+            raise ValueError(
+                f"head_strategy: expected 'forward' or 'recompute', got {self.head_strategy!r}"
+            )
+        if not isinstance(self.tied, bool):
+            raise TypeError(f"tied: expected a bool, got {self.tied!r}")
+        eps = _checks.static_number("eps", self.eps)
+        if not eps > 0:
+            raise ValueError(f"eps: expected a positive number, got {self.eps!r}")
+        object.__setattr__(self, "eps", eps)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d // self.heads
+
+    @property
+    def num_params(self) -> int:
+        """Number of parameters (the token table counted once when tied)."""
+        d, f, v = self.d, self.mlp_ratio * self.d, self.vocab
+        block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d)
+        return v * d + self.context * d + self.layers * block + 2 * d + (0 if self.tied else d * v)
+
+    def init(self, key: jax.Array, dtype: Any = jnp.float32) -> GPTParams:
+        """GPT-2's initialisation: weights ``N(0, 0.02²)``, the two projections into the
+        residual stream ``N(0, (0.02/√(2·layers))²)``, biases 0, layer-norm gains 1."""
+        d, f, v = self.d, self.mlp_ratio * self.d, self.vocab
+        std, proj_std = 0.02, 0.02 / math.sqrt(2 * self.layers)
+        keys = iter(jax.random.split(key, 3 + 4 * self.layers))
+
+        def normal(shape, s):
+            return (s * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
+
+        def norm():
+            return {"gamma": jnp.ones((d,), dtype), "beta": jnp.zeros((d,), dtype)}
+
+        def lin(i, o, s):
+            return {"w": normal((i, o), s), "b": jnp.zeros((o,), dtype)}
+
+        params: GPTParams = {"tok": normal((v, d), std), "pos": normal((self.context, d), std)}
+        params["blocks"] = [
+            {
+                "ln1": norm(),
+                "attn": {"qkv": lin(d, 3 * d, std), "proj": lin(d, d, proj_std)},
+                "ln2": norm(),
+                "mlp": {"fc": lin(d, f, std), "out": lin(f, d, proj_std)},
+            }
+            for _ in range(self.layers)
+        ]
+        params["ln_f"] = norm()
+        head = normal((d, v), std)
+        if not self.tied:
+            params["head"] = {"w": head}
+        return params
+
+    # -- forward through the public ops (differentiable with jax.grad) ---------------------
+
+    def apply(self, params: GPTParams, ids: jax.Array) -> jax.Array:
+        """Logits ``(n, t, v)`` for ids ``(n, t)`` through jaxbp's ops (their rules run under
+        ``jax.grad``). The full ``(n, t, v)`` logits are formed here; training does not."""
+        ids = self._check_ids(params, ids)
+        return dense(self.hidden(params, ids), self.head_weight(params))
+
+    def hidden(self, params: GPTParams, ids: jax.Array) -> jax.Array:
+        """The final layer-normed hidden states ``(n, t, d)``, before the head."""
+        t = ids.shape[-1]
+        x = embedding(ids, params["tok"]) + params["pos"][:t]
+        for blk in params["blocks"]:
+            a = layer_norm(x, blk["ln1"]["gamma"], blk["ln1"]["beta"], eps=self.eps)
+            q, k, v = _split_qkv(dense(a, **blk["attn"]["qkv"]), self.heads)
+            o = attention(q, k, v, causal=True, strategy=self.attention)
+            x = x + dense(_merge_heads(o), **blk["attn"]["proj"])
+            m = layer_norm(x, blk["ln2"]["gamma"], blk["ln2"]["beta"], eps=self.eps)
+            x = x + dense(gelu(dense(m, **blk["mlp"]["fc"])), **blk["mlp"]["out"])
+        return layer_norm(x, params["ln_f"]["gamma"], params["ln_f"]["beta"], eps=self.eps)
+
+    def head_weight(self, params: GPTParams) -> jax.Array:
+        """``W_head (d, v)``: ``tokᵀ`` when tied."""
+        return params["tok"].T if self.tied else params["head"]["w"]
+
+    def per_token_loss(self, params: GPTParams, ids, targets, *, where=None) -> jax.Array:
+        """Cross-entropy of each next-id prediction ``(n, t)`` (0 where ``where`` is False),
+        through the fused head: the ``(n·t, v)`` logits are never stored."""
+        ids, targets, where = self.check_inputs(params, ids, targets, where)
+        n, t = ids.shape
+        xf = self.hidden(params, ids).reshape(n * t, self.d)
+        loss = linear_softmax_cross_entropy(
+            xf, self.head_weight(params), targets.reshape(-1),
+            where=None if where is None else where.reshape(-1), strategy=self.head_strategy,
+        )  # fmt: skip
+        return loss.reshape(n, t)
+
+    def mean_loss(self, params: GPTParams, ids, targets, *, where=None) -> jax.Array:
+        """Mean next-id cross-entropy over valid positions (nats per token); 0 if none."""
+        per_tok = self.per_token_loss(params, ids, targets, where=where)
+        valid = jnp.ones(per_tok.shape, bool) if where is None else jnp.asarray(where, bool)
+        total = jnp.sum(jnp.where(valid, per_tok, 0.0))
+        return total / jnp.maximum(jnp.sum(valid), 1).astype(total.dtype)
+
+    def generate(
+        self, params: GPTParams, key: jax.Array, prompt, steps: int, *, temperature: float = 1.0
+    ) -> np.ndarray:
+        """Sample ``steps`` ids after ``prompt (t₀,)``; returns the prompt and the samples.
+
+        Each step runs :meth:`apply` on the last ``context`` ids (one compiled shape: shorter
+        windows are padded at the end, which causal attention never looks at) and samples
+        from ``softmax(logits / temperature)``.
+        """
+        prompt = np.asarray(prompt, np.int32).reshape(-1)
+        if prompt.size < 1:
+            raise ValueError("prompt: expected at least one id")
+        if not temperature > 0:
+            raise ValueError(f"temperature: expected a positive number, got {temperature!r}")
+        step = _sampler(self, float(temperature))
+        out = list(prompt)
+        for i in range(int(steps)):
+            window = out[-self.context :]
+            buf = np.zeros((1, self.context), np.int32)
+            buf[0, : len(window)] = window
+            nxt = step(params, jnp.asarray(buf), len(window) - 1, jax.random.fold_in(key, i))
+            out.append(int(nxt))
+        return np.asarray(out, np.int32)
+
+    # -- validation ------------------------------------------------------------------------
+
+    def _check_ids(self, params, ids) -> jax.Array:
+        self.check_params(params)
+        ids = _checks.integer("ids", ids)
+        if ids.ndim != 2 or not 1 <= ids.shape[1] <= self.context:
+            raise ValueError(
+                f"ids: expected shape (n, t) with 1 ≤ t ≤ context = {self.context}, got {ids.shape}"
+            )
+        return ids
+
+    def check_params(self, params) -> None:
+        """``ValueError`` naming the first parameter whose shape is not the model's."""
+        want = _param_shapes(self)
+        try:
+            got = jax.tree.map(np.shape, params)
+            same = jax.tree.structure(got) == jax.tree.structure(want)
+        except (TypeError, ValueError):
+            same = False
+        if not same:
+            keys = sorted(params) if isinstance(params, dict) else type(params).__name__
+            raise ValueError(
+                f"params: expected the structure of GPT.init (keys {sorted(want)}, "
+                f"{self.layers} blocks), got {keys}"
+            )
+        for path, (shape, ref) in _leaves_with_paths(got, want):
+            if shape != ref:
+                raise ValueError(f"params{path}: expected shape {ref}, got {shape}")
+
+    def check_inputs(self, params, ids, targets, where=None):
+        """Validate and convert: ``(ids (n, t), targets (n, t), where (n, t) or None)``.
+
+        Integer ids and targets must lie in ``[0, v)``: checked here when they are concrete
+        (``ValueError``); under ``jit`` an out-of-range id makes its position NaN.
+        """
+        ids = self._check_ids(params, ids)
+        targets = _checks.integer("targets", targets)
+        if targets.shape != ids.shape:
+            raise ValueError(f"targets: expected the shape of ids {ids.shape}, got {targets.shape}")
+        if where is not None:
+            where = jnp.asarray(where)
+            if where.dtype != jnp.bool_ or where.shape != ids.shape:
+                raise ValueError(
+                    f"where: expected a bool mask of the shape of ids {ids.shape}, "
+                    f"got {where.dtype} {where.shape}"
+                )
+        check_label_range(ids, self.vocab, name="ids")
+        check_label_range(targets, self.vocab, where=where, name="targets")
+        return ids, targets, where
+
+
+@functools.lru_cache(maxsize=64)
+def _param_shapes_cached(model: GPT):
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+    return jax.tree.map(lambda a: tuple(a.shape), shapes)
+
+
+def _param_shapes(model: GPT):
+    """The shape of every parameter, as :meth:`GPT.init` makes them (traced once per model)."""
+    return _param_shapes_cached(model)
+
+
+def _leaves_with_paths(got, want):
+    flat_got = jax.tree_util.tree_flatten_with_path(got, is_leaf=lambda x: isinstance(x, tuple))
+    flat_want = jax.tree.leaves(want, is_leaf=lambda x: isinstance(x, tuple))
+    for (path, shape), ref in zip(flat_got[0], flat_want, strict=True):
+        yield jax.tree_util.keystr(path), (shape, ref)
+
+
+@functools.lru_cache(maxsize=16)
+def _sampler(model: GPT, temperature: float) -> Callable:
+    @jax.jit
+    def step(params, buf, last, key):
+        logits = model.apply(params, buf)[0, last].astype(jnp.float32)  # (v,)
+        return jax.random.categorical(key, logits / temperature)
+
+    return step
+
+
+# ---------------------------------------------------------------- heads: split and merge
+
+
+def _split_qkv(qkv: jax.Array, heads: int):
+    """``(n, t, 3d) → q, k, v (n, h, t, e)``: ``[q | k | v]`` along the last axis, each
+    split into ``h`` heads of ``e``."""
+    n, t, d3 = qkv.shape
+    e = d3 // (3 * heads)
+    y = qkv.reshape(n, t, 3, heads, e).transpose(2, 0, 3, 1, 4)  # (3, n, h, t, e)
+    return y[0], y[1], y[2]
+
+
+def _join_qkv(dq, dk, dv) -> jax.Array:
+    """The backward of :func:`_split_qkv`: ``dq, dk, dv (n, h, t, e) → (n, t, 3d)``."""
+    n, h, t, e = dq.shape
+    return jnp.stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4).reshape(n, t, 3 * h * e)
+
+
+def _merge_heads(o: jax.Array) -> jax.Array:
+    """``(n, h, t, e) → (n, t, d)``."""
+    n, h, t, e = o.shape
+    return o.transpose(0, 2, 1, 3).reshape(n, t, h * e)
+
+
+def _split_heads(g: jax.Array, heads: int) -> jax.Array:
+    """The backward of :func:`_merge_heads`: ``(n, t, d) → (n, h, t, e)``."""
+    n, t, d = g.shape
+    return g.reshape(n, t, heads, d // heads).transpose(0, 2, 1, 3)
+
+
+# ------------------------------------------------------------ the explicit forward/backward
+
+
+def forward(model: GPT, params: GPTParams, ids, targets, where):
+    """Forward through the ``_fwd`` rules: ``(per-token loss (n·t,), valid (n·t,), state)``.
+
+    ``state`` holds every rule's residuals, in the order :func:`backward` consumes them.
+    """
+    n, t = ids.shape
+    eps, heads, strategy = model.eps, model.heads, model.attention
+    x, tok_res = embedding_fwd(ids, params["tok"])
+    x = x + params["pos"][:t]  # (n, t, d) + (t, d)
+    blocks = []
+    for blk in params["blocks"]:
+        a, ln1 = layer_norm_fwd(x, blk["ln1"]["gamma"], blk["ln1"]["beta"], eps=eps)
+        qkv, qkv_res = dense_fwd(a, blk["attn"]["qkv"]["w"], blk["attn"]["qkv"]["b"])
+        q, k, v = _split_qkv(qkv, heads)
+        o, att = attention_fwd(q, k, v, None, causal=True, strategy=strategy)
+        y, proj = dense_fwd(_merge_heads(o), blk["attn"]["proj"]["w"], blk["attn"]["proj"]["b"])
+        x = x + y
+        m, ln2 = layer_norm_fwd(x, blk["ln2"]["gamma"], blk["ln2"]["beta"], eps=eps)
+        hid, fc = dense_fwd(m, blk["mlp"]["fc"]["w"], blk["mlp"]["fc"]["b"])
+        act, act_res = gelu_fwd(hid)
+        y, out = dense_fwd(act, blk["mlp"]["out"]["w"], blk["mlp"]["out"]["b"])
+        x = x + y
+        blocks.append((ln1, qkv_res, att, proj, ln2, fc, act_res, out))
+    xf, lnf = layer_norm_fwd(x, params["ln_f"]["gamma"], params["ln_f"]["beta"], eps=eps)
+    flat_where = None if where is None else where.reshape(-1)
+    loss, head = linear_softmax_cross_entropy_fwd(
+        xf.reshape(n * t, model.d), model.head_weight(params), targets.reshape(-1), None,
+        flat_where, strategy=model.head_strategy,
+    )  # fmt: skip
+    valid = valid_rows(targets.reshape(-1), flat_where, batch_shape=(n * t,))
+    return loss, valid, (tok_res, blocks, lnf, head, (n, t))
+
+
+def backward(model: GPT, state, seed: jax.Array) -> GPTParams:
+    """Reverse loop from a per-token seed ``(n·t,) = ∂L/∂loss_k``: gradients like ``params``."""
+    tok_res, blocks, lnf, head, (n, t) = state
+    eps, heads, strategy = model.eps, model.heads, model.attention
+    dxf, dw_head, *_ = linear_softmax_cross_entropy_bwd(head, seed, strategy=model.head_strategy)
+    dx, dgf, dbf = layer_norm_bwd(lnf, dxf.reshape(n, t, model.d), eps=eps)
+    grads_blocks = []
+    for ln1, qkv_res, att, proj, ln2, fc, act_res, out in reversed(blocks):
+        # MLP branch: x_out = x_mid + dense(gelu(dense(layer_norm(x_mid))))
+        dact, dw_out, db_out = dense_bwd(out, dx)  # "ntd,fd->ntf"
+        (dhid,) = gelu_bwd(act_res, dact)
+        dm, dw_fc, db_fc = dense_bwd(fc, dhid)
+        dxm, dg2, db2 = layer_norm_bwd(ln2, dm, eps=eps)
+        dx = dx + dxm  # the residual: both paths' gradients add
+        # attention branch: x_mid = x_in + dense(merge(attention(split(dense(layer_norm(x_in))))))
+        do, dw_proj, db_proj = dense_bwd(proj, dx)
+        dq, dk, dv, _ = attention_bwd(
+            att, _split_heads(do, heads), causal=True, strategy=strategy
+        )  # (n, h, t, e) each, through dS = P ⊙ (dP − rowsum(dP ⊙ P))
+        da, dw_qkv, db_qkv = dense_bwd(qkv_res, _join_qkv(dq, dk, dv))
+        dxa, dg1, db1 = layer_norm_bwd(ln1, da, eps=eps)
+        dx = dx + dxa
+        grads_blocks.append({
+            "ln1": {"gamma": dg1, "beta": db1},
+            "attn": {"qkv": {"w": dw_qkv, "b": db_qkv}, "proj": {"w": dw_proj, "b": db_proj}},
+            "ln2": {"gamma": dg2, "beta": db2},
+            "mlp": {"fc": {"w": dw_fc, "b": db_fc}, "out": {"w": dw_out, "b": db_out}},
+        })  # fmt: skip
+    (_, dtok) = embedding_bwd(tok_res, dx)
+    pos_sum = jnp.sum(dx, axis=0, dtype=_checks.accum_dtype(dx.dtype))  # "ntd->td"
+    dpos = jnp.zeros((model.context, model.d), dx.dtype).at[:t].set(pos_sum.astype(dx.dtype))
+    grads: GPTParams = {"tok": dtok, "pos": dpos, "blocks": grads_blocks[::-1]}
+    grads["ln_f"] = {"gamma": dgf, "beta": dbf}
+    if model.tied:
+        grads["tok"] = (dtok + dw_head.T).astype(dtok.dtype)
+    else:
+        grads["head"] = {"w": dw_head}
+    return grads
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _manual_value_and_grad(model: GPT, params, ids, targets, where):
+    loss, valid, state = forward(model, params, ids, targets, where)
+    count = jnp.maximum(jnp.sum(valid), 1).astype(loss.dtype)
+    mean = jnp.sum(jnp.where(valid, loss, 0.0)) / count
+    seed = jnp.where(valid, 1.0 / count, 0.0).astype(loss.dtype)  # ∂ mean / ∂ loss_k
+    return mean, backward(model, state, seed)
+
+
+@functools.lru_cache(maxsize=64)
+def _bound(model: GPT) -> Callable:
+    return jax.jit(functools.partial(_manual_value_and_grad, model))
+
+
+def value_and_grad(model: GPT) -> Callable:
+    """``f(params, ids (n, t), targets (n, t), *, where=None) -> (mean loss, grads)``.
+
+    The mean next-id cross-entropy over valid positions and its gradient from the explicit
+    reverse loop (module docstring); ``grads`` has the structure of ``params``. Jitted
+    (``f.jitted(params, ids, targets, where)`` is the core without validation); inputs are
+    validated with clear errors first.
+    """
+
+    def value_and_grad_fn(params, ids, targets, *, where=None):
+        ids, targets, where = model.check_inputs(params, ids, targets, where)
+        return _manual_value_and_grad(model, params, ids, targets, where)
+
+    value_and_grad_fn.jitted = _bound(model)  # type: ignore[attr-defined]
+    return value_and_grad_fn
+
+
+register_model(GPT, value_and_grad)

@@ -1,0 +1,229 @@
+"""Layer norm and RMS norm with hand-written (compact) backward rules.
+
+Index letters::
+
+    n  batch (any leading axes)
+    d  model dimension (the normalised last axis)
+
+Layer norm of one row ``x (d,)``, with ``γ, β (d,)``::
+
+    μ = mean(x)    σ = √(mean((x − μ)²) + ε)    x̂ = (x − μ)/σ    y = γ ⊙ x̂ + β
+
+Its Jacobian ``∂x̂/∂x = (I − 1·1ᵀ/d − x̂·x̂ᵀ/d)/σ`` is a full ``(d, d)`` matrix per row, but it
+is symmetric with that structure, so the vector-Jacobian product collapses (as softmax's
+does) to three ``(n, d)`` terms and two row means. With ``ĝ = g ⊙ γ``::
+
+    dx = (ĝ − mean(ĝ) − x̂ ⊙ mean(ĝ ⊙ x̂)) / σ     "nd,n->nd"
+    dγ = Σₙ g ⊙ x̂                                 "nd,nd->d"
+    dβ = Σₙ g                                     "nd->d"
+
+RMS norm: ``r = √(mean(x²) + ε)``, ``x̂ = x/r``, ``y = γ ⊙ x̂``, and the same collapse without
+the mean terms::
+
+    dx = (ĝ − x̂ ⊙ mean(ĝ ⊙ x̂)) / r                "nd,n->nd"
+    dγ = Σₙ g ⊙ x̂                                 "nd,nd->d"
+
+Residuals: the input ``x`` (which the layer before, or the residual stream, keeps alive
+anyway), the per-row statistics ``μ, 1/σ (n,)`` (``1/r`` for RMS norm) and ``γ``; ``x̂`` is
+recomputed in the backward (one subtract and multiply), as llm.c's layernorm does. Saving
+``x̂`` instead would add a new ``(n, d)`` array and, for half-precision inputs, round it.
+
+Statistics and the backward run in float32 for half-precision inputs (the variance of a
+float16 row near 6e4 overflows float16, not float32); outputs and gradients come back in the
+input dtype. The variance is two-pass (``mean((x − μ)²)``, no ``E[x²] − μ²`` cancellation).
+A constant row has ``x̂ = 0`` and ``σ = √ε``: finite output ``β`` and finite gradient when
+``ε > 0`` (with ``ε = 0`` it is 0/0, NaN, as in every implementation). A NaN anywhere in a
+row makes that row's output and gradient NaN.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from . import _checks
+from ._op import custom_vjp_op, declare_op
+
+__all__ = [
+    "layer_norm", "layer_norm_fwd", "layer_norm_bwd",
+    "rms_norm", "rms_norm_fwd", "rms_norm_bwd",
+]  # fmt: skip
+
+
+def _validate(x, params, eps):
+    """``x (..., d)`` floating with ``d ≥ 1``; each of ``params`` (name, array) ``(d,)`` of
+    ``x``'s dtype; ``eps`` a finite Python number ``≥ 0``."""
+    x = _checks.floating("x", x)
+    _checks.min_rank("x", x, 1, "(..., d)")
+    d = x.shape[-1]
+    if d == 0:
+        raise ValueError(f"x: expected a non-empty last axis d, got shape {x.shape}")
+    out = []
+    for name, p in params:
+        p = _checks.floating(name, p)
+        if p.shape != (d,):
+            raise ValueError(f"{name}: expected shape (d,) = ({d},) to match x {x.shape}, "
+                             f"got {p.shape}")  # fmt: skip
+        if p.dtype != x.dtype:
+            raise TypeError(f"{name}: expected the dtype of x ({x.dtype}), got {p.dtype}")
+        out.append(p)
+    eps = _checks.static_number("eps", eps)
+    if not 0.0 <= eps < math.inf:  # NaN fails too
+        raise ValueError(f"eps: expected a finite float ≥ 0, got {eps!r}")
+    return x, out, eps
+
+
+def _validate_layer_norm(x, gamma, beta, eps):
+    x, (gamma, beta), eps = _validate(x, (("gamma", gamma), ("beta", beta)), eps)
+    return x, gamma, beta, eps
+
+
+def _validate_rms_norm(x, gamma, eps):
+    x, (gamma,), eps = _validate(x, (("gamma", gamma),), eps)
+    return x, gamma, eps
+
+
+def _acc(x):
+    return x.astype(_checks.accum_dtype(x.dtype))
+
+
+def _sum_rows(a, like):
+    """``Σₙ a`` over every leading axis, ``"nd->d"``, cast to ``like``'s dtype."""
+    return jnp.sum(a.reshape(-1, a.shape[-1]), axis=0).astype(like.dtype)
+
+
+# ------------------------------------------------------------------------------ layer norm
+
+
+@functools.partial(jax.jit, static_argnames="eps")
+def layer_norm_fwd(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, eps: float = 1e-5):
+    """Forward: ``y (..., d) = γ ⊙ (x − μ)/σ + β``; returns ``(y, (x, μ, 1/σ, γ))``.
+
+    ``μ, 1/σ`` have shape ``(...,)`` (float32 for half-precision ``x``). Validates like the op.
+    """
+    x, gamma, beta, eps = _validate_layer_norm(x, gamma, beta, eps)
+    xa = _acc(x)
+    mu = jnp.mean(xa, axis=-1)  # (n,)
+    xc = xa - mu[..., None]
+    rstd = jax.lax.rsqrt(jnp.mean(xc * xc, axis=-1) + eps)  # 1/σ (n,), two-pass variance
+    y = xc * rstd[..., None] * _acc(gamma) + _acc(beta)
+    return y.astype(x.dtype), (x, mu, rstd, gamma)
+
+
+@functools.partial(jax.jit, static_argnames="eps")
+def layer_norm_bwd(res, g: jax.Array, *, eps: float = 1e-5):
+    """Backward: ``(dx (..., d), dγ (d,), dβ (d,))`` from ``g (..., d)``.
+
+    ``dx = (ĝ − mean(ĝ) − x̂ ⊙ mean(ĝ ⊙ x̂))/σ`` with ``ĝ = g ⊙ γ`` (``"nd,n->nd"``),
+    ``dγ = Σₙ g ⊙ x̂`` (``"nd,nd->d"``), ``dβ = Σₙ g`` (``"nd->d"``). ``eps`` is accepted for
+    the contract and not used: ``1/σ`` is saved.
+    """
+    del eps
+    x, mu, rstd, gamma = res
+    ga = _acc(g)
+    xhat = (_acc(x) - mu[..., None]) * rstd[..., None]  # x̂ recomputed (n, d)
+    gh = ga * _acc(gamma)  # ĝ = g ⊙ γ
+    mean_gh = jnp.mean(gh, axis=-1, keepdims=True)  # mean(ĝ)       (n, 1)
+    mean_ghx = jnp.mean(gh * xhat, axis=-1, keepdims=True)  # mean(ĝ ⊙ x̂)  (n, 1)
+    dx = (gh - mean_gh - xhat * mean_ghx) * rstd[..., None]
+    return dx.astype(x.dtype), _sum_rows(ga * xhat, gamma), _sum_rows(ga, gamma)
+
+
+_layer_norm = custom_vjp_op(layer_norm_fwd, layer_norm_bwd)
+
+
+@declare_op(per_example=("x",))
+def layer_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, eps: float = 1e-5) -> jax.Array:
+    """Layer norm over the last axis, ``γ ⊙ (x − μ)/√(σ² + ε) + β``, with the compact backward.
+
+    Args:
+      x: ``(..., d)``, floating; every leading axis is the batch ``n``.
+      gamma: scale ``γ (d,)``, the dtype of ``x``.
+      beta: shift ``β (d,)``, the dtype of ``x``.
+      eps: ``ε ≥ 0`` added to the variance (static).
+
+    Returns:
+      ``y (..., d)`` in the dtype of ``x`` (statistics in float32 for half precision).
+
+    Raises:
+      TypeError: non-floating or mismatched dtypes; a traced ``eps``.
+      ValueError: ``gamma``/``beta`` not ``(d,)``, an empty ``d``, ``eps`` negative or not finite.
+
+    The gradient is :func:`layer_norm_bwd`:
+    ``dx = (ĝ − mean(ĝ) − x̂ ⊙ mean(ĝ ⊙ x̂))/σ`` with ``ĝ = g ⊙ γ`` (``"nd,n->nd"``), never the
+    ``(d, d)`` Jacobian.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxbp
+      >>> x = jnp.array([[1.0, 2.0, 3.0]])
+      >>> jaxbp.layer_norm(x, jnp.ones(3), jnp.zeros(3), eps=0.0).round(4).tolist()
+      [[-1.2247, 0.0, 1.2247]]
+    """
+    x, gamma, beta, eps = _validate_layer_norm(x, gamma, beta, eps)
+    return _layer_norm((("eps", eps),), x, gamma, beta)
+
+
+# -------------------------------------------------------------------------------- rms norm
+
+
+@functools.partial(jax.jit, static_argnames="eps")
+def rms_norm_fwd(x: jax.Array, gamma: jax.Array, *, eps: float = 1e-6):
+    """Forward: ``y (..., d) = γ ⊙ x/√(mean(x²) + ε)``; returns ``(y, (x, 1/r, γ))``.
+
+    ``1/r`` has shape ``(...,)`` (float32 for half-precision ``x``). Validates like the op.
+    """
+    x, gamma, eps = _validate_rms_norm(x, gamma, eps)
+    xa = _acc(x)
+    rinv = jax.lax.rsqrt(jnp.mean(xa * xa, axis=-1) + eps)  # 1/r (n,)
+    y = xa * rinv[..., None] * _acc(gamma)
+    return y.astype(x.dtype), (x, rinv, gamma)
+
+
+@functools.partial(jax.jit, static_argnames="eps")
+def rms_norm_bwd(res, g: jax.Array, *, eps: float = 1e-6):
+    """Backward: ``(dx (..., d), dγ (d,))`` from ``g (..., d)``.
+
+    ``dx = (ĝ − x̂ ⊙ mean(ĝ ⊙ x̂))/r`` with ``ĝ = g ⊙ γ``, ``x̂ = x/r`` (``"nd,n->nd"``);
+    ``dγ = Σₙ g ⊙ x̂`` (``"nd,nd->d"``). ``eps`` is accepted and not used (``1/r`` is saved).
+    """
+    del eps
+    x, rinv, gamma = res
+    ga = _acc(g)
+    xhat = _acc(x) * rinv[..., None]
+    gh = ga * _acc(gamma)
+    mean_ghx = jnp.mean(gh * xhat, axis=-1, keepdims=True)  # (n, 1)
+    dx = (gh - xhat * mean_ghx) * rinv[..., None]
+    return dx.astype(x.dtype), _sum_rows(ga * xhat, gamma)
+
+
+_rms_norm = custom_vjp_op(rms_norm_fwd, rms_norm_bwd)
+
+
+@declare_op(per_example=("x",))
+def rms_norm(x: jax.Array, gamma: jax.Array, *, eps: float = 1e-6) -> jax.Array:
+    """RMS norm over the last axis, ``γ ⊙ x/√(mean(x²) + ε)``, with the compact backward.
+
+    Args:
+      x: ``(..., d)``, floating; every leading axis is the batch ``n``.
+      gamma: scale ``γ (d,)``, the dtype of ``x``.
+      eps: ``ε ≥ 0`` added to the mean square (static).
+
+    Returns:
+      ``y (..., d)`` in the dtype of ``x`` (statistics in float32 for half precision).
+
+    Raises:
+      TypeError: non-floating or mismatched dtypes; a traced ``eps``.
+      ValueError: ``gamma`` not ``(d,)``, an empty ``d``, ``eps`` negative or not finite.
+
+    The gradient is :func:`rms_norm_bwd`: ``dx = (ĝ − x̂ ⊙ mean(ĝ ⊙ x̂))/r`` (``"nd,n->nd"``).
+
+    Example:
+      >>> import jax.numpy as jnp, jaxbp
+      >>> jaxbp.rms_norm(jnp.array([[3.0, 4.0]]), jnp.ones(2), eps=0.0).round(4).tolist()
+      [[0.8485, 1.1314]]
+    """
+    x, gamma, eps = _validate_rms_norm(x, gamma, eps)
+    return _rms_norm((("eps", eps),), x, gamma)

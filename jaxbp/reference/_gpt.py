@@ -1,0 +1,102 @@
+"""Reference GPT: ``jax.value_and_grad`` of a plain-jnp twin of :class:`jaxbp.GPT`.
+
+Index letters::
+
+    n  sequences    t  positions    d  width    h  heads    e  head width    v  vocabulary
+
+Written with ``jax.numpy``, ``jax.nn`` and optax only — no jaxbp op and no rule helper — so
+a wrong hand-written rule cannot leak into it: layer norm from ``mean``/``var``, attention
+as ``softmax(q·kᵀ/√e)·v`` with a causal ``where``, GELU from ``jax.nn.gelu``, the head's
+full ``(n, t, v)`` logits and ``optax.softmax_cross_entropy_with_integer_labels``. From
+:class:`jaxbp.GPT` only the configuration and :meth:`~jaxbp.GPT.check_inputs` (validation)
+are used.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = ["gpt_logits", "gpt_mean_loss", "gpt_value_and_grad"]
+
+
+def _acc(x):
+    return x.astype(jnp.float32) if jnp.dtype(x.dtype).itemsize < 4 else x
+
+
+def _layer_norm(x, p, eps):
+    xc = _acc(x)
+    mu = jnp.mean(xc, axis=-1, keepdims=True)
+    var = jnp.var(xc, axis=-1, keepdims=True)
+    y = (xc - mu) / jnp.sqrt(var + eps) * _acc(p["gamma"]) + _acc(p["beta"])
+    return y.astype(x.dtype)
+
+
+def _linear(x, p):
+    return x @ p["w"] + p["b"]
+
+
+def _attention(a, p, heads):
+    n, t, d = a.shape
+    e = d // heads
+    qkv = _linear(a, p["qkv"]).reshape(n, t, 3, heads, e)
+    q, k, v = (qkv[:, :, j].transpose(0, 2, 1, 3) for j in range(3))  # (n, h, t, e)
+    s = jnp.einsum("nhte,nhse->nhts", _acc(q), _acc(k)) / math.sqrt(e)
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    probs = jax.nn.softmax(s, axis=-1, where=causal)
+    o = jnp.einsum("nhts,nhse->nhte", probs, _acc(v)).astype(a.dtype)
+    return _linear(o.transpose(0, 2, 1, 3).reshape(n, t, d), p["proj"])
+
+
+def _gelu(z):
+    return jax.nn.gelu(_acc(z), approximate=True).astype(z.dtype)
+
+
+def gpt_logits(model, params, ids):
+    """Logits ``(n, t, v)`` of the plain twin for ids ``(n, t)``."""
+    t = ids.shape[-1]
+    x = params["tok"][ids] + params["pos"][:t]
+    for blk in params["blocks"]:
+        x = x + _attention(_layer_norm(x, blk["ln1"], model.eps), blk["attn"], model.heads)
+        m = _layer_norm(x, blk["ln2"], model.eps)
+        x = x + _linear(_gelu(_linear(m, blk["mlp"]["fc"])), blk["mlp"]["out"])
+    x = _layer_norm(x, params["ln_f"], model.eps)
+    w = params["tok"].T if model.tied else params["head"]["w"]
+    return jnp.einsum("ntd,dv->ntv", x, w, preferred_element_type=_acc(x).dtype)
+
+
+def gpt_mean_loss(model, params, ids, targets, where=None):
+    """Mean next-id cross-entropy over valid positions; 0 when none is valid."""
+    logits = gpt_logits(model, params, ids)
+    per_tok = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # (n, t)
+    valid = jnp.ones(ids.shape, bool) if where is None else where
+    total = jnp.sum(jnp.where(valid, per_tok, 0.0))
+    return total / jnp.maximum(jnp.sum(valid), 1).astype(total.dtype)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _run(model, params, ids, targets, where):
+    return jax.value_and_grad(lambda p: gpt_mean_loss(model, p, ids, targets, where))(params)
+
+
+@functools.lru_cache(maxsize=64)
+def _bound(model) -> Callable:
+    return jax.jit(functools.partial(_run, model))
+
+
+def gpt_value_and_grad(model) -> Callable:
+    """``jax.jit(jax.value_and_grad)`` of the twin's mean loss: the same call and result as
+    :func:`jaxbp.value_and_grad` of a :class:`jaxbp.GPT`, ``f(params, ids, targets, *,
+    where=None) -> (mean loss, grads)``. ``f.jitted`` is the core without validation."""
+
+    def value_and_grad_fn(params, ids, targets, *, where=None):
+        ids, targets, where = model.check_inputs(params, ids, targets, where)
+        return _run(model, params, ids, targets, where)
+
+    value_and_grad_fn.jitted = _bound(model)  # type: ignore[attr-defined]
+    return value_and_grad_fn
