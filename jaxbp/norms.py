@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _checks
-from ._op import custom_vjp_op, declare_op
+from ._op import declare, op_vjp
 
 __all__ = [
     "layer_norm", "layer_norm_fwd", "layer_norm_bwd",
@@ -132,10 +132,7 @@ def layer_norm_bwd(res, g: jax.Array, *, eps: float = 1e-5):
     return dx.astype(x.dtype), _sum_rows(ga * xhat, gamma), _sum_rows(ga, gamma)
 
 
-_layer_norm = custom_vjp_op(layer_norm_fwd, layer_norm_bwd)
-
-
-@declare_op(per_example=("x",))
+@declare(fwd=layer_norm_fwd, bwd=layer_norm_bwd, per_example=("x",))
 def layer_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, eps: float = 1e-5) -> jax.Array:
     """Layer norm over the last axis, ``γ ⊙ (x − μ)/√(σ² + ε) + β``, with the compact backward.
 
@@ -163,7 +160,10 @@ def layer_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, eps: float = 
       [[-1.2247, 0.0, 1.2247]]
     """
     x, gamma, beta, eps = _validate_layer_norm(x, gamma, beta, eps)
-    return _layer_norm((("eps", eps),), x, gamma, beta)
+    return _layer_norm(x, gamma, beta, eps=eps)
+
+
+_layer_norm = op_vjp(layer_norm)  # reads layer_norm.fwd / .bwd when JAX traces it
 
 
 # -------------------------------------------------------------------------------- rms norm
@@ -199,10 +199,7 @@ def rms_norm_bwd(res, g: jax.Array, *, eps: float = 1e-6):
     return dx.astype(x.dtype), _sum_rows(ga * xhat, gamma)
 
 
-_rms_norm = custom_vjp_op(rms_norm_fwd, rms_norm_bwd)
-
-
-@declare_op(per_example=("x",))
+@declare(fwd=rms_norm_fwd, bwd=rms_norm_bwd, per_example=("x",))
 def rms_norm(x: jax.Array, gamma: jax.Array, *, eps: float = 1e-6) -> jax.Array:
     """RMS norm over the last axis, ``γ ⊙ x/√(mean(x²) + ε)``, with the compact backward.
 
@@ -226,4 +223,7 @@ def rms_norm(x: jax.Array, gamma: jax.Array, *, eps: float = 1e-6) -> jax.Array:
       [[0.8485, 1.1314]]
     """
     x, gamma, eps = _validate_rms_norm(x, gamma, eps)
-    return _rms_norm((("eps", eps),), x, gamma)
+    return _rms_norm(x, gamma, eps=eps)
+
+
+_rms_norm = op_vjp(rms_norm)

@@ -1,30 +1,19 @@
-"""The ``jaxbp`` command line: ``jaxbp compare | explain | train``.
+"""Argument types and output of the ``jaxbp`` command line.
 
-Each subcommand lives in its own module, which owns its arguments (``add_arguments``) and
-its work (``run(args) -> exit status``); this file only wires them into one ``argparse``
-parser. Every subcommand takes ``--json PATH`` for machine-readable output (``--json -``:
-the JSON alone on standard output, the text on standard error).
-
-    jaxbp compare   manual gradients vs jax.grad vs finite differences; exit 1 on a mismatch
-    jaxbp explain   one backward pass, step by step, with every shape and the Jacobians
-    jaxbp train     an MLP on the bundled digits data set with the hand-written gradients
+Each type raises ``argparse.ArgumentTypeError``: argparse turns it into "argument --x:
+message", the subcommand's usage and exit status 2, before any work starts. Every
+subcommand takes ``--json PATH`` (``-``: the JSON alone on standard output, the text on
+standard error).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
-from collections.abc import Sequence
 from typing import Any, TextIO
-
-__all__ = ["build_parser", "main"]
-
-
-# ------------------------------------------------------------------ argument types and output
-# Each raises argparse.ArgumentTypeError: argparse turns it into "argument --x: message",
-# the subcommand's usage and exit status 2, before any work starts.
 
 
 def _float(value: str) -> float:
@@ -107,8 +96,6 @@ def text_stream(args) -> TextIO:
 
 def write_json(path: str | None, data: Any, indent: int = 1) -> None:
     """Write ``data`` as JSON to ``path``, or to standard output for ``-``."""
-    import json
-
     if path is None:
         return
     if path == "-":
@@ -120,55 +107,31 @@ def write_json(path: str | None, data: Any, indent: int = 1) -> None:
         json.dump(data, f, indent=indent)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The parser with its three subcommands."""
-    import importlib
-
-    from . import __version__
-
-    parser = argparse.ArgumentParser(
-        prog="jaxbp",
-        description="Hand-written backward passes in JAX: check, explain, train with them.",
-    )
-    parser.add_argument("--version", action="version", version=f"jaxbp {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{compare,explain,train}", required=True)
-    # By full name: ``jaxbp.explain`` the attribute is the function, not the module.
-    for name, module_name in (("compare", "gradcheck"), ("explain", "explain"), ("train", "train")):
-        module = importlib.import_module(f"{__package__}.{module_name}")
-        doc = (module.__doc__ or "").strip().splitlines()[0].replace("``", "")
-        p = sub.add_parser(name, help=doc, description=doc)
-        module.add_arguments(p)
-        p.set_defaults(_run=module.run, _validate=getattr(module, "validate", None), _parser=p)
-    return parser
+def names(value: str, choices: tuple[str, ...]) -> list[str]:
+    names = list(choices) if value == "all" else [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in names if v not in choices]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"expected 'all' or a comma list of {', '.join(choices)}; got {value!r}"
+        )
+    return names
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``jaxbp`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status.
-
-    float64 is switched on first (``jax_enable_x64``): ``compare``'s finite differences and
-    ``explain``'s exact differences need it; every array in jaxbp names its dtype, so
-    ``train`` still runs in float32.
-
-    Bad values, options that do not apply (``--label-smoothing`` with ``--loss mse``) and
-    unknown options are usage errors of the subcommand (its usage, exit status 2) raised
-    before any work; each subcommand's ``validate(args)`` checks what one value alone
-    cannot.
-    """
-    import jax
-
-    parser = build_parser()
-    args, extra = parser.parse_known_args(None if argv is None else list(argv))
-    sub = getattr(args, "_parser", parser)
-    if extra:
-        sub.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args._validate is not None:
-        try:
-            args._validate(args)
-        except ValueError as e:
-            sub.error(str(e))
-    jax.config.update("jax_enable_x64", True)
-    return int(args._run(args))
+def sizes(value: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) < 2 or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected at least two positive widths like 64,32,10, got {value!r}"
+        )
+    return sizes
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def choice_list(choices: tuple[str, ...]):
+    def parse(value: str) -> list[str]:
+        return names(value, choices)
+
+    parse.__name__ = "list"  # argparse names the type in some messages
+    return parse
