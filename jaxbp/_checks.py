@@ -69,9 +69,11 @@ def static_number(name: str, value: Any, *, allow_none: bool = False) -> float |
     """
     if value is None and allow_none:
         return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)  # a Python number: nothing to read back
     if not is_concrete(value):
         raise _traced_option(name, value, "number")
-    arr = np.asarray(value)
+    arr = np.asarray(value)  # a concrete array option: its value is the point
     if (
         isinstance(value, bool)
         or arr.shape != ()
@@ -93,10 +95,22 @@ def static_int(name: str, value: Any, *, allow_none: bool = False) -> int | None
     return value
 
 
+# The class of every traced value (jit, vmap, grad, shard_map): public as jax.core.Tracer in
+# this JAX and newer ones; feature-detected, in case a later JAX moves it.
+_TRACER = getattr(getattr(jax, "core", None), "Tracer", None)
+
+
 def is_concrete(x: Any) -> bool:
-    """True when ``x`` holds values now (not a tracer inside jit/vmap/grad)."""
-    try:
-        np.asarray(x)
+    """True when ``x`` holds values now (no tracer inside jit/vmap/grad among its leaves).
+
+    A type check, never a device-to-host copy: an eager call on a device array costs
+    nothing here (the label-range check then reads the labels once, on purpose)."""
+    leaves = jax.tree.leaves(x)
+    if _TRACER is not None:
+        return not any(isinstance(a, _TRACER) for a in leaves)
+    try:  # no public Tracer class: ask JAX to convert (a host copy, the old way)
+        for a in leaves:
+            np.asarray(a)
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         return False
     return True
