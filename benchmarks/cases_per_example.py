@@ -47,8 +47,8 @@ def _mlp(ctx, n, sizes):
 
 def build_norms(ctx, n: int, sizes: tuple[int, ...]) -> Pair:
     model, params, x, labels = _mlp(ctx, n, sizes)
-    manual = jax.jit(jaxbp.per_example_grad_norms(model).jitted)
-    reference = jax.jit(jaxbp.reference.per_example_grad_norms(model).jitted)
+    manual = jaxbp.per_example_grad_norms(model).jitted  # a jax.jit (jaxbp/_step.py)
+    reference = jaxbp.reference.per_example_grad_norms(model).jitted
     mats = sum(i * o for i, o in zip(sizes[:-1], sizes[1:], strict=True))
     return Pair(
         candidate=manual,
@@ -163,9 +163,7 @@ def build_dp(ctx, n: int, sizes: tuple[int, ...], noise_multiplier: float) -> Pa
     key = ctx.key(99)
 
     def dp_fn(method, sigma):
-        return jax.jit(
-            jaxbp.clipped_grad(model, l2_clip=1.0, noise_multiplier=sigma, method=method).jitted
-        )
+        return jaxbp.clipped_grad(model, l2_clip=1.0, noise_multiplier=sigma, method=method).jitted
 
     dp = dp_fn("bookkeeping", noise_multiplier)
     dp_two = dp_fn("two_pass", noise_multiplier)

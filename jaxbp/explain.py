@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import reference
+from ._text import Step, fmt_array, fmt_shape, fmt_values, format_bytes, io_lines, jsonable
 from .activations import ACTIVATIONS, sigmoid
 from .dense import dense, dense_bwd, dense_bwd_params, dense_fwd
 from .gradcheck import x64
@@ -40,17 +41,6 @@ from .nn import MLP, value_and_grad
 from .softmax import softmax, softmax_jacobian
 
 __all__ = ["Step", "Explanation", "explain"]
-
-
-@dataclasses.dataclass(frozen=True)
-class Step:
-    """One step of the walk: the op, what goes in and out (with shapes), the rule."""
-
-    title: str
-    inputs: tuple[tuple[str, tuple[int, ...]], ...]
-    outputs: tuple[tuple[str, tuple[int, ...]], ...]
-    rule: str
-    notes: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,18 +72,6 @@ class Explanation:
     def text(self) -> str:
         """The walkthrough as plain text, as ``jaxbp explain`` prints it."""
         return _render(self)
-
-
-def jsonable(value):
-    if isinstance(value, dict):
-        return {k: jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    if isinstance(value, np.ndarray | jax.Array):
-        return np.asarray(value, np.float64).tolist()
-    if isinstance(value, np.floating | np.integer):
-        return value.item()
-    return value
 
 
 def _np(x) -> np.ndarray:
@@ -130,13 +108,6 @@ def full_jacobian_bytes(sizes, batch: int) -> tuple[int, str, tuple[int, ...]]:
                        (f"∂a{layer - 1}/∂z{layer - 1}", (n, i, i))]  # fmt: skip
     name, shape = max(shapes, key=lambda ns: math.prod(ns[1]))
     return 8 * sum(math.prod(s) for _, s in shapes), name, shape
-
-
-def format_bytes(b: int) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if b >= size:
-            return f"{b / size:.1f} {unit}"
-    return f"{b} B"
 
 
 def check_full_jacobian(sizes, batch, name) -> None:
@@ -430,28 +401,6 @@ def _full_jacobian(model, y, g, prob, zs, dense_res, grads) -> dict[str, Any]:
 # --------------------------------------------------------------------------- text
 
 
-def fmt_shape(s) -> str:
-    return str(tuple(s))
-
-
-def io_lines(step: Step, indent: str) -> list[str]:
-    names = [k for k, _ in step.inputs + step.outputs]
-    w = max((len(k) for k in names), default=0)
-    lines = [f"{indent}in   {k.ljust(w)}  {fmt_shape(s)}" for k, s in step.inputs]
-    lines += [f"{indent}out  {k.ljust(w)}  {fmt_shape(s)}" for k, s in step.outputs]
-    return lines
-
-
-def _fmt(a) -> str:
-    a = np.asarray(a) + 0.0  # no "-0.0000"
-    return np.array2string(a, precision=4, suppress_small=True, floatmode="fixed")
-
-
-def fmt_array(a, indent: str) -> str:
-    text = _fmt(a)
-    return "\n".join(indent + line for line in text.splitlines())
-
-
 def _render(e: Explanation) -> str:
     L, c, n = len(e.sizes) - 1, e.sizes[-1], e.batch
     arrow = " → ".join(map(str, e.sizes))
@@ -509,8 +458,8 @@ def _render(e: Explanation) -> str:
         "  A diagonal matrix times a vector is the elementwise product of its diagonal with it:",
         f"    max |J·g − diag(J) ⊙ g| = {el['sigmoid_max_difference']:.1e}   → .* is right here.",
         "  Softmax: J is full, so the elementwise shortcut is wrong. With g = ∂loss/∂p = −y/p:",
-        "    example 0:  diag(J) ⊙ g  (wrong)  " + _fmt(el["softmax_elementwise"][0]),
-        "                J·g          (right)  " + _fmt(el["softmax_matvec"][0]),
+        "    example 0:  diag(J) ⊙ g  (wrong)  " + fmt_values(el["softmax_elementwise"][0]),
+        "                J·g          (right)  " + fmt_values(el["softmax_matvec"][0]),
         f"    over the batch they differ by up to {el['softmax_max_difference']:.3g}; J·g = p − y "
         f"(max difference {el['softmax_p_minus_y_max_difference']:.1e}).",
         "  So: use the matrix-vector product J·g per example (einsum \"ncd,nd->nc\"), or better",

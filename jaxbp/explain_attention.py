@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._text import Step, fmt_array, fmt_shape, io_lines, jsonable
 from .attention import attention_bwd, attention_fwd
-from .explain import Step, fmt_array, fmt_shape, io_lines, jsonable
 from .gradcheck import x64
 from .softmax import softmax_jacobian
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._text import format_bytes
 from ..activations import ACTIVATIONS
 from ..explain import (
     FULL_JACOBIAN_MAX_BYTES,
     Explanation,
     check_full_jacobian,
     explain,
-    format_bytes,
 )
 from ..explain_attention import explain_attention
 from ._args import json_path, positive_int, sizes, text_stream, write_json
