@@ -31,7 +31,8 @@ the old compile again.
 
 Options: a keyword option in ``op.traced_options`` (a float that only scales values, such as
 ``label_smoothing``, ``z_loss``, ``negative_slope``, ``eps``) reaches the rules as a traced
-value, so a new value compiles nothing new; every other option (``axis``, ``ignore_index``,
+value, so a new value compiles nothing new (the rules do not differentiate it: a gradient
+through it is NaN, never a silent 0); every other option (``axis``, ``ignore_index``,
 ``strategy``, ``causal``, ``softcap``, ``chunk_size``: they change shapes or control flow) is
 static and hashable, and travels to the rules as one ``nondiff_argnums`` tuple.
 """
@@ -45,6 +46,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from . import _vma
 
@@ -91,7 +93,7 @@ def rules(*ops: Any) -> tuple[Callable, ...]:
     return tuple(r for op in ops for r in rules_of(op))
 
 
-def op_vjp(op: Any, *, traced: Sequence[str] | None = None):
+def op_vjp(op: Any, *, traced: Sequence[str] | None = None, primal: Callable | None = None):
     """Return ``call(*args, **options)``: a ``jax.custom_vjp`` running ``op``'s rules.
 
     ``op.fwd``/``op.bwd`` are read each time JAX traces it (a swapped rule is used by the
@@ -105,9 +107,12 @@ def op_vjp(op: Any, *, traced: Sequence[str] | None = None):
     varying-axes type: ``psum`` over the axes it varies along beyond its argument's (what
     JAX's autodiff does for the implicit ``pvary``), see :mod:`jaxbp._vma`. ``bwd`` itself
     stays the plain rule: called directly, it returns the per-device cotangents.
+
+    ``primal(*args, **options)``, when given, computes the output when no gradient is asked
+    for (the fused loss computes its loss alone there, whatever its strategy).
     """
     traced = tuple(getattr(op, "traced_options", ()) if traced is None else traced)
-    return _vjp(lambda: rules_of(op), traced)
+    return _vjp(lambda: rules_of(op), traced, primal)
 
 
 def custom_vjp_op(fwd: Callable, bwd: Callable) -> Callable:
@@ -125,12 +130,14 @@ def custom_vjp_op(fwd: Callable, bwd: Callable) -> Callable:
     return op
 
 
-def _vjp(get: Callable, traced: tuple[str, ...]):
+def _vjp(get: Callable, traced: tuple[str, ...], primal: Callable | None = None):
     """The ``custom_vjp`` of :func:`op_vjp` and :func:`custom_vjp_op`; ``get()`` gives the
     rules ``(fwd, bwd)`` at trace time."""
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
     def core(static, dynamic, *args):
+        if primal is not None:
+            return primal(*args, **dict(static), **dynamic)
         return get()[0](*args, **dict(static), **dynamic)[0]
 
     def core_fwd(static, dynamic, *args):
@@ -141,8 +148,10 @@ def _vjp(get: Callable, traced: tuple[str, ...]):
     def core_bwd(static, saved, g):
         res, dynamic, vmas = saved
         cts = tuple(get()[1](res, g, **dict(static), **dynamic))
-        # The traced options get no cotangent (zeros of their own structure).
-        return (jax.tree.map(lambda _: None, dynamic), *_vma.fit_cotangents(cts, vmas.value))
+        # The rules do not differentiate their traced options: a gradient taken through one
+        # is NaN (never a silent 0); a gradient not asked for through it is dropped unseen.
+        nan = jax.tree.map(lambda v: jnp.full(jnp.shape(v), jnp.nan, jnp.result_type(v)), dynamic)
+        return (nan, *_vma.fit_cotangents(cts, vmas.value))
 
     core.defvjp(core_fwd, core_bwd)
 

@@ -42,11 +42,6 @@ from .losses import _bad_labels, valid_rows
 __all__ = ["LOCAL", "Reduce", "forward_with_grads", "grads_recompute", "loss_and_lse", "row_terms"]
 
 
-def _is_zero(a) -> bool:
-    """True for a Python (static) 0: a traced option may be anything, so its term stays."""
-    return isinstance(a, int | float) and a == 0
-
-
 def mm(a, b, contract, acc):
     """``lax.dot_general`` contracting ``a``'s axis ``contract[0]`` with ``b``'s
     ``contract[1]``, accumulated and returned in ``acc`` (float32 for bfloat16 inputs)."""
@@ -96,7 +91,7 @@ def smoothed(labels, start, k, eps, v, acc):
     ids = jnp.arange(k, dtype=labels.dtype) + jnp.asarray(start).astype(labels.dtype)
     hit = labels[:, None] == ids[None, :]
     y = hit.astype(acc)
-    if not _is_zero(eps):
+    if not _checks.is_static_zero(eps):
         y = (1.0 - eps) * y + eps / v
     return y, hit
 
@@ -111,7 +106,7 @@ def row_terms(labels, where, cw, *, v, eps, ignore_index, acc, red=LOCAL):
     if cw is None:
         ones = jnp.ones(labels.shape, acc)
         return valid, bad, ones, ones  # Σ_v u = (1 − ε)·1 + (ε/v)·v
-    cwa = cw.astype(acc)
+    cwa, eps = cw.astype(acc), _checks.as_scalar(eps, acc)
     v_local = cwa.shape[0]
     local = labels - red.first_column(v_local, labels.dtype)  # the ids on this shard
     own = (local >= 0) & (local < v_local)
@@ -123,10 +118,10 @@ def row_terms(labels, where, cw, *, v, eps, ignore_index, acc, red=LOCAL):
 def _finish_loss(lse, zy, zc, valid, bad, su, cw_y, *, v, eps, z_loss):
     """``loss = Σu·lse − (1−ε)·cw[y]·z[y] − (ε/v)·Σ cw·z + λ·lse²`` on valid rows."""
     loss = su * lse - (1.0 - eps) * jnp.where(cw_y == 0, 0.0, cw_y * zy)
-    if not _is_zero(eps):
-        loss = loss - (eps / v) * zc
-    if not _is_zero(z_loss):
-        loss = loss + z_loss * lse * lse
+    if not _checks.is_static_zero(eps):
+        loss = loss - _checks.scaled(eps, zc) / v
+    if not _checks.is_static_zero(z_loss):
+        loss = loss + _checks.scaled(z_loss, lse * lse)
     loss = jnp.where(valid, loss, 0.0)
     return jnp.where(bad, jnp.nan, loss)
 
@@ -142,7 +137,7 @@ def loss_and_lse(x, w, b, labels, where, cw, *, v, ignore_index, label_smoothing
     ``labels (n,)`` global ids; ``red`` combines the shards' statistics (one ``pmax`` and
     one ``psum`` of ``(3, n)``)."""
     n, v_local = x.shape[0], w.shape[1]
-    eps = label_smoothing
+    eps, z_loss = _checks.as_scalar(label_smoothing, acc), _checks.as_scalar(z_loss, acc)
     offset = red.first_column(v_local, labels.dtype)
 
     def body(start, k, carry):
@@ -151,7 +146,7 @@ def loss_and_lse(x, w, b, labels, where, cw, *, v, ignore_index, label_smoothing
         z, _ = logits(x, cols(w, start, k, 1), b_k, acc, softcap)  # (n,k)
         _, hit = smoothed(labels, offset + start, k, 0.0, v, acc)
         zy = zy + jnp.sum(jnp.where(hit, z, 0.0), axis=1)
-        if not _is_zero(eps):
+        if not _checks.is_static_zero(eps):
             if cw is None:
                 zc = zc + jnp.sum(z, axis=1)
             else:
@@ -196,13 +191,13 @@ def grads_recompute(x, w, b, labels, where, cw, lse, su, g, *, v, ignore_index,
     dtype; the accumulation dtype when the caller sums them over more devices first).
     """
     v_local = w.shape[1]
-    eps = label_smoothing
+    eps, z_loss = _checks.as_scalar(label_smoothing, acc), _checks.as_scalar(z_loss, acc)
     offset = red.first_column(v_local, labels.dtype)
     valid, bad, _, _ = row_terms(
         labels, where, None, v=v, eps=eps, ignore_index=ignore_index, acc=acc, red=red
     )
     gv = jnp.where(valid, g.astype(acc), 0.0)  # (n,); masked rows: exactly 0
-    scale = su + (2.0 * z_loss) * lse  # Σ_v u + 2λ·lse   (n,)
+    scale = su + _checks.scaled(z_loss, 2.0 * lse)  # Σ_v u + 2λ·lse   (n,)
     dtype_of = (lambda a: a.dtype) if param_dtype is None else (lambda a: jnp.dtype(param_dtype))
 
     def body(start, k, carry):
@@ -260,7 +255,7 @@ def forward_with_grads(x, w, b, labels, where, cw, *, ignore_index, label_smooth
     """
     n, d = x.shape
     v = w.shape[1]
-    eps = label_smoothing
+    eps, z_loss = _checks.as_scalar(label_smoothing, acc), _checks.as_scalar(z_loss, acc)
     valid, bad, su, _ = row_terms(
         labels, where, cw, v=v, eps=eps, ignore_index=ignore_index, acc=acc
     )
@@ -277,11 +272,11 @@ def forward_with_grads(x, w, b, labels, where, cw, *, ignore_index, label_smooth
         u = y if cwa is None else y * cwa
         nll = lse_k[:, None] - z
         loss_k = jnp.sum(jnp.where(u == 0, 0.0, u * nll), axis=1)
-        if not _is_zero(z_loss):
-            loss_k = loss_k + z_loss * lse_k * lse_k
+        if not _checks.is_static_zero(z_loss):
+            loss_k = loss_k + _checks.scaled(z_loss, lse_k * lse_k)
         loss_k = jnp.where(bad_k, jnp.nan, jnp.where(ok, loss_k, 0.0))
         p = jnp.exp(z - lse_k[:, None])
-        dz = p * (su_k + (2.0 * z_loss) * lse_k)[:, None] - u  # g = 1
+        dz = p * (su_k + _checks.scaled(z_loss, 2.0 * lse_k))[:, None] - u  # g = 1
         dz = jnp.where(ok[:, None], dz, 0.0)
         dz = jnp.where(bad_k[:, None], jnp.nan, dz)
         if cwa is not None:  # Σ_k y'⊙(lse − z), valid rows      "kv->v"

@@ -58,20 +58,21 @@ def _elementwise(name: str, f: Callable, df: Callable, *, saves: str, defaults: 
     ``z``. Both run in float32 for half-precision inputs; results come back in ``z``'s dtype.
     The jitted rules are named ``{name}_fwd`` and ``{name}_bwd`` (in jaxprs, logs, profiles).
     """
-    names = tuple(defaults)
+    # bool options switch formulas (static); number options only scale values (traced)
+    static = tuple(k for k, v in defaults.items() if isinstance(v, bool))
 
     def options(kwargs):
-        unknown = set(kwargs) - set(names)
+        unknown = set(kwargs) - set(defaults)
         if unknown:
-            raise TypeError(f"unexpected option(s) {sorted(unknown)}; options are {list(names)}")
+            raise TypeError(f"unexpected option(s) {sorted(unknown)}; options are {list(defaults)}")
         opts = {**defaults, **kwargs}
-        for k, v in kwargs.items():  # static options: Python constants, never traced values
-            if isinstance(defaults[k], bool):
+        for k, v in kwargs.items():
+            if k in static:  # Python constants, never traced values
                 if not _checks.is_concrete(v) or not isinstance(v, bool | np.bool_):
                     raise TypeError(f"{k}: must be a Python bool (a static option), got {v!r}")
                 opts[k] = bool(v)
-            else:
-                opts[k] = _checks.static_number(k, v)
+            else:  # a number, or a traced scalar
+                opts[k] = _checks.traced_number(k, v, lambda _: True, "a number")
         return opts
 
     def op_fwd(z, **opts):
@@ -88,8 +89,8 @@ def _elementwise(name: str, f: Callable, df: Callable, *, saves: str, defaults: 
 
     for rule, suffix in ((op_fwd, "_fwd"), (op_bwd, "_bwd")):
         rule.__name__ = rule.__qualname__ = name + suffix
-    op_fwd = jax.jit(op_fwd, static_argnames=names)
-    op_bwd = jax.jit(op_bwd, static_argnames=names)
+    op_fwd = jax.jit(op_fwd, static_argnames=static)
+    op_bwd = jax.jit(op_bwd, static_argnames=static)
 
     def fwd(z, **kwargs):
         return op_fwd(_checks.floating("z", z), **options(kwargs))
@@ -157,8 +158,10 @@ relu_fwd, relu_bwd, _relu_options = _elementwise(
 )
 leaky_relu_fwd, leaky_relu_bwd, _leaky_relu_options = _elementwise(
     "leaky_relu",
-    lambda z, negative_slope: jnp.where(z > 0, z, negative_slope * z),
-    lambda z, negative_slope: jnp.where(z > 0, 1.0, negative_slope).astype(z.dtype),
+    lambda z, negative_slope: jnp.where(z > 0, z, _checks.as_scalar(negative_slope, z.dtype) * z),
+    lambda z, negative_slope: jnp.where(
+        z > 0, 1.0, _checks.as_scalar(negative_slope, z.dtype)
+    ).astype(z.dtype),
     saves="input",
     defaults={"negative_slope": 0.01},
 )
@@ -184,11 +187,12 @@ def relu(z: jax.Array) -> jax.Array:
     return _relu(_checks.floating("z", z))
 
 
-@declare(fwd=leaky_relu_fwd, bwd=leaky_relu_bwd, per_example=("z",))
+@declare(fwd=leaky_relu_fwd, bwd=leaky_relu_bwd, per_example=("z",), traced=("negative_slope",))
 def leaky_relu(z: jax.Array, *, negative_slope: float = 0.01) -> jax.Array:
     """``z`` where ``z > 0`` else ``negative_slope·z``; gradient ``g`` or ``negative_slope·g``.
 
-    At exactly ``z = 0`` the derivative is ``negative_slope``.
+    At exactly ``z = 0`` the derivative is ``negative_slope``. ``negative_slope`` may be a
+    traced scalar: the rules take it traced (each value compiles nothing new).
     """
     opts = _leaky_relu_options({"negative_slope": negative_slope})
     return _leaky_relu(_checks.floating("z", z), **opts)

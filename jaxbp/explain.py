@@ -402,7 +402,7 @@ def _full_jacobian(model, y, g, prob, zs, dense_res, grads) -> dict[str, Any]:
 
 
 def _render(e: Explanation) -> str:
-    L, c, n = len(e.sizes) - 1, e.sizes[-1], e.batch
+    c, n = e.sizes[-1], e.batch
     arrow = " → ".join(map(str, e.sizes))
     out = [
         "One backward pass, from the loss down to the first layer",
@@ -473,5 +473,4 @@ def _render(e: Explanation) -> str:
         out.append(f"  {fj['entries']} Jacobian entries in all; the fused rules form none of them.")
         for k, v in fj["max_difference"].items():
             out.append(f"  ∂L/∂{k.ljust(4)} full-Jacobian route vs fused rules: {v:.2e}")
-    del L
     return "\n".join(out)

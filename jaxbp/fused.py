@@ -43,8 +43,8 @@ from jax import lax
 
 from . import _checks, _vma, _xent
 from ._checks import check_label_range
-from ._op import declare
-from .losses import valid_rows, validate_ce_options
+from ._op import declare, op_vjp
+from .losses import _check_ce_options, ce_float_options, valid_rows, validate_ce_options
 
 __all__ = [
     "linear_softmax_cross_entropy",
@@ -60,10 +60,9 @@ DEFAULT_STRATEGY = "recompute"
 DEFAULT_CHUNK = 2048
 FORWARD_CHUNK_ELEMENTS = 2**24
 
-_STATIC = (
-    "ignore_index", "label_smoothing", "z_loss", "softcap", "chunk_size", "accum_dtype",
-    "strategy",
-)  # fmt: skip
+# label_smoothing and z_loss only scale values: traced (each value compiles nothing new).
+# The others change shapes or control flow: static.
+_STATIC = ("ignore_index", "softcap", "chunk_size", "accum_dtype", "strategy")
 
 
 # --------------------------------------------------------------------- the op triple
@@ -78,6 +77,7 @@ def _flat(x, labels, where):
     return x.reshape(-1, d), lab, None if where is None else where.reshape(-1)
 
 
+@_checks.concrete_options(_check_ce_options)
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def linear_softmax_cross_entropy_fwd(
     x, w, labels, b=None, where=None, class_weights=None, *, ignore_index=None,
@@ -170,11 +170,9 @@ def linear_softmax_cross_entropy_bwd(
     return dx, dw, None, db, None, dcw
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused(options, x, w, labels, b, where, class_weights):
-    # The primal alone (no gradient asked for): loss only, whatever the strategy.
-    opts = {k: v for k, v in options if k != "strategy"}
-    if dict(options)["strategy"] == "forward":
+def _loss_alone(x, w, labels, b, where, class_weights, *, strategy, **opts):
+    """The primal alone (no gradient asked for): the loss only, whatever the strategy."""
+    if strategy == "forward":
         opts["chunk_size"] = None  # there chunk_size counts tokens, not vocabulary columns
     return _loss_only(x, w, b, labels, where, class_weights, **opts)
 
@@ -187,22 +185,6 @@ def _loss_only(x, w, b, labels, where, class_weights, *, accum_dtype, **opts):
         acc=_xent.acc_dtype(accum_dtype, x.dtype), **opts,
     )  # fmt: skip
     return loss.reshape(labels.shape)
-
-
-def _fused_fwd(options, *args):
-    # The rules are read from the op object when JAX traces this (see jaxbp/_op.py).
-    out, res = linear_softmax_cross_entropy.fwd(*args, **dict(options))
-    # Inside a shard_map: each argument's varying axes, static, for the cotangents (_op.py).
-    return out, (res, _vma.Static(tuple(_vma.of(a) for a in args)))
-
-
-def _fused_bwd(options, res, g):
-    res, vmas = res
-    cts = tuple(linear_softmax_cross_entropy.bwd(res, g, **dict(options)))
-    return _vma.fit_cotangents(cts, vmas.value)
-
-
-_fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def validate_fused(x, w, b, labels, where, class_weights, label_smoothing, z_loss, softcap,
@@ -267,6 +249,7 @@ def validate_fused(x, w, b, labels, where, class_weights, label_smoothing, z_los
     fwd=linear_softmax_cross_entropy_fwd,
     bwd=linear_softmax_cross_entropy_bwd,
     per_example=("x", "labels"),
+    traced=("label_smoothing", "z_loss"),
 )
 def linear_softmax_cross_entropy(
     x: jax.Array,
@@ -333,11 +316,17 @@ def linear_softmax_cross_entropy(
     check_label_range(labels, w.shape[1], ignore_index, where=where)
     options = (
         ("ignore_index", None if ignore_index is None else int(ignore_index)),
-        ("label_smoothing", float(label_smoothing)),
-        ("z_loss", float(z_loss)),
         ("softcap", None if softcap is None else float(softcap)),
         ("chunk_size", None if chunk_size is None else int(chunk_size)),
         ("accum_dtype", accum_dtype),
         ("strategy", strategy),
     )
-    return _fused(options, x, w, labels, b, where, class_weights)
+    eps, lam = ce_float_options(label_smoothing, z_loss, check=True)
+    return _fused(
+        x, w, labels, b, where, class_weights, **dict(options), label_smoothing=eps, z_loss=lam
+    )
+
+
+# Reads linear_softmax_cross_entropy.fwd / .bwd when JAX traces it; the loss alone without
+# a gradient.
+_fused = op_vjp(linear_softmax_cross_entropy, primal=_loss_alone)

@@ -296,14 +296,10 @@ class GPT:
 
 
 @functools.lru_cache(maxsize=64)
-def _param_shapes_cached(model: GPT):
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0))
-    return jax.tree.map(lambda a: tuple(a.shape), shapes)
-
-
 def _param_shapes(model: GPT):
     """The shape of every parameter, as :meth:`GPT.init` makes them (traced once per model)."""
-    return _param_shapes_cached(model)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+    return jax.tree.map(lambda a: tuple(a.shape), shapes)
 
 
 def _leaves_with_paths(got, want):

@@ -196,21 +196,19 @@ def _cast(tree, dtype):
     return jax.tree.map(lambda a: jnp.asarray(a).astype(dtype), tree)
 
 
-def _cast_labels(model: MLP, labels, dtype):
+def _cast_floats(labels, dtype):
+    """Float labels (probabilities, targets) in ``dtype``; integer ids as they are."""
     labels = jnp.asarray(labels)
-    if jnp.issubdtype(labels.dtype, jnp.floating):
-        return labels.astype(dtype)
-    return labels
+    return labels.astype(dtype) if jnp.issubdtype(labels.dtype, jnp.floating) else labels
 
 
 def _preacts(model: MLP, params, x):
     """Hidden pre-activations ``z_l (n, o)`` (plain jnp), to keep finite differences off kinks."""
     out, h = [], x
-    for layer, p in enumerate(params[:-1]):
+    for p in params[:-1]:
         z = reference.dense(h, p["w"], p["b"])
         out.append(z)
         h = getattr(reference, model.activation)(z, **dict(model.activation_options))
-        del layer
     return out
 
 
@@ -337,7 +335,7 @@ def compare(
     with x64() if needs_x64 else contextlib.nullcontext():
         p = _cast(params, dtype)
         xx = jnp.asarray(x).astype(dtype)
-        yy = _cast_labels(model, labels, dtype)
+        yy = _cast_floats(labels, dtype)
         cw = None if class_weights is None else jnp.asarray(class_weights).astype(dtype)
         wh = None if where is None else jnp.asarray(where, bool)
         model.check_inputs(p, xx, yy, wh, cw)
@@ -345,7 +343,7 @@ def compare(
         f64 = jnp.float64
         p64 = _cast(params, f64) if fd else None
         x64_ = jnp.asarray(x).astype(f64) if fd else None
-        y64 = _cast_labels(model, labels, f64) if fd else None
+        y64 = _cast_floats(labels, f64) if fd else None
         cw64 = None if (class_weights is None or not fd) else jnp.asarray(class_weights).astype(f64)
         dirs, steps = _fd_directions(jax.tree.leaves(p64), fd_directions, seed) if fd else ([], [])
 

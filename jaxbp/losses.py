@@ -191,8 +191,9 @@ def _labels_matrix(labels, c_local, dtype, label_smoothing, *, c=None, first=Non
         y = (labels[..., None] == ids).astype(dtype)  # one-hot, only on the owning shard
     else:
         y = labels.astype(dtype)
-    if label_smoothing:
-        y = (1.0 - label_smoothing) * y + label_smoothing / c
+    if not _checks.is_static_zero(label_smoothing):  # traced: the term stays (0 gives y)
+        eps = _checks.as_scalar(label_smoothing, dtype)
+        y = (1.0 - eps) * y + eps / c
     return y
 
 
@@ -264,9 +265,9 @@ def ce_forward(logits, labels, where, class_weights, *, label_smoothing, ignore_
     su = None
     if red.axis is not None:  # Σ_c u·(lse − z) and Σ_c u over every shard: one all-reduce
         loss, su = red.sum(jnp.stack([loss, jnp.sum(u, axis=-1)]))
-    if z_loss:
+    if not _checks.is_static_zero(z_loss):
         lse = lse_s + m  # log Σ e^z  (n,)
-        loss = loss + z_loss * lse * lse
+        loss = loss + _checks.scaled(_checks.as_scalar(z_loss, lse.dtype), lse * lse)
     loss = jnp.where(valid, loss, 0.0)
     return jnp.where(bad, jnp.nan, loss), m, lse_s, su
 
@@ -285,8 +286,8 @@ def ce_backward(logits, labels, where, class_weights, lse_s, g, *, label_smoothi
     nll = lse_s[..., None] - zs  # −log p (n,c)
     p = jnp.exp(-nll)  # (n,c), recomputed
     scale = jnp.sum(u, axis=-1) if su is None else su  # Σ_c u_c  (n,)
-    if z_loss:
-        scale = scale + (2.0 * z_loss) * (lse_s + m)  # Σ_c u_c + 2λ·lse
+    if not _checks.is_static_zero(z_loss):  # Σ_c u_c + 2λ·lse
+        scale = scale + _checks.scaled(_checks.as_scalar(z_loss, scale.dtype), 2.0 * (lse_s + m))
     dz = gv * (p * scale[..., None] - u)  # "n,nc->nc"
     dz = jnp.where(valid[..., None], dz, 0.0)
     dz = jnp.where(bad[..., None], jnp.nan, dz).astype(logits.dtype)
@@ -294,7 +295,7 @@ def ce_backward(logits, labels, where, class_weights, lse_s, g, *, label_smoothi
     dlabels = None
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         w = 1.0 if class_weights is None else _acc(class_weights).astype(zs.dtype)
-        dy = (1.0 - label_smoothing) * gv * w * nll
+        dy = (1.0 - _checks.as_scalar(label_smoothing, zs.dtype)) * gv * w * nll
         dlabels = jnp.where(valid[..., None], dy, 0.0).astype(labels.dtype)
     dweights = None
     if class_weights is not None:
@@ -305,7 +306,14 @@ def ce_backward(logits, labels, where, class_weights, lse_s, g, *, label_smoothi
     return dz, dlabels, dweights
 
 
-@functools.partial(jax.jit, static_argnames=("label_smoothing", "ignore_index", "z_loss"))
+def _check_ce_options(*, label_smoothing=0.0, z_loss=0.0, **_):
+    ce_float_options(label_smoothing, z_loss)
+
+
+# label_smoothing and z_loss are traced (each value compiles nothing new; concrete values are
+# range-checked first); ignore_index is static (it decides which rows count).
+@_checks.concrete_options(_check_ce_options)
+@functools.partial(jax.jit, static_argnames="ignore_index")
 def softmax_cross_entropy_fwd(
     logits, labels, where=None, class_weights=None, *, label_smoothing=0.0, ignore_index=None,
     z_loss=0.0,
@@ -324,7 +332,7 @@ def softmax_cross_entropy_fwd(
     return loss, (logits, labels, where, class_weights, lse_s)
 
 
-@functools.partial(jax.jit, static_argnames=("label_smoothing", "ignore_index", "z_loss"))
+@functools.partial(jax.jit, static_argnames="ignore_index")
 def softmax_cross_entropy_bwd(res, g, *, label_smoothing=0.0, ignore_index=None, z_loss=0.0):
     """Backward: ``dz = g[:,None]·(p·(Σu + 2λ·lse)[:,None] − u)``, 0 on masked rows.
 
@@ -397,20 +405,33 @@ def validate_ce_options(
             raise ValueError(
                 f"class_weights: expected shape ({letter},) = ({c},), got {class_weights.shape}"
             )
-    if not 0.0 <= _checks.static_number("label_smoothing", label_smoothing) <= 1.0:
-        raise ValueError(f"label_smoothing: expected a float in [0, 1], got {label_smoothing!r}")
-    if not 0.0 <= _checks.static_number("z_loss", z_loss) < math.inf:  # NaN fails too
-        raise ValueError(f"z_loss: expected a finite float ≥ 0, got {z_loss!r}")
+    ce_float_options(label_smoothing, z_loss)
     _checks.static_int("ignore_index", ignore_index, allow_none=True)
     if ignore_index is not None and not isinstance(ignore_index, int | np.integer):
         raise TypeError(f"ignore_index: expected an int or None, got {ignore_index!r}")
     return where, class_weights
 
 
+def ce_float_options(label_smoothing, z_loss, *, check: bool = False):
+    """``(ε, λ)``: Python floats in range (else ``ValueError``), or traced scalars (checked
+    under :func:`jaxbp.checked` when ``check``). Both only scale values, so the rules take
+    them traced."""
+    eps = _checks.traced_number(
+        "label_smoothing", label_smoothing, lambda e: (0.0 <= e) & (e <= 1.0),
+        "a float in [0, 1]", check=check,
+    )  # fmt: skip
+    lam = _checks.traced_number(
+        "z_loss", z_loss, lambda z: (0.0 <= z) & (z < math.inf),  # NaN fails too
+        "a finite float ≥ 0", check=check,
+    )  # fmt: skip
+    return eps, lam
+
+
 @declare(
     fwd=softmax_cross_entropy_fwd,
     bwd=softmax_cross_entropy_bwd,
     per_example=("logits", "labels"),
+    traced=("label_smoothing", "z_loss"),
 )
 def softmax_cross_entropy(
     logits: jax.Array,
@@ -440,8 +461,12 @@ def softmax_cross_entropy(
         ``weight``, per example: ``w[y]·nll`` for ids).
       label_smoothing: ``ε`` in ``[0, 1]``; labels become ``(1 − ε)·y + ε/c`` on every row,
         the same for ids and for their one-hot form. Masked rows stay 0.
-      ignore_index: integer labels equal to it are masked like ``where=False``.
+      ignore_index: integer labels equal to it are masked like ``where=False`` (static).
       z_loss: ``λ ≥ 0``; adds ``λ·lse²`` to keep the log-normaliser near 0 (PaLM).
+
+    ``label_smoothing`` and ``z_loss`` may be traced scalars (under ``jit``/``vmap``): the
+    rules take them traced, so each new value compiles nothing new; a traced value out of
+    range is reported by :func:`jaxbp.checked`. ``ignore_index`` is static.
 
     Returns:
       ``loss (n,)``: float32 for half-precision logits, else the logits' dtype.
@@ -462,10 +487,11 @@ def softmax_cross_entropy(
         logits, labels, where, class_weights, label_smoothing, ignore_index, z_loss
     )
     _checks.check_label_range(labels, logits.shape[-1], ignore_index, where=where)
+    eps, lam = ce_float_options(label_smoothing, z_loss, check=True)
     return _softmax_cross_entropy(
         logits, labels, where, class_weights,
         ignore_index=None if ignore_index is None else int(ignore_index),
-        label_smoothing=float(label_smoothing), z_loss=float(z_loss),
+        label_smoothing=eps, z_loss=lam,
     )  # fmt: skip
 
 

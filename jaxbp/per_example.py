@@ -37,8 +37,9 @@ computed by *book-keeping* (Bu et al. 2023): every backward rule is linear in it
 gradient and every row's ``δ`` depends on its own seed alone, so the ``δ_l`` of one backward
 pass with unit seeds, rescaled per row, are those of a pass seeded with ``c_k/m``. The clipped
 sum is then one weighted parameter backward per layer, ``dw = aᵀ(c ⊙ δ)`` ``"ni,no->io"``:
-the cost of a plain step plus the norms. ``method="two_pass"`` instead re-runs the whole
-explicit loop seeded with ``c_k/m`` (:func:`forward_backward_weighted`); the two agree.
+the cost of a plain step plus the norms. ``method="two_pass"`` instead runs the reverse
+loop a second time, seeded with ``c_k/m`` (:func:`jaxbp.nn.backward` on the forward's
+residuals, which are kept: the forward runs once); the two agree.
 """
 
 from __future__ import annotations
@@ -390,8 +391,8 @@ def clipped_grad(
         fixed-denominator estimator of Poisson-sampled DP-SGD.
       method: ``"bookkeeping"`` (default): one backward pass; the unit-seeded ``δ`` are
         rescaled by ``c_k/m`` and each layer's parameter gradient is ``"ni,no->io"`` of
-        ``a`` and ``c⊙δ``. ``"two_pass"``: re-run the whole reverse loop seeded with
-        ``c_k/m`` (:func:`forward_backward_weighted`). Per-example gradients are never
+        ``a`` and ``c⊙δ``. ``"two_pass"``: run the reverse loop (:func:`jaxbp.nn.backward`)
+        again on the forward's residuals, seeded with ``c_k/m``. Per-example gradients are never
         materialised by either.
 
       return_loss: also return the (unclipped) mean loss over valid rows, first:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import jaxbp
 from tests import strategies as sts
-from tests.checks import check_finite_differences, check_manual_vs_reference
+from tests.helpers import check_finite_differences, check_manual_vs_reference
 from tests.settings import ACTIVATION_CASES, DTYPES, Case
 
 

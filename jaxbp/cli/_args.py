@@ -50,26 +50,24 @@ def positive_float(value: str) -> float:
     return x
 
 
-def positive_int(value: str) -> int:
-    """An integer ``≥ 1`` (``--batch``, ``--epochs``, ``--fd-directions``)."""
+def _int(value: str, low: int, expected: str) -> int:
     try:
         k = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if k < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}") from None
+    if k < low:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}")
     return k
+
+
+def positive_int(value: str) -> int:
+    """An integer ``≥ 1`` (``--batch``, ``--epochs``, ``--fd-directions``)."""
+    return _int(value, 1, "a positive integer")
 
 
 def nonnegative_int(value: str) -> int:
     """An integer ``≥ 0`` (``--warmup``, ``--sample-chars``)."""
-    try:
-        k = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {value!r}") from None
-    if k < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {value!r}")
-    return k
+    return _int(value, 0, "an integer ≥ 0")
 
 
 def json_path(value: str) -> str:

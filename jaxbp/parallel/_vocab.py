@@ -97,6 +97,18 @@ class ShardedLoss:
         return dz, dlabels, None, dweights
 
 
+def _check_layout(mesh, axis, batch_axis, classes, rows):
+    """The class axis ``classes = (argument, size, what)`` divisible by ``axis``'s devices,
+    the rows ``(argument, n)`` by ``batch_axis``'s (a different axis), with clear errors."""
+    name, size, what = classes
+    divisible(name, size, axis_size(mesh, axis, "axis"), axis, what, PAD_CLASSES)
+    if batch_axis is not None:
+        if batch_axis == axis:
+            raise ValueError(f"batch_axis: expected a mesh axis other than axis={axis!r}")
+        parts = axis_size(mesh, batch_axis, "batch_axis")
+        divisible(rows[0], rows[1], parts, batch_axis, "the batch size n", PAD_ROWS)
+
+
 def _specs(labels, axis, batch_axis):
     """in_specs of ``(logits, labels, where, class_weights)``."""
     label_spec = P(batch_axis) if labels.ndim == 1 else P(batch_axis, axis)
@@ -234,13 +246,8 @@ def vocab_parallel_softmax_cross_entropy(
         raise ValueError(
             f"logits: expected shape (n, c) (flatten leading axes into n), got {logits.shape}"
         )
-    parts = axis_size(mesh, axis, "axis")
-    divisible("logits", logits.shape[1], parts, axis, "the number of classes c", PAD_CLASSES)
-    if batch_axis is not None:
-        if batch_axis == axis:
-            raise ValueError(f"batch_axis: expected a mesh axis other than axis={axis!r}")
-        rows = axis_size(mesh, batch_axis, "batch_axis")
-        divisible("logits", logits.shape[0], rows, batch_axis, "the batch size n", PAD_ROWS)
+    _check_layout(mesh, axis, batch_axis, ("logits", logits.shape[1], "the number of classes c"),
+                  ("logits", logits.shape[0]))  # fmt: skip
     if host_readable(labels, where):
         check_label_range(labels, logits.shape[-1], ignore_index, where=where)
     options = (
@@ -379,13 +386,8 @@ def vocab_parallel_linear_softmax_cross_entropy(
     )  # fmt: skip
     if x.ndim != 2:
         raise ValueError(f"x: expected shape (n, d) (flatten leading axes into n), got {x.shape}")
-    parts = axis_size(mesh, axis, "axis")
-    divisible("w", w.shape[1], parts, axis, "the vocabulary size v", PAD_CLASSES)
-    if batch_axis is not None:
-        if batch_axis == axis:
-            raise ValueError(f"batch_axis: expected a mesh axis other than axis={axis!r}")
-        rows = axis_size(mesh, batch_axis, "batch_axis")
-        divisible("x", x.shape[0], rows, batch_axis, "the batch size n", PAD_ROWS)
+    _check_layout(mesh, axis, batch_axis, ("w", w.shape[1], "the vocabulary size v"),
+                  ("x", x.shape[0]))  # fmt: skip
     if host_readable(labels, where):
         check_label_range(labels, w.shape[1], ignore_index, where=where)
     if labels.dtype.itemsize < 4:
