@@ -17,6 +17,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m jaxbp compare
 	$(PY) -m jaxbp explain
+	$(PY) -m jaxbp explain --model gpt
 	$(PY) -m jaxbp train
 
 test: $(STAMP)
