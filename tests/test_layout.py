@@ -128,3 +128,14 @@ def test_the_public_faces_only_re_export():
         tree = ast.parse(path.read_text(encoding="utf-8"))
         defs = [n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef)]
         assert not defs, (path.name, defs)
+
+
+def test_the_readme_layout_names_every_module_and_folder():
+    readme = (ROOT.parent / "README.md").read_text(encoding="utf-8")
+    block = readme.split("## Layout", 1)[1].split("```text", 1)[1].split("```", 1)[0]
+    words = set(block.replace("/", " ").split())
+    top = {name.split(".")[1] for name in _modules() if name.count(".") >= 1}
+    missing = sorted(top - words)
+    assert not missing, f"README's Layout does not name: {missing}"
+    folders = {p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith("__")}
+    assert folders <= words, sorted(folders - words)
