@@ -142,8 +142,8 @@ def build_dense(ctx, size: int, with_dx: bool) -> Pair:
     b = jax.random.normal(kb, (o,), jnp.float32).astype(ctx.dtype)
     g = jax.random.normal(kg, (n, o), jnp.float32).astype(ctx.dtype)
     res = (x, w, b)
-    bwd = jax.jit(jaxbp.dense_bwd if with_dx else dense_bwd_params)
-    fwd = jax.jit(lambda x, w, b: jaxbp.dense_fwd(x, w, b)[0])
+    bwd = jax.jit(jaxbp.dense.bwd if with_dx else dense_bwd_params)
+    fwd = jax.jit(lambda x, w, b: jaxbp.dense.fwd(x, w, b)[0])
     tol = default_compare(
         {"float32": 1e-4, "float64": 1e-10}.get(ctx.dtype_name, 5e-2), ("dense_bwd", "jax.vjp")
     )
@@ -221,9 +221,9 @@ def build_softmax(ctx, c: int, n: int | None = None) -> Pair:
     kz, kg = jax.random.split(ctx.key(c))
     z = (3.0 * jax.random.normal(kz, (n, c), jnp.float32)).astype(ctx.dtype)
     g = jax.random.normal(kg, (n, c), jnp.float32).astype(ctx.dtype)
-    s, res = jaxbp.softmax_fwd(z)
+    s, res = jaxbp.softmax.fwd(z)
     _, vjp_fn = jax.vjp(jax.nn.softmax, z)  # a Partial: its residuals are jit arguments
-    manual = jax.jit(lambda res, g: jaxbp.softmax_bwd(res, g)[0])
+    manual = jax.jit(lambda res, g: jaxbp.softmax.bwd(res, g)[0])
     ref = jax.jit(_vjp_bwd)
     jac_bytes = n * c * c * jnp.dtype(ctx.dtype).itemsize
     budget = jacobian_budget(ctx)

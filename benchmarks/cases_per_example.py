@@ -29,9 +29,6 @@ import numpy as np
 import jaxbp
 from benchmarks.harness import Case, Pair, Target, default_compare, register, tolerance_for
 from jaxbp import per_example as pe
-from jaxbp.activations import tanh_bwd, tanh_fwd
-from jaxbp.dense import dense_bwd, dense_fwd
-from jaxbp.losses import softmax_cross_entropy_bwd, softmax_cross_entropy_fwd
 
 N_CLASSES = 10
 
@@ -50,8 +47,8 @@ def _mlp(ctx, n, sizes):
 
 def build_norms(ctx, n: int, sizes: tuple[int, ...]) -> Pair:
     model, params, x, labels = _mlp(ctx, n, sizes)
-    manual = jax.jit(jaxbp.per_example_grad_norms(model).jitted)
-    reference = jax.jit(jaxbp.reference.per_example_grad_norms(model).jitted)
+    manual = jaxbp.per_example_grad_norms(model).jitted  # a jax.jit (jaxbp/_step.py)
+    reference = jaxbp.reference.per_example_grad_norms(model).jitted
     mats = sum(i * o for i, o in zip(sizes[:-1], sizes[1:], strict=True))
     return Pair(
         candidate=manual,
@@ -95,13 +92,14 @@ def seq_norms_manual(params, x, labels, method="auto"):
 
     ``x (n, t, i)``, ``labels (n, t)``; ``ℓ_k = Σ_t CE(z_kt, y_kt)``, so the seed is 1 per token.
     """
-    z1, r1 = dense_fwd(x, params[0]["w"], params[0]["b"])  # (n, t, d)
-    h, ra = tanh_fwd(z1)
-    z2, r2 = dense_fwd(h, params[1]["w"], params[1]["b"])  # (n, t, c)
-    per_tok, rl = softmax_cross_entropy_fwd(z2, labels)  # (n, t)
-    d2 = softmax_cross_entropy_bwd(rl, jnp.ones_like(per_tok))[0]  # (n, t, c)
-    dh = dense_bwd(r2, d2)[0]  # (n, t, d)
-    (d1,) = tanh_bwd(ra, dh)
+    dense, tanh, ce = jaxbp.dense, jaxbp.tanh, jaxbp.softmax_cross_entropy  # their rules
+    z1, r1 = dense.fwd(x, params[0]["w"], params[0]["b"])  # (n, t, d)
+    h, ra = tanh.fwd(z1)
+    z2, r2 = dense.fwd(h, params[1]["w"], params[1]["b"])  # (n, t, c)
+    per_tok, rl = ce.fwd(z2, labels)  # (n, t)
+    d2 = ce.bwd(rl, jnp.ones_like(per_tok))[0]  # (n, t, c)
+    dh = dense.bwd(r2, d2)[0]  # (n, t, d)
+    (d1,) = tanh.bwd(ra, dh)
     sq = pe.dense_grad_sq_norms(x, d1, method=method) + pe.dense_grad_sq_norms(h, d2, method=method)
     return jnp.sqrt(sq)
 
@@ -165,9 +163,7 @@ def build_dp(ctx, n: int, sizes: tuple[int, ...], noise_multiplier: float) -> Pa
     key = ctx.key(99)
 
     def dp_fn(method, sigma):
-        return jax.jit(
-            jaxbp.clipped_grad(model, l2_clip=1.0, noise_multiplier=sigma, method=method).jitted
-        )
+        return jaxbp.clipped_grad(model, l2_clip=1.0, noise_multiplier=sigma, method=method).jitted
 
     dp = dp_fn("bookkeeping", noise_multiplier)
     dp_two = dp_fn("two_pass", noise_multiplier)

@@ -86,7 +86,7 @@ def build_step(ctx, t: int, strategy: str) -> Pair:
 
 
 def _bwd_only(res, g, *, strategy):
-    return jaxbp.attention_bwd(res, g, causal=True, strategy=strategy)[:3]
+    return jaxbp.attention.bwd(res, g, causal=True, strategy=strategy)[:3]
 
 
 def _vjp_bwd(vjp_fn, g):
@@ -95,7 +95,7 @@ def _vjp_bwd(vjp_fn, g):
 
 def build_bwd(ctx, t: int, strategy: str) -> Pair:
     q, k, v, g = _arrays(ctx, t)
-    _, res = jaxbp.attention_fwd(q, k, v, causal=True, strategy=strategy)
+    _, res = jaxbp.attention.fwd(q, k, v, causal=True, strategy=strategy)
     _, vjp_fn = jax.vjp(_plain, q, k, v)  # a Partial: its residuals are jit arguments
     return Pair(
         candidate=jax.jit(functools.partial(_bwd_only, strategy=strategy)),

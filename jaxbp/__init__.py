@@ -8,6 +8,8 @@ from . import parallel as parallel
 from . import per_example as per_example
 from . import reference as reference
 from ._checks import checked as checked
+from ._op import Op as Op
+from ._op import bind_references as _bind_references
 from .activations import ACTIVATIONS as ACTIVATIONS
 from .activations import gelu as gelu
 from .activations import gelu_bwd as gelu_bwd
@@ -37,7 +39,6 @@ from .attention import attention as attention
 from .attention import attention_bwd as attention_bwd
 from .attention import attention_fwd as attention_fwd
 from .custom import CheckReport as CheckReport
-from .custom import Op as Op
 from .custom import check as check
 from .datasets import load_digits as load_digits
 from .datasets import load_shakespeare as load_shakespeare
@@ -83,6 +84,31 @@ from .softmax import softmax_fwd as softmax_fwd
 from .softmax import softmax_jacobian as softmax_jacobian
 
 __version__ = "0.1.0"
+
+# Every op carries its plain twin as op.reference (jaxbp/_op.py): bound here, once, because
+# the reference package imports after the rules.
+_bind_references(
+    [
+        (dense, reference.dense),
+        (relu, reference.relu),
+        (leaky_relu, reference.leaky_relu),
+        (sigmoid, reference.sigmoid),
+        (tanh, reference.tanh),
+        (gelu, reference.gelu),
+        (softplus, reference.softplus),
+        (silu, reference.silu),  # swish is silu, and reference.swish is reference.silu
+        (softmax, reference.softmax),
+        (log_softmax, reference.log_softmax),
+        (mse, reference.mse),
+        (sigmoid_binary_cross_entropy, reference.sigmoid_binary_cross_entropy),
+        (softmax_cross_entropy, reference.softmax_cross_entropy),
+        (linear_softmax_cross_entropy, reference.linear_softmax_cross_entropy),
+        (embedding, reference.embedding),
+        (layer_norm, reference.layer_norm),
+        (rms_norm, reference.rms_norm),
+        (attention, reference.attention),
+    ]
+)
 
 __all__ = [
     "reference", "parallel", "checked", "jacobian", "ACTIVATIONS", "MLP", "value_and_grad",

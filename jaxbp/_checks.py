@@ -69,9 +69,11 @@ def static_number(name: str, value: Any, *, allow_none: bool = False) -> float |
     """
     if value is None and allow_none:
         return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)  # a Python number: nothing to read back
     if not is_concrete(value):
         raise _traced_option(name, value, "number")
-    arr = np.asarray(value)
+    arr = np.asarray(value)  # a concrete array option: its value is the point
     if (
         isinstance(value, bool)
         or arr.shape != ()
@@ -79,6 +81,68 @@ def static_number(name: str, value: Any, *, allow_none: bool = False) -> float |
     ):
         raise TypeError(f"{name}: must be a Python number, got {value!r}")
     return float(arr)
+
+
+def traced_number(
+    name: str, value: Any, valid: Callable[[Any], Any], expected: str, *, check: bool = False
+) -> Any:
+    """A float option that only scales values (``label_smoothing``, ``z_loss``, ``eps``,
+    ``negative_slope``): a Python number, or a traced scalar (a new value compiles nothing).
+
+    A concrete value is returned as a Python ``float`` after ``valid(value)`` (else a
+    ``ValueError`` naming ``name`` and saying ``expected``); a traced one is returned as it
+    is, a scalar, and with ``check`` its range becomes a ``checkify.debug_check`` (reported
+    under :func:`checked`, as out-of-range labels are). Anything else is a ``TypeError``.
+    """
+    if is_concrete(value):
+        number = static_number(name, value)
+        if not valid(number):
+            raise ValueError(f"{name}: expected {expected}, got {value!r}")
+        return number
+    x = jnp.asarray(value)
+    if x.shape != () or not (
+        jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)
+    ):
+        raise TypeError(f"{name}: expected a number (a scalar), got {x.dtype} of shape {x.shape}")
+    if jnp.issubdtype(x.dtype, jnp.integer):
+        x = x.astype(jnp.result_type(float))  # the option is a float (and may get a cotangent)
+    if check:
+        checkify.debug_check(valid(x), f"{name}: expected {expected}, got {{v}}", v=x)
+    return x
+
+
+def concrete_options(check: Callable[..., Any]) -> Callable:
+    """Decorator of a jitted rule whose float options are traced: ``check(**options)`` runs
+    on the call's keyword options first, so concrete values out of range raise (the
+    ``ValueError`` naming the option) before the jit, where they would be tracers."""
+
+    def decorate(rule: Callable) -> Callable:
+        @functools.wraps(rule)
+        def checked_rule(*args, **options):
+            check(**options)
+            return rule(*args, **options)
+
+        return checked_rule
+
+    return decorate
+
+
+def is_static_zero(value: Any) -> bool:
+    """True for a Python 0 (an option whose term can be left out at trace time); a traced
+    option may hold any value, so its term stays."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == 0
+
+
+def scaled(weight: Any, a: jax.Array) -> jax.Array:
+    """``weight·a`` with ``0·∞ = 0``: a traced weight of 0 switches its term off exactly."""
+    if is_static_zero(weight):
+        return jnp.zeros_like(a)
+    return jnp.where(weight == 0, jnp.zeros_like(a), weight * a)
+
+
+def as_scalar(value: Any, dtype: Any) -> Any:
+    """A traced or array option in ``dtype`` (strict promotion); Python numbers as they are."""
+    return value if isinstance(value, int | float) else jnp.asarray(value).astype(dtype)
 
 
 def static_int(name: str, value: Any, *, allow_none: bool = False) -> int | None:
@@ -93,10 +157,22 @@ def static_int(name: str, value: Any, *, allow_none: bool = False) -> int | None
     return value
 
 
+# The class of every traced value (jit, vmap, grad, shard_map): public as jax.core.Tracer in
+# this JAX and newer ones; feature-detected, in case a later JAX moves it.
+_TRACER = getattr(getattr(jax, "core", None), "Tracer", None)
+
+
 def is_concrete(x: Any) -> bool:
-    """True when ``x`` holds values now (not a tracer inside jit/vmap/grad)."""
-    try:
-        np.asarray(x)
+    """True when ``x`` holds values now (no tracer inside jit/vmap/grad among its leaves).
+
+    A type check, never a device-to-host copy: an eager call on a device array costs
+    nothing here (the label-range check then reads the labels once, on purpose)."""
+    leaves = jax.tree.leaves(x)
+    if _TRACER is not None:
+        return not any(isinstance(a, _TRACER) for a in leaves)
+    try:  # no public Tracer class: ask JAX to convert (a host copy, the old way)
+        for a in leaves:
+            np.asarray(a)
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         return False
     return True

@@ -1,8 +1,7 @@
 """What the Flax NNX and Equinox wrappers share: initialisers and the forward math on arrays.
 
 Each function takes plain arrays and calls jaxbp's ops, so ``jax.grad`` (and ``nnx.grad``,
-``eqx.filter_grad``) of a module runs the hand-written backward rules. The transformer ops
-(``layer_norm``, ``rms_norm``, ``embedding``, ``attention``) are looked up when called.
+``eqx.filter_grad``) of a module runs the hand-written backward rules.
 """
 
 from __future__ import annotations
@@ -12,16 +11,11 @@ import math
 import jax
 import jax.numpy as jnp
 
+from .attention import attention as _attention_op
 from .dense import dense as _dense_op
-
-
-def _op(name: str):
-    import jaxbp
-
-    op = getattr(jaxbp, name, None)
-    if op is None:
-        raise NotImplementedError(f"jaxbp.{name} is not available in this version of jaxbp")
-    return op
+from .embedding import embedding as _embedding_op
+from .norms import layer_norm as _layer_norm_op
+from .norms import rms_norm as _rms_norm_op
 
 
 def dense_init(key, in_features: int, out_features: int, dtype) -> jax.Array:
@@ -35,15 +29,15 @@ def dense(x, w, b):
 
 
 def layer_norm(x, gamma, beta, eps: float):
-    return _op("layer_norm")(x, gamma, beta, eps=eps)
+    return _layer_norm_op(x, gamma, beta, eps=eps)
 
 
 def rms_norm(x, gamma, eps: float):
-    return _op("rms_norm")(x, gamma, eps=eps)
+    return _rms_norm_op(x, gamma, eps=eps)
 
 
 def embedding(ids, table):
-    return _op("embedding")(ids, table)
+    return _embedding_op(ids, table)
 
 
 def attention(x, wq, wk, wv, wo, bq, bk, bv, bo, heads: int, causal: bool, strategy: str):
@@ -57,7 +51,7 @@ def attention(x, wq, wk, wv, wo, bq, bk, bv, bo, heads: int, causal: bool, strat
         return jnp.swapaxes(y.reshape(*lead, t, heads, e), -2, -3)
 
     q, k, v = (split(dense(x, w, b)) for w, b in ((wq, bq), (wk, bk), (wv, bv)))
-    o = _op("attention")(q, k, v, causal=causal, strategy=strategy)
+    o = _attention_op(q, k, v, causal=causal, strategy=strategy)
     o = jnp.swapaxes(o, -2, -3).reshape(*lead, t, d)
     return dense(o, wo, bo)
 

@@ -1,58 +1,65 @@
-"""The one contract, as code: build a ``jax.custom_vjp`` from a jitted ``fwd``/``bwd`` pair.
+"""The one contract, as code: an op carries its rules; a ``jax.custom_vjp`` reads them from it.
 
 ``fwd(*args, **options) -> (out, res)`` and ``bwd(res, g, **options) -> cotangents`` are the
-hand-written rules. Options are static and hashable (``axis``, ``label_smoothing``, ...); they
-travel to the rule as one ``nondiff_argnums`` tuple of ``(name, value)`` pairs. Arrays
-(labels, masks, class weights) are always ordinary positional arguments, never
+hand-written rules. ``op_fwd`` takes exactly the op's positional arguments in the op's order
+(array options such as ``where`` may follow), and ``op_bwd`` returns one cotangent per
+positional argument of ``op_fwd``, in that order (``None`` for integer labels and masks).
+Arrays (labels, masks, class weights) are always ordinary positional arguments, never
 ``nondiff_argnums`` (jax#20889).
 
-Every public op ``op(*args, **options)`` also declares (:func:`declare_op`) which of its
-positional arguments are per-example and which are shared parameters; ``op_fwd`` takes exactly
-``op``'s positional arguments in ``op``'s order (array options such as ``where`` may follow),
-and ``op_bwd`` returns one cotangent per positional argument of ``op_fwd``, in that order
-(``None`` for integer labels and masks).
+Every op, built in or built with :class:`Op`, carries the same attributes, bound once at
+import (nothing looks a rule up by its name):
+
+========================  ==================================================================
+``op.fwd``, ``op.bwd``    the hand-written rules (jitted)
+``op.reference``          the plain-``jax.numpy`` twin (the built-in ops get theirs bound in
+                          ``jaxbp/__init__.py``, after :mod:`jaxbp.reference` is imported)
+``op.per_example_args``   the positional parameters that carry the batch (``x``, ``logits``)
+``op.example_ndim``       trailing axes per example of the first of them (1 unless declared)
+``op.arg_names``          the positional parameter names, in order
+``op.name``               the name JAX shows in jaxprs (``{name}_fwd``, ``{name}_bwd``)
+``op.traced_options``     keyword options passed to the rules as traced values
+========================  ==================================================================
+
+Everything that runs the rules (``jax.grad`` through the ``custom_vjp``, the explicit loops
+of :mod:`jaxbp.nn`, :mod:`jaxbp.gpt` and :mod:`jaxbp.per_example`, :func:`jaxbp.jacobian`,
+:func:`jaxbp.check`, the tests, the benchmarks) takes them from these attributes, when it is
+traced. Swapping one (``monkeypatch.setattr(jaxbp.relu, "bwd", wrong)``) is seen by the next
+trace; the compiled steps of the explicit loops are cached per model *and* per the rules
+their ops hold (:func:`rules`), so a swapped rule is traced anew, and swapping it back finds
+the old compile again.
+
+Options: a keyword option in ``op.traced_options`` (a float that only scales values, such as
+``label_smoothing``, ``z_loss``, ``negative_slope``, ``eps``) reaches the rules as a traced
+value, so a new value compiles nothing new (the rules do not differentiate it: a gradient
+through it is NaN, never a silent 0); every other option (``axis``, ``ignore_index``,
+``strategy``, ``causal``, ``softcap``, ``chunk_size``: they change shapes or control flow) is
+static and hashable, and travels to the rules as one ``nondiff_argnums`` tuple.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from . import _vma
 
+__all__ = [
+    "OP_ATTRIBUTES", "Op", "bind_references", "bwd_options", "custom_vjp_op", "declare",
+    "declare_op", "op_vjp", "positional_names", "rules", "rules_of",
+]  # fmt: skip
 
-def custom_vjp_op(fwd: Callable, bwd: Callable) -> Callable:
-    """Return ``op(options, *args)``: a custom_vjp whose backward is ``bwd``.
-
-    ``options`` is a tuple of ``(name, value)`` pairs passed to ``fwd`` and ``bwd`` as
-    keywords. Under ``jax.grad``/``jax.vjp`` JAX calls ``fwd`` and then ``bwd``; without
-    differentiation it calls ``fwd`` and keeps only the output (XLA drops the unused
-    residuals under ``jit``).
-
-    Inside a user's ``shard_map`` (``check_vma=True``), each cotangent gets its argument's
-    varying-axes type: ``psum`` over the axes it varies along beyond its argument's (what
-    JAX's autodiff does for the implicit ``pvary``), see :mod:`jaxbp._vma`. ``bwd`` itself
-    stays the plain rule: called directly, it returns the per-device cotangents.
-    """
-
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-    def op(options, *args):
-        return fwd(*args, **dict(options))[0]
-
-    def op_fwd(options, *args):
-        out, res = fwd(*args, **dict(options))
-        # Inside a shard_map: each argument's varying axes, static, for the cotangents.
-        return out, (res, _vma.Static(tuple(_vma.of(a) for a in args)))
-
-    def op_bwd(options, res, g):
-        res, vmas = res
-        return _vma.fit_cotangents(tuple(bwd(res, g, **dict(options))), vmas.value)
-
-    op.defvjp(op_fwd, op_bwd)
-    return op
+# What every op carries (tests/test_op.py checks the built-in ops and Op instances alike).
+OP_ATTRIBUTES = (
+    "name", "fwd", "bwd", "reference", "per_example_args", "example_ndim", "arg_names",
+    "traced_options",
+)  # fmt: skip
 
 
 def positional_names(fn: Callable) -> tuple[str, ...]:
@@ -61,14 +68,125 @@ def positional_names(fn: Callable) -> tuple[str, ...]:
     return tuple(p.name for p in inspect.signature(fn).parameters.values() if p.kind in kinds)
 
 
-def declare_op(
+def rules_of(op: Any) -> tuple[Callable, Callable]:
+    """``(op.fwd, op.bwd)``; ``TypeError`` for anything that carries no rules."""
+    fwd, bwd = getattr(op, "fwd", None), getattr(op, "bwd", None)
+    if not (callable(fwd) and callable(bwd)):
+        raise TypeError(
+            f"op: expected a jaxbp op (carrying .fwd and .bwd rules) or a jaxbp.Op, got {op!r}"
+        )
+    return fwd, bwd
+
+
+def bwd_options(bwd: Callable, options: dict) -> dict:
+    """The options ``bwd`` takes: array options (``where``, ``class_weights``) live in the
+    residuals, so only the keyword options (``axis``, ``label_smoothing``, ...) go to ``bwd``."""
+    params = inspect.signature(bwd).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(options)
+    return {k: v for k, v in options.items() if k in params}
+
+
+def rules(*ops: Any) -> tuple[Callable, ...]:
+    """The rules ``ops`` hold now, ``(fwd₁, bwd₁, fwd₂, …)``: hashable, part of the cache key
+    of every compiled explicit loop, so that a swapped rule is traced anew."""
+    return tuple(r for op in ops for r in rules_of(op))
+
+
+def op_vjp(op: Any, *, traced: Sequence[str] | None = None, primal: Callable | None = None):
+    """Return ``call(*args, **options)``: a ``jax.custom_vjp`` running ``op``'s rules.
+
+    ``op.fwd``/``op.bwd`` are read each time JAX traces it (a swapped rule is used by the
+    next trace). The keyword ``options`` reach ``fwd`` and ``bwd`` as keywords: those named
+    in ``traced`` (default ``op.traced_options``) as traced values, saved for the backward
+    with the residuals; the others static (hashable). Under ``jax.grad``/``jax.vjp`` JAX calls
+    ``fwd`` and then ``bwd``; without differentiation it calls ``fwd`` and keeps only the
+    output (XLA drops the unused residuals under ``jit``).
+
+    Inside a user's ``shard_map`` (``check_vma=True``), each cotangent gets its argument's
+    varying-axes type: ``psum`` over the axes it varies along beyond its argument's (what
+    JAX's autodiff does for the implicit ``pvary``), see :mod:`jaxbp._vma`. ``bwd`` itself
+    stays the plain rule: called directly, it returns the per-device cotangents.
+
+    ``primal(*args, **options)``, when given, computes the output when no gradient is asked
+    for (the fused loss computes its loss alone there, whatever its strategy).
+    """
+    traced = tuple(getattr(op, "traced_options", ()) if traced is None else traced)
+    return _vjp(lambda: rules_of(op), traced, primal)
+
+
+def custom_vjp_op(fwd: Callable, bwd: Callable) -> Callable:
+    """Return ``op(options, *args)``: a custom_vjp whose backward is ``bwd``.
+
+    ``options`` is a tuple of ``(name, value)`` pairs passed to ``fwd`` and ``bwd`` as
+    keywords (static). The low-level builder for rules that are not bound to an op object;
+    jaxbp's own ops use :func:`op_vjp`, which reads the rules from the op.
+    """
+    call = _vjp(lambda: (fwd, bwd), ())
+
+    def op(options, *args):
+        return call(*args, **dict(options))
+
+    return op
+
+
+def _vjp(get: Callable, traced: tuple[str, ...], primal: Callable | None = None):
+    """The ``custom_vjp`` of :func:`op_vjp` and :func:`custom_vjp_op`; ``get()`` gives the
+    rules ``(fwd, bwd)`` at trace time."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def core(static, dynamic, *args):
+        if primal is not None:
+            return primal(*args, **dict(static), **dynamic)
+        return get()[0](*args, **dict(static), **dynamic)[0]
+
+    def core_fwd(static, dynamic, *args):
+        out, res = get()[0](*args, **dict(static), **dynamic)
+        # Inside a shard_map: each argument's varying axes, static, for the cotangents.
+        return out, (res, dynamic, _vma.Static(tuple(_vma.of(a) for a in args)))
+
+    def core_bwd(static, saved, g):
+        res, dynamic, vmas = saved
+        cts = tuple(get()[1](res, g, **dict(static), **dynamic))
+        # The rules do not differentiate their traced options: a gradient taken through one
+        # is NaN (never a silent 0); a gradient not asked for through it is dropped unseen.
+        nan = jax.tree.map(lambda v: jnp.full(jnp.shape(v), jnp.nan, jnp.result_type(v)), dynamic)
+        return (nan, *_vma.fit_cotangents(cts, vmas.value))
+
+    core.defvjp(core_fwd, core_bwd)
+
+    def call(*args, **options):
+        static = tuple(sorted((k, v) for k, v in options.items() if k not in traced))
+        dynamic = {k: options[k] for k in traced if k in options}
+        return core(static, dynamic, *args)
+
+    return call
+
+
+def _check_per_example(name: str, names: tuple[str, ...], per_example: tuple[str, ...]) -> None:
+    unknown = [n for n in per_example if n not in names]
+    if unknown or not per_example:
+        raise ValueError(
+            f"per_example: expected a non-empty tuple of {name}'s positional parameters "
+            f"{names}, got {per_example}"
+        )
+
+
+def _check_example_ndim(example_ndim: Any) -> int:
+    if not isinstance(example_ndim, int) or isinstance(example_ndim, bool) or example_ndim < 0:
+        raise ValueError(f"example_ndim: expected an int ≥ 0, got {example_ndim!r}")
+    return example_ndim
+
+
+def declare(
     *,
-    per_example: tuple[str, ...],
-    fwd: Callable | None = None,
-    bwd: Callable | None = None,
+    fwd: Callable,
+    bwd: Callable,
+    per_example: Sequence[str],
     example_ndim: int = 1,
+    traced: Sequence[str] = (),
 ) -> Callable:
-    """Decorator: declare a public op's signature for :func:`jaxbp.jacobian` (and the tests).
+    """Decorator of a built-in op: bind its rules and its signature's meaning to it.
 
     ``per_example`` names the positional parameters that carry the batch, one row per
     example (``x``, ``z``, ``logits``, ``labels``, ``target``); every other positional
@@ -76,32 +194,179 @@ def declare_op(
     whatever its shape happens to be. The first per-example parameter has shape
     ``(n..., k...)`` with ``example_ndim`` trailing axes ``k...`` per example (default 1:
     ``(n..., k)``; 0 for integer ids ``(n...)``; 3 for attention's ``(n..., h, t, e)``): its
-    leading axes are the batch. ``fwd``/``bwd`` name the rules when they are not
-    ``{op}_fwd``/``{op}_bwd`` in the op's module. Sets ``op.per_example_args``,
-    ``op.example_ndim`` and, when given, ``op.rules``; a user-built op may set these
-    attributes directly::
+    leading axes are the batch. ``traced`` names the options the rules take as traced
+    values. Sets the attributes of :data:`OP_ATTRIBUTES` (``reference`` is ``None`` until
+    ``jaxbp/__init__.py`` binds it)::
 
-        @declare_op(per_example=("x",), fwd=my_fwd, bwd=my_bwd)
-        def my_layer(x, w): ...
+        @declare(fwd=dense_fwd, bwd=dense_bwd, per_example=("x",))
+        def dense(x, w, b=None): ...
     """
     per_example = tuple(per_example)
-    if (fwd is None) != (bwd is None):
-        raise TypeError("declare_op: give both fwd and bwd, or neither")
-    if not isinstance(example_ndim, int) or isinstance(example_ndim, bool) or example_ndim < 0:
-        raise ValueError(f"example_ndim: expected an int ≥ 0, got {example_ndim!r}")
+    example_ndim = _check_example_ndim(example_ndim)
+    for what, fn in (("fwd", fwd), ("bwd", bwd)):
+        if not callable(fn):
+            raise TypeError(f"{what}: expected a callable rule, got {fn!r}")
 
     def decorate(op: Callable) -> Callable:
         names = positional_names(op)
-        unknown = [n for n in per_example if n not in names]
-        if unknown or not per_example:
-            raise ValueError(
-                f"per_example: expected a non-empty tuple of {op.__name__}'s positional "
-                f"parameters {names}, got {per_example}"
-            )
+        _check_per_example(op.__name__, names, per_example)
+        op.name = op.__name__
+        op.fwd, op.bwd = fwd, bwd
+        op.reference = None
         op.per_example_args = per_example
         op.example_ndim = example_ndim
-        if fwd is not None:
-            op.rules = (fwd, bwd)
+        op.arg_names = names
+        op.traced_options = tuple(traced)
         return op
 
     return decorate
+
+
+def declare_op(
+    *,
+    per_example: Sequence[str],
+    fwd: Callable | None = None,
+    bwd: Callable | None = None,
+    example_ndim: int = 1,
+) -> Callable:
+    """Deprecated: use :func:`declare` (or build the op with :class:`jaxbp.Op`).
+
+    The same declaration; the rules are now required (they are bound to the op, never found
+    by name beside it)."""
+    warnings.warn(
+        "jaxbp._op.declare_op is deprecated: use jaxbp._op.declare(fwd=..., bwd=..., "
+        "per_example=...) or build the op with jaxbp.Op",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    if fwd is None or bwd is None:
+        raise TypeError("declare_op: give both fwd and bwd (rules are bound to the op)")
+    return declare(fwd=fwd, bwd=bwd, per_example=per_example, example_ndim=example_ndim)
+
+
+def bind_references(pairs: Sequence[tuple[Any, Callable]]) -> None:
+    """``op.reference = ref`` for each ``(op, ref)``: the built-in ops' plain twins, bound once
+    by ``jaxbp/__init__.py`` (the reference package imports after the rules)."""
+    for op, ref in pairs:
+        op.reference = ref
+
+
+class Op:
+    """An op on jaxbp's contract, built from your ``fwd``, ``bwd`` and ``reference``.
+
+    Args:
+      fwd: ``fwd(*args, **options) -> (out, res)``.
+      bwd: ``bwd(res, g, **options) -> tuple`` of one cotangent per positional argument.
+      reference: ``reference(*args, **options)``, plain ``jax.numpy``; its signature is the
+        op's (positional parameter names name the arguments in reports and errors).
+      name: the op's name (in jaxprs, reports, error messages); default ``reference``'s.
+      per_example: names of the positional parameters that carry the batch (one row per
+        example, ``(n..., k)``); the others are parameters shared by all examples. Default:
+        the first positional parameter only.
+      options: the static keyword options and their defaults, e.g. ``{"scale": 1.0}``.
+      example_ndim: trailing axes per example of the first per-example argument (default 1).
+
+    Calling ``op(*args, **options)`` runs a ``jax.custom_vjp``: ``jax.grad``, ``jax.vjp`` and
+    everything built on them run your ``bwd``; ``jax.jit`` and ``jax.vmap`` compose.
+    ``op.fwd``/``op.bwd`` are the jitted rules (options filled with their defaults),
+    ``op.reference`` the plain twin; the op carries the same attributes as jaxbp's own ops
+    (:data:`OP_ATTRIBUTES`), so :func:`jaxbp.jacobian` and :func:`jaxbp.check` accept it.
+
+    Example (squared ReLU, saving its input)::
+
+      >>> import jax, jax.numpy as jnp, jaxbp
+      >>> sqrelu = jaxbp.Op(
+      ...     fwd=lambda z: (jnp.maximum(z, 0) ** 2, (z,)),
+      ...     bwd=lambda res, g: (2 * g * jnp.maximum(res[0], 0),),
+      ...     reference=lambda z: jnp.maximum(z, 0) ** 2,
+      ...     name="sqrelu",
+      ... )
+      >>> jax.grad(lambda z: sqrelu(z).sum())(jnp.array([-1.0, 3.0])).tolist()
+      [0.0, 6.0]
+    """
+
+    def __init__(
+        self,
+        fwd: Callable,
+        bwd: Callable,
+        reference: Callable,
+        *,
+        name: str | None = None,
+        per_example: Sequence[str] | None = None,
+        options: dict[str, Any] | None = None,
+        example_ndim: int = 1,
+    ):
+        for what, fn in (("fwd", fwd), ("bwd", bwd), ("reference", reference)):
+            if not callable(fn):
+                raise TypeError(f"{what}: expected a callable, got {fn!r}")
+        self.name = str(name or getattr(reference, "__name__", "op"))
+        self.__name__ = self.__qualname__ = self.name
+        self.__doc__ = getattr(reference, "__doc__", None) or f"The user op {self.name!r}."
+        self.__signature__ = inspect.signature(reference)
+        self.__wrapped__ = reference
+        names = positional_names(reference)
+        if not names:
+            raise ValueError("reference: expected positional parameters (the op's arguments)")
+        per_example = (names[0],) if per_example is None else tuple(per_example)
+        _check_per_example(self.name, names, per_example)
+        self.arg_names = names
+        self.per_example_args = per_example
+        self.example_ndim = _check_example_ndim(example_ndim)
+        self.traced_options = ()
+        self.defaults = dict(options or {})
+        for key, value in self.defaults.items():
+            try:
+                hash(value)
+            except TypeError:
+                raise TypeError(
+                    f"options: {key!r} must be hashable (static); arrays are positional "
+                    f"arguments, got {type(value).__name__}"
+                ) from None
+        static = tuple(self.defaults)
+        self._fwd = jax.jit(_named(fwd, self.name + "_fwd"), static_argnames=static)
+        self._bwd = jax.jit(_named(bwd, self.name + "_bwd"), static_argnames=static)
+        self.reference = reference
+        self._core = op_vjp(self)  # reads self.fwd / self.bwd when traced
+
+    def _options(self, options: dict) -> dict:
+        unknown = sorted(set(options) - set(self.defaults))
+        if unknown:
+            raise TypeError(
+                f"{self.name}: unexpected option(s) {unknown}; options are {list(self.defaults)}"
+            )
+        return {**self.defaults, **options}
+
+    def __call__(self, *args, **options):
+        opts = self._options(options)
+        if len(args) != len(self.arg_names):
+            raise TypeError(
+                f"{self.name}: expected {len(self.arg_names)} positional arguments "
+                f"{self.arg_names}, got {len(args)}"
+            )
+        return self._core(*args, **opts)
+
+    def fwd(self, *args, **options):
+        """The jitted forward rule: ``(out, res)``."""
+        return self._fwd(*args, **self._options(options))
+
+    def bwd(self, res, g, **options):
+        """The jitted backward rule: one cotangent per positional argument."""
+        return tuple(self._bwd(res, g, **self._options(options)))
+
+    @property
+    def batched(self) -> tuple[bool, ...]:
+        """Per positional argument: True when it is per-example (see ``per_example``)."""
+        return tuple(n in self.per_example_args for n in self.arg_names)
+
+    def __repr__(self) -> str:
+        return f"jaxbp.Op({self.name!r}, args={self.arg_names}, options={self.defaults})"
+
+
+def _named(fn: Callable, name: str) -> Callable:
+    """``fn`` under a name JAX shows in jaxprs and profiles (a lambda would show '<lambda>')."""
+
+    def rule(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    rule.__name__ = rule.__qualname__ = name
+    return rule

@@ -18,12 +18,14 @@ does anything. On a JAX without vma types (before 0.6) the same holds.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["Static", "fit_cotangents", "of", "pvary", "pvary_tree", "union"]
+__all__ = ["LOCAL", "Reduce", "Static", "fit_cotangents", "of", "pvary", "pvary_tree", "union"]
 
 
 def of(x: Any) -> frozenset:
@@ -98,3 +100,29 @@ class Static:
 
 
 jax.tree_util.register_pytree_node(Static, lambda s: ((), s.value), lambda aux, _: Static(aux))
+
+
+@dataclasses.dataclass(frozen=True)
+class Reduce:
+    """How per-row statistics combine across class (vocabulary) shards: over the mesh axis
+    ``axis`` (``pmax``/``psum``, inside a ``shard_map``), or not at all (``axis=None``, one
+    device: :data:`LOCAL`). The softmax cross-entropy rules (:mod:`jaxbp.losses`) and the
+    chunked kernel (:mod:`jaxbp._xent`) take one, so the vocabulary-parallel losses of
+    :mod:`jaxbp.parallel` are the same code with the reductions over the mesh axis."""
+
+    axis: str | None = None
+
+    def max(self, a):
+        return a if self.axis is None else lax.pmax(a, self.axis)
+
+    def sum(self, a):
+        return a if self.axis is None else lax.psum(a, self.axis)
+
+    def first_column(self, c_local: int, dtype) -> Any:
+        """The global id of this shard's first class column (0 on one device)."""
+        if self.axis is None:
+            return jnp.zeros((), dtype)
+        return (lax.axis_index(self.axis) * c_local).astype(dtype)
+
+
+LOCAL = Reduce()

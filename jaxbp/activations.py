@@ -35,7 +35,7 @@ import numpy as np
 from jax.scipy.special import erfc
 
 from . import _checks
-from ._op import custom_vjp_op, declare_op
+from ._op import declare, op_vjp
 
 __all__ = [
     "relu", "relu_fwd", "relu_bwd",
@@ -51,26 +51,28 @@ __all__ = [
 
 
 def _elementwise(name: str, f: Callable, df: Callable, *, saves: str, defaults: dict):
-    """Build ``(op, op_fwd, op_bwd)`` from ``f`` and its derivative ``df``.
+    """Build the rules ``(op_fwd, op_bwd)`` from ``f`` and its derivative ``df``, and the
+    option check ``options(kwargs) -> dict`` the public op runs before calling its core.
 
     ``df`` takes what is saved: the output ``y`` when ``saves == "output"``, else the input
     ``z``. Both run in float32 for half-precision inputs; results come back in ``z``'s dtype.
     The jitted rules are named ``{name}_fwd`` and ``{name}_bwd`` (in jaxprs, logs, profiles).
     """
-    names = tuple(defaults)
+    # bool options switch formulas (static); number options only scale values (traced)
+    static = tuple(k for k, v in defaults.items() if isinstance(v, bool))
 
     def options(kwargs):
-        unknown = set(kwargs) - set(names)
+        unknown = set(kwargs) - set(defaults)
         if unknown:
-            raise TypeError(f"unexpected option(s) {sorted(unknown)}; options are {list(names)}")
+            raise TypeError(f"unexpected option(s) {sorted(unknown)}; options are {list(defaults)}")
         opts = {**defaults, **kwargs}
-        for k, v in kwargs.items():  # static options: Python constants, never traced values
-            if isinstance(defaults[k], bool):
+        for k, v in kwargs.items():
+            if k in static:  # Python constants, never traced values
                 if not _checks.is_concrete(v) or not isinstance(v, bool | np.bool_):
                     raise TypeError(f"{k}: must be a Python bool (a static option), got {v!r}")
                 opts[k] = bool(v)
-            else:
-                opts[k] = _checks.static_number(k, v)
+            else:  # a number, or a traced scalar
+                opts[k] = _checks.traced_number(k, v, lambda _: True, "a number")
         return opts
 
     def op_fwd(z, **opts):
@@ -87,14 +89,8 @@ def _elementwise(name: str, f: Callable, df: Callable, *, saves: str, defaults: 
 
     for rule, suffix in ((op_fwd, "_fwd"), (op_bwd, "_bwd")):
         rule.__name__ = rule.__qualname__ = name + suffix
-    op_fwd = jax.jit(op_fwd, static_argnames=names)
-    op_bwd = jax.jit(op_bwd, static_argnames=names)
-
-    core = custom_vjp_op(op_fwd, op_bwd)
-
-    def op(z, **kwargs):
-        z = _checks.floating("z", z)
-        return core(tuple(sorted(options(kwargs).items())), z)
+    op_fwd = jax.jit(op_fwd, static_argnames=static)
+    op_bwd = jax.jit(op_bwd, static_argnames=static)
 
     def fwd(z, **kwargs):
         return op_fwd(_checks.floating("z", z), **options(kwargs))
@@ -102,7 +98,13 @@ def _elementwise(name: str, f: Callable, df: Callable, *, saves: str, defaults: 
     def bwd(res, g, **kwargs):
         return op_bwd(res, g, **options(kwargs))
 
-    return op, fwd, bwd
+    for rule, suffix in ((fwd, "_fwd"), (bwd, "_bwd")):
+        rule.__name__ = rule.__qualname__ = name + suffix
+        rule.__doc__ = (
+            f"The {'forward' if suffix == '_fwd' else 'backward'} rule of :func:`{name}` "
+            f"(jitted inside; options checked as the op checks them)."
+        )
+    return fwd, bwd, options
 
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -147,59 +149,68 @@ def _dsilu(z):
     return jax.nn.sigmoid(z) * (1.0 + z * jax.nn.sigmoid(-z))
 
 
-_relu, relu_fwd, relu_bwd = _elementwise(
+relu_fwd, relu_bwd, _relu_options = _elementwise(
     "relu",
     lambda z: jnp.maximum(z, 0),
     lambda y: (y > 0).astype(y.dtype),
     saves="output",
     defaults={},
 )
-_leaky_relu, leaky_relu_fwd, leaky_relu_bwd = _elementwise(
+leaky_relu_fwd, leaky_relu_bwd, _leaky_relu_options = _elementwise(
     "leaky_relu",
-    lambda z, negative_slope: jnp.where(z > 0, z, negative_slope * z),
-    lambda z, negative_slope: jnp.where(z > 0, 1.0, negative_slope).astype(z.dtype),
+    lambda z, negative_slope: jnp.where(z > 0, z, _checks.as_scalar(negative_slope, z.dtype) * z),
+    lambda z, negative_slope: jnp.where(
+        z > 0, 1.0, _checks.as_scalar(negative_slope, z.dtype)
+    ).astype(z.dtype),
     saves="input",
     defaults={"negative_slope": 0.01},
 )
-_sigmoid, sigmoid_fwd, sigmoid_bwd = _elementwise(
+sigmoid_fwd, sigmoid_bwd, _sigmoid_options = _elementwise(
     "sigmoid", jax.nn.sigmoid, lambda y: y * (1 - y), saves="output", defaults={}
 )
-_tanh, tanh_fwd, tanh_bwd = _elementwise(
+tanh_fwd, tanh_bwd, _tanh_options = _elementwise(
     "tanh", jnp.tanh, lambda y: 1 - y * y, saves="output", defaults={}
 )
-_gelu_op, gelu_fwd, gelu_bwd = _elementwise(
+gelu_fwd, gelu_bwd, _gelu_options = _elementwise(
     "gelu", _gelu, _dgelu, saves="input", defaults={"approximate": True}
 )
-_softplus, softplus_fwd, softplus_bwd = _elementwise(
+softplus_fwd, softplus_bwd, _softplus_options = _elementwise(
     "softplus", lambda z: jnp.logaddexp(z, 0), lambda y: -jnp.expm1(-y), saves="output", defaults={}
 )
 
-_silu_op, silu_fwd, silu_bwd = _elementwise("silu", _silu, _dsilu, saves="input", defaults={})
+silu_fwd, silu_bwd, _silu_options = _elementwise("silu", _silu, _dsilu, saves="input", defaults={})
 
 
+@declare(fwd=relu_fwd, bwd=relu_bwd, per_example=("z",))
 def relu(z: jax.Array) -> jax.Array:
     """``max(z, 0)`` elementwise, any shape; gradient ``g ⊙ [y > 0]`` (0 at ``z = 0``)."""
-    return _relu(z)
+    return _relu(_checks.floating("z", z))
 
 
+@declare(fwd=leaky_relu_fwd, bwd=leaky_relu_bwd, per_example=("z",), traced=("negative_slope",))
 def leaky_relu(z: jax.Array, *, negative_slope: float = 0.01) -> jax.Array:
     """``z`` where ``z > 0`` else ``negative_slope·z``; gradient ``g`` or ``negative_slope·g``.
 
-    At exactly ``z = 0`` the derivative is ``negative_slope``.
+    At exactly ``z = 0`` the derivative is ``negative_slope``. ``negative_slope`` may be a
+    traced scalar: the rules take it traced (each value compiles nothing new).
     """
-    return _leaky_relu(z, negative_slope=negative_slope)
+    opts = _leaky_relu_options({"negative_slope": negative_slope})
+    return _leaky_relu(_checks.floating("z", z), **opts)
 
 
+@declare(fwd=sigmoid_fwd, bwd=sigmoid_bwd, per_example=("z",))
 def sigmoid(z: jax.Array) -> jax.Array:
     """``1 / (1 + e^{−z})`` elementwise; gradient ``g ⊙ y(1 − y)`` from the saved output."""
-    return _sigmoid(z)
+    return _sigmoid(_checks.floating("z", z))
 
 
+@declare(fwd=tanh_fwd, bwd=tanh_bwd, per_example=("z",))
 def tanh(z: jax.Array) -> jax.Array:
     """``tanh z`` elementwise; gradient ``g ⊙ (1 − y²)`` from the saved output."""
-    return _tanh(z)
+    return _tanh(_checks.floating("z", z))
 
 
+@declare(fwd=gelu_fwd, bwd=gelu_bwd, per_example=("z",))
 def gelu(z: jax.Array, *, approximate: bool = True) -> jax.Array:
     """GELU ``z·Φ(z)``; ``approximate=True`` uses the tanh form (as ``jax.nn.gelu``).
 
@@ -209,19 +220,31 @@ def gelu(z: jax.Array, *, approximate: bool = True) -> jax.Array:
     written so that nothing cancels in the left tail: float32 keeps its relative precision
     down to ``z = −12`` (until the result leaves float32's normal range).
     """
-    return _gelu_op(z, approximate=approximate)
+    opts = _gelu_options({"approximate": approximate})
+    return _gelu_op(_checks.floating("z", z), **opts)
 
 
+@declare(fwd=softplus_fwd, bwd=softplus_bwd, per_example=("z",))
 def softplus(z: jax.Array) -> jax.Array:
     """``log(1 + e^z)`` elementwise; gradient ``g ⊙ σ(z) = g ⊙ (1 − e^{−y})`` from the output."""
-    return _softplus(z)
+    return _softplus(_checks.floating("z", z))
 
 
+@declare(fwd=silu_fwd, bwd=silu_bwd, per_example=("z",))
 def silu(z: jax.Array) -> jax.Array:
     """SiLU (swish) ``z·σ(z)`` elementwise; gradient ``g ⊙ σ(z)·(1 + z·σ(−z))`` from the saved
     input. ``jaxbp.swish`` is this same function (an alias, as ``jax.nn.swish``)."""
-    return _silu_op(z)
+    return _silu_op(_checks.floating("z", z))
 
+
+# Each op's custom_vjp reads its rules from the op object when JAX traces it.
+_relu = op_vjp(relu)
+_leaky_relu = op_vjp(leaky_relu)
+_sigmoid = op_vjp(sigmoid)
+_tanh = op_vjp(tanh)
+_gelu_op = op_vjp(gelu)
+_softplus = op_vjp(softplus)
+_silu_op = op_vjp(silu)
 
 swish, swish_fwd, swish_bwd = silu, silu_fwd, silu_bwd  # an alias: the same objects
 
@@ -235,6 +258,3 @@ ACTIVATIONS: dict[str, Callable] = {
     "silu": silu,
     "swish": swish,
 }
-
-for _activation in ACTIVATIONS.values():
-    declare_op(per_example=("z",))(_activation)  # elementwise: z is the only argument

@@ -60,7 +60,7 @@ import numpy as np
 from jax import lax
 
 from . import _checks, _vma
-from ._op import custom_vjp_op, declare_op
+from ._op import declare, op_vjp
 
 __all__ = ["attention", "attention_fwd", "attention_bwd", "STRATEGIES", "RECOMPUTE_BLOCK"]
 
@@ -267,10 +267,7 @@ def attention_bwd(res, g, *, causal: bool = True, strategy: str = "store"):
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
-_attention = custom_vjp_op(attention_fwd, attention_bwd)
-
-
-@declare_op(per_example=("q", "k", "v"), example_ndim=3)
+@declare(fwd=attention_fwd, bwd=attention_bwd, per_example=("q", "k", "v"), example_ndim=3)
 def attention(
     q: jax.Array,
     k: jax.Array,
@@ -311,4 +308,7 @@ def attention(
       (2, 4, 3, 8)
     """
     q, k, v, where, causal = _validate(q, k, v, where, causal, strategy)
-    return _attention((("causal", causal), ("strategy", strategy)), q, k, v, where)
+    return _attention(q, k, v, where, causal=causal, strategy=strategy)
+
+
+_attention = op_vjp(attention)  # reads attention.fwd / .bwd when JAX traces it

@@ -28,142 +28,18 @@ against finite differences.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._op import custom_vjp_op, positional_names
+from ._op import Op, bwd_options, positional_names, rules_of
 from .gradcheck import FD_STEP, FD_TOLERANCE, TOLERANCES, Row, x64
 
 __all__ = ["Op", "CheckReport", "check"]
-
-
-class Op:
-    """An op on jaxbp's contract, built from your ``fwd``, ``bwd`` and ``reference``.
-
-    Args:
-      fwd: ``fwd(*args, **options) -> (out, res)``.
-      bwd: ``bwd(res, g, **options) -> tuple`` of one cotangent per positional argument.
-      reference: ``reference(*args, **options)``, plain ``jax.numpy``; its signature is the
-        op's (positional parameter names name the arguments in reports and errors).
-      name: the op's name (in jaxprs, reports, error messages); default ``reference``'s.
-      per_example: names of the positional parameters that carry the batch (one row per
-        example, ``(n..., k)``); the others are parameters shared by all examples. Default:
-        the first positional parameter only.
-      options: the static keyword options and their defaults, e.g. ``{"scale": 1.0}``.
-
-    Calling ``op(*args, **options)`` runs a ``jax.custom_vjp``: ``jax.grad``, ``jax.vjp`` and
-    everything built on them run your ``bwd``; ``jax.jit`` and ``jax.vmap`` compose.
-    ``op.fwd``/``op.bwd`` are the jitted rules (options filled with their defaults),
-    ``op.reference`` the plain twin; :func:`jaxbp.jacobian` and :func:`jaxbp.check` accept
-    ``op``.
-
-    Example (squared ReLU, saving its input)::
-
-      >>> import jax, jax.numpy as jnp, jaxbp
-      >>> sqrelu = jaxbp.Op(
-      ...     fwd=lambda z: (jnp.maximum(z, 0) ** 2, (z,)),
-      ...     bwd=lambda res, g: (2 * g * jnp.maximum(res[0], 0),),
-      ...     reference=lambda z: jnp.maximum(z, 0) ** 2,
-      ...     name="sqrelu",
-      ... )
-      >>> jax.grad(lambda z: sqrelu(z).sum())(jnp.array([-1.0, 3.0])).tolist()
-      [0.0, 6.0]
-    """
-
-    def __init__(
-        self,
-        fwd: Callable,
-        bwd: Callable,
-        reference: Callable,
-        *,
-        name: str | None = None,
-        per_example: Sequence[str] | None = None,
-        options: dict[str, Any] | None = None,
-    ):
-        for what, fn in (("fwd", fwd), ("bwd", bwd), ("reference", reference)):
-            if not callable(fn):
-                raise TypeError(f"{what}: expected a callable, got {fn!r}")
-        self.name = str(name or getattr(reference, "__name__", "op"))
-        self.__name__ = self.__qualname__ = self.name
-        self.__doc__ = getattr(reference, "__doc__", None) or f"The user op {self.name!r}."
-        self.__signature__ = inspect.signature(reference)
-        self.__wrapped__ = reference
-        names = positional_names(reference)
-        if not names:
-            raise ValueError("reference: expected positional parameters (the op's arguments)")
-        per_example = (names[0],) if per_example is None else tuple(per_example)
-        unknown = [n for n in per_example if n not in names]
-        if unknown or not per_example:
-            raise ValueError(
-                f"per_example: expected a non-empty tuple of {self.name}'s positional "
-                f"parameters {names}, got {per_example}"
-            )
-        self.arg_names = names
-        self.per_example_args = per_example
-        self.defaults = dict(options or {})
-        for key, value in self.defaults.items():
-            try:
-                hash(value)
-            except TypeError:
-                raise TypeError(
-                    f"options: {key!r} must be hashable (static); arrays are positional "
-                    f"arguments, got {type(value).__name__}"
-                ) from None
-        static = tuple(self.defaults)
-        self._fwd = jax.jit(_named(fwd, self.name + "_fwd"), static_argnames=static)
-        self._bwd = jax.jit(_named(bwd, self.name + "_bwd"), static_argnames=static)
-        self._core = custom_vjp_op(self._fwd, self._bwd)
-        self.reference = reference
-        self.rules = (self.fwd, self.bwd)
-
-    def _options(self, options: dict) -> dict:
-        unknown = sorted(set(options) - set(self.defaults))
-        if unknown:
-            raise TypeError(
-                f"{self.name}: unexpected option(s) {unknown}; options are {list(self.defaults)}"
-            )
-        return {**self.defaults, **options}
-
-    def __call__(self, *args, **options):
-        opts = self._options(options)
-        if len(args) != len(self.arg_names):
-            raise TypeError(
-                f"{self.name}: expected {len(self.arg_names)} positional arguments "
-                f"{self.arg_names}, got {len(args)}"
-            )
-        return self._core(tuple(sorted(opts.items())), *args)
-
-    def fwd(self, *args, **options):
-        """The jitted forward rule: ``(out, res)``."""
-        return self._fwd(*args, **self._options(options))
-
-    def bwd(self, res, g, **options):
-        """The jitted backward rule: one cotangent per positional argument."""
-        return tuple(self._bwd(res, g, **self._options(options)))
-
-    @property
-    def batched(self) -> tuple[bool, ...]:
-        """Per positional argument: True when it is per-example (see ``per_example``)."""
-        return tuple(n in self.per_example_args for n in self.arg_names)
-
-    def __repr__(self) -> str:
-        return f"jaxbp.Op({self.name!r}, args={self.arg_names}, options={self.defaults})"
-
-
-def _named(fn: Callable, name: str) -> Callable:
-    """``fn`` under a name JAX shows in jaxprs and profiles (a lambda would show '<lambda>')."""
-
-    def rule(*args, **kwargs):
-        return fn(*args, **kwargs)
-
-    rule.__name__ = rule.__qualname__ = name
-    return rule
 
 
 # --------------------------------------------------------------------------- checking
@@ -276,27 +152,20 @@ def _row(check_name, arg, actual, expected, tol) -> Row:
 
 
 def _resolve(op: Callable):
-    """``(name, call, fwd, bwd, reference, argument names)`` of an Op or a built-in op."""
-    if isinstance(op, Op):
-        return op.name, op, op.fwd, op.bwd, op.reference, op.arg_names
-    from . import reference as reference_ops
-    from .jacobian import rules_of
-
-    name = getattr(op, "__name__", None)
-    ref = getattr(reference_ops, name or "", None)
-    if ref is None:
+    """``(name, call, fwd, bwd, reference, argument names)``, from the op's attributes."""
+    ref = getattr(op, "reference", None)
+    if (
+        ref is None
+        or not callable(getattr(op, "fwd", None))
+        or not callable(getattr(op, "bwd", None))
+    ):
         raise TypeError(
-            f"op: expected a jaxbp.Op or a public jaxbp op with a twin under jaxbp.reference, "
-            f"got {op!r}"
+            "op: expected a jaxbp.Op or a public jaxbp op (carrying .fwd/.bwd rules and its "
+            f"plain twin from jaxbp.reference as .reference), got {op!r}"
         )
     fwd, bwd = rules_of(op)
-    return name, op, fwd, bwd, ref, positional_names(op)
-
-
-def _static_options(bwd: Callable, options: dict) -> dict:
-    from .jacobian import _static_options as static
-
-    return static(bwd, options)
+    names = tuple(getattr(op, "arg_names", None) or positional_names(op))
+    return getattr(op, "name", op.__name__), op, fwd, bwd, ref, names
 
 
 def _is_float(a) -> bool:
@@ -309,8 +178,8 @@ def check(
     """Check an op's hand-written backward the way jaxbp checks its own, in float64.
 
     Args:
-      op: a :class:`jaxbp.Op` or a public jaxbp op (``jaxbp.softmax``, ``jaxbp.dense``...;
-        its plain twin is found by name under :mod:`jaxbp.reference`).
+      op: a :class:`jaxbp.Op` or a public jaxbp op (``jaxbp.softmax``, ``jaxbp.dense``...):
+        its rules are ``op.fwd``/``op.bwd``, its plain twin ``op.reference``.
       *args: the op's positional arguments; floating ones are cast to float64 (and each is
         checked), integer ones (labels) are passed as they are.
       seed: seeds the random cotangent and the finite-difference directions.
@@ -356,7 +225,7 @@ def check(
         out_op, vjp_op = jax.vjp(as_fn(call), *fl)
         via_vjp = vjp_op(g)
         _, res = fwd(*args, **options)
-        direct = tuple(bwd(res, g.astype(out_op.dtype), **_static_options(bwd, options)))
+        direct = tuple(bwd(res, g.astype(out_op.dtype), **bwd_options(bwd, options)))
         rows = [_row("forward", "out", out_op, out_ref, tol)]
         for j, i in enumerate(floats):
             rows.append(_row("custom_vjp", arg_name[i], via_vjp[j], expected[j], tol))

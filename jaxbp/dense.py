@@ -20,13 +20,14 @@ so the backward knows whether a bias cotangent is owed (it is never read).
 from __future__ import annotations
 
 import os
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from . import _checks
-from ._op import custom_vjp_op, declare_op
+from ._op import declare, op_vjp
 
 __all__ = ["dense", "dense_fwd", "dense_bwd", "dense_bwd_params"]
 
@@ -121,8 +122,6 @@ _dw_choice: dict[tuple, bool] = {}
 
 def _time_pairs(fa, fb, args, reps: int = 7) -> tuple[float, float]:
     """Median seconds of ``fa`` and ``fb``, interleaved A B A B after a warm-up."""
-    import time
-
     for f in (fa, fb):
         jax.block_until_ready(f(*args))
     ta, tb = [], []
@@ -166,10 +165,7 @@ def _xt_dot(x2, g2):
     return jax.lax.platform_dependent(x2, g2, cpu=_xt_cpu, default=_plain_dw)
 
 
-_dense = custom_vjp_op(dense_fwd, dense_bwd)
-
-
-@declare_op(per_example=("x",))
+@declare(fwd=dense_fwd, bwd=dense_bwd, per_example=("x",))
 def dense(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
     """Dense layer ``y = x·w + b`` whose gradient is the hand-written :func:`dense_bwd`.
 
@@ -191,4 +187,7 @@ def dense(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
       (2, 4)
     """
     x, w, b = _validate(x, w, b)
-    return _dense((), x, w, b)
+    return _dense(x, w, b)
+
+
+_dense = op_vjp(dense)  # reads dense.fwd / dense.bwd when JAX traces it

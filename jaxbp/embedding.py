@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from . import _checks
 from ._checks import check_label_range
-from ._op import custom_vjp_op, declare_op
+from ._op import declare, op_vjp
 
 __all__ = ["embedding", "embedding_fwd", "embedding_bwd"]
 
@@ -88,10 +88,7 @@ def embedding_bwd(res, g: jax.Array):
     return None, dtable.astype(shape.dtype)
 
 
-_embedding = custom_vjp_op(embedding_fwd, embedding_bwd)
-
-
-@declare_op(per_example=("ids",), example_ndim=0)
+@declare(fwd=embedding_fwd, bwd=embedding_bwd, per_example=("ids",), example_ndim=0)
 def embedding(ids: jax.Array, table: jax.Array) -> jax.Array:
     """Embedding lookup ``table[ids]`` whose gradient is the scatter-add :func:`embedding_bwd`.
 
@@ -116,4 +113,7 @@ def embedding(ids: jax.Array, table: jax.Array) -> jax.Array:
     ids, table = _validate(ids, table)
     ids = _wide(ids)
     _check_ids(ids, table.shape[0])
-    return _embedding((), ids, table)
+    return _embedding(ids, table)
+
+
+_embedding = op_vjp(embedding)  # reads embedding.fwd / .bwd when JAX traces it

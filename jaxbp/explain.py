@@ -32,25 +32,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import reference
-from .activations import ACTIVATIONS
+from ._text import Step, fmt_array, fmt_shape, fmt_values, format_bytes, io_lines, jsonable
+from .activations import ACTIVATIONS, sigmoid
 from .dense import dense, dense_bwd, dense_bwd_params, dense_fwd
 from .gradcheck import x64
-from .jacobian import jacobian, rules_of
+from .jacobian import jacobian
 from .nn import MLP, value_and_grad
 from .softmax import softmax, softmax_jacobian
 
 __all__ = ["Step", "Explanation", "explain"]
-
-
-@dataclasses.dataclass(frozen=True)
-class Step:
-    """One step of the walk: the op, what goes in and out (with shapes), the rule."""
-
-    title: str
-    inputs: tuple[tuple[str, tuple[int, ...]], ...]
-    outputs: tuple[tuple[str, tuple[int, ...]], ...]
-    rule: str
-    notes: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,23 +67,11 @@ class Explanation:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: arrays become nested lists, shapes lists."""
-        return _jsonable(dataclasses.asdict(self))
+        return jsonable(dataclasses.asdict(self))
 
     def text(self) -> str:
         """The walkthrough as plain text, as ``jaxbp explain`` prints it."""
         return _render(self)
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray | jax.Array):
-        return np.asarray(value, np.float64).tolist()
-    if isinstance(value, np.floating | np.integer):
-        return value.item()
-    return value
 
 
 def _np(x) -> np.ndarray:
@@ -132,20 +110,13 @@ def full_jacobian_bytes(sizes, batch: int) -> tuple[int, str, tuple[int, ...]]:
     return 8 * sum(math.prod(s) for _, s in shapes), name, shape
 
 
-def _bytes(b: int) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if b >= size:
-            return f"{b / size:.1f} {unit}"
-    return f"{b} B"
-
-
-def _check_full_jacobian(sizes, batch, name) -> None:
+def check_full_jacobian(sizes, batch, name) -> None:
     need, big, shape = full_jacobian_bytes(sizes, batch)
     if need > FULL_JACOBIAN_MAX_BYTES:
         raise ValueError(
-            f"{name}: the full-Jacobian route would need {_bytes(need)} ({need} bytes) for its "
-            f"Jacobians (the largest, {big}, has shape {shape}); the limit is "
-            f"{_bytes(FULL_JACOBIAN_MAX_BYTES)}: use smaller sizes or batch, or leave out "
+            f"{name}: the full-Jacobian route would need {format_bytes(need)} ({need} bytes) "
+            f"for its Jacobians (the largest, {big}, has shape {shape}); the limit is "
+            f"{format_bytes(FULL_JACOBIAN_MAX_BYTES)}: use smaller sizes or batch, or leave out "
             "the full Jacobians"
         )
 
@@ -177,7 +148,7 @@ def explain(
     if batch < 1:
         raise ValueError(f"batch: expected a positive int, got {batch!r}")
     if full_jacobian:
-        _check_full_jacobian(model.sizes, batch, "full_jacobian")
+        check_full_jacobian(model.sizes, batch, "full_jacobian")
     with x64():
         return _explain(model, batch, seed, full_jacobian)
 
@@ -191,7 +162,7 @@ def _explain(model: MLP, n: int, seed: int, full: bool) -> Explanation:
     labels = jax.random.randint(ky, (n,), 0, c, jnp.int32)
     y = jax.nn.one_hot(labels, c, dtype=f64)  # (n, c)
     act = ACTIVATIONS[model.activation]
-    act_fwd, act_bwd = rules_of(act)
+    act_fwd, act_bwd = act.fwd, act.bwd  # the rules the op carries
     sh = lambda a: tuple(int(s) for s in np.shape(a))  # noqa: E731
 
     # ---- forward: keep what the backward needs
@@ -365,8 +336,6 @@ def _explain(model: MLP, n: int, seed: int, full: bool) -> Explanation:
 
 def _elementwise_case(key, n, c, prob, dloss_dp, y) -> dict[str, Any]:
     """Sigmoid + MSE: the Jacobian is diagonal, so ``.*`` is right; for softmax it is not."""
-    from .activations import sigmoid
-
     kz, kt = jax.random.split(key)
     z = jax.random.normal(kz, (n, c), jnp.float64)
     t = jax.random.uniform(kt, (n, c), jnp.float64)
@@ -432,30 +401,8 @@ def _full_jacobian(model, y, g, prob, zs, dense_res, grads) -> dict[str, Any]:
 # --------------------------------------------------------------------------- text
 
 
-def _shape(s) -> str:
-    return str(tuple(s))
-
-
-def _io_lines(step: Step, indent: str) -> list[str]:
-    names = [k for k, _ in step.inputs + step.outputs]
-    w = max((len(k) for k in names), default=0)
-    lines = [f"{indent}in   {k.ljust(w)}  {_shape(s)}" for k, s in step.inputs]
-    lines += [f"{indent}out  {k.ljust(w)}  {_shape(s)}" for k, s in step.outputs]
-    return lines
-
-
-def _fmt(a) -> str:
-    a = np.asarray(a) + 0.0  # no "-0.0000"
-    return np.array2string(a, precision=4, suppress_small=True, floatmode="fixed")
-
-
-def _arr(a, indent: str) -> str:
-    text = _fmt(a)
-    return "\n".join(indent + line for line in text.splitlines())
-
-
 def _render(e: Explanation) -> str:
-    L, c, n = len(e.sizes) - 1, e.sizes[-1], e.batch
+    c, n = e.sizes[-1], e.batch
     arrow = " → ".join(map(str, e.sizes))
     out = [
         "One backward pass, from the loss down to the first layer",
@@ -468,26 +415,26 @@ def _render(e: Explanation) -> str:
     ]
     w = max(len(s.title) for s in e.forward)
     for s in e.forward:
-        shape = _shape(s.outputs[0][1])
+        shape = fmt_shape(s.outputs[0][1])
         out.append(f"  {s.title.ljust(w)}  {shape.ljust(9)}  {s.rule}".rstrip())
     out += ["", "Backward pass (each step takes the gradient from the step above)"]
     for k, s in enumerate(e.backward, start=1):
         out.append(f"{k:2d}. {s.title}")
-        out += _io_lines(s, "      ")
+        out += io_lines(s, "      ")
         out.append(f"      rule {s.rule}")
         out += [f"      {note}" for note in s.notes]
         if s.title.startswith("softmax"):
             sm = e.softmax
             out += [
                 "      Example 0 (label " + str(sm["labels"][0]) + "):",
-                "        J = diag(p) − p pᵀ     " + _shape(np.shape(sm["jacobian"])[1:]),
-                _arr(sm["jacobian"][0], "          "),
-                "        ∂loss/∂p = −y/p      " + _shape(np.shape(sm["upstream"])[1:]),
-                _arr(sm["upstream"][0], "          "),
-                "        J·∂loss/∂p           " + _shape(np.shape(sm["product"])[1:]),
-                _arr(sm["product"][0], "          "),
-                "        p − y                " + _shape(np.shape(sm["p_minus_y"])[1:]),
-                _arr(sm["p_minus_y"][0], "          "),
+                "        J = diag(p) − p pᵀ     " + fmt_shape(np.shape(sm["jacobian"])[1:]),
+                fmt_array(sm["jacobian"][0], "          "),
+                "        ∂loss/∂p = −y/p      " + fmt_shape(np.shape(sm["upstream"])[1:]),
+                fmt_array(sm["upstream"][0], "          "),
+                "        J·∂loss/∂p           " + fmt_shape(np.shape(sm["product"])[1:]),
+                fmt_array(sm["product"][0], "          "),
+                "        p − y                " + fmt_shape(np.shape(sm["p_minus_y"])[1:]),
+                fmt_array(sm["p_minus_y"][0], "          "),
                 "      J is jaxbp.softmax_jacobian(z); jaxbp.jacobian(jaxbp.softmax, z) builds",
                 "      the same J from softmax_bwd (max difference "
                 f"{sm['jacobian_from_softmax_bwd_max_difference']:.1e}).",
@@ -503,16 +450,16 @@ def _render(e: Explanation) -> str:
         "When is an elementwise product (MATLAB's .*) right?",
         "  Sigmoid + MSE: a = σ(z), loss = mean_c (a − t)², ∂loss/∂a = 2(a − t)/c   (n, c)",
         "  The sigmoid Jacobian jaxbp.jacobian(jaxbp.sigmoid, z) has shape "
-        f"{_shape(np.shape(el['sigmoid_jacobian']))}, but it is diagonal:",
+        f"{fmt_shape(np.shape(el['sigmoid_jacobian']))}, but it is diagonal:",
         f"    largest off-diagonal entry {el['sigmoid_off_diagonal_max_abs']:.1e}; example 0:",
-        _arr(el["sigmoid_jacobian"][0], "      "),
+        fmt_array(el["sigmoid_jacobian"][0], "      "),
         "    diag(J) = σ(z)(1 − σ(z)):",
-        _arr(el["sigmoid_diagonal"][0], "      "),
+        fmt_array(el["sigmoid_diagonal"][0], "      "),
         "  A diagonal matrix times a vector is the elementwise product of its diagonal with it:",
         f"    max |J·g − diag(J) ⊙ g| = {el['sigmoid_max_difference']:.1e}   → .* is right here.",
         "  Softmax: J is full, so the elementwise shortcut is wrong. With g = ∂loss/∂p = −y/p:",
-        "    example 0:  diag(J) ⊙ g  (wrong)  " + _fmt(el["softmax_elementwise"][0]),
-        "                J·g          (right)  " + _fmt(el["softmax_matvec"][0]),
+        "    example 0:  diag(J) ⊙ g  (wrong)  " + fmt_values(el["softmax_elementwise"][0]),
+        "                J·g          (right)  " + fmt_values(el["softmax_matvec"][0]),
         f"    over the batch they differ by up to {el['softmax_max_difference']:.3g}; J·g = p − y "
         f"(max difference {el['softmax_p_minus_y_max_difference']:.1e}).",
         "  So: use the matrix-vector product J·g per example (einsum \"ncd,nd->nc\"), or better",
@@ -522,104 +469,8 @@ def _render(e: Explanation) -> str:
         fj = e.full_jacobian
         out += ["", "Full-Jacobian route (explicit Jacobians all the way, then Jacobian products)"]
         wj = max(len(k) for k, _ in fj["jacobians"])
-        out += [f"  {k.ljust(wj)}  {_shape(s)}" for k, s in fj["jacobians"]]
+        out += [f"  {k.ljust(wj)}  {fmt_shape(s)}" for k, s in fj["jacobians"]]
         out.append(f"  {fj['entries']} Jacobian entries in all; the fused rules form none of them.")
         for k, v in fj["max_difference"].items():
             out.append(f"  ∂L/∂{k.ljust(4)} full-Jacobian route vs fused rules: {v:.2e}")
-    del L
     return "\n".join(out)
-
-
-# --------------------------------------------------------------------------- command line
-
-
-EXPLAIN_MLP_DEFAULTS = {"sizes": (4, 5, 3), "batch": 2, "activation": "relu"}
-EXPLAIN_GPT_DEFAULTS = {"positions": 4, "head_dim": 3}
-
-
-def add_arguments(parser) -> None:
-    """``jaxbp explain``'s arguments."""
-    from .cli import json_path, positive_int
-    from .gradcheck import _sizes
-
-    parser.add_argument(
-        "--model", choices=("mlp", "gpt"), default="mlp",
-        help="mlp: one backward pass of a small MLP with softmax + cross-entropy (default); "
-        "gpt: one causal attention head's backward, the (t, t) Jacobian per row",
-    )  # fmt: skip
-    parser.add_argument("--seed", type=int, default=0, help="seed of data and parameters")
-    parser.add_argument("--json", metavar="PATH", type=json_path,
-                        help="also write the result as JSON ('-': stdout)")  # fmt: skip
-    mlp = parser.add_argument_group("--model mlp")
-    mlp.add_argument(
-        "--sizes", type=_sizes, default=None,
-        help="layer widths, input first; the last is the number of classes (default 4,5,3)",
-    )  # fmt: skip
-    mlp.add_argument("--batch", type=positive_int, default=None, help="batch size n (default 2)")
-    mlp.add_argument(
-        "--activation", choices=tuple(ACTIVATIONS), default=None,
-        help="hidden activation (default relu)",
-    )  # fmt: skip
-    mlp.add_argument(
-        "--full-jacobian", action="store_true", default=None,
-        help="also compute the gradient with explicit Jacobians all the way (refused when "
-        f"they would take more than {_bytes(FULL_JACOBIAN_MAX_BYTES)})",
-    )  # fmt: skip
-    gpt = parser.add_argument_group("--model gpt")
-    gpt.add_argument("--positions", type=positive_int, default=None,
-                     help="positions t of the head (default 4)")  # fmt: skip
-    gpt.add_argument("--head-dim", type=positive_int, default=None,
-                     help="head width e (default 3)")  # fmt: skip
-
-
-def validate(args) -> None:
-    """Flags of the other model are refused; ``--full-jacobian`` only for sizes whose
-    Jacobians fit (:func:`full_jacobian_bytes`). Defaults fill in the flags not given."""
-    mine, other = (
-        (EXPLAIN_GPT_DEFAULTS, (*EXPLAIN_MLP_DEFAULTS, "full_jacobian"))
-        if args.model == "gpt"
-        else (EXPLAIN_MLP_DEFAULTS, tuple(EXPLAIN_GPT_DEFAULTS))
-    )
-    wrong = ["--" + n.replace("_", "-") for n in other if getattr(args, n) is not None]
-    if wrong:
-        raise ValueError(f"{wrong[0]}: not for --model {args.model}")
-    for name, value in mine.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if args.model == "mlp":
-        args.full_jacobian = bool(args.full_jacobian)
-        if args.full_jacobian:
-            _check_full_jacobian(args.sizes, args.batch, "--sizes/--batch")
-
-
-def run(args) -> int:
-    """Run ``jaxbp explain`` (arguments already validated); 0 when every difference it shows
-    is at float64 round-off."""
-    from .cli import text_stream, write_json
-
-    if args.model == "gpt":
-        from .explain_attention import explain_attention
-
-        walk = explain_attention(args.positions, args.head_dim, seed=args.seed)
-        print(walk.text(), file=text_stream(args))
-        write_json(args.json, walk.to_dict())
-        return 0 if walk.passed else 1
-    e = explain(args.sizes, args.batch, activation=args.activation, seed=args.seed,
-                full_jacobian=args.full_jacobian)  # fmt: skip
-    print(e.text(), file=text_stream(args))
-    write_json(args.json, e.to_dict())
-    return 0 if _consistent(e) else 1
-
-
-def _consistent(e: Explanation, tol: float = 1e-12) -> bool:
-    """True when every identity the walkthrough claims holds to ``tol`` (relative)."""
-    scale = max(1.0, float(np.max(np.abs(e.softmax["p_minus_y"]))))
-    checks = [
-        e.softmax["max_difference"],
-        e.softmax["fused_max_difference"],
-        e.elementwise["sigmoid_max_difference"],
-        *e.gradient_check.values(),
-    ]
-    if e.full_jacobian is not None:
-        checks += list(e.full_jacobian["max_difference"].values())
-    return all(v <= tol * scale for v in checks)

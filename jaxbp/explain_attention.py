@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._text import Step, fmt_array, fmt_shape, io_lines, jsonable
 from .attention import attention_bwd, attention_fwd
-from .explain import Step, _arr, _io_lines, _jsonable, _shape
 from .gradcheck import x64
 from .softmax import softmax_jacobian
 
@@ -62,7 +62,7 @@ class AttentionExplanation:
         return all(v <= 1e-12 * scale for v in self.checks.values())
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(dataclasses.asdict(self))
+        return jsonable(dataclasses.asdict(self))
 
     def text(self) -> str:
         return _render(self)
@@ -181,12 +181,12 @@ def _render(x: AttentionExplanation) -> str:
     ]
     w = max(len(s.title) for s in x.forward)
     for s in x.forward:
-        out.append(f"  {s.title.ljust(w)}  {_shape(s.outputs[0][1]).ljust(8)}  {s.rule}")
-    out += ["  P (0 above the diagonal: the mask):", _arr(a["P"], "    ")]
-    out += ["", "Backward pass, from the upstream gradient dO " + _shape(a["dO"].shape)]
+        out.append(f"  {s.title.ljust(w)}  {fmt_shape(s.outputs[0][1]).ljust(8)}  {s.rule}")
+    out += ["  P (0 above the diagonal: the mask):", fmt_array(a["P"], "    ")]
+    out += ["", "Backward pass, from the upstream gradient dO " + fmt_shape(a["dO"].shape)]
     for n, s in enumerate(x.backward, start=1):
         out.append(f"{n:2d}. {s.title}")
-        out += _io_lines(s, "      ")
+        out += io_lines(s, "      ")
         out.append(f"      rule {s.rule}")
         out += [f"      {note}" for note in s.notes]
         if s.title.startswith("softmax"):
@@ -199,7 +199,10 @@ def _render(x: AttentionExplanation) -> str:
             wl = max(len(label) for label, _ in rows)
             out.append(f"      Row {last} (the last query, which sees every key):")
             for label, arr in rows:
-                out += [f"        {label.ljust(wl)}  {_shape(arr.shape)}", _arr(arr, "          ")]
+                out += [
+                    f"        {label.ljust(wl)}  {fmt_shape(arr.shape)}",
+                    fmt_array(arr, "          "),
+                ]
             out += [
                 "      Row 0 sees only key 0: P0 = (1, 0, …), J0 = 0, so dS0 = 0 — a query with",
                 "      one visible key cannot move its own attention.",

@@ -41,10 +41,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import _checks, _vma
+from . import _checks, _vma, _xent
 from ._checks import check_label_range
-from ._op import declare_op
-from .losses import _bad_labels, valid_rows, validate_ce_options
+from ._op import declare, op_vjp
+from .losses import _check_ce_options, ce_float_options, valid_rows, validate_ce_options
 
 __all__ = [
     "linear_softmax_cross_entropy",
@@ -60,260 +60,9 @@ DEFAULT_STRATEGY = "recompute"
 DEFAULT_CHUNK = 2048
 FORWARD_CHUNK_ELEMENTS = 2**24
 
-_STATIC = (
-    "ignore_index", "label_smoothing", "z_loss", "softcap", "chunk_size", "accum_dtype",
-    "strategy",
-)  # fmt: skip
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _mm(a, b, contract, acc):
-    """``lax.dot_general`` contracting ``a``'s axis ``contract[0]`` with ``b``'s
-    ``contract[1]``, accumulated and returned in ``acc`` (float32 for bfloat16 inputs)."""
-    return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
-                           preferred_element_type=acc)  # fmt: skip
-
-
-def _over_chunks(total, size, body, carry, vma=frozenset()):
-    """Run ``body(start, k, carry)`` over ``[0, total)`` in chunks of ``k = size``.
-
-    Full chunks run in a ``fori_loop`` (``start`` traced); a shorter last chunk, if any, runs
-    once more with its own static length, so nothing is padded and no column is masked.
-    Inside a ``shard_map``, ``vma`` names the mesh axes the carried values vary along (all
-    the axes of the inputs they are computed from): the carry starts with that type.
-    """
-    carry = _vma.pvary_tree(carry, vma)
-    nfull, rem = divmod(total, size)
-    if nfull:
-        carry = lax.fori_loop(0, nfull, lambda j, c: body(j * size, size, c), carry)
-    if rem:
-        carry = body(nfull * size, rem, carry)
-    return carry
-
-
-def _cols(a, start, k, axis):
-    return lax.dynamic_slice_in_dim(a, start, k, axis=axis)
-
-
-def _row_terms(labels, where, cw, *, v, ignore_index, label_smoothing, z_loss, acc):
-    """Per-row pieces that do not depend on the logits: ``valid, bad, Σ_v u, cw[y]``."""
-    valid = valid_rows(labels, where, ignore_index=ignore_index, batch_shape=labels.shape)
-    bad = _bad_labels(labels, v, ignore_index) & valid
-    eps = float(label_smoothing)
-    if cw is None:
-        cw_y = jnp.ones(labels.shape, acc)
-        su = jnp.ones(labels.shape, acc)  # (1 − ε)·1 + (ε/v)·v
-    else:
-        cwa = cw.astype(acc)
-        cw_y = cwa[jnp.clip(labels, 0, v - 1)]
-        su = (1.0 - eps) * cw_y + (eps / v) * jnp.sum(cwa)
-    return valid, bad, su, cw_y
-
-
-def _logits(x, w_k, b_k, acc, softcap):
-    """``z (n,k)`` in ``acc`` and ``t = tanh(z̃/cap)`` (or ``None``) for one chunk."""
-    z = _mm(x, w_k, (1, 0), acc)  # "nd,dk->nk"
-    if b_k is not None:
-        z = z + b_k.astype(acc)
-    if softcap is None:
-        return z, None
-    t = jnp.tanh(z / softcap)
-    return softcap * t, t
-
-
-def _smoothed(labels, start, k, eps, v, acc):
-    """``y' (n,k)`` for the columns ``[start, start + k)``, and the one-hot ``hit``."""
-    cols = jnp.arange(k, dtype=labels.dtype) + jnp.asarray(start).astype(labels.dtype)
-    hit = labels[:, None] == cols[None, :]
-    y = hit.astype(acc)
-    if eps:
-        y = (1.0 - eps) * y + eps / v
-    return y, hit
-
-
-def _finish_loss(lse, zy, zc, valid, bad, su, cw_y, *, v, label_smoothing, z_loss):
-    """``loss = Σu·lse − (1−ε)·cw[y]·z[y] − (ε/v)·Σ cw·z + λ·lse²`` on valid rows."""
-    eps = float(label_smoothing)
-    loss = su * lse - (1.0 - eps) * jnp.where(cw_y == 0, 0.0, cw_y * zy)
-    if eps:
-        loss = loss - (eps / v) * zc
-    if z_loss:
-        loss = loss + z_loss * lse * lse
-    loss = jnp.where(valid, loss, 0.0)
-    return jnp.where(bad, jnp.nan, loss)
-
-
-def _acc_of(accum_dtype, x_dtype):
-    return _checks.accum_dtype(x_dtype) if accum_dtype is None else jnp.dtype(accum_dtype)
-
-
-# ------------------------------------------------------------------------ loss only
-
-
-def _loss_and_lse(x, w, b, labels, where, cw, *, ignore_index, label_smoothing, z_loss,
-                  softcap, chunk_size, accum_dtype):  # fmt: skip
-    """Loss ``(n,)`` and ``lse (n,)`` by an online log-sum-exp over vocabulary chunks."""
-    n, v = x.shape[0], w.shape[1]
-    acc = _acc_of(accum_dtype, x.dtype)
-    eps = float(label_smoothing)
-    valid, bad, su, cw_y = _row_terms(
-        labels, where, cw, v=v, ignore_index=ignore_index, label_smoothing=eps,
-        z_loss=z_loss, acc=acc,
-    )  # fmt: skip
-
-    def body(start, k, carry):
-        m, s, zy, zc = carry  # running max, Σ e^{z − m}, z[y], Σ cw·z    (n,) each
-        b_k = None if b is None else _cols(b, start, k, 0)
-        z, _ = _logits(x, _cols(w, start, k, 1), b_k, acc, softcap)  # (n,k)
-        _, hit = _smoothed(labels, start, k, 0.0, v, acc)
-        zy = zy + jnp.sum(jnp.where(hit, z, 0.0), axis=1)
-        if eps:
-            if cw is None:
-                zc = zc + jnp.sum(z, axis=1)
-            else:
-                cw_k = _cols(cw, start, k, 0).astype(acc)
-                zc = zc + jnp.sum(jnp.where(cw_k == 0, 0.0, cw_k * z), axis=1)
-        m_new = jnp.maximum(m, jnp.max(z, axis=1))
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # all −inf so far: no NaN
-        s = s * jnp.exp(m - m_safe) + jnp.sum(jnp.exp(z - m_safe[:, None]), axis=1)
-        return m_new, s, zy, zc
-
-    zeros = jnp.zeros((n,), acc)
-    m0 = jnp.full((n,), -jnp.inf, acc)
-    vma = _vma.union(x, w, b, labels, where, cw)
-    m, s, zy, zc = _over_chunks(v, _chunk(chunk_size, v), body, (m0, zeros, zeros, zeros), vma)
-    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
-    lse = m_safe + jnp.log(s)
-    loss = _finish_loss(lse, zy, zc, valid, bad, su, cw_y, v=v, label_smoothing=eps, z_loss=z_loss)
-    return loss, lse
-
-
-def _chunk(chunk_size, total, default=DEFAULT_CHUNK):
-    return max(1, min(total, default if chunk_size is None else int(chunk_size)))
-
-
-# --------------------------------------------------------------- recompute backward
-
-
-def _grads_recompute(x, w, b, labels, where, cw, lse, g, *, ignore_index, label_smoothing,
-                     z_loss, softcap, chunk_size, accum_dtype):  # fmt: skip
-    """``(dx, dw, db, dcw)`` for upstream ``g (n,)``, logits recomputed per vocab chunk."""
-    v = w.shape[1]
-    acc = _acc_of(accum_dtype, x.dtype)
-    eps = float(label_smoothing)
-    valid, bad, su, _ = _row_terms(
-        labels, where, cw, v=v, ignore_index=ignore_index, label_smoothing=eps,
-        z_loss=z_loss, acc=acc,
-    )  # fmt: skip
-    gv = jnp.where(valid, g.astype(acc), 0.0)  # (n,); masked rows: exactly 0
-    scale = su + (2.0 * z_loss) * lse  # Σ_v u + 2λ·lse   (n,)
-
-    def body(start, k, carry):
-        dx, dw, db, dcw = carry
-        w_k = _cols(w, start, k, 1)  # (d,k)
-        b_k = None if b is None else _cols(b, start, k, 0)
-        z, t = _logits(x, w_k, b_k, acc, softcap)  # (n,k), recomputed
-        y, _ = _smoothed(labels, start, k, eps, v, acc)  # y' (n,k)
-        cw_k = None if cw is None else _cols(cw, start, k, 0).astype(acc)
-        u = y if cw_k is None else y * cw_k
-        p = jnp.exp(z - lse[:, None])
-        dz = gv[:, None] * (p * scale[:, None] - u)  # "n,nk->nk"
-        dz = jnp.where(valid[:, None], dz, 0.0)
-        dz = jnp.where(bad[:, None], jnp.nan, dz)
-        if cw is not None:  # dcw_k = Σ_n g·y'⊙(lse − z)    "nk->k"
-            per_row = jnp.where(y == 0, 0.0, y * (gv[:, None] * (lse[:, None] - z)))
-            per_row = jnp.where(valid[:, None], per_row, 0.0)
-            dcw = lax.dynamic_update_slice_in_dim(
-                dcw, jnp.sum(per_row, axis=0).astype(dcw.dtype), start, 0
-            )
-        if t is not None:
-            dz = dz * (1.0 - t * t)  # through z = cap·tanh(z̃/cap)
-        dz_in = dz.astype(w.dtype)  # as the unfused path: dlogits in the input dtype
-        dx = dx + _mm(dz_in, w_k, (1, 1), acc)  # "nk,dk->nd"
-        dw_k = _mm(x, dz_in, (0, 0), acc).astype(w.dtype)  # "nd,nk->dk"
-        dw = lax.dynamic_update_slice_in_dim(dw, dw_k, start, 1)
-        if b is not None:
-            db = lax.dynamic_update_slice_in_dim(
-                db, jnp.sum(dz, axis=0).astype(b.dtype), start, 0
-            )  # "nk->k"
-        return dx, dw, db, dcw
-
-    carry = (
-        jnp.zeros(x.shape, acc),
-        jnp.zeros(w.shape, w.dtype),
-        None if b is None else jnp.zeros(b.shape, b.dtype),
-        None if cw is None else jnp.zeros(cw.shape, cw.dtype),
-    )
-    vma = _vma.union(x, w, b, labels, where, cw, lse, g)
-    dx, dw, db, dcw = _over_chunks(v, _chunk(chunk_size, v), body, carry, vma)
-    return dx.astype(x.dtype), dw, db, dcw
-
-
-# ------------------------------------------------------- gradients in the forward pass
-
-
-def _forward_with_grads(x, w, b, labels, where, cw, *, ignore_index, label_smoothing, z_loss,
-                        softcap, chunk_size, accum_dtype):  # fmt: skip
-    """Loss, lse and the gradients for ``g = 1`` on every row, over token chunks.
-
-    Each token chunk holds its whole ``(k, v)`` logits: one matmul for the logits, two for
-    the gradients, the unfused FLOPs. Returns ``(loss, lse, dx1 (n,d), dw1 (d,v),
-    db1 (v,) | None, dcw1 (v,) | None)``, all in the accumulation dtype.
-    """
-    n, d = x.shape
-    v = w.shape[1]
-    acc = _acc_of(accum_dtype, x.dtype)
-    eps = float(label_smoothing)
-    valid, bad, su, _ = _row_terms(
-        labels, where, cw, v=v, ignore_index=ignore_index, label_smoothing=eps,
-        z_loss=z_loss, acc=acc,
-    )  # fmt: skip
-    cwa = None if cw is None else cw.astype(acc)
-    default = max(1, FORWARD_CHUNK_ELEMENTS // max(v, 1))
-
-    def body(start, k, carry):
-        loss, lse, dx, dw, db, dcw = carry
-        x_k = _cols(x, start, k, 0)  # (k,d)
-        lab = _cols(labels, start, k, 0)
-        ok, bad_k, su_k = (_cols(a, start, k, 0) for a in (valid, bad, su))
-        z, t = _logits(x_k, w, b, acc, softcap)  # (k,v), whole rows
-        lse_k = jax.nn.logsumexp(z, axis=1)
-        y, _ = _smoothed(lab, 0, v, eps, v, acc)  # y' (k,v)
-        u = y if cwa is None else y * cwa
-        nll = lse_k[:, None] - z
-        loss_k = jnp.sum(jnp.where(u == 0, 0.0, u * nll), axis=1)
-        if z_loss:
-            loss_k = loss_k + z_loss * lse_k * lse_k
-        loss_k = jnp.where(bad_k, jnp.nan, jnp.where(ok, loss_k, 0.0))
-        p = jnp.exp(z - lse_k[:, None])
-        dz = p * (su_k + (2.0 * z_loss) * lse_k)[:, None] - u  # g = 1
-        dz = jnp.where(ok[:, None], dz, 0.0)
-        dz = jnp.where(bad_k[:, None], jnp.nan, dz)
-        if cwa is not None:  # Σ_k y'⊙(lse − z), valid rows      "kv->v"
-            per_row = jnp.where(ok[:, None] & (y != 0), y * nll, 0.0)
-            dcw = dcw + jnp.sum(per_row, axis=0)
-        if t is not None:
-            dz = dz * (1.0 - t * t)
-        dz_in = dz.astype(w.dtype)
-        dx_k = _mm(dz_in, w, (1, 1), acc)  # "kv,dv->kd"
-        dw = dw + _mm(x_k, dz_in, (0, 0), acc)  # "kd,kv->dv"
-        if db is not None:
-            db = db + jnp.sum(dz, axis=0)
-        put = functools.partial(lax.dynamic_update_slice_in_dim, start_index=start, axis=0)
-        return put(loss, loss_k), put(lse, lse_k), put(dx, dx_k), dw, db, dcw
-
-    carry = (
-        jnp.zeros((n,), acc),
-        jnp.zeros((n,), acc),
-        jnp.zeros((n, d), acc),
-        jnp.zeros((d, v), acc),
-        None if b is None else jnp.zeros((v,), acc),
-        None if cw is None else jnp.zeros((v,), acc),
-    )
-    tokens = max(1, min(n, default if chunk_size is None else int(chunk_size)))
-    return _over_chunks(n, tokens, body, carry, _vma.union(x, w, b, labels, where, cw))
+# label_smoothing and z_loss only scale values: traced (each value compiles nothing new).
+# The others change shapes or control flow: static.
+_STATIC = ("ignore_index", "softcap", "chunk_size", "accum_dtype", "strategy")
 
 
 # --------------------------------------------------------------------- the op triple
@@ -328,6 +77,7 @@ def _flat(x, labels, where):
     return x.reshape(-1, d), lab, None if where is None else where.reshape(-1)
 
 
+@_checks.concrete_options(_check_ce_options)
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def linear_softmax_cross_entropy_fwd(
     x, w, labels, b=None, where=None, class_weights=None, *, ignore_index=None,
@@ -343,17 +93,21 @@ def linear_softmax_cross_entropy_fwd(
     ``lse`` is new. ``"forward"``: the same plus the gradients for ``g = 1``:
     ``dx1 (n,d)``, ``dw1 (d,v)``, ``db1 (v,)``, ``dcw1 (v,)`` (accumulation dtype).
     """
-    _validate(x, w, b, labels, where, class_weights, label_smoothing, z_loss, softcap,
+    validate_fused(x, w, b, labels, where, class_weights, label_smoothing, z_loss, softcap,
               chunk_size, accum_dtype, strategy, ignore_index)  # fmt: skip
     opts = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-                softcap=softcap, chunk_size=chunk_size, accum_dtype=accum_dtype)  # fmt: skip
+                softcap=softcap, chunk_size=chunk_size,
+                acc=_xent.acc_dtype(accum_dtype, x.dtype))  # fmt: skip
     xf, lf, wf = _flat(x, labels, where)
     base = (x, w, b, labels, where, class_weights)
     if strategy == "forward":
-        loss, lse, dx1, dw1, db1, dcw1 = _forward_with_grads(xf, w, b, lf, wf, class_weights,
-                                                              **opts)  # fmt: skip
+        loss, lse, dx1, dw1, db1, dcw1 = _xent.forward_with_grads(
+            xf, w, b, lf, wf, class_weights, default_chunk=FORWARD_CHUNK_ELEMENTS, **opts
+        )
         return loss.reshape(labels.shape), (*base, lse, (dx1, dw1, db1, dcw1))
-    loss, lse = _loss_and_lse(xf, w, b, lf, wf, class_weights, **opts)
+    loss, lse, _ = _xent.loss_and_lse(
+        xf, w, b, lf, wf, class_weights, v=w.shape[1], default_chunk=DEFAULT_CHUNK, **opts
+    )
     return loss.reshape(labels.shape), (*base, lse, None)
 
 
@@ -369,19 +123,25 @@ def linear_softmax_cross_entropy_bwd(
     per chunk, then ``dx += dz·w_kᵀ``, ``dw_k = xᵀ·dz``, ``db_k = Σₙ dz``.
     ``"forward"``: ``dx = g[:,None]·dx1`` (always exact, row by row); ``dw, db, dcw`` are
     ``g₀·dw1, …`` when ``g`` is the same value ``g₀`` on every valid row, and otherwise the
-    recompute backward runs instead (a ``lax.cond``: only one branch executes).
+    recompute backward runs instead (a ``lax.cond``; under ``vmap`` with a batched
+    predicate both branches run and the results are selected).
     """
     x, w, b, labels, where, cw, lse, grads = res
+    acc = _xent.acc_dtype(accum_dtype, x.dtype)
     opts = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-                softcap=softcap, accum_dtype=accum_dtype)  # fmt: skip
+                acc=acc)  # fmt: skip
     xf, lf, wf = _flat(x, labels, where)
     gf = g.reshape(-1)
-    acc = _acc_of(accum_dtype, x.dtype)
 
     def recompute(_=None):
-        dx, dw, db, dcw = _grads_recompute(
-            xf, w, b, lf, wf, cw, lse, gf,
-            chunk_size=None if strategy == "forward" else chunk_size, **opts,
+        v = w.shape[1]
+        _, _, su, _ = _xent.row_terms(
+            lf, wf, cw, v=v, eps=label_smoothing, ignore_index=ignore_index, acc=acc
+        )
+        dx, dw, db, dcw = _xent.grads_recompute(
+            xf, w, b, lf, wf, cw, lse, su, gf, v=v, softcap=softcap,
+            chunk_size=None if strategy == "forward" else chunk_size,
+            default_chunk=DEFAULT_CHUNK, **opts,
         )  # fmt: skip
         return dx.reshape(x.shape), dw, db, dcw
 
@@ -410,38 +170,24 @@ def linear_softmax_cross_entropy_bwd(
     return dx, dw, None, db, None, dcw
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused(options, x, w, labels, b, where, class_weights):
-    # The primal alone (no gradient asked for): loss only, whatever the strategy.
-    opts = {k: v for k, v in options if k != "strategy"}
-    if dict(options)["strategy"] == "forward":
+def _loss_alone(x, w, labels, b, where, class_weights, *, strategy, **opts):
+    """The primal alone (no gradient asked for): the loss only, whatever the strategy."""
+    if strategy == "forward":
         opts["chunk_size"] = None  # there chunk_size counts tokens, not vocabulary columns
     return _loss_only(x, w, b, labels, where, class_weights, **opts)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC[:-1])
-def _loss_only(x, w, b, labels, where, class_weights, **opts):
+def _loss_only(x, w, b, labels, where, class_weights, *, accum_dtype, **opts):
     xf, lf, wf = _flat(x, labels, where)
-    loss, _ = _loss_and_lse(xf, w, b, lf, wf, class_weights, **opts)
+    loss, _, _ = _xent.loss_and_lse(
+        xf, w, b, lf, wf, class_weights, v=w.shape[1], default_chunk=DEFAULT_CHUNK,
+        acc=_xent.acc_dtype(accum_dtype, x.dtype), **opts,
+    )  # fmt: skip
     return loss.reshape(labels.shape)
 
 
-def _fused_fwd(options, *args):
-    out, res = linear_softmax_cross_entropy_fwd(*args, **dict(options))
-    # Inside a shard_map: each argument's varying axes, static, for the cotangents (_op.py).
-    return out, (res, _vma.Static(tuple(_vma.of(a) for a in args)))
-
-
-def _fused_bwd(options, res, g):
-    res, vmas = res
-    cts = tuple(linear_softmax_cross_entropy_bwd(res, g, **dict(options)))
-    return _vma.fit_cotangents(cts, vmas.value)
-
-
-_fused.defvjp(_fused_fwd, _fused_bwd)
-
-
-def _validate(x, w, b, labels, where, class_weights, label_smoothing, z_loss, softcap,
+def validate_fused(x, w, b, labels, where, class_weights, label_smoothing, z_loss, softcap,
               chunk_size, accum_dtype, strategy, ignore_index):  # fmt: skip
     x = _checks.floating("x", x)
     w = _checks.floating("w", w)
@@ -499,7 +245,12 @@ def _validate(x, w, b, labels, where, class_weights, label_smoothing, z_loss, so
     return x, w, b, labels, where, class_weights, accum_dtype
 
 
-@declare_op(per_example=("x", "labels"))
+@declare(
+    fwd=linear_softmax_cross_entropy_fwd,
+    bwd=linear_softmax_cross_entropy_bwd,
+    per_example=("x", "labels"),
+    traced=("label_smoothing", "z_loss"),
+)
 def linear_softmax_cross_entropy(
     x: jax.Array,
     w: jax.Array,
@@ -558,18 +309,24 @@ def linear_softmax_cross_entropy(
       >>> jaxbp.linear_softmax_cross_entropy(x, w, jnp.array([0, 1, 2])).round(4)
       Array([2.3026, 2.3026, 2.3026], dtype=float32)
     """
-    x, w, b, labels, where, class_weights, accum_dtype = _validate(
+    x, w, b, labels, where, class_weights, accum_dtype = validate_fused(
         x, w, b, labels, where, class_weights, label_smoothing, z_loss, softcap, chunk_size,
         accum_dtype, strategy, ignore_index,
     )  # fmt: skip
     check_label_range(labels, w.shape[1], ignore_index, where=where)
     options = (
         ("ignore_index", None if ignore_index is None else int(ignore_index)),
-        ("label_smoothing", float(label_smoothing)),
-        ("z_loss", float(z_loss)),
         ("softcap", None if softcap is None else float(softcap)),
         ("chunk_size", None if chunk_size is None else int(chunk_size)),
         ("accum_dtype", accum_dtype),
         ("strategy", strategy),
     )
-    return _fused(options, x, w, labels, b, where, class_weights)
+    eps, lam = ce_float_options(label_smoothing, z_loss, check=True)
+    return _fused(
+        x, w, labels, b, where, class_weights, **dict(options), label_smoothing=eps, z_loss=lam
+    )
+
+
+# Reads linear_softmax_cross_entropy.fwd / .bwd when JAX traces it; the loss alone without
+# a gradient.
+_fused = op_vjp(linear_softmax_cross_entropy, primal=_loss_alone)

@@ -48,21 +48,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _checks
+from . import _checks, _step
 from ._checks import check_label_range
-from .activations import gelu, gelu_bwd, gelu_fwd
+from ._op import rules
+from .activations import gelu
 from .attention import STRATEGIES as ATTENTION_STRATEGIES
-from .attention import attention, attention_bwd, attention_fwd
-from .dense import dense, dense_bwd, dense_fwd
-from .embedding import embedding, embedding_bwd, embedding_fwd
-from .fused import (
-    linear_softmax_cross_entropy,
-    linear_softmax_cross_entropy_bwd,
-    linear_softmax_cross_entropy_fwd,
-)
+from .attention import attention
+from .dense import dense
+from .embedding import embedding
+from .fused import linear_softmax_cross_entropy
 from .losses import valid_rows
 from .nn import register_model
-from .norms import layer_norm, layer_norm_bwd, layer_norm_fwd
+from .norms import layer_norm
 
 __all__ = ["GPT", "GPTParams", "value_and_grad", "forward", "backward"]
 
@@ -299,14 +296,10 @@ class GPT:
 
 
 @functools.lru_cache(maxsize=64)
-def _param_shapes_cached(model: GPT):
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0))
-    return jax.tree.map(lambda a: tuple(a.shape), shapes)
-
-
 def _param_shapes(model: GPT):
     """The shape of every parameter, as :meth:`GPT.init` makes them (traced once per model)."""
-    return _param_shapes_cached(model)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+    return jax.tree.map(lambda a: tuple(a.shape), shapes)
 
 
 def _leaves_with_paths(got, want):
@@ -360,31 +353,32 @@ def _split_heads(g: jax.Array, heads: int) -> jax.Array:
 
 
 def forward(model: GPT, params: GPTParams, ids, targets, where):
-    """Forward through the ``_fwd`` rules: ``(per-token loss (n·t,), valid (n·t,), state)``.
+    """Forward through the ops' ``fwd`` rules: ``(per-token loss (n·t,), valid (n·t,), state)``.
 
-    ``state`` holds every rule's residuals, in the order :func:`backward` consumes them.
+    ``state`` holds every rule's residuals, in the order :func:`backward` consumes them. The
+    rules are read from the op objects (``jaxbp.dense.fwd``, ...) when this is traced.
     """
     n, t = ids.shape
     eps, heads, strategy = model.eps, model.heads, model.attention
-    x, tok_res = embedding_fwd(ids, params["tok"])
+    x, tok_res = embedding.fwd(ids, params["tok"])
     x = x + params["pos"][:t]  # (n, t, d) + (t, d)
     blocks = []
     for blk in params["blocks"]:
-        a, ln1 = layer_norm_fwd(x, blk["ln1"]["gamma"], blk["ln1"]["beta"], eps=eps)
-        qkv, qkv_res = dense_fwd(a, blk["attn"]["qkv"]["w"], blk["attn"]["qkv"]["b"])
+        a, ln1 = layer_norm.fwd(x, blk["ln1"]["gamma"], blk["ln1"]["beta"], eps=eps)
+        qkv, qkv_res = dense.fwd(a, blk["attn"]["qkv"]["w"], blk["attn"]["qkv"]["b"])
         q, k, v = _split_qkv(qkv, heads)
-        o, att = attention_fwd(q, k, v, None, causal=True, strategy=strategy)
-        y, proj = dense_fwd(_merge_heads(o), blk["attn"]["proj"]["w"], blk["attn"]["proj"]["b"])
+        o, att = attention.fwd(q, k, v, None, causal=True, strategy=strategy)
+        y, proj = dense.fwd(_merge_heads(o), blk["attn"]["proj"]["w"], blk["attn"]["proj"]["b"])
         x = x + y
-        m, ln2 = layer_norm_fwd(x, blk["ln2"]["gamma"], blk["ln2"]["beta"], eps=eps)
-        hid, fc = dense_fwd(m, blk["mlp"]["fc"]["w"], blk["mlp"]["fc"]["b"])
-        act, act_res = gelu_fwd(hid)
-        y, out = dense_fwd(act, blk["mlp"]["out"]["w"], blk["mlp"]["out"]["b"])
+        m, ln2 = layer_norm.fwd(x, blk["ln2"]["gamma"], blk["ln2"]["beta"], eps=eps)
+        hid, fc = dense.fwd(m, blk["mlp"]["fc"]["w"], blk["mlp"]["fc"]["b"])
+        act, act_res = gelu.fwd(hid)
+        y, out = dense.fwd(act, blk["mlp"]["out"]["w"], blk["mlp"]["out"]["b"])
         x = x + y
         blocks.append((ln1, qkv_res, att, proj, ln2, fc, act_res, out))
-    xf, lnf = layer_norm_fwd(x, params["ln_f"]["gamma"], params["ln_f"]["beta"], eps=eps)
+    xf, lnf = layer_norm.fwd(x, params["ln_f"]["gamma"], params["ln_f"]["beta"], eps=eps)
     flat_where = None if where is None else where.reshape(-1)
-    loss, head = linear_softmax_cross_entropy_fwd(
+    loss, head = linear_softmax_cross_entropy.fwd(
         xf.reshape(n * t, model.d), model.head_weight(params), targets.reshape(-1), None,
         flat_where, strategy=model.head_strategy,
     )  # fmt: skip
@@ -396,23 +390,23 @@ def backward(model: GPT, state, seed: jax.Array) -> GPTParams:
     """Reverse loop from a per-token seed ``(n·t,) = ∂L/∂loss_k``: gradients like ``params``."""
     tok_res, blocks, lnf, head, (n, t) = state
     eps, heads, strategy = model.eps, model.heads, model.attention
-    dxf, dw_head, *_ = linear_softmax_cross_entropy_bwd(head, seed, strategy=model.head_strategy)
-    dx, dgf, dbf = layer_norm_bwd(lnf, dxf.reshape(n, t, model.d), eps=eps)
+    dxf, dw_head, *_ = linear_softmax_cross_entropy.bwd(head, seed, strategy=model.head_strategy)
+    dx, dgf, dbf = layer_norm.bwd(lnf, dxf.reshape(n, t, model.d), eps=eps)
     grads_blocks = []
     for ln1, qkv_res, att, proj, ln2, fc, act_res, out in reversed(blocks):
         # MLP branch: x_out = x_mid + dense(gelu(dense(layer_norm(x_mid))))
-        dact, dw_out, db_out = dense_bwd(out, dx)  # "ntd,fd->ntf"
-        (dhid,) = gelu_bwd(act_res, dact)
-        dm, dw_fc, db_fc = dense_bwd(fc, dhid)
-        dxm, dg2, db2 = layer_norm_bwd(ln2, dm, eps=eps)
+        dact, dw_out, db_out = dense.bwd(out, dx)  # "ntd,fd->ntf"
+        (dhid,) = gelu.bwd(act_res, dact)
+        dm, dw_fc, db_fc = dense.bwd(fc, dhid)
+        dxm, dg2, db2 = layer_norm.bwd(ln2, dm, eps=eps)
         dx = dx + dxm  # the residual: both paths' gradients add
         # attention branch: x_mid = x_in + dense(merge(attention(split(dense(layer_norm(x_in))))))
-        do, dw_proj, db_proj = dense_bwd(proj, dx)
-        dq, dk, dv, _ = attention_bwd(
+        do, dw_proj, db_proj = dense.bwd(proj, dx)
+        dq, dk, dv, _ = attention.bwd(
             att, _split_heads(do, heads), causal=True, strategy=strategy
         )  # (n, h, t, e) each, through dS = P ⊙ (dP − rowsum(dP ⊙ P))
-        da, dw_qkv, db_qkv = dense_bwd(qkv_res, _join_qkv(dq, dk, dv))
-        dxa, dg1, db1 = layer_norm_bwd(ln1, da, eps=eps)
+        da, dw_qkv, db_qkv = dense.bwd(qkv_res, _join_qkv(dq, dk, dv))
+        dxa, dg1, db1 = layer_norm.bwd(ln1, da, eps=eps)
         dx = dx + dxa
         grads_blocks.append({
             "ln1": {"gamma": dg1, "beta": db1},
@@ -420,7 +414,7 @@ def backward(model: GPT, state, seed: jax.Array) -> GPTParams:
             "ln2": {"gamma": dg2, "beta": db2},
             "mlp": {"fc": {"w": dw_fc, "b": db_fc}, "out": {"w": dw_out, "b": db_out}},
         })  # fmt: skip
-    (_, dtok) = embedding_bwd(tok_res, dx)
+    (_, dtok) = embedding.bwd(tok_res, dx)
     pos_sum = jnp.sum(dx, axis=0, dtype=_checks.accum_dtype(dx.dtype))  # "ntd->td"
     dpos = jnp.zeros((model.context, model.d), dx.dtype).at[:t].set(pos_sum.astype(dx.dtype))
     grads: GPTParams = {"tok": dtok, "pos": dpos, "blocks": grads_blocks[::-1]}
@@ -432,8 +426,12 @@ def backward(model: GPT, state, seed: jax.Array) -> GPTParams:
     return grads
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _manual_value_and_grad(model: GPT, params, ids, targets, where):
+# The ops of the explicit loop: the cache key of a compiled step holds the rules they carry.
+_LOOP_OPS = (embedding, layer_norm, dense, attention, gelu, linear_softmax_cross_entropy)
+
+
+def _value_and_grad_core(model: GPT, rules, params, ids, targets, where):
+    del rules  # the cache key only: the loop reads the rules from the ops when traced
     loss, valid, state = forward(model, params, ids, targets, where)
     count = jnp.maximum(jnp.sum(valid), 1).astype(loss.dtype)
     mean = jnp.sum(jnp.where(valid, loss, 0.0)) / count
@@ -441,26 +439,21 @@ def _manual_value_and_grad(model: GPT, params, ids, targets, where):
     return mean, backward(model, state, seed)
 
 
-@functools.lru_cache(maxsize=64)
-def _bound(model: GPT) -> Callable:
-    return jax.jit(functools.partial(_manual_value_and_grad, model))
-
-
 def value_and_grad(model: GPT) -> Callable:
     """``f(params, ids (n, t), targets (n, t), *, where=None) -> (mean loss, grads)``.
 
     The mean next-id cross-entropy over valid positions and its gradient from the explicit
-    reverse loop (module docstring); ``grads`` has the structure of ``params``. Jitted
-    (``f.jitted(params, ids, targets, where)`` is the core without validation); inputs are
-    validated with clear errors first.
+    reverse loop (module docstring); ``grads`` has the structure of ``params``. Inputs are
+    validated with clear errors first; then ``f.jitted(params, ids, targets, where)`` runs,
+    the compiled step (:mod:`jaxbp._step`: one per model and rules, cached).
     """
+    step = _step.compiled(_value_and_grad_core, model, rules(*_LOOP_OPS))
 
-    def value_and_grad_fn(params, ids, targets, *, where=None):
+    def check(params, ids, targets, *, where=None):
         ids, targets, where = model.check_inputs(params, ids, targets, where)
-        return _manual_value_and_grad(model, params, ids, targets, where)
+        return params, ids, targets, where
 
-    value_and_grad_fn.jitted = _bound(model)  # type: ignore[attr-defined]
-    return value_and_grad_fn
+    return _step.entry(step, check, "value_and_grad", value_and_grad.__doc__)
 
 
 register_model(GPT, value_and_grad)

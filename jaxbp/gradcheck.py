@@ -52,7 +52,7 @@ def x64():
     enable = getattr(jax, "enable_x64", None)
     if enable is not None:  # newer JAX: a config context manager
         return enable(True)
-    from jax.experimental import enable_x64  # older JAX
+    from jax.experimental import enable_x64  # older JAX only: feature-detected
 
     return enable_x64()
 
@@ -196,21 +196,19 @@ def _cast(tree, dtype):
     return jax.tree.map(lambda a: jnp.asarray(a).astype(dtype), tree)
 
 
-def _cast_labels(model: MLP, labels, dtype):
+def _cast_floats(labels, dtype):
+    """Float labels (probabilities, targets) in ``dtype``; integer ids as they are."""
     labels = jnp.asarray(labels)
-    if jnp.issubdtype(labels.dtype, jnp.floating):
-        return labels.astype(dtype)
-    return labels
+    return labels.astype(dtype) if jnp.issubdtype(labels.dtype, jnp.floating) else labels
 
 
 def _preacts(model: MLP, params, x):
     """Hidden pre-activations ``z_l (n, o)`` (plain jnp), to keep finite differences off kinks."""
     out, h = [], x
-    for layer, p in enumerate(params[:-1]):
+    for p in params[:-1]:
         z = reference.dense(h, p["w"], p["b"])
         out.append(z)
         h = getattr(reference, model.activation)(z, **dict(model.activation_options))
-        del layer
     return out
 
 
@@ -337,7 +335,7 @@ def compare(
     with x64() if needs_x64 else contextlib.nullcontext():
         p = _cast(params, dtype)
         xx = jnp.asarray(x).astype(dtype)
-        yy = _cast_labels(model, labels, dtype)
+        yy = _cast_floats(labels, dtype)
         cw = None if class_weights is None else jnp.asarray(class_weights).astype(dtype)
         wh = None if where is None else jnp.asarray(where, bool)
         model.check_inputs(p, xx, yy, wh, cw)
@@ -345,7 +343,7 @@ def compare(
         f64 = jnp.float64
         p64 = _cast(params, f64) if fd else None
         x64_ = jnp.asarray(x).astype(f64) if fd else None
-        y64 = _cast_labels(model, labels, f64) if fd else None
+        y64 = _cast_floats(labels, f64) if fd else None
         cw64 = None if (class_weights is None or not fd) else jnp.asarray(class_weights).astype(f64)
         dirs, steps = _fd_directions(jax.tree.leaves(p64), fd_directions, seed) if fd else ([], [])
 
@@ -397,195 +395,3 @@ def compare(
             seed=seed,
             notes=tuple(notes),
         )
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def _names(value: str, choices: tuple[str, ...]) -> list[str]:
-    import argparse
-
-    names = list(choices) if value == "all" else [v.strip() for v in value.split(",") if v.strip()]
-    bad = [v for v in names if v not in choices]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(
-            f"expected 'all' or a comma list of {', '.join(choices)}; got {value!r}"
-        )
-    return names
-
-
-def _sizes(value: str) -> tuple[int, ...]:
-    import argparse
-
-    try:
-        sizes = tuple(int(v) for v in value.split(","))
-    except ValueError:
-        sizes = ()
-    if len(sizes) < 2 or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(
-            f"expected at least two positive widths like 64,32,10, got {value!r}"
-        )
-    return sizes
-
-
-def _choice_list(choices: tuple[str, ...]):
-    def parse(value: str) -> list[str]:
-        return _names(value, choices)
-
-    parse.__name__ = "list"  # argparse names the type in some messages
-    return parse
-
-
-DTYPES = ("float32", "float64", "bfloat16")
-
-
-def add_arguments(parser) -> None:
-    """``jaxbp compare``'s arguments."""
-    from .activations import ACTIVATIONS
-    from .cli import json_path, nonnegative_float, positive_int, unit_float
-    from .nn import LOSSES
-
-    parser.add_argument(
-        "--sizes",
-        type=_sizes,
-        default=(64, 32, 10),
-        help="layer widths, input first (default 64,32,10)",
-    )
-    parser.add_argument("--batch", type=positive_int, default=32, help="batch size n (default 32)")
-    parser.add_argument(
-        "--activation",
-        type=_choice_list(tuple(ACTIVATIONS)),
-        default=["relu"],
-        help=f"one of {', '.join(ACTIVATIONS)}, a comma list, or 'all' (default relu)",
-    )
-    parser.add_argument(
-        "--loss",
-        type=_choice_list(tuple(LOSSES)),
-        default=["softmax_cross_entropy"],
-        help=f"one of {', '.join(LOSSES)}, a comma list, or 'all' (default softmax_cross_entropy)",
-    )
-    parser.add_argument(
-        "--dtype",
-        type=_choice_list(DTYPES),
-        default=["float32"],
-        help="float32, float64, bfloat16, a comma list, or 'all' (default float32)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of data, parameters, directions")
-    parser.add_argument(
-        "--dataset",
-        choices=("synthetic", "digits"),
-        default="synthetic",
-        help="random inputs, or the first --batch digits (needs sizes 64,…,10)",
-    )
-    parser.add_argument(
-        "--fd-directions",
-        type=positive_int,
-        default=None,
-        help=f"random directions per leaf for finite differences (default {FD_DIRECTIONS})",
-    )
-    parser.add_argument("--no-fd", action="store_true", help="skip the finite-difference check")
-    parser.add_argument(
-        "--label-smoothing",
-        type=unit_float,
-        default=0.0,
-        help="softmax_cross_entropy's label_smoothing in [0, 1] (default 0)",
-    )
-    parser.add_argument(
-        "--z-loss",
-        type=nonnegative_float,
-        default=0.0,
-        help="softmax_cross_entropy's z_loss ≥ 0 (default 0)",
-    )
-    parser.add_argument(
-        "--json", metavar="PATH", type=json_path, help="also write the reports as JSON (-: stdout)"
-    )
-
-
-def validate(args) -> None:
-    """What no single value shows: options that do not apply, the digits' sizes."""
-    if "softmax_cross_entropy" not in args.loss:
-        for flag, value in (("--label-smoothing", args.label_smoothing), ("--z-loss", args.z_loss)):
-            if value:
-                raise ValueError(
-                    f"{flag}: only for --loss softmax_cross_entropy, got --loss "
-                    f"{','.join(args.loss)}"
-                )
-    if args.no_fd and args.fd_directions is not None:
-        raise ValueError("--fd-directions: does not apply with --no-fd")
-    if args.dataset == "digits":
-        from .datasets import load_digits
-
-        split = load_digits()
-        i, c = split.x_train.shape[1], split.num_classes
-        if args.sizes[0] != i or args.sizes[-1] != c:
-            raise ValueError(
-                f"--sizes: the digits data set needs {i} inputs and {c} classes, got "
-                f"{','.join(map(str, args.sizes))}"
-            )
-        if args.batch > split.x_train.shape[0]:
-            raise ValueError(f"--batch: expected 1 to {split.x_train.shape[0]}, got {args.batch}")
-
-
-def _batch(model: MLP, dataset: str, batch: int, seed: int):
-    """Inputs ``x (n, i)`` float64 and labels for the model's loss (ids, or ``(n, c)`` floats)."""
-    i, c = model.sizes[0], model.sizes[-1]
-    kx, ky = jax.random.split(jax.random.PRNGKey(seed))
-    if dataset == "digits":
-        from .datasets import load_digits
-
-        split = load_digits()
-        if i != split.x_train.shape[1] or c != split.num_classes:
-            raise ValueError(
-                f"--sizes: the digits data set needs {split.x_train.shape[1]} inputs and "
-                f"{split.num_classes} classes, got sizes {model.sizes}"
-            )
-        if not 1 <= batch <= split.x_train.shape[0]:
-            raise ValueError(f"--batch: expected 1 to {split.x_train.shape[0]}, got {batch}")
-        x = jnp.asarray(split.x_train[:batch], jnp.float64)
-        ids = jnp.asarray(split.y_train[:batch], jnp.int32)
-    else:
-        x = jax.random.normal(kx, (batch, i), jnp.float64)
-        ids = jax.random.randint(ky, (batch,), 0, c, jnp.int32)
-    if model.loss == "softmax_cross_entropy":
-        return x, ids
-    if model.loss == "sigmoid_binary_cross_entropy":
-        return x, jax.nn.one_hot(ids, c, dtype=jnp.float64)
-    return x, jax.random.normal(ky, (batch, c), jnp.float64)  # mse targets
-
-
-def run(args) -> int:
-    """Run ``jaxbp compare`` (arguments already validated); 0 when every comparison passes,
-    1 otherwise."""
-    from .cli import text_stream, write_json
-
-    out = text_stream(args)
-    fd_directions = FD_DIRECTIONS if args.fd_directions is None else args.fd_directions
-    reports = []
-    with x64():
-        for dtype in args.dtype:
-            for activation in args.activation:
-                for loss in args.loss:
-                    opts = {}
-                    if loss == "softmax_cross_entropy":
-                        opts = {k: v for k, v in (("label_smoothing", args.label_smoothing),
-                                                  ("z_loss", args.z_loss)) if v}  # fmt: skip
-                    model = MLP(args.sizes, activation, loss, loss_options=opts)
-                    x, labels = _batch(model, args.dataset, args.batch, args.seed)
-                    params = model.init(jax.random.PRNGKey(args.seed + 1), jnp.float64)
-                    report = compare(
-                        model, params, x, labels, dtype=dtype, fd=not args.no_fd,
-                        fd_directions=fd_directions, seed=args.seed,
-                    )  # fmt: skip
-                    reports.append(report)
-                    print(report.table(), file=out)
-                    print(file=out)
-    passed = all(r.passed for r in reports)
-    if len(reports) > 1:
-        bad = [f"{r.activation}/{r.loss}/{r.dtype}" for r in reports if not r.passed]
-        print(
-            f"{len(reports) - len(bad)} of {len(reports)} configurations passed"
-            + (f"; failed: {', '.join(bad)}" if bad else ""),
-            file=out,
-        )
-    write_json(args.json, {"passed": passed, "reports": [r.to_dict() for r in reports]}, 2)
-    return 0 if passed else 1

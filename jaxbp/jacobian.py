@@ -16,32 +16,15 @@ matrix of the whole batch.
 
 from __future__ import annotations
 
-import inspect
 import math
-import sys
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-from ._op import positional_names
+from ._op import bwd_options, positional_names, rules_of
 
 __all__ = ["jacobian", "rules_of", "per_example_args"]
-
-
-def rules_of(op: Callable) -> tuple[Callable, Callable]:
-    """The ``(op_fwd, op_bwd)`` pair of a public jaxbp op: ``op.rules`` when declared (see
-    :func:`jaxbp._op.declare_op`), else ``{op}_fwd``/``{op}_bwd`` beside it in its module."""
-    rules = getattr(op, "rules", None)
-    if rules is not None:
-        return tuple(rules)
-    module = sys.modules.get(getattr(op, "__module__", ""), None)
-    name = getattr(op, "__name__", "")
-    fwd = getattr(module, name + "_fwd", None)
-    bwd = getattr(module, name + "_bwd", None)
-    if fwd is None or bwd is None:
-        raise TypeError(f"op: expected a jaxbp op with _fwd/_bwd rules beside it, got {op!r}")
-    return fwd, bwd
 
 
 def per_example_args(op: Callable) -> tuple[str, ...]:
@@ -50,19 +33,10 @@ def per_example_args(op: Callable) -> tuple[str, ...]:
     if names is None:
         raise TypeError(
             f"op: {getattr(op, '__name__', op)!r} does not declare which arguments are "
-            "per-example; decorate it with jaxbp._op.declare_op(per_example=(...)) or set "
+            "per-example; build it with jaxbp.Op(..., per_example=(...)) or set "
             "op.per_example_args to a tuple of its positional parameter names"
         )
     return tuple(names)
-
-
-def _static_options(bwd: Callable, options: dict) -> dict:
-    """The options ``bwd`` takes: array options (``where``, ``class_weights``) live in the
-    residuals, so only the static ones (``axis``, ``label_smoothing``, ...) go to ``bwd``."""
-    params = inspect.signature(bwd).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return dict(options)
-    return {k: v for k, v in options.items() if k in params}
 
 
 def jacobian(op: Callable, *args, argnum: int = 0, **options) -> jax.Array:
@@ -70,7 +44,8 @@ def jacobian(op: Callable, *args, argnum: int = 0, **options) -> jax.Array:
 
     Args:
       op: a public jaxbp op (``jaxbp.softmax``, ``jaxbp.dense``, ``jaxbp.relu``,
-        ``jaxbp.softmax_cross_entropy``, ...).
+        ``jaxbp.softmax_cross_entropy``, ...) or a :class:`jaxbp.Op`: its rules are
+        ``op.fwd``/``op.bwd``.
       *args: its positional arguments, as for ``op``.
       argnum: which argument to differentiate.
       **options: the op's keyword options (``axis`` excepted: the feature axis is the last);
@@ -85,8 +60,8 @@ def jacobian(op: Callable, *args, argnum: int = 0, **options) -> jax.Array:
       * shared parameter (a weight ``(i, o)`` or a bias ``(o,)``, whatever its shape):
         ``J (n..., c, i, o)``, each example's output against the shared parameter.
 
-      Which is which comes from the op's declaration (``op.per_example_args``, set by
-      :func:`jaxbp._op.declare_op`), never from the shapes. An op whose examples have
+      Which is which comes from the op's declaration (``op.per_example_args``, see
+      :mod:`jaxbp._op`), never from the shapes. An op whose examples have
       several axes declares how many (``op.example_ndim``): attention's examples are
       ``(h, t, e)``, so ``J (n..., h, t, e, h, s, e)`` for ``k``; embedding's integer ids
       ``(n...)`` have none, so ``J (n..., d, v, d)`` for the table.
@@ -99,7 +74,7 @@ def jacobian(op: Callable, *args, argnum: int = 0, **options) -> jax.Array:
       (5, 3, 3)
     """
     fwd, bwd = rules_of(op)
-    names = positional_names(op)
+    names = tuple(getattr(op, "arg_names", None) or positional_names(op))
     per_example = per_example_args(op)
     if not 0 <= argnum < len(args):
         raise ValueError(f"argnum: expected an index into the {len(args)} arguments, got {argnum}")
@@ -109,7 +84,7 @@ def jacobian(op: Callable, *args, argnum: int = 0, **options) -> jax.Array:
     if not jnp.issubdtype(arg.dtype, jnp.floating):
         raise TypeError(f"argnum: argument {argnum} has dtype {arg.dtype}, which has no Jacobian")
     out, res = fwd(*args, **options)
-    static = _static_options(bwd, options)
+    static = bwd_options(bwd, options)
     # Batching comes from the declaration, never from shapes: the first per-example argument
     # is (n..., k...) with op.example_ndim trailing axes k... (1 unless declared otherwise),
     # so the batch is its leading axes; a shared parameter (a weight (i, o), a bias (o,)) is

@@ -42,7 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _checks
-from ._op import custom_vjp_op, declare_op
+from ._op import declare, op_vjp
+from ._vma import LOCAL
 
 __all__ = [
     "mse", "mse_fwd", "mse_bwd",
@@ -85,10 +86,7 @@ def mse_bwd(res, g: jax.Array):
     return d, -d
 
 
-_mse = custom_vjp_op(mse_fwd, mse_bwd)
-
-
-@declare_op(per_example=("pred", "target"))
+@declare(fwd=mse_fwd, bwd=mse_bwd, per_example=("pred", "target"))
 def mse(pred: jax.Array, target: jax.Array) -> jax.Array:
     """Mean squared error over the last axis, per example.
 
@@ -101,7 +99,10 @@ def mse(pred: jax.Array, target: jax.Array) -> jax.Array:
       ``loss (n,)``, float32 for half-precision inputs.
     """
     pred, target = _validate_mse(pred, target)
-    return _mse((), pred, target.astype(pred.dtype))
+    return _mse(pred, target.astype(pred.dtype))
+
+
+_mse = op_vjp(mse)  # reads mse.fwd / mse.bwd when JAX traces it
 
 
 def _validate_mse(pred, target):
@@ -140,10 +141,11 @@ def sigmoid_binary_cross_entropy_bwd(res, g: jax.Array):
     return dz, dy
 
 
-_bce = custom_vjp_op(sigmoid_binary_cross_entropy_fwd, sigmoid_binary_cross_entropy_bwd)
-
-
-@declare_op(per_example=("logits", "labels"))
+@declare(
+    fwd=sigmoid_binary_cross_entropy_fwd,
+    bwd=sigmoid_binary_cross_entropy_bwd,
+    per_example=("logits", "labels"),
+)
 def sigmoid_binary_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Binary cross-entropy on logits, elementwise (as optax; reduce it yourself).
 
@@ -160,7 +162,10 @@ def sigmoid_binary_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Ar
     logits, labels = _validate_bce(logits, labels)
     if labels.dtype == jnp.bool_:
         labels = labels.astype(jnp.int8)
-    return _bce((), logits, labels)
+    return _bce(logits, labels)
+
+
+_bce = op_vjp(sigmoid_binary_cross_entropy)
 
 
 def _validate_bce(logits, labels):
@@ -173,14 +178,22 @@ def _validate_bce(logits, labels):
 # -------------------------------------------------------------- softmax cross-entropy
 
 
-def _labels_matrix(labels, c, dtype, label_smoothing):
-    """Smoothed labels ``y' (n, c)`` from ids ``(n,)`` or probabilities ``(n, c)``."""
+def _labels_matrix(labels, c_local, dtype, label_smoothing, *, c=None, first=None):
+    """Smoothed labels ``y' (n, c)`` from ids ``(n,)`` or probabilities ``(n, c)``.
+
+    On a class shard: the columns ``[first, first + c_local)`` of the ``c`` classes (ids are
+    global; probability labels come as the shard's own slice)."""
+    c = c_local if c is None else c
     if jnp.issubdtype(labels.dtype, jnp.integer):
-        y = (labels[..., None] == jnp.arange(c, dtype=labels.dtype)).astype(dtype)
+        ids = jnp.arange(c_local, dtype=labels.dtype)
+        if first is not None:
+            ids = ids + first
+        y = (labels[..., None] == ids).astype(dtype)  # one-hot, only on the owning shard
     else:
         y = labels.astype(dtype)
-    if label_smoothing:
-        y = (1.0 - label_smoothing) * y + label_smoothing / c
+    if not _checks.is_static_zero(label_smoothing):  # traced: the term stays (0 gives y)
+        eps = _checks.as_scalar(label_smoothing, dtype)
+        y = (1.0 - eps) * y + eps / c
     return y
 
 
@@ -208,15 +221,24 @@ def _bad_labels(labels, c, ignore_index):
     return bad
 
 
-def _ce_parts(logits, labels, where, class_weights, label_smoothing, ignore_index):
-    """What forward and backward share: ``zs = z − m, u, valid, bad`` in the accumulation dtype.
+def _ce_parts(logits, labels, where, class_weights, label_smoothing, ignore_index, *, c=None,
+              m=None, red=LOCAL):  # fmt: skip
+    """What forward and backward share: ``zs = z − m, m, u, valid, bad`` in the accumulation
+    dtype.
 
-    ``m = max_c z (n,)``; a row all −inf, or holding +inf, makes ``zs`` (and the row) NaN.
+    ``m = max_c z (n,)``: over every class shard (``red``), unless given (the backward of the
+    vocab-parallel loss saves it). ``logits`` and ``class_weights`` are this shard's classes
+    (all of them on one device), ``c`` the number of classes in all. A row all −inf, or
+    holding +inf, makes ``zs`` (and the row) NaN.
     """
     z = _acc(logits)
-    c = z.shape[-1]
-    zs = z - jnp.max(z, axis=-1, keepdims=True)  # (n,c), shifted: the max is exactly 0
-    u = _labels_matrix(labels, c, z.dtype, label_smoothing)  # y' (n,c)
+    c_local = z.shape[-1]
+    c = c_local if c is None else c
+    if m is None:
+        m = red.max(jnp.max(z, axis=-1))
+    zs = z - m[..., None]  # (n,c), shifted: the max is exactly 0
+    first = None if red.axis is None else red.first_column(c_local, labels.dtype)
+    u = _labels_matrix(labels, c_local, z.dtype, label_smoothing, c=c, first=first)  # y'
     if class_weights is not None:
         u = u * _acc(class_weights).astype(z.dtype)  # u = w ⊙ y'
     valid = valid_rows(labels, where, ignore_index=ignore_index, batch_shape=z.shape[:-1])
@@ -224,15 +246,74 @@ def _ce_parts(logits, labels, where, class_weights, label_smoothing, ignore_inde
         bad = _bad_labels(labels, c, ignore_index) & valid
     else:
         bad = jnp.zeros(z.shape[:-1], bool)
-    return zs, u, valid, bad
+    return zs, m, u, valid, bad
 
 
-def _shifted_lse(zs):
-    """``lse − m = log Σ_c e^{z_c − m} (n,)``, in ``[0, log c]`` for finite rows."""
-    return jnp.log(jnp.sum(jnp.exp(zs), axis=-1))
+def ce_forward(logits, labels, where, class_weights, *, label_smoothing, ignore_index, z_loss,
+               c=None, red=LOCAL):  # fmt: skip
+    """The forward of softmax cross-entropy: ``(loss, m, lse_s, Σ_c u)``, each ``(n,)``.
+
+    ``lse_s = lse − m = log Σ_c e^{z_c − m}``. On one device (``red`` = :data:`LOCAL`)
+    ``Σ_c u`` is ``None`` (the backward recomputes it); over class shards it is reduced here,
+    with the loss terms, in one ``psum``, and saved for the backward.
+    """
+    zs, m, u, valid, bad = _ce_parts(
+        logits, labels, where, class_weights, label_smoothing, ignore_index, c=c, red=red
+    )
+    lse_s = jnp.log(red.sum(jnp.sum(jnp.exp(zs), axis=-1)))  # in [0, log c] for finite rows
+    loss = jnp.sum(_safe_mul(u, lse_s[..., None] - zs), axis=-1)  # −Σ u log p
+    su = None
+    if red.axis is not None:  # Σ_c u·(lse − z) and Σ_c u over every shard: one all-reduce
+        loss, su = red.sum(jnp.stack([loss, jnp.sum(u, axis=-1)]))
+    if not _checks.is_static_zero(z_loss):
+        lse = lse_s + m  # log Σ e^z  (n,)
+        loss = loss + _checks.scaled(_checks.as_scalar(z_loss, lse.dtype), lse * lse)
+    loss = jnp.where(valid, loss, 0.0)
+    return jnp.where(bad, jnp.nan, loss), m, lse_s, su
 
 
-@functools.partial(jax.jit, static_argnames=("label_smoothing", "ignore_index", "z_loss"))
+def ce_backward(logits, labels, where, class_weights, lse_s, g, *, label_smoothing,
+                ignore_index, z_loss, c=None, m=None, su=None, red=LOCAL):  # fmt: skip
+    """The backward: ``(dlogits, dlabels, dclass_weights)`` of this shard's classes.
+
+    ``dz = g[:,None]·(p·(Σu + 2λ·lse)[:,None] − u)``; no communication when ``m`` and ``su``
+    are given. ``dclass_weights`` is summed over this device's rows only.
+    """
+    zs, m, u, valid, bad = _ce_parts(
+        logits, labels, where, class_weights, label_smoothing, ignore_index, c=c, m=m, red=red
+    )
+    gv = jnp.where(valid, g.astype(zs.dtype), 0.0)[..., None]  # (n,1); masked rows: exactly 0
+    nll = lse_s[..., None] - zs  # −log p (n,c)
+    p = jnp.exp(-nll)  # (n,c), recomputed
+    scale = jnp.sum(u, axis=-1) if su is None else su  # Σ_c u_c  (n,)
+    if not _checks.is_static_zero(z_loss):  # Σ_c u_c + 2λ·lse
+        scale = scale + _checks.scaled(_checks.as_scalar(z_loss, scale.dtype), 2.0 * (lse_s + m))
+    dz = gv * (p * scale[..., None] - u)  # "n,nc->nc"
+    dz = jnp.where(valid[..., None], dz, 0.0)
+    dz = jnp.where(bad[..., None], jnp.nan, dz).astype(logits.dtype)
+
+    dlabels = None
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        w = 1.0 if class_weights is None else _acc(class_weights).astype(zs.dtype)
+        dy = (1.0 - _checks.as_scalar(label_smoothing, zs.dtype)) * gv * w * nll
+        dlabels = jnp.where(valid[..., None], dy, 0.0).astype(labels.dtype)
+    dweights = None
+    if class_weights is not None:
+        first = None if red.axis is None else red.first_column(zs.shape[-1], labels.dtype)
+        y = _labels_matrix(labels, zs.shape[-1], zs.dtype, label_smoothing, c=c, first=first)
+        per_row = jnp.where(valid[..., None], _safe_mul(y, gv * nll), 0.0)
+        dweights = per_row.reshape(-1, zs.shape[-1]).sum(0)  # "nc->c"
+    return dz, dlabels, dweights
+
+
+def _check_ce_options(*, label_smoothing=0.0, z_loss=0.0, **_):
+    ce_float_options(label_smoothing, z_loss)
+
+
+# label_smoothing and z_loss are traced (each value compiles nothing new; concrete values are
+# range-checked first); ignore_index is static (it decides which rows count).
+@_checks.concrete_options(_check_ce_options)
+@functools.partial(jax.jit, static_argnames="ignore_index")
 def softmax_cross_entropy_fwd(
     logits, labels, where=None, class_weights=None, *, label_smoothing=0.0, ignore_index=None,
     z_loss=0.0,
@@ -244,20 +325,14 @@ def softmax_cross_entropy_fwd(
     are not checked here: out-of-range ids give NaN rows).
     """
     _validate_ce(logits, labels, where, class_weights, label_smoothing, ignore_index, z_loss)
-    zs, u, valid, bad = _ce_parts(
-        logits, labels, where, class_weights, label_smoothing, ignore_index
-    )
-    lse_s = _shifted_lse(zs)  # (n,)
-    loss = jnp.sum(_safe_mul(u, lse_s[..., None] - zs), axis=-1)  # −Σ u log p
-    if z_loss:
-        lse = lse_s + jnp.max(_acc(logits), axis=-1)  # log Σ e^z  (n,)
-        loss = loss + z_loss * lse * lse
-    loss = jnp.where(valid, loss, 0.0)
-    loss = jnp.where(bad, jnp.nan, loss)
+    loss, _, lse_s, _ = ce_forward(
+        logits, labels, where, class_weights, label_smoothing=label_smoothing,
+        ignore_index=ignore_index, z_loss=z_loss,
+    )  # fmt: skip
     return loss, (logits, labels, where, class_weights, lse_s)
 
 
-@functools.partial(jax.jit, static_argnames=("label_smoothing", "ignore_index", "z_loss"))
+@functools.partial(jax.jit, static_argnames="ignore_index")
 def softmax_cross_entropy_bwd(res, g, *, label_smoothing=0.0, ignore_index=None, z_loss=0.0):
     """Backward: ``dz = g[:,None]·(p·(Σu + 2λ·lse)[:,None] − u)``, 0 on masked rows.
 
@@ -265,34 +340,13 @@ def softmax_cross_entropy_bwd(res, g, *, label_smoothing=0.0, ignore_index=None,
     integer ids, else ``g·(1−ε)·w⊙(lse − z)``; ``dclass_weights (c,) = Σₙ g·y'⊙(lse − z)``.
     """
     logits, labels, where, class_weights, lse_s = res
-    zs, u, valid, bad = _ce_parts(
-        logits, labels, where, class_weights, label_smoothing, ignore_index
-    )
-    gv = jnp.where(valid, g.astype(zs.dtype), 0.0)[..., None]  # (n,1); masked rows: exactly 0
-    nll = lse_s[..., None] - zs  # −log p (n,c)
-    p = jnp.exp(-nll)  # (n,c), recomputed
-    scale = jnp.sum(u, axis=-1)  # Σ_c u_c  (n,)
-    if z_loss:
-        lse = lse_s + jnp.max(_acc(logits), axis=-1)
-        scale = scale + (2.0 * z_loss) * lse  # Σ_c u_c + 2λ·lse
-    dz = gv * (p * scale[..., None] - u)  # "n,nc->nc"
-    dz = jnp.where(valid[..., None], dz, 0.0)
-    dz = jnp.where(bad[..., None], jnp.nan, dz).astype(logits.dtype)
-
-    dlabels = None
-    if not jnp.issubdtype(labels.dtype, jnp.integer):
-        w = 1.0 if class_weights is None else _acc(class_weights).astype(zs.dtype)
-        dy = (1.0 - label_smoothing) * gv * w * nll
-        dlabels = jnp.where(valid[..., None], dy, 0.0).astype(labels.dtype)
-    dweights = None
-    if class_weights is not None:
-        y = _labels_matrix(labels, zs.shape[-1], zs.dtype, label_smoothing)
-        per_row = jnp.where(valid[..., None], _safe_mul(y, gv * nll), 0.0)
-        dweights = per_row.reshape(-1, zs.shape[-1]).sum(0).astype(class_weights.dtype)
+    dz, dlabels, dweights = ce_backward(
+        logits, labels, where, class_weights, lse_s, g, label_smoothing=label_smoothing,
+        ignore_index=ignore_index, z_loss=z_loss,
+    )  # fmt: skip
+    if dweights is not None:
+        dweights = dweights.astype(class_weights.dtype)
     return dz, dlabels, None, dweights
-
-
-_softmax_cross_entropy = custom_vjp_op(softmax_cross_entropy_fwd, softmax_cross_entropy_bwd)
 
 
 def _validate_ce(logits, labels, where, class_weights, label_smoothing, ignore_index, z_loss):
@@ -351,17 +405,34 @@ def validate_ce_options(
             raise ValueError(
                 f"class_weights: expected shape ({letter},) = ({c},), got {class_weights.shape}"
             )
-    if not 0.0 <= _checks.static_number("label_smoothing", label_smoothing) <= 1.0:
-        raise ValueError(f"label_smoothing: expected a float in [0, 1], got {label_smoothing!r}")
-    if not 0.0 <= _checks.static_number("z_loss", z_loss) < math.inf:  # NaN fails too
-        raise ValueError(f"z_loss: expected a finite float ≥ 0, got {z_loss!r}")
+    ce_float_options(label_smoothing, z_loss)
     _checks.static_int("ignore_index", ignore_index, allow_none=True)
     if ignore_index is not None and not isinstance(ignore_index, int | np.integer):
         raise TypeError(f"ignore_index: expected an int or None, got {ignore_index!r}")
     return where, class_weights
 
 
-@declare_op(per_example=("logits", "labels"))
+def ce_float_options(label_smoothing, z_loss, *, check: bool = False):
+    """``(ε, λ)``: Python floats in range (else ``ValueError``), or traced scalars (checked
+    under :func:`jaxbp.checked` when ``check``). Both only scale values, so the rules take
+    them traced."""
+    eps = _checks.traced_number(
+        "label_smoothing", label_smoothing, lambda e: (0.0 <= e) & (e <= 1.0),
+        "a float in [0, 1]", check=check,
+    )  # fmt: skip
+    lam = _checks.traced_number(
+        "z_loss", z_loss, lambda z: (0.0 <= z) & (z < math.inf),  # NaN fails too
+        "a finite float ≥ 0", check=check,
+    )  # fmt: skip
+    return eps, lam
+
+
+@declare(
+    fwd=softmax_cross_entropy_fwd,
+    bwd=softmax_cross_entropy_bwd,
+    per_example=("logits", "labels"),
+    traced=("label_smoothing", "z_loss"),
+)
 def softmax_cross_entropy(
     logits: jax.Array,
     labels: jax.Array,
@@ -390,8 +461,12 @@ def softmax_cross_entropy(
         ``weight``, per example: ``w[y]·nll`` for ids).
       label_smoothing: ``ε`` in ``[0, 1]``; labels become ``(1 − ε)·y + ε/c`` on every row,
         the same for ids and for their one-hot form. Masked rows stay 0.
-      ignore_index: integer labels equal to it are masked like ``where=False``.
+      ignore_index: integer labels equal to it are masked like ``where=False`` (static).
       z_loss: ``λ ≥ 0``; adds ``λ·lse²`` to keep the log-normaliser near 0 (PaLM).
+
+    ``label_smoothing`` and ``z_loss`` may be traced scalars (under ``jit``/``vmap``): the
+    rules take them traced, so each new value compiles nothing new; a traced value out of
+    range is reported by :func:`jaxbp.checked`. ``ignore_index`` is static.
 
     Returns:
       ``loss (n,)``: float32 for half-precision logits, else the logits' dtype.
@@ -412,9 +487,12 @@ def softmax_cross_entropy(
         logits, labels, where, class_weights, label_smoothing, ignore_index, z_loss
     )
     _checks.check_label_range(labels, logits.shape[-1], ignore_index, where=where)
-    options = (
-        ("ignore_index", None if ignore_index is None else int(ignore_index)),
-        ("label_smoothing", float(label_smoothing)),
-        ("z_loss", float(z_loss)),
-    )
-    return _softmax_cross_entropy(options, logits, labels, where, class_weights)
+    eps, lam = ce_float_options(label_smoothing, z_loss, check=True)
+    return _softmax_cross_entropy(
+        logits, labels, where, class_weights,
+        ignore_index=None if ignore_index is None else int(ignore_index),
+        label_smoothing=eps, z_loss=lam,
+    )  # fmt: skip
+
+
+_softmax_cross_entropy = op_vjp(softmax_cross_entropy)  # reads .fwd / .bwd when traced

@@ -24,9 +24,9 @@ and every gradient are 0 (PyTorch returns NaN there; we prefer a step that does 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import math
+import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -34,21 +34,37 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _checks
+from . import _checks, _step
 from ._checks import check_label_range
+from ._op import rules
 from .activations import ACTIVATIONS
-from .dense import dense_bwd, dense_bwd_params, dense_fwd
-from .jacobian import rules_of
-from .losses import _validate_ce, valid_rows, validate_ce_options
+from .dense import dense
+from .losses import (
+    _validate_ce,
+    mse,
+    sigmoid_binary_cross_entropy,
+    softmax_cross_entropy,
+    valid_rows,
+    validate_ce_options,
+)
 
 __all__ = [
-    "MLP", "LOSSES", "Params", "backward", "forward", "forward_backward", "register_model",
-    "value_and_grad",
+    "MLP", "LOSSES", "LOSS_OPS", "LoopOps", "Params", "backward", "forward", "forward_backward",
+    "loop_ops", "register_model", "value_and_grad",
 ]  # fmt: skip
 
 Params = list[dict[str, jax.Array]]
 
-LOSSES = ("softmax_cross_entropy", "sigmoid_binary_cross_entropy", "mse")
+# The loss ops by the names MLP(loss=...) takes.
+LOSS_OPS: dict[str, Callable] = {
+    "softmax_cross_entropy": softmax_cross_entropy,
+    "sigmoid_binary_cross_entropy": sigmoid_binary_cross_entropy,
+    "mse": mse,
+}
+LOSSES = tuple(LOSS_OPS)
+
+# What MLP.apply(ops=None) uses: jaxbp's own ops (ops=jaxbp.reference swaps in the twins).
+_OPS = types.SimpleNamespace(dense=dense, **ACTIVATIONS, **LOSS_OPS)
 
 
 CE_OPTIONS = ("label_smoothing", "z_loss", "ignore_index")
@@ -248,108 +264,115 @@ class MLP:
 
 
 def _ops(ops):
-    if ops is None:
-        import jaxbp
-
-        return jaxbp
-    return ops
+    return _OPS if ops is None else ops
 
 
-def forward(model: MLP, params, x, labels, where, class_weights):
-    """Forward through the ``_fwd`` rules: per-example losses, valid rows and residuals."""
-    act_fwd, _ = rules_of(ACTIVATIONS[model.activation])
+@dataclasses.dataclass(frozen=True)
+class LoopOps:
+    """The ops the explicit loop runs, each carrying its ``.fwd``/``.bwd`` rules.
+
+    ``head`` is the last layer's dense op (``dense`` unless a transform needs its own: the
+    vocab-parallel last layer of :mod:`jaxbp.parallel` sums its input gradient over the class
+    shards). The loop reads the rules from these objects when it is traced.
+    """
+
+    dense: Any
+    activation: Any
+    loss: Any
+    head: Any = None
+
+    def rules(self) -> tuple:
+        """The rules the ops hold now: part of every compiled loop's cache key."""
+        return rules(self.dense, self.activation, self.loss, self.head or self.dense)
+
+
+def _layer_op(ops: LoopOps, layer: int, num_layers: int):
+    """The dense op of ``layer``: ``ops.head`` for the last one when given."""
+    return ops.head if layer == num_layers - 1 and ops.head is not None else ops.dense
+
+
+def loop_ops(model: MLP) -> LoopOps:
+    """The ops of ``model``'s explicit loop: :func:`jaxbp.dense`, its activation, its loss."""
+    return LoopOps(dense, ACTIVATIONS[model.activation], LOSS_OPS[model.loss])
+
+
+def forward(model: MLP, params, x, labels, where, class_weights, *, ops: LoopOps | None = None):
+    """Forward through the ops' ``fwd`` rules: per-example losses, valid rows and residuals."""
+    ops = loop_ops(model) if ops is None else ops
     act_opts = dict(model.activation_options)
     L = model.num_layers
     dense_res, act_res, h = [], [], x
     for layer, p in enumerate(params):
-        h, r = dense_fwd(h, p["w"], p["b"])
+        h, r = _layer_op(ops, layer, L).fwd(h, p["w"], p["b"])
         dense_res.append(r)
         if layer < L - 1:
-            h, r = act_fwd(h, **act_opts)
+            h, r = ops.activation.fwd(h, **act_opts)
             act_res.append(r)
-    loss_fwd, _ = rules_of(getattr(_ops(None), model.loss))
     opts = dict(model.loss_options)
     if model.loss == "softmax_cross_entropy":
-        per_ex, loss_res = loss_fwd(h, labels, where, class_weights, **opts)
+        per_ex, loss_res = ops.loss.fwd(h, labels, where, class_weights, **opts)
     elif model.loss == "mse":
-        per_ex, loss_res = loss_fwd(h, labels.astype(h.dtype))
+        per_ex, loss_res = ops.loss.fwd(h, labels.astype(h.dtype))
     else:
-        elem, loss_res = loss_fwd(h, labels.astype(h.dtype))  # (n, c)
+        elem, loss_res = ops.loss.fwd(h, labels.astype(h.dtype))  # (n, c)
         per_ex = jnp.mean(elem, axis=-1)
     valid = model.valid(labels, where, n=x.shape[0])
     return per_ex, valid, (h, loss_res, dense_res, act_res)
 
 
-def backward(model: MLP, state, seed, *, param_grads: bool = True):
+def backward(model: MLP, state, seed, *, param_grads: bool = True, ops: LoopOps | None = None):
     """Reverse loop with per-row seed ``s (n,) = ∂L/∂ℓ_k``: ``(grads or None, deltas, acts)``.
 
     ``deltas[l] (n, o)`` is ``s_k·∂ℓ_k/∂z_l`` per row; ``acts[l] (n, i)`` is layer ``l``'s input.
+    Layer 0's input gradient ``δ·wᵀ`` is computed by ``dense.bwd`` and dropped: under ``jit``
+    XLA removes it (benchmarks/README.md).
     """
+    ops = loop_ops(model) if ops is None else ops
     h, loss_res, dense_res, act_res = state
-    _, act_bwd = rules_of(ACTIVATIONS[model.activation])
-    _, loss_bwd = rules_of(getattr(_ops(None), model.loss))
     opts = dict(model.loss_options)
     L = model.num_layers
     if model.loss == "sigmoid_binary_cross_entropy":
         c = h.shape[-1]
-        delta = loss_bwd(loss_res, jnp.broadcast_to((seed / c)[:, None], h.shape))[0]
+        delta = ops.loss.bwd(loss_res, jnp.broadcast_to((seed / c)[:, None], h.shape))[0]
     else:
-        delta = loss_bwd(loss_res, seed, **opts)[0]  # (n, c)
+        delta = ops.loss.bwd(loss_res, seed, **opts)[0]  # (n, c)
     grads = [{} for _ in range(L)] if param_grads else None
     deltas: list[Any] = [None] * L
     for layer in reversed(range(L)):
         deltas[layer] = delta
-        if layer == 0:  # nobody needs ∂L/∂x: skip the δ·wᵀ product
-            dw, db = dense_bwd_params(dense_res[0], delta)  # "ni,no->io", "no->o"
-        else:  # unused dw, db are dropped by XLA when param_grads is False
-            dx, dw, db = dense_bwd(dense_res[layer], delta)  # dx "no,io->ni"
-            (delta,) = act_bwd(act_res[layer - 1], dx)
+        # dw "ni,no->io", db "no->o", dx "no,io->ni" (unused dw, db are dropped by XLA
+        # when param_grads is False, and layer 0's dx always)
+        dx, dw, db = _layer_op(ops, layer, L).bwd(dense_res[layer], delta)
+        if layer > 0:
+            (delta,) = ops.activation.bwd(act_res[layer - 1], dx)
         if param_grads:
             grads[layer] = {"w": dw, "b": db}
     acts = [r[0] for r in dense_res]
     return grads, deltas, acts
 
 
-def forward_backward(model: MLP, params, x, labels, where=None, class_weights=None):
+def forward_backward(
+    model: MLP, params, x, labels, where=None, class_weights=None, *, ops: LoopOps | None = None
+):  # fmt: skip
     """The explicit loop, unjitted: ``(mean loss, grads, per_example_loss, deltas, acts)``.
 
     The seed is ``g = valid / n_valid (n,)``, the derivative of the mean over valid rows.
     ``deltas[l]`` is ``δ_l = ∂L/∂z_l (n, o)``, the gradient at layer ``l``'s pre-activation,
     and ``acts[l]`` its input ``a_{l−1} (n, i)``: what per-example quantities are made of.
+    ``ops`` (default :func:`loop_ops`) are the ops whose rules run.
     """
-    per_ex, valid, state = forward(model, params, x, labels, where, class_weights)
+    per_ex, valid, state = forward(model, params, x, labels, where, class_weights, ops=ops)
     count = jnp.maximum(jnp.sum(valid), 1).astype(per_ex.dtype)
     loss = jnp.sum(jnp.where(valid, per_ex, 0.0)) / count
     g = jnp.where(valid, 1.0 / count, 0.0).astype(per_ex.dtype)  # (n,)
-    grads, deltas, acts = backward(model, state, g)
+    grads, deltas, acts = backward(model, state, g, ops=ops)
     return loss, grads, per_ex, deltas, acts
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _manual_value_and_grad(model, params, x, labels, where, class_weights):
+def _value_and_grad_core(model, rules, params, x, labels, where, class_weights):
+    del rules  # the cache key only: the loop reads the rules from the ops when traced
     loss, grads, *_ = forward_backward(model, params, x, labels, where, class_weights)
     return loss, grads
-
-
-def _checked_entry(model: MLP, run: Callable) -> Callable:
-    """Validate (clear errors before tracing), then call the jitted ``run``.
-
-    ``run`` is one module-level jit keyed on the (hashable) model, so building
-    ``value_and_grad(model)`` again for an equal model compiles nothing new.
-    """
-
-    def value_and_grad_fn(params, x, labels, *, where=None, class_weights=None):
-        return run(model, *model.check_inputs(params, x, labels, where, class_weights))
-
-    # The jitted core without validation: (params, x, labels, where, class_weights).
-    value_and_grad_fn.jitted = _bound(run, model)  # type: ignore[attr-defined]
-    return value_and_grad_fn
-
-
-@functools.lru_cache(maxsize=64)
-def _bound(run: Callable, model: MLP) -> Callable:
-    """``jax.jit(run)`` with the model bound: a real jitted function (``.lower`` works)."""
-    return jax.jit(functools.partial(run, model))
 
 
 _MODELS: dict[type, Callable] = {}
@@ -367,9 +390,11 @@ def value_and_grad(model: Any) -> Callable:
     grads)``; for a GPT see :func:`jaxbp.gpt.value_and_grad`.
 
     The gradients come from an explicit reverse loop over the hand-written ``_bwd`` rules
-    (see the module docstring); ``grads`` has the structure of ``params``. Jitted; inputs are
+    (see the module docstring); ``grads`` has the structure of ``params``. Inputs are
     validated with clear errors before tracing, and integer labels out of range raise when
-    they are concrete (under an outer ``jit`` their rows make the loss NaN instead).
+    they are concrete (under an outer ``jit`` their rows make the loss NaN instead); then
+    ``f.jitted(params, x, labels, where, class_weights)`` runs, the compiled step
+    (:mod:`jaxbp._step`: one per model and rules, cached).
 
     Shapes: ``x (n, i)``, ``labels (n,)`` ids or ``(n, c)``, ``where (n,)`` bool. Any
     input may be a JAX array, a NumPy array or a (nested) Python list.
@@ -379,4 +404,9 @@ def value_and_grad(model: Any) -> Callable:
             return build(model)
     if not isinstance(model, MLP):
         raise TypeError(f"model: expected a jaxbp.MLP or jaxbp.GPT, got {type(model).__name__}")
-    return _checked_entry(model, _manual_value_and_grad)
+    step = _step.compiled(_value_and_grad_core, model, loop_ops(model).rules())
+
+    def check(params, x, labels, *, where=None, class_weights=None):
+        return model.check_inputs(params, x, labels, where, class_weights)
+
+    return _step.entry(step, check, "value_and_grad", value_and_grad.__doc__)

@@ -11,6 +11,7 @@ Shapes: ``x (..., i)`` for ``Dense``; ``x (..., d)`` for the norms; ``ids (...)`
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -57,8 +58,6 @@ class Embedding(nnx.Module):
     """``table[ids]``: ``table (v, d)`` standard normal; backward is a scatter-add."""
 
     def __init__(self, v, d, *, dtype=jnp.float32, rngs):
-        import jax
-
         self.table = nnx.Param(jax.random.normal(rngs.params(), (v, d), dtype))
 
     def __call__(self, ids):

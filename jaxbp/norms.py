@@ -38,14 +38,13 @@ row makes that row's output and gradient NaN.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 
 from . import _checks
-from ._op import custom_vjp_op, declare_op
+from ._op import declare, op_vjp
 
 __all__ = [
     "layer_norm", "layer_norm_fwd", "layer_norm_bwd",
@@ -53,9 +52,10 @@ __all__ = [
 ]  # fmt: skip
 
 
-def _validate(x, params, eps):
+def _validate(x, params, eps, check=False):
     """``x (..., d)`` floating with ``d ≥ 1``; each of ``params`` (name, array) ``(d,)`` of
-    ``x``'s dtype; ``eps`` a finite Python number ``≥ 0``."""
+    ``x``'s dtype; ``eps`` a finite number ``≥ 0``, or a traced scalar (range checked under
+    :func:`jaxbp.checked` when ``check``)."""
     x = _checks.floating("x", x)
     _checks.min_rank("x", x, 1, "(..., d)")
     d = x.shape[-1]
@@ -70,19 +70,19 @@ def _validate(x, params, eps):
         if p.dtype != x.dtype:
             raise TypeError(f"{name}: expected the dtype of x ({x.dtype}), got {p.dtype}")
         out.append(p)
-    eps = _checks.static_number("eps", eps)
-    if not 0.0 <= eps < math.inf:  # NaN fails too
-        raise ValueError(f"eps: expected a finite float ≥ 0, got {eps!r}")
+    eps = _checks.traced_number(
+        "eps", eps, lambda e: (0.0 <= e) & (e < math.inf), "a finite float ≥ 0", check=check
+    )  # NaN fails too
     return x, out, eps
 
 
-def _validate_layer_norm(x, gamma, beta, eps):
-    x, (gamma, beta), eps = _validate(x, (("gamma", gamma), ("beta", beta)), eps)
+def _validate_layer_norm(x, gamma, beta, eps, check=False):
+    x, (gamma, beta), eps = _validate(x, (("gamma", gamma), ("beta", beta)), eps, check)
     return x, gamma, beta, eps
 
 
-def _validate_rms_norm(x, gamma, eps):
-    x, (gamma,), eps = _validate(x, (("gamma", gamma),), eps)
+def _validate_rms_norm(x, gamma, eps, check=False):
+    x, (gamma,), eps = _validate(x, (("gamma", gamma),), eps, check)
     return x, gamma, eps
 
 
@@ -95,10 +95,15 @@ def _sum_rows(a, like):
     return jnp.sum(a.reshape(-1, a.shape[-1]), axis=0).astype(like.dtype)
 
 
+def _check_eps(*, eps=0.0, **_):
+    _checks.traced_number("eps", eps, lambda e: (0.0 <= e) & (e < math.inf), "a finite float ≥ 0")
+
+
 # ------------------------------------------------------------------------------ layer norm
 
 
-@functools.partial(jax.jit, static_argnames="eps")
+@_checks.concrete_options(_check_eps)  # a concrete eps is range-checked first
+@jax.jit  # eps is traced: each value compiles nothing new
 def layer_norm_fwd(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, eps: float = 1e-5):
     """Forward: ``y (..., d) = γ ⊙ (x − μ)/σ + β``; returns ``(y, (x, μ, 1/σ, γ))``.
 
@@ -108,12 +113,13 @@ def layer_norm_fwd(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, eps: floa
     xa = _acc(x)
     mu = jnp.mean(xa, axis=-1)  # (n,)
     xc = xa - mu[..., None]
-    rstd = jax.lax.rsqrt(jnp.mean(xc * xc, axis=-1) + eps)  # 1/σ (n,), two-pass variance
+    var = jnp.mean(xc * xc, axis=-1)  # two-pass variance (n,)
+    rstd = jax.lax.rsqrt(var + _checks.as_scalar(eps, xa.dtype))  # 1/σ (n,)
     y = xc * rstd[..., None] * _acc(gamma) + _acc(beta)
     return y.astype(x.dtype), (x, mu, rstd, gamma)
 
 
-@functools.partial(jax.jit, static_argnames="eps")
+@jax.jit  # eps is traced: each value compiles nothing new
 def layer_norm_bwd(res, g: jax.Array, *, eps: float = 1e-5):
     """Backward: ``(dx (..., d), dγ (d,), dβ (d,))`` from ``g (..., d)``.
 
@@ -132,10 +138,7 @@ def layer_norm_bwd(res, g: jax.Array, *, eps: float = 1e-5):
     return dx.astype(x.dtype), _sum_rows(ga * xhat, gamma), _sum_rows(ga, gamma)
 
 
-_layer_norm = custom_vjp_op(layer_norm_fwd, layer_norm_bwd)
-
-
-@declare_op(per_example=("x",))
+@declare(fwd=layer_norm_fwd, bwd=layer_norm_bwd, per_example=("x",), traced=("eps",))
 def layer_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, eps: float = 1e-5) -> jax.Array:
     """Layer norm over the last axis, ``γ ⊙ (x − μ)/√(σ² + ε) + β``, with the compact backward.
 
@@ -143,13 +146,13 @@ def layer_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, eps: float = 
       x: ``(..., d)``, floating; every leading axis is the batch ``n``.
       gamma: scale ``γ (d,)``, the dtype of ``x``.
       beta: shift ``β (d,)``, the dtype of ``x``.
-      eps: ``ε ≥ 0`` added to the variance (static).
+      eps: ``ε ≥ 0`` added to the variance (a number, or a traced scalar).
 
     Returns:
       ``y (..., d)`` in the dtype of ``x`` (statistics in float32 for half precision).
 
     Raises:
-      TypeError: non-floating or mismatched dtypes; a traced ``eps``.
+      TypeError: non-floating or mismatched dtypes; an ``eps`` that is not a number.
       ValueError: ``gamma``/``beta`` not ``(d,)``, an empty ``d``, ``eps`` negative or not finite.
 
     The gradient is :func:`layer_norm_bwd`:
@@ -159,17 +162,22 @@ def layer_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, eps: float = 
     Example:
       >>> import jax.numpy as jnp, jaxbp
       >>> x = jnp.array([[1.0, 2.0, 3.0]])
-      >>> jaxbp.layer_norm(x, jnp.ones(3), jnp.zeros(3), eps=0.0).round(4).tolist()
-      [[-1.2247, 0.0, 1.2247]]
+      >>> y = jaxbp.layer_norm(x, jnp.ones(3), jnp.zeros(3), eps=0.0)
+      >>> [round(float(v), 4) for v in y[0]]
+      [-1.2247, 0.0, 1.2247]
     """
-    x, gamma, beta, eps = _validate_layer_norm(x, gamma, beta, eps)
-    return _layer_norm((("eps", eps),), x, gamma, beta)
+    x, gamma, beta, eps = _validate_layer_norm(x, gamma, beta, eps, check=True)
+    return _layer_norm(x, gamma, beta, eps=eps)
+
+
+_layer_norm = op_vjp(layer_norm)  # reads layer_norm.fwd / .bwd when JAX traces it
 
 
 # -------------------------------------------------------------------------------- rms norm
 
 
-@functools.partial(jax.jit, static_argnames="eps")
+@_checks.concrete_options(_check_eps)
+@jax.jit  # eps is traced: each value compiles nothing new
 def rms_norm_fwd(x: jax.Array, gamma: jax.Array, *, eps: float = 1e-6):
     """Forward: ``y (..., d) = γ ⊙ x/√(mean(x²) + ε)``; returns ``(y, (x, 1/r, γ))``.
 
@@ -177,12 +185,12 @@ def rms_norm_fwd(x: jax.Array, gamma: jax.Array, *, eps: float = 1e-6):
     """
     x, gamma, eps = _validate_rms_norm(x, gamma, eps)
     xa = _acc(x)
-    rinv = jax.lax.rsqrt(jnp.mean(xa * xa, axis=-1) + eps)  # 1/r (n,)
+    rinv = jax.lax.rsqrt(jnp.mean(xa * xa, axis=-1) + _checks.as_scalar(eps, xa.dtype))  # 1/r (n,)
     y = xa * rinv[..., None] * _acc(gamma)
     return y.astype(x.dtype), (x, rinv, gamma)
 
 
-@functools.partial(jax.jit, static_argnames="eps")
+@jax.jit  # eps is traced: each value compiles nothing new
 def rms_norm_bwd(res, g: jax.Array, *, eps: float = 1e-6):
     """Backward: ``(dx (..., d), dγ (d,))`` from ``g (..., d)``.
 
@@ -199,31 +207,32 @@ def rms_norm_bwd(res, g: jax.Array, *, eps: float = 1e-6):
     return dx.astype(x.dtype), _sum_rows(ga * xhat, gamma)
 
 
-_rms_norm = custom_vjp_op(rms_norm_fwd, rms_norm_bwd)
-
-
-@declare_op(per_example=("x",))
+@declare(fwd=rms_norm_fwd, bwd=rms_norm_bwd, per_example=("x",), traced=("eps",))
 def rms_norm(x: jax.Array, gamma: jax.Array, *, eps: float = 1e-6) -> jax.Array:
     """RMS norm over the last axis, ``γ ⊙ x/√(mean(x²) + ε)``, with the compact backward.
 
     Args:
       x: ``(..., d)``, floating; every leading axis is the batch ``n``.
       gamma: scale ``γ (d,)``, the dtype of ``x``.
-      eps: ``ε ≥ 0`` added to the mean square (static).
+      eps: ``ε ≥ 0`` added to the mean square (a number, or a traced scalar).
 
     Returns:
       ``y (..., d)`` in the dtype of ``x`` (statistics in float32 for half precision).
 
     Raises:
-      TypeError: non-floating or mismatched dtypes; a traced ``eps``.
+      TypeError: non-floating or mismatched dtypes; an ``eps`` that is not a number.
       ValueError: ``gamma`` not ``(d,)``, an empty ``d``, ``eps`` negative or not finite.
 
     The gradient is :func:`rms_norm_bwd`: ``dx = (ĝ − x̂ ⊙ mean(ĝ ⊙ x̂))/r`` (``"nd,n->nd"``).
 
     Example:
       >>> import jax.numpy as jnp, jaxbp
-      >>> jaxbp.rms_norm(jnp.array([[3.0, 4.0]]), jnp.ones(2), eps=0.0).round(4).tolist()
-      [[0.8485, 1.1314]]
+      >>> y = jaxbp.rms_norm(jnp.array([[3.0, 4.0]]), jnp.ones(2), eps=0.0)
+      >>> [round(float(v), 4) for v in y[0]]
+      [0.8485, 1.1314]
     """
-    x, gamma, eps = _validate_rms_norm(x, gamma, eps)
-    return _rms_norm((("eps", eps),), x, gamma)
+    x, gamma, eps = _validate_rms_norm(x, gamma, eps, check=True)
+    return _rms_norm(x, gamma, eps=eps)
+
+
+_rms_norm = op_vjp(rms_norm)

@@ -37,22 +37,23 @@ computed by *book-keeping* (Bu et al. 2023): every backward rule is linear in it
 gradient and every row's ``δ`` depends on its own seed alone, so the ``δ_l`` of one backward
 pass with unit seeds, rescaled per row, are those of a pass seeded with ``c_k/m``. The clipped
 sum is then one weighted parameter backward per layer, ``dw = aᵀ(c ⊙ δ)`` ``"ni,no->io"``:
-the cost of a plain step plus the norms. ``method="two_pass"`` instead re-runs the whole
-explicit loop seeded with ``c_k/m`` (:func:`forward_backward_weighted`); the two agree.
+the cost of a plain step plus the norms. ``method="two_pass"`` instead runs the reverse
+loop a second time, seeded with ``c_k/m`` (:func:`jaxbp.nn.backward` on the forward's
+residuals, which are kept: the forward runs once); the two agree.
 """
 
 from __future__ import annotations
 
-import functools
 import math
+import warnings
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-from . import _checks
-from .dense import dense_bwd_params
-from .nn import MLP, backward, forward
+from . import _checks, _step
+from .dense import dense
+from .nn import MLP, backward, forward, loop_ops
 
 __all__ = [
     "per_example_grads",
@@ -201,9 +202,8 @@ def _sq_norms(deltas, acts):
 
 # ------------------------------------------------------------------------ public API
 #
-# The jitted bodies live at module level with the (hashable) model and the clipping method
-# static, and the clip bound and noise multiplier traced: building the same transform twice,
-# or changing C between steps, reuses the compiled code.
+# Each transform is f = input checks + f.jitted, the compiled step (jaxbp/_step.py): one per
+# model, options and rules, cached, so building the same transform twice compiles nothing.
 
 
 def _check_model(model):
@@ -211,26 +211,27 @@ def _check_model(model):
         raise TypeError(f"model: expected a jaxbp.MLP, got {type(model).__name__}")
 
 
-def _wrap(model, run, name):
+def _transform(model, core, name, doc, *config):
+    """``f(params, x, labels, *, where=None, class_weights=None)`` around the compiled step
+    ``core(model, rules, *config, params, x, labels, where, class_weights)``
+    (:mod:`jaxbp._step`)."""
     _check_model(model)
-    run = functools.partial(run, model)
+    step = _step.compiled(core, model, loop_ops(model).rules(), *config)
 
-    def fn(params, x, labels, *, where=None, class_weights=None):
-        return run(*model.check_inputs(params, x, labels, where, class_weights))
+    def check(params, x, labels, *, where=None, class_weights=None):
+        return model.check_inputs(params, x, labels, where, class_weights)
 
-    fn.__name__ = name
-    fn.jitted = run  # type: ignore[attr-defined]
-    return fn
+    return _step.entry(step, check, name, doc)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _per_example_grads_run(model, params, x, labels, where, class_weights):
+def _per_example_grads_core(model, rules, params, x, labels, where, class_weights):
+    del rules  # the cache key only: the loop reads the rules from the ops when traced
     _, _, deltas, acts, _ = _unit_deltas(model, params, x, labels, where, class_weights)
     return [dense_per_example_grads(a, d) for a, d in zip(acts, deltas, strict=True)]
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _per_example_grad_norms_run(model, params, x, labels, where, class_weights):
+def _per_example_grad_norms_core(model, rules, params, x, labels, where, class_weights):
+    del rules
     _, _, deltas, acts, _ = _unit_deltas(model, params, x, labels, where, class_weights)
     return jnp.sqrt(_sq_norms(deltas, acts))
 
@@ -242,10 +243,13 @@ def per_example_grads(model: MLP) -> Callable:
     ``∇_θ ℓ_k``, the gradient of example ``k``'s *own* loss (unscaled: not divided by the
     batch size), and 0 for rows with ``where=False`` or ``ignore_index`` labels; it equals
     ``jax.vmap(jax.grad(per-example loss))`` (:func:`jaxbp.reference.per_example_grads`). Built
-    from one unit-seeded reverse loop: ``w = "ni,no->nio"(a, δ)``, ``b = δ``. Jitted.
-    Memory is ``n`` times the parameters; for norms use :func:`per_example_grad_norms`.
+    from one unit-seeded reverse loop: ``w = "ni,no->nio"(a, δ)``, ``b = δ``. ``f.jitted``
+    is the compiled step (:mod:`jaxbp._step`). Memory is ``n`` times the parameters; for
+    norms use :func:`per_example_grad_norms`.
     """
-    return _wrap(model, _per_example_grads_run, "per_example_grads")
+    return _transform(
+        model, _per_example_grads_core, "per_example_grads", per_example_grads.__doc__
+    )
 
 
 def per_example_grad_norms(model: MLP) -> Callable:
@@ -253,9 +257,13 @@ def per_example_grad_norms(model: MLP) -> Callable:
 
     ``‖∇_θ ℓ_k‖₂`` over all parameters, from ``‖a‖²·‖δ‖²`` (weights) and ``‖δ‖²`` (biases)
     of one unit-seeded reverse loop; no ``(n, i, o)`` array is ever formed. 0 on rows that do
-    not count. float32 for half-precision inputs. Jitted.
+    not count. float32 for half-precision inputs. ``f.jitted`` is the compiled step
+    (:mod:`jaxbp._step`).
     """
-    return _wrap(model, _per_example_grad_norms_run, "per_example_grad_norms")
+    return _transform(
+        model, _per_example_grad_norms_core, "per_example_grad_norms",
+        per_example_grad_norms.__doc__,
+    )  # fmt: skip
 
 
 def _clip_factors(norms, l2_clip):
@@ -276,7 +284,7 @@ def _add_noise(tree, key, std):
     return jax.tree.unflatten(treedef, noisy)
 
 
-def _check_clip_options(l2_clip, noise_multiplier, batch_size, method):
+def check_clip_options(l2_clip, noise_multiplier, batch_size, method):
     try:
         l2_clip = float(l2_clip)
     except (TypeError, ValueError):
@@ -324,11 +332,12 @@ def _divide(tree, m):
     return jax.tree.map(lambda g: (_acc(g) / m.astype(_acc(g).dtype)).astype(g.dtype), tree)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _clipped_grad_run(
-    model, method, batch_size, noisy, params, x, labels, key, where, class_weights, l2_clip,
-    noise_multiplier,
+def _clipped_grad_core(
+    model, rules, method, batch_size, l2_clip, noise_multiplier, return_loss, params, x,
+    labels, key, where, class_weights,
 ):  # fmt: skip
+    del rules  # the cache key only: the loop reads the rules from the ops when traced
+    noisy = noise_multiplier > 0.0
     per_ex, valid, deltas, acts, state = _unit_deltas(
         model, params, x, labels, where, class_weights
     )
@@ -344,12 +353,14 @@ def _clipped_grad_run(
         grads = []
         for res, d in zip(state[2], deltas, strict=True):
             d_seeded = (seed.astype(_acc(d).dtype)[:, None] * _acc(d)).astype(d.dtype)
-            dw, db = dense_bwd_params(res, d_seeded)  # "ni,no->io", "no->o"
+            _, dw, db = dense.bwd(res, d_seeded)  # "ni,no->io", "no->o" (dx dropped by XLA)
             grads.append({"w": dw, "b": db})
     if noisy:
         std = jnp.asarray(noise_multiplier).astype(norms.dtype) * clip
         grads = _divide(_add_noise(grads, key, std), m)
-    return _mean_loss(per_ex, valid), grads, norms
+    if return_loss:
+        return _mean_loss(per_ex, valid), grads, norms
+    return grads, norms
 
 
 def clipped_grad(
@@ -380,44 +391,33 @@ def clipped_grad(
         fixed-denominator estimator of Poisson-sampled DP-SGD.
       method: ``"bookkeeping"`` (default): one backward pass; the unit-seeded ``δ`` are
         rescaled by ``c_k/m`` and each layer's parameter gradient is ``"ni,no->io"`` of
-        ``a`` and ``c⊙δ``. ``"two_pass"``: re-run the whole reverse loop seeded with
-        ``c_k/m`` (:func:`forward_backward_weighted`). Per-example gradients are never
+        ``a`` and ``c⊙δ``. ``"two_pass"``: run the reverse loop (:func:`jaxbp.nn.backward`)
+        again on the forward's residuals, seeded with ``c_k/m``. Per-example gradients are never
         materialised by either.
 
       return_loss: also return the (unclipped) mean loss over valid rows, first:
         ``(loss, grads, per_example_norms)``, for logging in a training loop.
 
     Noise: one ``jax.random.split`` subkey per parameter leaf, in ``params``' leaf order.
-    Jitted; the returned function also works under ``jax.vmap``/``jax.jit``.
+    ``f.jitted(params, x, labels, key, where, class_weights)`` is the compiled step
+    (:mod:`jaxbp._step`; ``l2_clip`` and ``noise_multiplier`` are part of its configuration);
+    both work under ``jax.vmap``/``jax.jit``.
     """
     _check_model(model)
-    l2_clip, noise_multiplier = _check_clip_options(l2_clip, noise_multiplier, batch_size, method)
-    core = functools.partial(_clipped_grad_run, model, method, batch_size)
-    return _clipped_entry(model, core, l2_clip, noise_multiplier, return_loss)
+    l2_clip, noise_multiplier = check_clip_options(l2_clip, noise_multiplier, batch_size, method)
+    step = _step.compiled(
+        _clipped_grad_core, model, loop_ops(model).rules(), method, batch_size, l2_clip,
+        noise_multiplier, bool(return_loss),
+    )  # fmt: skip
 
-
-def _clipped_entry(model, core, l2_clip, noise_multiplier, return_loss) -> Callable:
-    """The public DP-SGD function around ``core(noisy, params, x, labels, key, where,
-    class_weights, l2_clip, noise_multiplier) -> (loss, grads, norms)``: checks the key
-    and the inputs, then calls the jitted core."""
-    noisy = noise_multiplier > 0.0
-
-    def run(params, x, labels, key, where, class_weights):
-        loss, grads, norms = core(
-            noisy, params, x, labels, key if noisy else None, where, class_weights, l2_clip,
-            noise_multiplier,
-        )  # fmt: skip
-        return (loss, grads, norms) if return_loss else (grads, norms)
-
-    def clipped_grad_fn(params, x, labels, key=None, where=None, class_weights=None):
+    def check(params, x, labels, key=None, where=None, class_weights=None):
         _check_key(key, noise_multiplier)
         params, x, labels, where, class_weights = model.check_inputs(
             params, x, labels, where, class_weights
         )
-        return run(params, x, labels, key, where, class_weights)
+        return params, x, labels, key if noise_multiplier > 0.0 else None, where, class_weights
 
-    clipped_grad_fn.jitted = run  # type: ignore[attr-defined]
-    return clipped_grad_fn
+    return _step.entry(step, check, "clipped_grad", clipped_grad.__doc__)
 
 
 # The vmap(grad) references live in jaxbp.reference (per_example_grads, per_example_grad_norms,
@@ -431,8 +431,7 @@ _MOVED = {
 
 def __getattr__(name):
     if name in _MOVED:
-        import importlib
-        import warnings
+        import importlib  # breaks a cycle: jaxbp.reference imports this module
 
         new = _MOVED[name]
         warnings.warn(

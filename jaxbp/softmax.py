@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _checks
-from ._op import custom_vjp_op, declare_op
+from ._op import declare, op_vjp
 
 __all__ = [
     "softmax", "softmax_fwd", "softmax_bwd",
@@ -134,11 +134,7 @@ def log_softmax_bwd(res, g: jax.Array, *, axis: int = -1):
     return dz.astype(g.dtype), None
 
 
-_softmax = custom_vjp_op(softmax_fwd, softmax_bwd)
-_log_softmax = custom_vjp_op(log_softmax_fwd, log_softmax_bwd)
-
-
-@declare_op(per_example=("z",))
+@declare(fwd=softmax_fwd, bwd=softmax_bwd, per_example=("z",))
 def softmax(z: jax.Array, *, axis: int = -1, where: jax.Array | None = None) -> jax.Array:
     """Softmax along ``axis``: ``z (..., c) → s (..., c)``, rows summing to 1.
 
@@ -160,10 +156,10 @@ def softmax(z: jax.Array, *, axis: int = -1, where: jax.Array | None = None) -> 
     """
     z, axis = _validate(z, axis)
     where = _validate_where(z, where)
-    return _softmax((("axis", axis),), z, where)
+    return _softmax(z, where, axis=axis)
 
 
-@declare_op(per_example=("z",))
+@declare(fwd=log_softmax_fwd, bwd=log_softmax_bwd, per_example=("z",))
 def log_softmax(z: jax.Array, *, axis: int = -1, where: jax.Array | None = None) -> jax.Array:
     """Log-softmax along ``axis``: ``z (..., c) → z − logΣe^z (..., c)``.
 
@@ -179,7 +175,11 @@ def log_softmax(z: jax.Array, *, axis: int = -1, where: jax.Array | None = None)
     """
     z, axis = _validate(z, axis)
     where = _validate_where(z, where)
-    return _log_softmax((("axis", axis),), z, where)
+    return _log_softmax(z, where, axis=axis)
+
+
+_softmax = op_vjp(softmax)  # each reads its op's .fwd / .bwd when JAX traces it
+_log_softmax = op_vjp(log_softmax)
 
 
 @functools.partial(jax.jit, static_argnames="axis")

@@ -30,9 +30,9 @@ import numpy as np
 import optax
 
 from . import reference
-from .activations import ACTIVATIONS
 from .datasets import load_digits
 from .nn import MLP, value_and_grad
+from .per_example import check_clip_options, clipped_grad
 
 __all__ = ["TrainResult", "train", "DEFAULTS"]
 
@@ -101,15 +101,13 @@ def _optimizer(name: str, lr: float) -> optax.GradientTransformation:
     raise ValueError(f"optimizer: expected one of {list(OPTIMIZERS)}, got {name!r}")
 
 
-def _check_dp(dp_clip: float | None, noise: float) -> None:
+def check_dp(dp_clip: float | None, noise: float) -> None:
     """Clear errors for ``--dp-clip C`` / ``--noise σ`` before anything is compiled."""
-    from .per_example import _check_clip_options
-
     if dp_clip is None:
         if noise:
             raise ValueError(f"noise: --noise {noise} needs --dp-clip C (the noise std is σ·C)")
         return
-    _check_clip_options(dp_clip, noise, None, "bookkeeping")
+    check_clip_options(dp_clip, noise, None, "bookkeeping")
 
 
 def _grad_fn(model: MLP, args: Any) -> Callable:
@@ -125,10 +123,8 @@ def _grad_fn(model: MLP, args: Any) -> Callable:
     """
     dp_clip = getattr(args, "dp_clip", None)
     noise = float(getattr(args, "noise", 0.0) or 0.0)
-    _check_dp(dp_clip, noise)
+    check_dp(dp_clip, noise)
     if dp_clip is not None:  # DP-SGD: per-example clipping to C, Gaussian noise σ·C
-        from .per_example import clipped_grad
-
         build = reference.clipped_grad if getattr(args, "reference", False) else clipped_grad
         dp = build(model, l2_clip=dp_clip, noise_multiplier=noise, return_loss=True)
 
@@ -222,7 +218,7 @@ def _run(model, args, split, log: Callable[[str], None] | None):
     return params, losses, step_losses, test_acc, float(accuracy(params, x_tr, y_tr)), seconds
 
 
-def _check_config(sizes, activation, optimizer, epochs, batch_size):
+def check_config(sizes, activation, optimizer, epochs, batch_size):
     """Clear ``ValueError``s for a bad configuration, before anything is traced."""
     model = MLP(tuple(sizes), activation, "softmax_cross_entropy")
     split = load_digits()
@@ -271,7 +267,7 @@ def train(
     Returns:
       A :class:`TrainResult`; ``result.accuracy`` is the held-out accuracy (359 examples).
     """
-    model, split = _check_config(sizes, activation, optimizer, epochs, batch_size)
+    model, split = check_config(sizes, activation, optimizer, epochs, batch_size)
     config = dict(
         sizes=model.sizes, activation=activation, optimizer=optimizer, lr=lr, epochs=epochs,
         batch_size=batch_size, seed=seed, **extra,
@@ -312,135 +308,3 @@ class _Args:
 
     def __init__(self, **kwargs):
         self.__dict__.update(kwargs)
-
-
-# --------------------------------------------------------------------------- command line
-
-
-# Flags of one model only: their argparse default is None, so that giving one to the other
-# model is a usage error; the model's own default fills them in (validate).
-MLP_FLAGS = ("sizes", "activation", "optimizer", "epochs", "dp_clip", "noise")
-SHARED_FLAGS = ("lr", "batch_size", "seed")
-
-
-def add_arguments(parser) -> None:
-    """``jaxbp train``'s arguments: the one place they are declared."""
-    from . import train_gpt
-    from .cli import json_path, nonnegative_float, positive_float, positive_int
-    from .gradcheck import _sizes
-
-    d, g = DEFAULTS, train_gpt.GPT_DEFAULTS
-    parser.add_argument(
-        "--model", choices=("mlp", "gpt"), default="mlp",
-        help="mlp: an MLP on the bundled digits (default); gpt: a character-level GPT on the "
-        "bundled works of Shakespeare",
-    )  # fmt: skip
-    parser.add_argument(
-        "--lr", type=positive_float, default=None,
-        help=f"learning rate (default {d['lr']}; gpt: peak {g['lr']})",
-    )  # fmt: skip
-    parser.add_argument(
-        "--batch-size", type=positive_int, default=None,
-        help=f"minibatch size (default {d['batch_size']}; gpt: {g['batch_size']} sequences)",
-    )  # fmt: skip
-    parser.add_argument("--seed", type=int, default=None, help="seed (default 0)")
-    parser.add_argument(
-        "--check", action="store_true",
-        help="mlp: train again with jax.grad and compare the loss curves; gpt: compare the "
-        "hand-written gradients with jax.grad's at step 0",
-    )  # fmt: skip
-    parser.add_argument("--json", metavar="PATH", type=json_path,
-                        help="also write the curve and results as JSON (-: stdout)")  # fmt: skip
-    mlp = parser.add_argument_group("--model mlp (an MLP on the digits)")
-    sizes = ",".join(map(str, d["sizes"]))
-    mlp.add_argument(
-        "--sizes", type=_sizes, default=None,
-        help=f"layer widths, 64 in and 10 out (default {sizes})",
-    )  # fmt: skip
-    mlp.add_argument(
-        "--activation", choices=tuple(ACTIVATIONS), default=None,
-        help=f"hidden activation (default {d['activation']})",
-    )  # fmt: skip
-    mlp.add_argument(
-        "--optimizer", choices=OPTIMIZERS, default=None,
-        help=f"optax optimizer (default {d['optimizer']})",
-    )  # fmt: skip
-    mlp.add_argument(
-        "--epochs", type=positive_int, default=None, help=f"epochs (default {d['epochs']})"
-    )
-    mlp.add_argument(
-        "--dp-clip", type=positive_float, default=None, metavar="C",
-        help="DP-SGD: clip each example's gradient to L2 norm C (jaxbp.clipped_grad)",
-    )  # fmt: skip
-    mlp.add_argument(
-        "--noise", type=nonnegative_float, default=None, metavar="SIGMA",
-        help="DP-SGD noise multiplier σ: N(0, (σ·C)²) on the clipped sum (needs --dp-clip)",
-    )  # fmt: skip
-    train_gpt.add_arguments(parser)
-
-
-def _given(args, names) -> list[str]:
-    return ["--" + n.replace("_", "-") for n in names if getattr(args, n, None) is not None]
-
-
-def validate(args) -> None:
-    """Flags of the other model are refused; then, for the MLP, the digits' sizes, the batch
-    size against the training set, ``--noise`` only with ``--dp-clip``; for the GPT its
-    configuration. Checked before anything is compiled; the model's defaults fill in the
-    flags not given."""
-    from . import train_gpt
-
-    if args.model == "gpt":
-        wrong = _given(args, MLP_FLAGS)
-        if wrong:
-            raise ValueError(f"{wrong[0]}: only for --model mlp (the digits MLP)")
-        train_gpt.check_config({**train_gpt.GPT_DEFAULTS, **train_gpt.options_from_args(args)})
-        return
-    wrong = _given(args, train_gpt.GPT_FLAGS)
-    if wrong:
-        raise ValueError(f"{wrong[0]}: only for --model gpt")
-    for name in (*MLP_FLAGS, *SHARED_FLAGS):
-        if getattr(args, name) is None:
-            setattr(args, name, {"dp_clip": None, "noise": 0.0}.get(name, DEFAULTS.get(name)))
-    _check_config(args.sizes, args.activation, args.optimizer, args.epochs, args.batch_size)
-    _check_dp(args.dp_clip, args.noise)
-
-
-def run(args) -> int:
-    """Run ``jaxbp train`` (arguments already validated); 1 when ``--check`` finds the curves
-    apart, 0 otherwise."""
-    from . import train_gpt
-    from .cli import text_stream, write_json
-
-    if args.model == "gpt":
-        return train_gpt.run(args)
-    out = text_stream(args)
-    skip = ("command", "check", "json", "model", *train_gpt.GPT_FLAGS)
-    options = {k: v for k, v in vars(args).items() if k not in skip and not k.startswith("_")}
-    print(
-        f"Training MLP {'-'.join(map(str, args.sizes))} ({args.activation}) on the digits "
-        f"(1438 train / 359 test) with hand-written gradients, {args.optimizer} lr {args.lr}, "
-        f"batch {args.batch_size}",
-        file=out,
-    )
-    result = train(check=args.check, log=lambda line: print(line, file=out), **options)
-    print(
-        f"done in {result.seconds:.1f} s: test accuracy {result.accuracy:.4f}, "
-        f"train accuracy {result.train_accuracy:.4f}, final train loss {result.losses[-1]:.4f}",
-        file=out,
-    )
-    status = 0
-    if result.check is not None:
-        c = result.check
-        verdict = "agree" if c["passed"] else "DISAGREE"
-        print(
-            f"check: manual and jax.grad loss curves {verdict} over {len(result.step_losses)} "
-            f"steps: max difference {c['max_abs_difference']:.2e}, "
-            f"{c['max_rel_difference']:.2e} relative to the curve's max (tolerance "
-            f"{c['tolerance']:.0e}); reference test accuracy "
-            f"{c['reference_test_accuracy'][-1]:.4f}",
-            file=out,
-        )
-        status = 0 if c["passed"] else 1
-    write_json(args.json, result.to_dict())
-    return status

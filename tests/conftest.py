@@ -1,14 +1,56 @@
-"""Test-wide settings: float64 available, strict dtype promotion, deterministic hypothesis.
+"""Test-wide settings: float64 available, strict dtype promotion, deterministic hypothesis,
+and compiles that are cheap and shared.
 
 x64 is on so that float64 comparisons (≤ 1e-12) and finite differences are possible; every
 test names its dtypes explicitly. Strict dtype promotion (as equinox's tests do) turns any
 silent float32/float64 mixing inside the library into an error.
+
+Compiles dominate the suite (small programs, thousands of them), so:
+
+* a persistent compilation cache under ``.pytest_cache/jax-compilation-cache`` (every
+  program, however quick to compile), shared by the xdist workers and by the subprocesses
+  the tests start (the CLI, the multi-device worker), which inherit these variables; a
+  second run compiles almost nothing. ``JAX_COMPILATION_CACHE_DIR`` set outside wins;
+* ``XLA_FLAGS=--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false``:
+  LLVM's optimisation of the CPU kernels, and the newer MLIR fusion emitters, are most of a
+  tiny program's compile time; without them the same HLO compiles to kernels that compute
+  the same numbers within the tolerances (no fast-math either way) with the same buffer
+  assignment (the memory figures some tests assert). ``JAXBP_TEST_XLA_OPT=1`` leaves XLA's
+  defaults, to check that claim: the suite passes either way.
 """
 
 import os
+import pathlib
+import subprocess
+import sys
 
 # Tests must not see a GPU's TF32 matmuls or spread over many host devices by accident.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_CACHE = pathlib.Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax-compilation-cache"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# Compile-time flags of XLA:CPU that leave every number and buffer as it is. Each is probed
+# once (in a subprocess, by the first process that loads this file; the xdist workers and
+# the tests' subprocesses inherit the result): a jaxlib that does not know a flag refuses to
+# start, so an unknown one is left out.
+_FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+
+
+def _accepted(*flags: str) -> bool:
+    env = {**os.environ, "XLA_FLAGS": " ".join([os.environ.get("XLA_FLAGS", ""), *flags])}
+    probe = "import jax.numpy as jnp; jnp.zeros(2).block_until_ready()"
+    return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                          timeout=120).returncode == 0  # fmt: skip
+
+
+if os.environ.get("JAXBP_TEST_XLA_OPT") != "1" and "JAXBP_TEST_XLA_FLAGS" not in os.environ:
+    _given = os.environ.get("XLA_FLAGS", "")
+    _new = [f for f in _FAST_COMPILE if f.split("=")[0] not in _given]
+    if not _accepted(*_new):  # one probe when all are known, else one for each
+        _new = [f for f in _new if _accepted(f)]
+    os.environ["XLA_FLAGS"] = " ".join([_given, *_new]).strip()
+    os.environ["JAXBP_TEST_XLA_FLAGS"] = " ".join(_new)  # probed: the workers skip it
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -31,6 +31,9 @@ def _set_device_count(count: int) -> None:
         # The programs here are tiny: LLVM's optimisation is most of their compile time, and
         # it changes neither results nor XLA's buffer assignment (the memory figures).
         flags += " --xla_backend_optimization_level=0"
+    # The compile flags tests/conftest.py probed for this jaxlib (see there).
+    probed = os.environ.get("JAXBP_TEST_XLA_FLAGS", "").split()
+    flags += " " + " ".join(f for f in probed if f.split("=")[0] not in flags)
     os.environ["XLA_FLAGS"] = flags.strip()
     os.environ["JAX_PLATFORMS"] = "cpu"
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import jaxbp
 from tests import strategies as sts
-from tests.checks import check_finite_differences, check_manual_vs_reference
+from tests.helpers import check_finite_differences, check_manual_vs_reference
 from tests.settings import ACTIVATION_CASES, DTYPES, Case
 
 
@@ -67,7 +67,7 @@ def test_property_any_shape_scale_and_option_matches_reference(
 @pytest.mark.parametrize("name", ["relu", "sigmoid", "tanh", "softplus"])
 def test_output_saving_activations_keep_only_their_output(name):
     z = jnp.linspace(-3.0, 3.0, 12, dtype=jnp.float32).reshape(3, 4)
-    out, res = getattr(jaxbp, name + "_fwd")(z)
+    out, res = getattr(jaxbp, name).fwd(z)
     assert len(res) == 1
     assert res[0].shape == out.shape and res[0].dtype == out.dtype
     np.testing.assert_array_equal(res[0], out)
@@ -76,7 +76,7 @@ def test_output_saving_activations_keep_only_their_output(name):
 @pytest.mark.parametrize("name", ["leaky_relu", "gelu"])
 def test_input_saving_activations_keep_only_their_input(name):
     z = jnp.linspace(-3.0, 3.0, 12, dtype=jnp.float32).reshape(3, 4)
-    _, res = getattr(jaxbp, name + "_fwd")(z)
+    _, res = getattr(jaxbp, name).fwd(z)
     assert len(res) == 1
     np.testing.assert_array_equal(res[0], z)
 

@@ -14,8 +14,7 @@ from hypothesis import strategies as st
 import jaxbp
 from jaxbp.attention import RECOMPUTE_BLOCK
 from tests import strategies as sts
-from tests.checks import check_finite_differences, check_manual_vs_reference
-from tests.helpers import assert_close
+from tests.helpers import assert_close, check_finite_differences, check_manual_vs_reference
 from tests.settings import ATTENTION_CASES, DTYPES, Case
 
 ATT, REF = jaxbp.attention, jaxbp.reference.attention

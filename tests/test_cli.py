@@ -89,9 +89,7 @@ def test_bad_values_are_usage_errors_of_the_subcommand_before_any_work(
 ):
     import importlib
 
-    module = importlib.import_module(
-        {"compare": "jaxbp.gradcheck"}.get(command, f"jaxbp.{command}")
-    )
+    module = importlib.import_module(f"jaxbp.cli.{command}")  # the subcommand's module
 
     def no_work(args):
         raise AssertionError("the work started before the arguments were checked")

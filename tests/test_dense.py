@@ -9,8 +9,7 @@ from hypothesis import strategies as st
 import jaxbp
 from jaxbp.dense import dense_bwd_params
 from tests import strategies as sts
-from tests.checks import check_finite_differences, check_manual_vs_reference
-from tests.helpers import assert_close
+from tests.helpers import assert_close, check_finite_differences, check_manual_vs_reference
 from tests.settings import DENSE_CASES, DTYPES, Case
 
 

@@ -1,8 +1,11 @@
 """The docs are tested: every ```python block of README.md and docs/*.md runs, in order per
 file, and its asserts hold. Blocks that need several devices or processes are ```text."""
 
+import os
 import pathlib
 import re
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -101,3 +104,29 @@ def test_edge_case_table_names_tests_that_exist():
     assert not sorted(named - defined), (
         f"docs/edge_cases.md names missing tests: {sorted(named - defined)}"
     )
+
+
+# ------------------------------------------------------------ the docstrings' >>> examples
+
+
+def test_every_docstring_example_runs_as_a_user_sees_it():
+    """``doctest`` on every module of jaxbp, in a fresh interpreter with JAX's defaults
+    (float32, standard promotion): what a user typing the examples gets."""
+    code = (
+        "import doctest, importlib, pkgutil, jaxbp\n"
+        "failed = attempted = 0\n"
+        "for m in pkgutil.walk_packages(jaxbp.__path__, 'jaxbp.'):\n"
+        "    if m.name.endswith(('.eqx', '.nnx')):\n"
+        "        continue  # optional dependencies; their examples are in their tests\n"
+        "    r = doctest.testmod(importlib.import_module(m.name),\n"
+        "                        optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)\n"
+        "    failed += r.failed\n"
+        "    attempted += r.attempted\n"
+        "print(attempted, failed)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_ENABLE")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, env=env, cwd=ROOT)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    attempted, failed = map(int, out.stdout.split()[-2:])
+    assert attempted >= 30 and failed == 0, out.stdout[-4000:]

@@ -12,6 +12,7 @@ import pytest
 
 import jaxbp
 from jaxbp.losses import valid_rows
+from tests.helpers import assert_close
 from tests.settings import ALL_CASES, Case, grad_of
 
 CE = jaxbp.softmax_cross_entropy
@@ -408,27 +409,34 @@ def test_float32_stays_float32_without_x64():
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
-# ------------------------------------------------ static options: Python numbers, in range
+# ----------------------------------- options: static where they change shapes or control flow
 
 _X3, _W3, _Y3 = jnp.ones((3, 4)), jnp.ones((4, 5)), jnp.asarray([0, 1, 2])
+_Y4 = jnp.asarray([0, 1, 2, 0])
 
-# (option, a call taking the option's value): each option is static, fixed at trace time.
+# (option, a call taking the option's value): each of these is static, fixed at trace time.
 _STATIC_OPTIONS = {
-    "negative_slope": lambda s: jaxbp.leaky_relu(Z, negative_slope=s),
     "approximate": lambda s: jaxbp.gelu(Z, approximate=s),
     "axis": lambda s: jaxbp.softmax(Z, axis=s),
     "axis-log_softmax": lambda s: jaxbp.log_softmax(Z, axis=s),
-    "label_smoothing": lambda s: CE(Z, jnp.asarray([0, 1, 2, 0]), label_smoothing=s),
-    "z_loss": lambda s: CE(Z, jnp.asarray([0, 1, 2, 0]), z_loss=s),
-    "ignore_index": lambda s: CE(Z, jnp.asarray([0, 1, 2, 0]), ignore_index=s),
-    "label_smoothing-fused": lambda s: jaxbp.linear_softmax_cross_entropy(
-        _X3, _W3, _Y3, label_smoothing=s
-    ),
-    "z_loss-fused": lambda s: jaxbp.linear_softmax_cross_entropy(_X3, _W3, _Y3, z_loss=s),
+    "ignore_index": lambda s: CE(Z, _Y4, ignore_index=s),
     "softcap": lambda s: jaxbp.linear_softmax_cross_entropy(_X3, _W3, _Y3, softcap=s),
     "chunk_size": lambda s: jaxbp.linear_softmax_cross_entropy(_X3, _W3, _Y3, chunk_size=s),
 }
 _GOOD = {"approximate": True, "axis": 0, "ignore_index": 1, "chunk_size": 2}
+
+# Options that only scale values: traced is fine, and each value compiles nothing new.
+_TRACED_OPTIONS = {
+    "negative_slope": lambda s: jaxbp.leaky_relu(Z, negative_slope=s),
+    "label_smoothing": lambda s: CE(Z, _Y4, label_smoothing=s),
+    "z_loss": lambda s: CE(Z, _Y4, z_loss=s),
+    "label_smoothing-fused": lambda s: jaxbp.linear_softmax_cross_entropy(
+        _X3, _W3, _Y3, label_smoothing=s
+    ),
+    "z_loss-fused": lambda s: jaxbp.linear_softmax_cross_entropy(_X3, _W3, _Y3, z_loss=s),
+    "eps": lambda s: jaxbp.layer_norm(Z, jnp.ones(3), jnp.zeros(3), eps=s),
+    "eps-rms_norm": lambda s: jaxbp.rms_norm(Z, jnp.ones(3), eps=s),
+}
 
 
 @pytest.mark.parametrize("key", sorted(_STATIC_OPTIONS))
@@ -441,9 +449,36 @@ def test_static_option_given_a_traced_value_raises_type_error_naming_it(key):
         jax.jit(call)(value)
 
 
-def test_leaky_relu_traced_negative_slope_message_says_python_number():
-    with pytest.raises(TypeError, match="negative_slope: must be a Python number"):
-        jax.jit(lambda s: jaxbp.leaky_relu(Z, negative_slope=s))(0.1)
+@pytest.mark.parametrize("key", sorted(_TRACED_OPTIONS))
+def test_float_option_may_be_traced_and_a_gradient_through_it_is_nan(key):
+    """A traced value gives what the Python constant gives; the rules do not differentiate
+    the option, so a gradient taken through it is NaN, never a silent 0."""
+    call = _TRACED_OPTIONS[key]
+    traced = jax.jit(call)
+    for value in (0.1, 0.25):  # every output element (a norm's outputs sum to about 0)
+        assert_close(traced(value), call(value), jnp.float64)
+    assert np.isnan(float(jax.grad(lambda s: jnp.sum(call(s)))(0.1)))
+
+
+def test_a_traced_label_smoothing_compiles_the_rule_once_for_every_value():
+    fwd = jaxbp.softmax_cross_entropy.fwd.__wrapped__  # the jit (concrete options checked first)
+    z = jnp.asarray(np.random.default_rng(3).normal(size=(5, 7)))
+    y = jnp.asarray([0, 1, 2, 3, 4])
+    before = fwd._cache_size()
+    for eps in (0.0, 0.05, 0.1, 0.2, 0.3):
+        fwd(z, y, label_smoothing=eps)
+    assert fwd._cache_size() - before <= 1  # one new entry for the shape, none per value
+
+
+def test_a_traced_option_out_of_range_is_reported_under_checked():
+    err, _ = jax.jit(jaxbp.checked(lambda s: CE(Z, _Y4, label_smoothing=s)))(1.5)
+    with pytest.raises(Exception, match="label_smoothing: expected a float in \\[0, 1\\]"):
+        err.throw()
+    err, _ = jax.jit(jaxbp.checked(lambda s: CE(Z, _Y4, label_smoothing=s)))(0.5)
+    err.throw()  # in range: nothing to report
+
+
+def test_leaky_relu_bad_options_say_what_they_must_be():
     with pytest.raises(TypeError, match="negative_slope"):
         jaxbp.leaky_relu(Z, negative_slope="0.1")
     with pytest.raises(TypeError, match="approximate"):

@@ -10,8 +10,7 @@ from hypothesis import strategies as st
 
 import jaxbp
 from tests import strategies as sts
-from tests.checks import check_finite_differences, check_manual_vs_reference
-from tests.helpers import assert_close
+from tests.helpers import assert_close, check_finite_differences, check_manual_vs_reference
 from tests.settings import DTYPES, EMBEDDING_CASES, Case
 
 EMB, REF = jaxbp.embedding, jaxbp.reference.embedding

@@ -9,7 +9,7 @@ eqx = pytest.importorskip("equinox")
 
 from jaxbp import eqx as jn  # noqa: E402
 
-from . import module_oracles as oracle  # noqa: E402
+from . import helpers as oracle  # noqa: E402
 
 F64 = jnp.float64
 X = jnp.sin(jnp.arange(2 * 4 * 6, dtype=F64)).reshape(2, 4, 6)

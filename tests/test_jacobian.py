@@ -151,6 +151,18 @@ def test_rules_of_rejects_a_function_without_rules():
     with pytest.raises(TypeError, match="op"):
         rules_of(jnp.sin)
     assert rules_of(jaxbp.softmax) == (jaxbp.softmax_fwd, jaxbp.softmax_bwd)
+    assert (jaxbp.softmax.fwd, jaxbp.softmax.bwd) == rules_of(jaxbp.softmax)
+
+
+def test_a_function_named_like_an_op_gets_no_rules_by_its_name():
+    """Rules are attributes of the op, never found by name beside it in its module."""
+
+    def softmax(z):
+        return z
+
+    softmax.__module__ = "jaxbp.softmax"
+    with pytest.raises(TypeError, match="op"):
+        jaxbp.jacobian(softmax, Z)
 
 
 # ------------------------------------------------ every public op, with n = i = o = c
@@ -212,13 +224,13 @@ def test_jacobian_of_an_undeclared_op_raises_type_error_saying_how_to_declare():
     def my_op(x):
         return x
 
-    my_op.rules = (jaxbp.relu_fwd, jaxbp.relu_bwd)
+    my_op.fwd, my_op.bwd = jaxbp.relu.fwd, jaxbp.relu.bwd
     with pytest.raises(TypeError, match="per_example"):
         jaxbp.jacobian(my_op, Z)
 
 
 def test_a_user_built_op_declares_its_batching_and_rules():
-    from jaxbp._op import custom_vjp_op, declare_op
+    from jaxbp._op import declare, op_vjp
 
     def scale_fwd(x, s):
         return x * s, (x, s)
@@ -227,12 +239,12 @@ def test_a_user_built_op_declares_its_batching_and_rules():
         x, s = res
         return g * s, jnp.sum(g * x, axis=0)
 
-    core = custom_vjp_op(scale_fwd, scale_bwd)
-
-    @declare_op(per_example=("x",), fwd=scale_fwd, bwd=scale_bwd)
+    @declare(per_example=("x",), fwd=scale_fwd, bwd=scale_bwd)
     def scale(x, s):
         """``x (n, c) ⊙ s (c,)``."""
-        return core((), x, s)
+        return core(x, s)
+
+    core = op_vjp(scale)
 
     x = jnp.asarray(RNG.normal(size=(3, 3)))
     s = jnp.asarray(RNG.normal(size=(3,)))
@@ -244,8 +256,8 @@ def test_a_user_built_op_declares_its_batching_and_rules():
     np.testing.assert_allclose(Js, jax.vmap(jnp.diag)(x), atol=0)
 
 
-def test_declare_op_rejects_names_that_are_not_positional_parameters():
-    from jaxbp._op import declare_op
+def test_declare_rejects_names_that_are_not_positional_parameters():
+    from jaxbp._op import declare
 
     with pytest.raises(ValueError, match="per_example"):
-        declare_op(per_example=("y",))(lambda x, w: x)
+        declare(per_example=("y",), fwd=jaxbp.relu.fwd, bwd=jaxbp.relu.bwd)(lambda x, w: x)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 
 import jaxbp
 from tests import strategies as sts
-from tests.checks import check_finite_differences, check_manual_vs_reference
+from tests.helpers import check_finite_differences, check_manual_vs_reference
 from tests.settings import CE_CASES, DTYPES, LOSS_CASES, Case
 
 CASES = LOSS_CASES + CE_CASES

@@ -220,8 +220,9 @@ def test_any_batch_size_and_a_deeper_network(n):
 
 
 def test_repeated_calls_trace_once(monkeypatch):
-    model, params, x, labels = _problem()
-    jax.clear_caches()  # compiled steps are cached per model: count from a fresh cache
+    # A model of this test alone (compiled steps are cached per model): its first trace
+    # counts, with no cache to clear.
+    model, params, x, labels = _problem((5, 4, 3), activation="softplus")
     counted = chex.assert_max_traces(nn.forward_backward, n=1)
     monkeypatch.setattr(nn, "forward_backward", counted)
     vg = jaxbp.value_and_grad(model)
@@ -249,16 +250,15 @@ def test_out_of_range_label_under_jit_gives_nan_not_a_wrong_number():
 # --------------------------------------------------------------- what the trace contains
 
 
-def test_no_autodiff_runs_inside_value_and_grad(monkeypatch, request):
-    model, params, x, labels = _problem()
+def test_no_autodiff_runs_inside_value_and_grad(monkeypatch):
+    # A model of this test alone: its step is traced here, under the patch, from no cache.
+    model, params, x, labels = _problem(loss_options={"label_smoothing": 0.0625})
 
     def forbidden(*args, **kwargs):
         raise AssertionError("autodiff called while tracing the manual gradient")
 
-    jax.clear_caches()  # value_and_grad jits are cached per model: force fresh traces
     for name in ("grad", "vjp", "value_and_grad", "linearize", "jvp"):
         monkeypatch.setattr(jax, name, forbidden)
-    request.addfinalizer(jax.clear_caches)
     loss, grads = jaxbp.value_and_grad(model)(params, x, labels)  # fresh trace: must not raise
     assert np.isfinite(float(loss))
     # The patch does bite: the reference goes through jax.value_and_grad.
@@ -280,11 +280,48 @@ def test_manual_jaxpr_has_no_custom_vjp_call():
 
 @pytest.mark.parametrize("sizes", [(5, 6, 3), (5, 6, 7, 3), (4, 4, 4, 4, 4)])
 def test_first_layer_input_gradient_is_skipped(sizes):
-    # A naive loop has 3 dots per layer (forward, dW, dx); the first layer's dx is never needed.
+    # A naive loop has 3 dots per layer (forward, dW, dx); the first layer's dx is never
+    # needed: the loop runs dense.bwd there too and XLA removes the unused δ·wᵀ, so the
+    # compiled step holds 3 dots per layer but 2 for the first.
     model, params, x, labels = _problem(sizes)
     jaxpr = jax.make_jaxpr(jaxbp.value_and_grad(model).jitted)(params, x, labels, None, None)
     layers = len(sizes) - 1
-    assert _count(jaxpr, "dot_general") == 3 * layers - 1
+    assert _count(jaxpr, "dot_general") == 3 * layers  # as traced: every rule whole
+    step = jaxbp.value_and_grad(model).jitted
+    hlo = step.lower(params, x, labels, None, None).compile().as_text()
+    assert hlo.count(" dot(") == 3 * layers - 1, hlo
+
+
+# ------------------------------------------------------- rules are read from the op objects
+
+
+def _wrong_relu_bwd(res, g):
+    """Pass the gradient through where the unit was off: a classic mistake."""
+    (y,) = res
+    return (g * jnp.ones_like(y),)
+
+
+def test_a_swapped_rule_is_used_by_the_next_build_and_the_cache_stays_correct(monkeypatch):
+    model, params, x, labels = _problem(activation="relu")
+    right = jaxbp.value_and_grad(model)
+    expected = REF(model)(params, x, labels)
+    assert_close(right(params, x, labels), expected, jnp.float64)
+    monkeypatch.setattr(jaxbp.relu, "bwd", _wrong_relu_bwd)  # no cache to clear
+    wrong = jaxbp.value_and_grad(model)
+    assert wrong.jitted is not right.jitted  # the rules are part of the step's cache key
+    _, bad = wrong(params, x, labels)
+    assert not np.allclose(bad[0]["w"], expected[1][0]["w"])
+    assert_close(bad[1], expected[1][1], jnp.float64)  # the last layer sees no relu
+    monkeypatch.undo()
+    again = jaxbp.value_and_grad(model)
+    assert again.jitted is right.jitted  # the right rules' compiled step, found again
+    assert_close(again(params, x, labels), expected, jnp.float64)
+
+
+def test_building_the_same_transform_twice_compiles_nothing():
+    model, params, x, labels = _problem()
+    assert jaxbp.value_and_grad(model).jitted is jaxbp.value_and_grad(model).jitted
+    assert hasattr(jaxbp.value_and_grad(model).jitted, "lower")  # a jax.jit function
 
 
 # ------------------------------------------------------------------------------ optax

@@ -12,8 +12,7 @@ from hypothesis import strategies as st
 
 import jaxbp
 from tests import strategies as sts
-from tests.checks import check_finite_differences, check_manual_vs_reference
-from tests.helpers import assert_close
+from tests.helpers import assert_close, check_finite_differences, check_manual_vs_reference
 from tests.settings import DTYPES, NORM_CASES, Case
 
 LN, RMS = jaxbp.layer_norm, jaxbp.rms_norm
@@ -306,6 +305,8 @@ def test_bad_inputs_raise_clear_errors_naming_the_argument(call, error, match):
         call()
 
 
-def test_traced_eps_raises_type_error_naming_eps():
+def test_traced_eps_equals_the_constant_and_a_string_eps_raises_naming_eps():
+    got = jax.jit(lambda e: LN(X, GAMMA, BETA, eps=e))(0.5)
+    np.testing.assert_allclose(got, LN(X, GAMMA, BETA, eps=0.5), rtol=1e-12)
     with pytest.raises(TypeError, match="eps: must be a Python number"):
-        jax.jit(lambda e: LN(X, GAMMA, BETA, eps=e))(1e-5)
+        LN(X, GAMMA, BETA, eps="1e-5")

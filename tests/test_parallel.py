@@ -307,9 +307,9 @@ def test_parallel_value_and_grad_rejects_bad_models_and_axes():
 def test_shard_map_compat_uses_this_jax_replication_check_keyword():
     import inspect
 
-    from jaxbp import parallel
+    from jaxbp.parallel import _mesh
 
-    fn, name = parallel._shard_map_impl()
+    fn, name = _mesh._shard_map_impl()
     assert name in inspect.signature(fn).parameters  # check_vma (new) or check_rep (old)
 
 

@@ -15,16 +15,17 @@ ROOT = pathlib.Path(jaxbp.__file__).parent
 # the label-range check), the model's configuration class and the dtype policy.
 ALLOWED = {
     "_checks": {"*module*"},
+    "_step": {"*module*"},  # the one meaning of f.jitted: jax.jit, cached per model
     "dense": {"_validate"},
     "softmax": {"_validate", "_validate_where"},
     "norms": {"_validate_layer_norm", "_validate_rms_norm"},
     "embedding": {"_validate", "_check_ids"},
     "attention": {"_validate"},
-    "fused": {"_validate"},
+    "fused": {"validate_fused"},
     "losses": {"_validate_ce"},
     "nn": {"MLP"},
     "gpt": {"GPT"},
-    "per_example": {"_check_clip_options", "_check_key"},
+    "per_example": {"check_clip_options", "_check_key"},
 }
 
 

@@ -14,13 +14,14 @@ are used.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from .. import _step
 
 __all__ = ["gpt_logits", "gpt_mean_loss", "gpt_value_and_grad"]
 
@@ -79,24 +80,19 @@ def gpt_mean_loss(model, params, ids, targets, where=None):
     return total / jnp.maximum(jnp.sum(valid), 1).astype(total.dtype)
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def _run(model, params, ids, targets, where):
     return jax.value_and_grad(lambda p: gpt_mean_loss(model, p, ids, targets, where))(params)
-
-
-@functools.lru_cache(maxsize=64)
-def _bound(model) -> Callable:
-    return jax.jit(functools.partial(_run, model))
 
 
 def gpt_value_and_grad(model) -> Callable:
     """``jax.jit(jax.value_and_grad)`` of the twin's mean loss: the same call and result as
     :func:`jaxbp.value_and_grad` of a :class:`jaxbp.GPT`, ``f(params, ids, targets, *,
-    where=None) -> (mean loss, grads)``. ``f.jitted`` is the core without validation."""
+    where=None) -> (mean loss, grads)``; ``f.jitted(params, ids, targets, where)`` is the
+    compiled step (:mod:`jaxbp._step`)."""
+    step = _step.compiled(_run, model)
 
-    def value_and_grad_fn(params, ids, targets, *, where=None):
+    def check(params, ids, targets, *, where=None):
         ids, targets, where = model.check_inputs(params, ids, targets, where)
-        return _run(model, params, ids, targets, where)
+        return params, ids, targets, where
 
-    value_and_grad_fn.jitted = _bound(model)  # type: ignore[attr-defined]
-    return value_and_grad_fn
+    return _step.entry(step, check, "value_and_grad", gpt_value_and_grad.__doc__)

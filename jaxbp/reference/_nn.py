@@ -12,12 +12,12 @@ are used, so a wrong hand-written rule cannot leak into the oracle.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
+from .. import _step
 from ..gpt import GPT
 from ..nn import MLP
 from ._gpt import gpt_value_and_grad
@@ -90,17 +90,11 @@ def mean_loss(model: MLP, params, x, labels, where=None, class_weights=None):
     return total / jnp.maximum(jnp.sum(keep), 1).astype(total.dtype)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _value_and_grad_run(model, params, x, labels, where, class_weights):
+def _value_and_grad_core(model, params, x, labels, where, class_weights):
     def loss(p):
         return mean_loss(model, p, x, labels, where, class_weights)
 
     return jax.value_and_grad(loss)(params)
-
-
-@functools.lru_cache(maxsize=64)
-def _bound(model: MLP) -> Callable:
-    return jax.jit(functools.partial(_value_and_grad_run, model))
 
 
 def value_and_grad(model: MLP) -> Callable:
@@ -108,18 +102,17 @@ def value_and_grad(model: MLP) -> Callable:
 
     Same call signature and result as :func:`jaxbp.value_and_grad`: ``f(params, x (n, i),
     labels, *, where=None, class_weights=None) -> (mean loss, grads)``; inputs are validated
-    (and lists or NumPy arrays converted) before tracing. ``f.jitted`` is the jitted core
-    ``(params, x, labels, where, class_weights)`` without validation. For a
+    (and lists or NumPy arrays converted) before tracing. ``f.jitted(params, x, labels,
+    where, class_weights)`` is the compiled step (:mod:`jaxbp._step`). For a
     :class:`jaxbp.GPT`: ``f(params, ids, targets, *, where=None)``, the plain twin of
     :mod:`jaxbp.reference._gpt`.
     """
     _check_model(model)
     if isinstance(model, GPT):
         return gpt_value_and_grad(model)
+    step = _step.compiled(_value_and_grad_core, model)
 
-    def value_and_grad_fn(params, x, labels, *, where=None, class_weights=None):
-        args = model.check_inputs(params, x, labels, where, class_weights)
-        return _value_and_grad_run(model, *args)
+    def check(params, x, labels, *, where=None, class_weights=None):
+        return model.check_inputs(params, x, labels, where, class_weights)
 
-    value_and_grad_fn.jitted = _bound(model)  # type: ignore[attr-defined]
-    return value_and_grad_fn
+    return _step.entry(step, check, "value_and_grad", value_and_grad.__doc__)

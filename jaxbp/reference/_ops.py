@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from .. import _checks
 from ..dense import _validate as _validate_dense
-from ..fused import _validate as _validate_fused
+from ..fused import validate_fused as _validate_fused
 from ..losses import _validate_ce
 from ..softmax import _validate as _validate_softmax
 from ..softmax import _validate_where

@@ -11,14 +11,13 @@ Only validation is shared with :mod:`jaxbp.per_example` (options, key, inputs).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-from .. import _checks
-from ..per_example import _check_clip_options, _check_key
+from .. import _checks, _step
+from ..per_example import _check_key, check_clip_options
 from ._nn import _check_model, mean_loss, per_example_loss, valid
 
 __all__ = ["per_example_grads", "per_example_grad_norms", "clipped_grad"]
@@ -53,26 +52,22 @@ def _norms(grads):
     return jnp.sqrt(total)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _grads_run(model, params, x, labels, where, class_weights):
+def _grads_core(model, params, x, labels, where, class_weights):
     return _grads(model, params, x, labels, where, class_weights)[0]
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _norms_run(model, params, x, labels, where, class_weights):
+def _norms_core(model, params, x, labels, where, class_weights):
     return _norms(_grads(model, params, x, labels, where, class_weights)[0])
 
 
-def _entry(model, run, name):
+def _entry(model, core, name, doc):
     _check_model(model)
-    bound = functools.partial(run, model)
+    step = _step.compiled(core, model)
 
-    def fn(params, x, labels, *, where=None, class_weights=None):
-        return bound(*model.check_inputs(params, x, labels, where, class_weights))
+    def check(params, x, labels, *, where=None, class_weights=None):
+        return model.check_inputs(params, x, labels, where, class_weights)
 
-    fn.__name__ = name
-    fn.jitted = bound  # type: ignore[attr-defined]
-    return fn
+    return _step.entry(step, check, name, doc)
 
 
 def per_example_grads(model) -> Callable:
@@ -81,19 +76,19 @@ def per_example_grads(model) -> Callable:
     Same call signature and result as :func:`jaxbp.per_example_grads`: ``w (n, i, o)``,
     ``b (n, o)`` per layer.
     """
-    return _entry(model, _grads_run, "per_example_grads")
+    return _entry(model, _grads_core, "per_example_grads", per_example_grads.__doc__)
 
 
 def per_example_grad_norms(model) -> Callable:
     """Reference: the L2 norms ``(n,)`` of the materialised ``vmap(grad)`` gradients."""
-    return _entry(model, _norms_run, "per_example_grad_norms")
+    return _entry(model, _norms_core, "per_example_grad_norms", per_example_grad_norms.__doc__)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _clipped_run(
-    model, batch_size, noisy, params, x, labels, key, where, class_weights, l2_clip,
-    noise_multiplier,
+def _clipped_core(
+    model, batch_size, l2_clip, noise_multiplier, return_loss, params, x, labels, key, where,
+    class_weights,
 ):  # fmt: skip
+    noisy = noise_multiplier > 0.0
     grads, keep = _grads(model, params, x, labels, where, class_weights)
     norms = _norms(grads)  # ‖g_k‖ (n,)
     clip = jnp.asarray(l2_clip).astype(norms.dtype)
@@ -113,8 +108,10 @@ def _clipped_run(
             std = jnp.asarray(noise_multiplier).astype(wide.dtype) * clip.astype(wide.dtype)
             s = s + jax.random.normal(k, s.shape, wide.dtype) * std
         out.append((s / m.astype(wide.dtype)).astype(g.dtype))
-    loss = mean_loss(model, params, x, labels, where, class_weights)
-    return loss, jax.tree.unflatten(treedef, out), norms
+    grads = jax.tree.unflatten(treedef, out)
+    if return_loss:
+        return mean_loss(model, params, x, labels, where, class_weights), grads, norms
+    return grads, norms
 
 
 def clipped_grad(
@@ -127,24 +124,18 @@ def clipped_grad(
     (``(loss, grads, norms)`` with ``return_loss``).
     """
     _check_model(model)
-    l2_clip, noise_multiplier = _check_clip_options(
+    l2_clip, noise_multiplier = check_clip_options(
         l2_clip, noise_multiplier, batch_size, "bookkeeping"
     )
-    noisy = noise_multiplier > 0.0
+    step = _step.compiled(
+        _clipped_core, model, batch_size, l2_clip, noise_multiplier, bool(return_loss)
+    )
 
-    def run(params, x, labels, key, where, class_weights):
-        loss, grads, norms = _clipped_run(
-            model, batch_size, noisy, params, x, labels, key if noisy else None, where,
-            class_weights, l2_clip, noise_multiplier,
-        )  # fmt: skip
-        return (loss, grads, norms) if return_loss else (grads, norms)
-
-    def clipped_grad_fn(params, x, labels, key=None, where=None, class_weights=None):
+    def check(params, x, labels, key=None, where=None, class_weights=None):
         _check_key(key, noise_multiplier)
         params, x, labels, where, class_weights = model.check_inputs(
             params, x, labels, where, class_weights
         )
-        return run(params, x, labels, key, where, class_weights)
+        return params, x, labels, key if noise_multiplier > 0.0 else None, where, class_weights
 
-    clipped_grad_fn.jitted = run  # type: ignore[attr-defined]
-    return clipped_grad_fn
+    return _step.entry(step, check, "clipped_grad", clipped_grad.__doc__)

@@ -180,3 +180,37 @@ def test_masked_rows_and_ignore_index_pass_the_check():
     assert err.get() is None
     err, _ = jaxbp.checked(jax.jit(f))(Z, jnp.asarray([0, -100, 9, 2]))
     assert err.get() is not None and "got 9" in err.get()
+
+
+# ------------------------------------------------- tracers found by type, not by a host copy
+
+
+class _NoHostCopy:
+    """Stands in for numpy inside jaxbp._checks: any np.asarray there fails the test."""
+
+    def __getattr__(self, name):
+        if name == "asarray":
+            raise AssertionError("a device-to-host copy to tell a tracer from an array")
+        return getattr(np, name)
+
+
+def test_is_concrete_tells_tracers_by_type_with_no_host_copy(monkeypatch):
+    from jaxbp import _checks
+
+    monkeypatch.setattr(_checks, "np", _NoHostCopy())
+    assert _checks.is_concrete(Z) and _checks.is_concrete(0.5) and _checks.is_concrete(None)
+    assert _checks.is_concrete({"a": Z, "b": [GOOD]})
+    seen = []
+    jax.jit(lambda z: seen.append(_checks.is_concrete(z)) or z)(Z)
+    jax.vmap(lambda z: seen.append(_checks.is_concrete([z])) or z)(Z)
+    jax.grad(lambda z: seen.append(_checks.is_concrete(z)) or jnp.sum(z))(Z)
+    assert seen == [False, False, False]
+    # An eager op with float labels reads no value back: shapes and options only.
+    probs = jax.nn.softmax(Z)
+    assert jaxbp.softmax_cross_entropy(Z, probs, label_smoothing=0.1).shape == (4,)
+    assert jaxbp.softmax(Z, axis=0).shape == Z.shape
+
+
+def test_concrete_integer_labels_are_still_read_once_and_checked():
+    with pytest.raises(ValueError, match="labels: expected class ids in \\[0, 3\\), got 5"):
+        jaxbp.softmax_cross_entropy(Z, BAD)

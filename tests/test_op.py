@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import jaxbp
-from jaxbp._op import custom_vjp_op, positional_names
+from jaxbp._op import OP_ATTRIBUTES, custom_vjp_op, positional_names
 from jaxbp.jacobian import rules_of
 from tests.helpers import assert_close
 from tests.settings import (
@@ -40,6 +40,10 @@ def test_every_op_has_jitted_fwd_and_bwd_and_a_reference_with_the_same_signature
     op = getattr(jaxbp, name)
     fwd, bwd = rules_of(op)
     assert fwd is getattr(jaxbp, name + "_fwd") and bwd is getattr(jaxbp, name + "_bwd")
+    assert op.fwd is fwd and op.bwd is bwd and op.reference is getattr(jaxbp.reference, name)
+    assert all(hasattr(op, a) for a in OP_ATTRIBUTES), [
+        a for a in OP_ATTRIBUTES if not hasattr(op, a)
+    ]
 
     def params(f):
         return [(p.name, p.kind, p.default) for p in inspect.signature(f).parameters.values()]

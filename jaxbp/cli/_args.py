@@ -1,0 +1,135 @@
+"""Argument types and output of the ``jaxbp`` command line.
+
+Each type raises ``argparse.ArgumentTypeError``: argparse turns it into "argument --x:
+message", the subcommand's usage and exit status 2, before any work starts. Every
+subcommand takes ``--json PATH`` (``-``: the JSON alone on standard output, the text on
+standard error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import Any, TextIO
+
+
+def _float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if math.isnan(x):
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}")
+    return x
+
+
+def unit_float(value: str) -> float:
+    """A number in ``[0, 1]`` (``--label-smoothing``)."""
+    x = _float(value)
+    if not 0.0 <= x <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value!r}")
+    return x
+
+
+def nonnegative_float(value: str) -> float:
+    """A finite number ``≥ 0`` (``--z-loss``, ``--noise``)."""
+    x = _float(value)
+    if not 0.0 <= x < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a finite number ≥ 0, got {value!r}")
+    return x
+
+
+def positive_float(value: str) -> float:
+    """A finite number ``> 0`` (``--lr``, ``--dp-clip``)."""
+    x = _float(value)
+    if not 0.0 < x < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {value!r}")
+    return x
+
+
+def _int(value: str, low: int, expected: str) -> int:
+    try:
+        k = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}") from None
+    if k < low:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}")
+    return k
+
+
+def positive_int(value: str) -> int:
+    """An integer ``≥ 1`` (``--batch``, ``--epochs``, ``--fd-directions``)."""
+    return _int(value, 1, "a positive integer")
+
+
+def nonnegative_int(value: str) -> int:
+    """An integer ``≥ 0`` (``--warmup``, ``--sample-chars``)."""
+    return _int(value, 0, "an integer ≥ 0")
+
+
+def json_path(value: str) -> str:
+    """``-`` (standard output) or a file path that can be written: checked now, so that a
+    typo in the directory fails before the work rather than after it."""
+    if value == "-":
+        return value
+    path = os.path.abspath(os.path.expanduser(value))
+    parent = os.path.dirname(path)
+    if os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"cannot write {value!r}: it is a directory")
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"cannot write {value!r}: no directory {parent!r}")
+    target = path if os.path.exists(path) else parent
+    if not os.access(target, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {value!r}: permission denied")
+    return value
+
+
+def text_stream(args) -> TextIO:
+    """Where the human-readable text goes: standard error when ``--json -`` takes stdout."""
+    return sys.stderr if getattr(args, "json", None) == "-" else sys.stdout
+
+
+def write_json(path: str | None, data: Any, indent: int = 1) -> None:
+    """Write ``data`` as JSON to ``path``, or to standard output for ``-``."""
+    if path is None:
+        return
+    if path == "-":
+        json.dump(data, sys.stdout, indent=indent)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        return
+    with open(path, "w") as f:
+        json.dump(data, f, indent=indent)
+
+
+def names(value: str, choices: tuple[str, ...]) -> list[str]:
+    names = list(choices) if value == "all" else [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in names if v not in choices]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"expected 'all' or a comma list of {', '.join(choices)}; got {value!r}"
+        )
+    return names
+
+
+def sizes(value: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) < 2 or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected at least two positive widths like 64,32,10, got {value!r}"
+        )
+    return sizes
+
+
+def choice_list(choices: tuple[str, ...]):
+    def parse(value: str) -> list[str]:
+        return names(value, choices)
+
+    parse.__name__ = "list"  # argparse names the type in some messages
+    return parse

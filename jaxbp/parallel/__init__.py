@@ -1,0 +1,55 @@
+"""Beyond one device: data- and vocabulary-parallel hand-written backward passes on JAX meshes.
+
+Everything runs on JAX's own distributed engine: a :class:`jax.sharding.Mesh` (as
+``jax.make_mesh`` makes it: Explicit or Auto axes), ``shard_map`` and the collectives
+``psum``/``pmax`` inside it; across hosts, ``jax.distributed.initialize`` makes one global
+mesh of every process's devices and the same code runs unchanged.
+
+This is the public face; the code lives in three private modules:
+
+* ``_mesh``   :func:`shard_map` across JAX versions, :func:`make_mesh`, :func:`shard`, and
+  the layouts on Explicit axes;
+* ``_vocab``  :func:`vocab_parallel_softmax_cross_entropy` (the rules of
+  :mod:`jaxbp.losses` with the row reductions over the mesh axis) and
+  :func:`vocab_parallel_linear_softmax_cross_entropy` (the chunked kernel of
+  :mod:`jaxbp._xent`, likewise);
+* ``_data``   :func:`value_and_grad`: the explicit loop of :mod:`jaxbp.nn` on each data
+  shard, optionally with the last layer split over a second axis.
+
+See ``docs/parallel.md``.
+"""
+
+from ._data import value_and_grad as value_and_grad
+from ._mesh import P as P
+from ._mesh import make_mesh as make_mesh
+from ._mesh import shard as shard
+from ._mesh import shard_map as shard_map
+from ._vocab import (
+    vocab_parallel_linear_softmax_cross_entropy as vocab_parallel_linear_softmax_cross_entropy,
+)
+from ._vocab import (  # noqa: E501
+    vocab_parallel_linear_softmax_cross_entropy_bwd as vocab_parallel_linear_softmax_cross_entropy_bwd,  # noqa: E501
+)
+from ._vocab import (
+    vocab_parallel_linear_softmax_cross_entropy_fwd as vocab_parallel_linear_softmax_cross_entropy_fwd,  # noqa: E501
+)
+from ._vocab import vocab_parallel_softmax_cross_entropy as vocab_parallel_softmax_cross_entropy
+from ._vocab import (
+    vocab_parallel_softmax_cross_entropy_bwd as vocab_parallel_softmax_cross_entropy_bwd,
+)
+from ._vocab import (
+    vocab_parallel_softmax_cross_entropy_fwd as vocab_parallel_softmax_cross_entropy_fwd,
+)
+
+__all__ = [
+    "shard_map",
+    "make_mesh",
+    "shard",
+    "value_and_grad",
+    "vocab_parallel_softmax_cross_entropy",
+    "vocab_parallel_softmax_cross_entropy_fwd",
+    "vocab_parallel_softmax_cross_entropy_bwd",
+    "vocab_parallel_linear_softmax_cross_entropy",
+    "vocab_parallel_linear_softmax_cross_entropy_fwd",
+    "vocab_parallel_linear_softmax_cross_entropy_bwd",
+]
