@@ -48,7 +48,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from . import _vma
+from . import _sharding, _vma
 
 __all__ = [
     "OP_ATTRIBUTES", "Op", "bind_references", "bwd_options", "custom_vjp_op", "declare",
@@ -134,24 +134,37 @@ def _vjp(get: Callable, traced: tuple[str, ...], primal: Callable | None = None)
     """The ``custom_vjp`` of :func:`op_vjp` and :func:`custom_vjp_op`; ``get()`` gives the
     rules ``(fwd, bwd)`` at trace time."""
 
+    # On Explicit mesh axes every rule runs under auto_axes (jaxbp._sharding): the results
+    # typed like the arguments, the cotangents exactly like their primals.
     @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
     def core(static, dynamic, *args):
         if primal is not None:
-            return primal(*args, **dict(static), **dynamic)
-        return get()[0](*args, **dict(static), **dynamic)[0]
+            return _sharding.run(lambda d, *a: primal(*a, **dict(static), **d), (dynamic, *args))
+        return _sharding.run(lambda d, *a: get()[0](*a, **dict(static), **d)[0], (dynamic, *args))
 
     def core_fwd(static, dynamic, *args):
-        out, res = get()[0](*args, **dict(static), **dynamic)
-        # Inside a shard_map: each argument's varying axes, static, for the cotangents.
-        return out, (res, dynamic, _vma.Static(tuple(_vma.of(a) for a in args)))
+        out, res = _sharding.run(lambda d, *a: get()[0](*a, **dict(static), **d), (dynamic, *args))
+        # Each argument's varying axes (inside a shard_map) and sharding (on Explicit axes),
+        # static, for the cotangents.
+        types = (tuple(_vma.of(a) for a in args), _sharding.specs_of(args))
+        return out, (res, dynamic, _vma.Static(types))
 
     def core_bwd(static, saved, g):
-        res, dynamic, vmas = saved
-        cts = tuple(get()[1](res, g, **dict(static), **dynamic))
+        res, dynamic, types = saved
+        vmas, specs = types.value
+
+        def cotangent_specs(shapes):
+            return tuple(None if c is None else s for c, s in zip(shapes, specs, strict=True))
+
+        cts = _sharding.run(
+            lambda r, g, d: tuple(get()[1](r, g, **dict(static), **d)),
+            (res, g, dynamic),
+            cotangent_specs,
+        )
         # The rules do not differentiate their traced options: a gradient taken through one
         # is NaN (never a silent 0); a gradient not asked for through it is dropped unseen.
         nan = jax.tree.map(lambda v: jnp.full(jnp.shape(v), jnp.nan, jnp.result_type(v)), dynamic)
-        return (nan, *_vma.fit_cotangents(cts, vmas.value))
+        return (nan, *_vma.fit_cotangents(cts, vmas))
 
     core.defvjp(core_fwd, core_bwd)
 

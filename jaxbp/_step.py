@@ -30,7 +30,9 @@ from collections.abc import Callable, Hashable
 
 import jax
 
-__all__ = ["compiled", "entry"]
+from . import _sharding
+
+__all__ = ["compiled", "compiled_on_mesh", "entry"]
 
 
 @functools.lru_cache(maxsize=256)
@@ -38,8 +40,19 @@ def compiled(core: Callable, *config: Hashable) -> Callable:
     """``jax.jit(functools.partial(core, *config))``, one per ``(core, *config)``.
 
     ``config`` holds everything static (the model, the transform's options, the rules'
-    identities); ``core(*config, *args)`` is traced once per input shape, as any jit.
+    identities); ``core(*config, *args)`` is traced once per input shape, as any jit. With
+    inputs on Explicit mesh axes (``jax.make_mesh``'s default) the core runs under
+    ``auto_axes``, its results typed like the arguments they are shaped like (the gradients
+    like the parameters, per-example results like the batch): :mod:`jaxbp._sharding`.
     """
+    step = functools.partial(core, *config)
+    return jax.jit(functools.wraps(step.func)(lambda *args: _sharding.run(step, args)))
+
+
+@functools.lru_cache(maxsize=64)
+def compiled_on_mesh(core: Callable, *config: Hashable) -> Callable:
+    """:func:`compiled` for a core that places its own ``shard_map`` on a mesh it is given
+    (:func:`jaxbp.parallel.value_and_grad`): plain ``jax.jit``, no ``auto_axes``."""
     return jax.jit(functools.partial(core, *config))
 
 

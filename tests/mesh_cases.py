@@ -379,10 +379,175 @@ def case_checked_inside_user_shard_map(out, summary):
     }
 
 
+# ------------------------------------- Explicit axes under plain jit (no shard_map at all)
+
+
+def _explicit_mesh():
+    """``jax.make_mesh((8,), ("data",))`` with Explicit axes, or ``None`` on a JAX without."""
+    import jax
+
+    t = _axis_types().get("Explicit")
+    if t is None or not hasattr(jax.sharding, "auto_axes"):
+        return None
+    return jax.make_mesh((8,), ("data",), axis_types=(t,))
+
+
+def _explicit_contexts(mesh):
+    """How users give JAX the mesh: ``jax.set_mesh`` around the call, or only the inputs'
+    types (arrays placed on the mesh, a plain ``jax.jit``)."""
+    import contextlib
+
+    import jax
+
+    set_mesh = getattr(jax, "set_mesh", None) or getattr(jax.sharding, "use_mesh", None)
+    out = {"typed_inputs": contextlib.nullcontext}
+    if set_mesh is not None:
+        out["set_mesh"] = lambda: set_mesh(mesh)
+    return out
+
+
+def case_ops_on_explicit_axes_under_jit(out, summary):
+    """Every public op (and a user's ``jaxbp.Op``) under ``jax.jit(jax.grad)`` with the batch
+    split over an Explicit ``data`` axis and the weights replicated, no ``shard_map``: the
+    gradient of ``Σ g⊙op(...)`` against ``jax.grad`` of the reference on one device, and
+    each gradient's sharding against its argument's (JAX's rule: a cotangent has its
+    primal's type)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import jaxbp
+    from tests.parallel_worker import _save
+
+    mesh = _explicit_mesh()
+    if mesh is None:
+        summary["ops_on_explicit_axes_under_jit"] = {"ok": True, "dtype": None,
+                                                     "info": {"skipped": True}}  # fmt: skip
+        return
+    user = _user_op()
+    rng = np.random.default_rng(25)
+    cases = [(name, cid, arrays, per_ex, opts, getattr(jaxbp, name),
+              getattr(jaxbp.reference, name))
+             for name, examples in _op_inputs().items()
+             for cid, arrays, per_ex, opts in examples]  # fmt: skip
+    cases.append(("jaxbp.Op", "user-op", {"x": rng.normal(size=(16, 3)),
+                                          "w": rng.normal(size=(3, 4)), "b": rng.normal(size=4)},
+                  ("x",), {}, lambda x, w, b: user(x, w, b),
+                  lambda x, w, b: user.reference(x, w, b)))  # fmt: skip
+    actual, expected, errors, wrong_types = {}, {}, {}, {}
+    for ctx_name, ctx in _explicit_contexts(mesh).items():
+        for _, cid, raw, per_ex, opts, op, ref in cases:
+            arrays = {k: jnp.asarray(v) for k, v in raw.items()}
+            diff = sorted(k for k, v in arrays.items() if jnp.issubdtype(v.dtype, jnp.floating))
+            cot = jnp.asarray(rng.normal(size=ref(**arrays, **opts).shape))
+
+            def total(fn, d, rest, cot, opts=opts):
+                return jnp.sum(cot * fn(**d, **rest, **opts))
+
+            def spec(k, per_ex=per_ex):
+                return P("data") if k in per_ex else P()
+
+            placed = {k: jax.device_put(v, NamedSharding(mesh, spec(k))) for k, v in arrays.items()}
+            d = {k: placed[k] for k in diff}
+            rest = {k: v for k, v in placed.items() if k not in diff}
+            key = f"{ctx_name}/{cid}"
+            try:
+                with ctx():
+                    cot_p = jax.device_put(cot, NamedSharding(mesh, P("data")))
+                    grads = jax.jit(jax.grad(lambda d, r, c, op=op: total(op, d, r, c)))(
+                        d, rest, cot_p
+                    )
+                for k in diff:
+                    got, want = jax.typeof(grads[k]).sharding.spec, jax.typeof(d[k]).sharding.spec
+                    if tuple(got) != tuple(want):
+                        wrong_types[f"{key}/{k}"] = f"{got} for an argument of {want}"
+                one = {k: arrays[k] for k in diff}
+                others = {k: arrays[k] for k in arrays if k not in diff}
+                actual[key] = grads
+                expected[key] = jax.grad(
+                    lambda d, ref=ref, others=others, cot=cot: total(ref, d, others, cot)
+                )(one)
+            except Exception as e:  # noqa: BLE001 - reported per op by the test
+                errors[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:400]}"
+    ops = sorted({c[0] for c in cases})
+    _save(out, "ops_on_explicit_axes_under_jit", actual, expected, "float64",
+          {"ops": ops, "examples": sorted(actual), "errors": errors,
+           "wrong_types": wrong_types}, summary)  # fmt: skip
+
+
+def case_models_on_explicit_axes_under_jit(out, summary):
+    """The explicit reverse loops (``value_and_grad`` of an MLP and of a GPT, per-example
+    gradients and norms, ``clipped_grad``) and their references, called and jitted with the
+    batch placed on an Explicit ``data`` axis: the one-device results, gradients typed like
+    the (replicated) parameters."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import jaxbp
+    from tests.parallel_worker import _save
+
+    mesh = _explicit_mesh()
+    if mesh is None:
+        summary["models_on_explicit_axes_under_jit"] = {"ok": True, "dtype": None,
+                                                        "info": {"skipped": True}}  # fmt: skip
+        return
+    rng = np.random.default_rng(26)
+    mlp = jaxbp.MLP((6, 12, 5), activation="gelu")
+    pm = mlp.init(jax.random.PRNGKey(1), jnp.float64)
+    x, y = jnp.asarray(rng.normal(size=(16, 6))), jnp.asarray(rng.integers(0, 5, 16), jnp.int32)
+    gpt = jaxbp.GPT(vocab=11, d=8, heads=2, layers=2, context=8)
+    pg = gpt.init(jax.random.PRNGKey(2), jnp.float64)
+    ids = jnp.asarray(rng.integers(0, 11, (16, 8)), jnp.int32)
+    targets = jnp.asarray(rng.integers(0, 11, (16, 8)), jnp.int32)
+    transforms = {
+        "mlp/value_and_grad": (jaxbp.value_and_grad(mlp), (pm, x, y)),
+        "mlp/reference.value_and_grad": (jaxbp.reference.value_and_grad(mlp), (pm, x, y)),
+        "mlp/per_example_grad_norms": (jaxbp.per_example_grad_norms(mlp), (pm, x, y)),
+        "mlp/clipped_grad": (jaxbp.clipped_grad(mlp, l2_clip=0.5), (pm, x, y)),
+        "gpt/value_and_grad": (jaxbp.value_and_grad(gpt), (pg, ids, targets)),
+        "gpt/reference.value_and_grad": (jaxbp.reference.value_and_grad(gpt), (pg, ids, targets)),
+    }
+    actual, expected, errors, wrong_types = {}, {}, {}, {}
+    for ctx_name, ctx in _explicit_contexts(mesh).items():
+        for name, (f, (params, a, b)) in transforms.items():
+            key = f"{ctx_name}/{name}"
+            placed = (jax.device_put(params, NamedSharding(mesh, P())),
+                      jax.device_put(a, NamedSharding(mesh, P("data"))),
+                      jax.device_put(b, NamedSharding(mesh, P("data"))))  # fmt: skip
+            try:
+                with ctx():
+                    eager, jitted = f(*placed), jax.jit(f)(*placed)
+                # (loss, grads) and (grads, per-example norms): the gradients are replicated
+                grads = {"value_and_grad": lambda o: o[1], "clipped_grad": lambda o: o[0]}.get(
+                    name.split("/")[-1].split(".")[-1], lambda o: None
+                )(jitted)
+                if grads is not None:
+                    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+                        if any(e is not None for e in jax.typeof(g).sharding.spec):
+                            wrong_types[f"{key}{jax.tree_util.keystr(path)}"] = str(
+                                jax.typeof(g).sharding.spec
+                            )
+                one = f(params, a, b)
+                actual[key + "/call"], expected[key + "/call"] = eager, one
+                actual[key + "/jit"], expected[key + "/jit"] = jitted, one
+            except Exception as e:  # noqa: BLE001 - reported by the test
+                errors[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:400]}"
+    _save(out, "models_on_explicit_axes_under_jit", actual, expected, "float64",
+          {"errors": errors, "wrong_types": wrong_types, "variants": sorted(actual)},
+          summary)  # fmt: skip
+
+
 CASES = [
     case_jax_make_mesh_value_and_grad,
     case_jax_make_mesh_vocab_parallel,
     case_ops_in_user_shard_map,
     case_tensor_parallel_dense_in_user_shard_map,
     case_checked_inside_user_shard_map,
+    case_ops_on_explicit_axes_under_jit,
+    case_models_on_explicit_axes_under_jit,
 ]

@@ -239,6 +239,39 @@ def test_every_public_op_under_grad_in_a_user_shard_map_with_check_vma_matches_r
     _compare(single, "ops_in_user_shard_map")
 
 
+def _explicit_entry(single, name):
+    entry = single[1].get(name)
+    assert entry is not None and entry["ok"], entry and entry.get("error")
+    info = entry["info"]
+    if info.get("skipped"):
+        pytest.skip("this JAX has no Explicit mesh axes")
+    assert not info["errors"], "failed on Explicit axes under jit:\n" + "\n".join(
+        f"{k}: {v}" for k, v in info["errors"].items()
+    )
+    assert not info["wrong_types"], info["wrong_types"]
+    return info
+
+
+def test_every_public_op_under_jit_grad_on_explicit_axes_matches_reference_and_types(single):
+    """No shard_map: inputs on jax.make_mesh's Explicit axes, with jax.set_mesh and with
+    typed inputs alone; each cotangent has its primal's sharding."""
+    from tests.settings import public_ops_with_rules
+
+    info = _explicit_entry(single, "ops_on_explicit_axes_under_jit")
+    missing = sorted(set(public_ops_with_rules()) - set(info["ops"]))
+    assert not missing, f"public ops not run on Explicit axes (mesh_cases.py): {missing}"
+    assert "jaxbp.Op" in info["ops"]
+    assert any(k.startswith("set_mesh/") for k in info["examples"])
+    assert any(k.startswith("typed_inputs/") for k in info["examples"])
+    _compare(single, "ops_on_explicit_axes_under_jit")
+
+
+def test_explicit_loops_and_references_on_explicit_axes_give_one_device_results(single):
+    info = _explicit_entry(single, "models_on_explicit_axes_under_jit")
+    assert any("gpt/value_and_grad/jit" in k for k in info["variants"]), info["variants"]
+    _compare(single, "models_on_explicit_axes_under_jit")
+
+
 def test_dense_with_columns_split_over_model_sums_dx_over_model_in_user_shard_map(single):
     _compare(single, "tensor_parallel_dense_in_user_shard_map")
 

@@ -159,7 +159,7 @@ def value_and_grad(
             "model", model.sizes[-1], vocab, model_axis, "the number of classes c", PAD_CLASSES
         )
     rules = _ops(model, model_axis).rules()
-    step = _step.compiled(_core, model, mesh, axis, model_axis, rules)
+    step = _step.compiled_on_mesh(_core, model, mesh, axis, model_axis, rules)
 
     def check(params, x, labels, *, where=None, class_weights=None):
         if host_readable(params, x, labels, where, class_weights):
