@@ -19,6 +19,7 @@ so the backward knows whether a bias cotangent is owed (it is never read).
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import time
 
@@ -110,18 +111,35 @@ def _plain_dw(x2, g2):
 # Which layout wins depends on the CPU (its vector width, XLA's kernels for it) and on the
 # shape: measured on one 2-core AMD EPYC (AVX2), the transpose halves dW time when o = 10
 # and is a wash (0.95-1.04x) for square layers; on an AVX-512 machine it made whole MLP
-# steps 7-15% slower. No constant holds everywhere, so the layout is measured, once per
-# shape and dtype, on the machine that runs it, and the transpose is used only where it is
-# clearly faster there. Everywhere else dW is the dot autodiff emits, so a manual step is
-# never slower than XLA's choice by design.
+# steps 7-15% slower, and a dW measured faster alone (1024x512x512) still made the whole
+# step 7% slower there. Timing small products on a busy machine is noisy (the same shape
+# measured 0.6x and 1.0x a minute apart), and a layout chosen by a timing can differ from
+# one run to the next, and so can the last bits of dW. So by default dW is the dot autodiff
+# emits (XLA's own choice: the manual step compiles to the reference's matmuls, and the
+# same program every run); JAXBP_DW_LAYOUT=auto measures the two layouts once per shape and
+# dtype on this CPU and takes the transpose where it took at most 90% of the plain dot's
+# time; JAXBP_DW_LAYOUT=transpose forces it.
 _DW_MIN_MACS = 1 << 20  # below this, both take microseconds: keep XLA's choice untimed
-_DW_WIN = 0.9  # use the transpose only when it takes at most 90% of the plain dot's time
-_DW_LAYOUT_ENV = "JAXBP_DW_LAYOUT"  # "auto" (default), "plain" or "transpose"
+_DW_WIN = 0.9  # with "auto": the transpose only at most 90% of the plain dot's time
+_DW_LAYOUT_ENV = "JAXBP_DW_LAYOUT"  # "plain" (default), "auto" or "transpose"
 _dw_choice: dict[tuple, bool] = {}
 
 
 def _time_pairs(fa, fb, args, reps: int = 7) -> tuple[float, float]:
-    """Median seconds of ``fa`` and ``fb``, interleaved A B A B after a warm-up."""
+    """Median seconds of ``fa`` and ``fb`` on ``args`` (NumPy arrays, put on the CPU),
+    interleaved A B A B after a warm-up.
+
+    Called while JAX traces the rule (always: ``dense_bwd`` runs inside ``jit``/``grad``),
+    where a call on concrete arrays is staged into the traced program instead of run, so
+    only its tracing would be timed. JAX's trace state is per thread: the timing runs in a
+    thread of its own, where nothing is being traced, and the calls run."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(_time_pairs_untraced, fa, fb, args, reps).result()
+
+
+def _time_pairs_untraced(fa, fb, args, reps):
+    cpu = jax.devices("cpu")[0]
+    args = [jax.device_put(a, cpu) for a in args]
     for f in (fa, fb):
         jax.block_until_ready(f(*args))
     ta, tb = [], []
@@ -136,7 +154,7 @@ def _time_pairs(fa, fb, args, reps: int = 7) -> tuple[float, float]:
 def _use_transpose_on_cpu(n: int, i: int, o: int, dtype) -> bool:
     """True when ``xᵀ @ g`` through an explicit transpose is clearly faster than the plain
     dot on this machine's CPU for these sizes (measured once, then cached)."""
-    mode = os.environ.get(_DW_LAYOUT_ENV, "auto")
+    mode = os.environ.get(_DW_LAYOUT_ENV, "plain")
     if mode not in ("auto", "plain", "transpose"):
         raise ValueError(f"{_DW_LAYOUT_ENV}: expected 'auto', 'plain' or 'transpose', got {mode!r}")
     if mode != "auto":
@@ -145,20 +163,16 @@ def _use_transpose_on_cpu(n: int, i: int, o: int, dtype) -> bool:
         return False
     key = (n, i, o, jnp.dtype(dtype).name)
     if key not in _dw_choice:
-        cpu = jax.devices("cpu")[0]
         rng = np.random.default_rng(0)
-        args = [
-            jax.device_put(rng.standard_normal(shape).astype(jnp.dtype(dtype)), cpu)
-            for shape in ((n, i), (n, o))
-        ]
+        args = [rng.standard_normal(shape).astype(jnp.dtype(dtype)) for shape in ((n, i), (n, o))]
         t_xt, t_plain = _time_pairs(jax.jit(_xt_cpu), jax.jit(_plain_dw), args)
         _dw_choice[key] = t_xt <= _DW_WIN * t_plain
     return _dw_choice[key]
 
 
 def _xt_dot(x2, g2):
-    """``dw (i, o) = xᵀ·g``, ``"ni,no->io"``; on CPU through an explicit transpose of x
-    where that was measured to be clearly faster on this machine (see above)."""
+    """``dw (i, o) = xᵀ·g``, ``"ni,no->io"``: XLA's own dot, or on CPU an explicit transpose
+    of x where ``JAXBP_DW_LAYOUT`` asks for it (see above)."""
     (n, i), o = x2.shape, g2.shape[1]
     if not _use_transpose_on_cpu(n, i, o, x2.dtype):
         return _plain_dw(x2, g2)

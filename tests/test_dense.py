@@ -1,5 +1,6 @@
 """jaxbp.dense: manual backward vs jax.grad of the reference, finite differences, properties."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -120,8 +121,20 @@ def test_dw_layout_setting_is_validated(monkeypatch):
         _dense_mod._use_transpose_on_cpu(1024, 1024, 1024, jnp.float32)
 
 
-def test_dw_layout_is_measured_once_per_shape_and_small_products_are_not_timed(monkeypatch):
+def test_dw_layout_is_xla_own_dot_unless_asked_and_timing_never_runs(monkeypatch):
+    """The default is the dot autodiff emits, the same program every run: nothing timed."""
     monkeypatch.delenv("JAXBP_DW_LAYOUT", raising=False)
+    calls = []
+    monkeypatch.setattr(_dense_mod, "_time_pairs", lambda *a, **k: calls.append(1) or (0.1, 1.0))
+    monkeypatch.setattr(_dense_mod, "_dw_choice", {})
+    assert _dense_mod._use_transpose_on_cpu(1024, 1024, 10, jnp.float32) is False
+    assert calls == []
+
+
+def test_dw_layout_auto_is_measured_once_per_shape_and_small_products_are_not_timed(
+    monkeypatch,
+):
+    monkeypatch.setenv("JAXBP_DW_LAYOUT", "auto")
     calls = []
     monkeypatch.setattr(_dense_mod, "_time_pairs", lambda *a, **k: calls.append(1) or (1.0, 1.0))
     monkeypatch.setattr(_dense_mod, "_dw_choice", {})
@@ -133,3 +146,27 @@ def test_dw_layout_is_measured_once_per_shape_and_small_products_are_not_timed(m
     assert calls == [1]
     monkeypatch.setattr(_dense_mod, "_time_pairs", lambda *a, **k: (0.5, 1.0))
     assert _dense_mod._use_transpose_on_cpu(1024, 1024, 11, jnp.float32) is True
+
+
+def test_dw_layout_timing_runs_the_programs_even_inside_a_trace():
+    """The layout is chosen while JAX traces dense_bwd, where a call on concrete arrays is
+    staged into the traced program instead of run: the timing must run them (it once timed
+    only their tracing, so the choice was noise)."""
+    runs = []
+
+    def record(x):
+        runs.append(1)
+        return x
+
+    def counted(x):
+        return jax.pure_callback(record, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+
+    fa, fb = jax.jit(counted), jax.jit(counted)
+    arg = np.ones(3, np.float32)
+
+    def traced(z):
+        _dense_mod._time_pairs(fa, fb, [arg], reps=3)
+        return z
+
+    jax.jit(traced)(1.0)
+    assert len(runs) == 2 * (1 + 3)  # a warm-up and 3 timed calls of each, all executed
