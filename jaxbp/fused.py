@@ -55,9 +55,10 @@ __all__ = [
 
 STRATEGIES = ("recompute", "forward")
 DEFAULT_STRATEGY = "recompute"
-# Default chunk lengths: a vocabulary chunk of 2048 columns (recompute), and token chunks of
+# Default chunk lengths: a vocabulary chunk of 1024 columns (recompute: two (n, 1024) float32
+# temporaries; on one AVX-512 CPU at n 4096, d 512 also 3-4% faster than 2048), and token chunks of
 # about 2**24 logits (forward: each chunk holds its (k, v) logits and their gradient).
-DEFAULT_CHUNK = 2048
+DEFAULT_CHUNK = 1024
 FORWARD_CHUNK_ELEMENTS = 2**24
 
 # label_smoothing and z_loss only scale values: traced (each value compiles nothing new).
@@ -288,7 +289,7 @@ def linear_softmax_cross_entropy(
       label_smoothing: ``ε`` in ``[0, 1]``.
       z_loss: ``λ ≥ 0``, adds ``λ·lse²``.
       softcap: optional ``cap > 0``: logits become ``cap·tanh(z/cap)`` (Gemma 2).
-      chunk_size: vocabulary columns per chunk (``"recompute"``, default 2048) or tokens per
+      chunk_size: vocabulary columns per chunk (``"recompute"``, default 1024) or tokens per
         chunk (``"forward"``, default about ``2**24 / v``). A last shorter chunk is fine.
       accum_dtype: accumulation dtype; ``None``: float32 for half precision, else the input
         dtype. Matmuls take the inputs as they are and accumulate in it.
