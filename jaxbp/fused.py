@@ -56,7 +56,7 @@ __all__ = [
 STRATEGIES = ("recompute", "forward")
 DEFAULT_STRATEGY = "recompute"
 # Default chunk lengths: a vocabulary chunk of 1024 columns (recompute: two (n, 1024) float32
-# temporaries; on one AVX-512 CPU at n 4096, d 512 also 3-4% faster than 2048), and token chunks of
+# temporaries, half of 2048's, at the same speed within the noise of one AVX-512 CPU), and token chunks of
 # about 2**24 logits (forward: each chunk holds its (k, v) logits and their gradient).
 DEFAULT_CHUNK = 1024
 FORWARD_CHUNK_ELEMENTS = 2**24
