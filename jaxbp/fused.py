@@ -55,9 +55,10 @@ __all__ = [
 
 STRATEGIES = ("recompute", "forward")
 DEFAULT_STRATEGY = "recompute"
-# Default chunk lengths: a vocabulary chunk of 1024 columns (recompute: two (n, 1024) float32
-# temporaries, half of 2048's, at the same speed within the noise of one AVX-512 CPU), and token chunks of
-# about 2**24 logits (forward: each chunk holds its (k, v) logits and their gradient).
+# Default chunk lengths: a vocabulary chunk of 1024 columns (recompute: two (n, 1024)
+# float32 temporaries, half of 2048's, at the same speed within the noise of one AVX-512
+# CPU), and token chunks of about 2**24 logits (forward: each chunk holds its (k, v) logits
+# and their gradient).
 DEFAULT_CHUNK = 1024
 FORWARD_CHUNK_ELEMENTS = 2**24
 
