@@ -88,11 +88,6 @@ def transposed_for_dw(x):
     )
 
 
-def dw_product(xt, dz, acc):
-    """``xᵀ·dz (d, k)`` contracting the tokens, from ``xt (d, n)``: ``"dn,nk->dk"``."""
-    return mm(xt, dz, (1, 0), acc)
-
-
 def cols(a, start, k, axis):
     return lax.dynamic_slice_in_dim(a, start, k, axis=axis)
 
@@ -244,7 +239,7 @@ def grads_recompute(x, w, b, labels, where, cw, lse, su, g, *, v, ignore_index,
             dz = dz * (1.0 - t * t)  # through z = cap·tanh(z̃/cap)
         dz_in = dz.astype(w.dtype)  # as the unfused path: dlogits in the input dtype
         dx = dx + mm(dz_in, w_k, (1, 1), acc)  # "nk,dk->nd"
-        dw_k = dw_product(xt, dz_in, acc).astype(dw.dtype)  # "nd,nk->dk"
+        dw_k = mm(xt, dz_in, (1, 0), acc).astype(dw.dtype)  # "dn,nk->dk", xt = xᵀ
         dw = lax.dynamic_update_slice_in_dim(dw, dw_k, start, 1)
         if b is not None:
             db = lax.dynamic_update_slice_in_dim(
@@ -309,7 +304,7 @@ def forward_with_grads(x, w, b, labels, where, cw, *, ignore_index, label_smooth
             dz = dz * (1.0 - t * t)
         dz_in = dz.astype(w.dtype)
         dx_k = mm(dz_in, w, (1, 1), acc)  # "kv,dv->kd"
-        dw = dw + dw_product(cols(xt, start, k, 1), dz_in, acc)  # "kd,kv->dv"
+        dw = dw + mm(cols(xt, start, k, 1), dz_in, (1, 0), acc)  # "dk,kv->dv", xt = xᵀ
         if db is not None:
             db = db + jnp.sum(dz, axis=0)
         put = functools.partial(lax.dynamic_update_slice_in_dim, start_index=start, axis=0)

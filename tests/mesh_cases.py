@@ -234,6 +234,24 @@ def _user_op():
     return jaxbp.Op(fwd, bwd, ref, name="sqrelu", per_example=("x",))
 
 
+def _all_op_cases(rng):
+    """``[(op name, id, arrays, per-example names, options, op, reference)]``: every public
+    op's examples (:func:`_op_inputs`) and a user's ``jaxbp.Op``, whose inputs come from
+    ``rng``."""
+    import jaxbp
+
+    cases = [(name, cid, arrays, per_ex, opts, getattr(jaxbp, name),
+              getattr(jaxbp.reference, name))
+             for name, examples in _op_inputs().items()
+             for cid, arrays, per_ex, opts in examples]  # fmt: skip
+    user = _user_op()
+    cases.append(("jaxbp.Op", "user-op", {"x": rng.normal(size=(16, 3)),
+                                          "w": rng.normal(size=(3, 4)), "b": rng.normal(size=4)},
+                  ("x",), {}, lambda x, w, b: user(x, w, b),
+                  lambda x, w, b: user.reference(x, w, b)))  # fmt: skip
+    return cases
+
+
 def _grad_in_shard_map(mesh, op, ref, raw, per_ex, opts, normal):
     """``(grad in the user's shard_map, grad of the reference on the whole batch)`` of
     ``psum(Σ g⊙op(...))`` for every floating argument; rows split over both mesh axes."""
@@ -272,32 +290,22 @@ def case_ops_in_user_shard_map(out, summary):
     import jax
     import numpy as np
 
-    import jaxbp
     from tests.parallel_worker import _save
 
     kinds = _axis_types()
     t = kinds.get("Explicit")
     mesh = jax.make_mesh((2, 4), ("data", "model"), **({} if t is None else {"axis_types": (t, t)}))
-    cases = {name: [(cid, arrays, per_ex, opts, getattr(jaxbp, name),
-                     getattr(jaxbp.reference, name)) for cid, arrays, per_ex, opts in examples]
-             for name, examples in _op_inputs().items()}  # fmt: skip
-    user = _user_op()
     rng = np.random.default_rng(22)
-    cases["jaxbp.Op"] = [
-        ("user-op", {"x": rng.normal(size=(16, 3)), "w": rng.normal(size=(3, 4)),
-                     "b": rng.normal(size=4)}, ("x",), {},
-         lambda x, w, b: user(x, w, b), lambda x, w, b: user.reference(x, w, b)),
-    ]  # fmt: skip
+    cases = _all_op_cases(rng)
     actual, expected, errors = {}, {}, {}
-    for examples in cases.values():
-        for cid, raw, per_ex, opts, op, ref in examples:
-            try:
-                actual[cid], expected[cid] = _grad_in_shard_map(
-                    mesh, op, ref, raw, per_ex, opts, rng.normal
-                )
-            except Exception as e:  # noqa: BLE001 - reported per op by the test
-                errors[cid] = f"{type(e).__name__}: {str(e).splitlines()[0][:400]}"
-    ops = sorted(cases)
+    for _, cid, raw, per_ex, opts, op, ref in cases:
+        try:
+            actual[cid], expected[cid] = _grad_in_shard_map(
+                mesh, op, ref, raw, per_ex, opts, rng.normal
+            )
+        except Exception as e:  # noqa: BLE001 - reported per op by the test
+            errors[cid] = f"{type(e).__name__}: {str(e).splitlines()[0][:400]}"
+    ops = sorted({c[0] for c in cases})
     _save(out, "ops_in_user_shard_map", actual, expected, "float64",
           {"ops": ops, "examples": sorted(actual), "errors": errors}, summary)  # fmt: skip
 
@@ -418,7 +426,6 @@ def case_ops_on_explicit_axes_under_jit(out, summary):
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    import jaxbp
     from tests.parallel_worker import _save
 
     mesh = _explicit_mesh()
@@ -426,16 +433,8 @@ def case_ops_on_explicit_axes_under_jit(out, summary):
         summary["ops_on_explicit_axes_under_jit"] = {"ok": True, "dtype": None,
                                                      "info": {"skipped": True}}  # fmt: skip
         return
-    user = _user_op()
     rng = np.random.default_rng(25)
-    cases = [(name, cid, arrays, per_ex, opts, getattr(jaxbp, name),
-              getattr(jaxbp.reference, name))
-             for name, examples in _op_inputs().items()
-             for cid, arrays, per_ex, opts in examples]  # fmt: skip
-    cases.append(("jaxbp.Op", "user-op", {"x": rng.normal(size=(16, 3)),
-                                          "w": rng.normal(size=(3, 4)), "b": rng.normal(size=4)},
-                  ("x",), {}, lambda x, w, b: user(x, w, b),
-                  lambda x, w, b: user.reference(x, w, b)))  # fmt: skip
+    cases = _all_op_cases(rng)
     actual, expected, errors, wrong_types = {}, {}, {}, {}
     for ctx_name, ctx in _explicit_contexts(mesh).items():
         for _, cid, raw, per_ex, opts, op, ref in cases:
@@ -504,17 +503,20 @@ def case_models_on_explicit_axes_under_jit(out, summary):
     pg = gpt.init(jax.random.PRNGKey(2), jnp.float64)
     ids = jnp.asarray(rng.integers(0, 11, (16, 8)), jnp.int32)
     targets = jnp.asarray(rng.integers(0, 11, (16, 8)), jnp.int32)
+    # name: (transform, inputs, which output holds the (replicated) gradients, or None):
+    # (loss, grads) and (grads, per-example norms); the norms alone are split like the batch.
     transforms = {
-        "mlp/value_and_grad": (jaxbp.value_and_grad(mlp), (pm, x, y)),
-        "mlp/reference.value_and_grad": (jaxbp.reference.value_and_grad(mlp), (pm, x, y)),
-        "mlp/per_example_grad_norms": (jaxbp.per_example_grad_norms(mlp), (pm, x, y)),
-        "mlp/clipped_grad": (jaxbp.clipped_grad(mlp, l2_clip=0.5), (pm, x, y)),
-        "gpt/value_and_grad": (jaxbp.value_and_grad(gpt), (pg, ids, targets)),
-        "gpt/reference.value_and_grad": (jaxbp.reference.value_and_grad(gpt), (pg, ids, targets)),
-    }
+        "mlp/value_and_grad": (jaxbp.value_and_grad(mlp), (pm, x, y), 1),
+        "mlp/reference.value_and_grad": (jaxbp.reference.value_and_grad(mlp), (pm, x, y), 1),
+        "mlp/per_example_grad_norms": (jaxbp.per_example_grad_norms(mlp), (pm, x, y), None),
+        "mlp/clipped_grad": (jaxbp.clipped_grad(mlp, l2_clip=0.5), (pm, x, y), 0),
+        "gpt/value_and_grad": (jaxbp.value_and_grad(gpt), (pg, ids, targets), 1),
+        "gpt/reference.value_and_grad": (
+            jaxbp.reference.value_and_grad(gpt), (pg, ids, targets), 1),
+    }  # fmt: skip
     actual, expected, errors, wrong_types = {}, {}, {}, {}
     for ctx_name, ctx in _explicit_contexts(mesh).items():
-        for name, (f, (params, a, b)) in transforms.items():
+        for name, (f, (params, a, b), grads_at) in transforms.items():
             key = f"{ctx_name}/{name}"
             placed = (jax.device_put(params, NamedSharding(mesh, P())),
                       jax.device_put(a, NamedSharding(mesh, P("data"))),
@@ -522,12 +524,8 @@ def case_models_on_explicit_axes_under_jit(out, summary):
             try:
                 with ctx():
                     eager, jitted = f(*placed), jax.jit(f)(*placed)
-                # (loss, grads) and (grads, per-example norms): the gradients are replicated
-                grads = {"value_and_grad": lambda o: o[1], "clipped_grad": lambda o: o[0]}.get(
-                    name.split("/")[-1].split(".")[-1], lambda o: None
-                )(jitted)
-                if grads is not None:
-                    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+                if grads_at is not None:
+                    for path, g in jax.tree_util.tree_leaves_with_path(jitted[grads_at]):
                         if any(e is not None for e in jax.typeof(g).sharding.spec):
                             wrong_types[f"{key}{jax.tree_util.keystr(path)}"] = str(
                                 jax.typeof(g).sharding.spec
