@@ -4,12 +4,15 @@ Every op is a ``jax.custom_vjp`` triple ``op``, ``op_fwd``, ``op_bwd``, with the
 plain ``jax.numpy`` under :mod:`jaxbp.reference`. See ``docs/backprop.md`` for the math.
 """
 
+from . import model as model
 from . import parallel as parallel
 from . import per_example as per_example
 from . import reference as reference
 from ._checks import checked as checked
 from ._op import Op as Op
 from ._op import bind_references as _bind_references
+from ._tape import Tape as Tape
+from ._tape import transposed as transposed
 from .activations import ACTIVATIONS as ACTIVATIONS
 from .activations import gelu as gelu
 from .activations import gelu_bwd as gelu_bwd
@@ -48,6 +51,9 @@ from .dense import dense_fwd as dense_fwd
 from .embedding import embedding as embedding
 from .embedding import embedding_bwd as embedding_bwd
 from .embedding import embedding_fwd as embedding_fwd
+from .embedding import position_embedding as position_embedding
+from .embedding import position_embedding_bwd as position_embedding_bwd
+from .embedding import position_embedding_fwd as position_embedding_fwd
 from .explain import explain as explain
 from .fused import linear_softmax_cross_entropy as linear_softmax_cross_entropy
 from .fused import linear_softmax_cross_entropy_bwd as linear_softmax_cross_entropy_bwd
@@ -64,8 +70,8 @@ from .losses import sigmoid_binary_cross_entropy_fwd as sigmoid_binary_cross_ent
 from .losses import softmax_cross_entropy as softmax_cross_entropy
 from .losses import softmax_cross_entropy_bwd as softmax_cross_entropy_bwd
 from .losses import softmax_cross_entropy_fwd as softmax_cross_entropy_fwd
+from .model import value_and_grad as value_and_grad
 from .nn import MLP as MLP
-from .nn import value_and_grad as value_and_grad
 from .norms import layer_norm as layer_norm
 from .norms import layer_norm_bwd as layer_norm_bwd
 from .norms import layer_norm_fwd as layer_norm_fwd
@@ -104,6 +110,7 @@ _bind_references(
         (softmax_cross_entropy, reference.softmax_cross_entropy),
         (linear_softmax_cross_entropy, reference.linear_softmax_cross_entropy),
         (embedding, reference.embedding),
+        (position_embedding, reference.position_embedding),
         (layer_norm, reference.layer_norm),
         (rms_norm, reference.rms_norm),
         (attention, reference.attention),
@@ -133,9 +140,10 @@ __all__ = [
     "linear_softmax_cross_entropy", "linear_softmax_cross_entropy_fwd",
     "linear_softmax_cross_entropy_bwd",
     "embedding", "embedding_fwd", "embedding_bwd",
+    "position_embedding", "position_embedding_fwd", "position_embedding_bwd",
     "layer_norm", "layer_norm_fwd", "layer_norm_bwd",
     "rms_norm", "rms_norm_fwd", "rms_norm_bwd",
     "attention", "attention_fwd", "attention_bwd",
     "GPT", "compare", "explain", "load_digits", "load_shakespeare",
-    "Op", "check", "CheckReport",
+    "Op", "check", "CheckReport", "model", "Tape", "transposed",
 ]  # fmt: skip

@@ -19,6 +19,10 @@ import (nothing looks a rule up by its name):
 ``op.arg_names``          the positional parameter names, in order
 ``op.name``               the name JAX shows in jaxprs (``{name}_fwd``, ``{name}_bwd``)
 ``op.traced_options``     keyword options passed to the rules as traced values
+``op.example_grads``      the per-example rule of an op with parameters (``None`` without):
+                          ``example_grads(res, g, *, examples, **options)`` → ``{parameter
+                          name: contribution}``, each example's gradient of each parameter
+                          from the residuals and ``g`` (:mod:`jaxbp._contrib`)
 ========================  ==================================================================
 
 Everything that runs the rules (``jax.grad`` through the ``custom_vjp``, the explicit loops
@@ -41,7 +45,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -51,14 +57,15 @@ import jax.numpy as jnp
 from . import _sharding, _vma
 
 __all__ = [
-    "OP_ATTRIBUTES", "Op", "bind_references", "bwd_options", "custom_vjp_op", "declare",
+    "OP_ATTRIBUTES", "Op", "all_rules", "bind_references", "bwd_options", "custom_vjp_op",
+    "declare",
     "declare_op", "op_vjp", "positional_names", "rules", "rules_of",
 ]  # fmt: skip
 
 # What every op carries (tests/test_op.py checks the built-in ops and Op instances alike).
 OP_ATTRIBUTES = (
     "name", "fwd", "bwd", "reference", "per_example_args", "example_ndim", "arg_names",
-    "traced_options",
+    "traced_options", "example_grads",
 )  # fmt: skip
 
 
@@ -88,9 +95,23 @@ def bwd_options(bwd: Callable, options: dict) -> dict:
 
 
 def rules(*ops: Any) -> tuple[Callable, ...]:
-    """The rules ``ops`` hold now, ``(fwd₁, bwd₁, fwd₂, …)``: hashable, part of the cache key
-    of every compiled explicit loop, so that a swapped rule is traced anew."""
-    return tuple(r for op in ops for r in rules_of(op))
+    """The rules ``ops`` hold now, ``(fwd₁, bwd₁, example_grads₁, fwd₂, …)``: hashable, part
+    of the cache key of every compiled explicit loop, so that a swapped rule is traced anew."""
+    return tuple(r for op in ops for r in (*rules_of(op), getattr(op, "example_grads", None)))
+
+
+# Every op there is: the built-in ones (declared at import) and each live jaxbp.Op, in the
+# order they were made. A model's loop may call any of them: the compiled steps of the
+# transforms are keyed by all their rules (all_rules).
+_DECLARED: list[Any] = []
+_USER_OPS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+_user_count = itertools.count()
+
+
+def all_rules() -> tuple[Callable, ...]:
+    """:func:`rules` of every op, built-in and live :class:`Op`: the cache key of a
+    transform's compiled step for any model (a swapped rule anywhere is traced anew)."""
+    return rules(*_DECLARED, *_USER_OPS.values())
 
 
 def op_vjp(op: Any, *, traced: Sequence[str] | None = None, primal: Callable | None = None):
@@ -198,6 +219,7 @@ def declare(
     per_example: Sequence[str],
     example_ndim: int = 1,
     traced: Sequence[str] = (),
+    example_grads: Callable | None = None,
 ) -> Callable:
     """Decorator of a built-in op: bind its rules and its signature's meaning to it.
 
@@ -208,7 +230,8 @@ def declare(
     ``(n..., k...)`` with ``example_ndim`` trailing axes ``k...`` per example (default 1:
     ``(n..., k)``; 0 for integer ids ``(n...)``; 3 for attention's ``(n..., h, t, e)``): its
     leading axes are the batch. ``traced`` names the options the rules take as traced
-    values. Sets the attributes of :data:`OP_ATTRIBUTES` (``reference`` is ``None`` until
+    values; ``example_grads`` is the per-example rule of an op with parameters. Sets the
+    attributes of :data:`OP_ATTRIBUTES` (``reference`` is ``None`` until
     ``jaxbp/__init__.py`` binds it)::
 
         @declare(fwd=dense_fwd, bwd=dense_bwd, per_example=("x",))
@@ -230,6 +253,8 @@ def declare(
         op.example_ndim = example_ndim
         op.arg_names = names
         op.traced_options = tuple(traced)
+        op.example_grads = example_grads
+        _DECLARED.append(op)
         return op
 
     return decorate
@@ -278,6 +303,11 @@ class Op:
         the first positional parameter only.
       options: the static keyword options and their defaults, e.g. ``{"scale": 1.0}``.
       example_ndim: trailing axes per example of the first per-example argument (default 1).
+      example_grads: the per-example rule, for an op with parameters used inside a model
+        (per-example gradients, their norms, DP-SGD): ``example_grads(res, g, *, examples,
+        **options)`` → ``{parameter name: contribution}`` (``jaxbp.per_example.Outer``,
+        ``Rows``, ``OneHot``, ``Full``); see docs/per_example.md. Without it, a per-example
+        transform that meets the op raises a ``TypeError`` naming it.
 
     Calling ``op(*args, **options)`` runs a ``jax.custom_vjp``: ``jax.grad``, ``jax.vjp`` and
     everything built on them run your ``bwd``; ``jax.jit`` and ``jax.vmap`` compose.
@@ -308,10 +338,15 @@ class Op:
         per_example: Sequence[str] | None = None,
         options: dict[str, Any] | None = None,
         example_ndim: int = 1,
+        example_grads: Callable | None = None,
     ):
         for what, fn in (("fwd", fwd), ("bwd", bwd), ("reference", reference)):
             if not callable(fn):
                 raise TypeError(f"{what}: expected a callable, got {fn!r}")
+        if example_grads is not None and not callable(example_grads):
+            raise TypeError(
+                f"example_grads: expected a callable rule or None, got {example_grads!r}"
+            )
         self.name = str(name or getattr(reference, "__name__", "op"))
         self.__name__ = self.__qualname__ = self.name
         self.__doc__ = getattr(reference, "__doc__", None) or f"The user op {self.name!r}."
@@ -326,6 +361,8 @@ class Op:
         self.per_example_args = per_example
         self.example_ndim = _check_example_ndim(example_ndim)
         self.traced_options = ()
+        self.example_grads = example_grads
+        _USER_OPS[next(_user_count)] = self
         self.defaults = dict(options or {})
         for key, value in self.defaults.items():
             try:

@@ -29,17 +29,24 @@ with whole vocabulary rows, on one device only.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from . import _checks, _vma
+from ._contrib import Factor, OneHot, Rows
 from ._vma import LOCAL, Reduce
 from .losses import _bad_labels, valid_rows
 
-__all__ = ["LOCAL", "Reduce", "forward_with_grads", "grads_recompute", "loss_and_lse", "row_terms"]
+__all__ = [
+    "LOCAL", "LogitGrads", "Reduce", "dlogits", "forward_with_grads", "grads_recompute",
+    "loss_and_lse",
+    "row_terms",
+]  # fmt: skip
 
 
 def mm(a, b, contract, acc):
@@ -196,6 +203,17 @@ def loss_and_lse(x, w, b, labels, where, cw, *, v, ignore_index, label_smoothing
 # --------------------------------------------------------------- recompute backward
 
 
+def dlogits(z, t, u, lse, scale, g, valid, bad):
+    """``dz̃ = g·(p·scale − u)``, ``p = e^{z − lse}``, ``scale = Σ_v u + 2λ·lse``, chained
+    through the softcap (``⊙ (1 − t²)``, ``t = tanh(z̃/cap)``); 0 on rows that are not
+    ``valid``, NaN on ``bad`` ones. The row quantities (``lse``, ``scale``, ``g``, ``valid``,
+    ``bad``) broadcast against ``z``: ``(n, 1)`` for a chunk ``(n, k)`` of columns."""
+    dz = g * (jnp.exp(z - lse) * scale - u)  # "n,nk->nk"
+    dz = jnp.where(valid, dz, 0.0)
+    dz = jnp.where(bad, jnp.nan, dz)
+    return dz if t is None else dz * (1.0 - t * t)  # through z = cap·tanh(z̃/cap)
+
+
 def grads_recompute(x, w, b, labels, where, cw, lse, su, g, *, v, ignore_index,
                     label_smoothing, z_loss, softcap, chunk_size, acc, default_chunk,
                     param_dtype=None, red=LOCAL):  # fmt: skip
@@ -225,18 +243,13 @@ def grads_recompute(x, w, b, labels, where, cw, lse, su, g, *, v, ignore_index,
         y, _ = smoothed(labels, offset + start, k, eps, v, acc)  # y' (n,k)
         cw_k = None if cw is None else cols(cw, start, k, 0).astype(acc)
         u = y if cw_k is None else y * cw_k
-        p = jnp.exp(z - lse[:, None])
-        dz = gv[:, None] * (p * scale[:, None] - u)  # "n,nk->nk"
-        dz = jnp.where(valid[:, None], dz, 0.0)
-        dz = jnp.where(bad[:, None], jnp.nan, dz)
+        dz = dlogits(z, t, u, *(r[:, None] for r in (lse, scale, gv, valid, bad)))
         if cw is not None:  # dcw_k = Σ_n g·y'⊙(lse − z)    "nk->k"
             per_row = jnp.where(y == 0, 0.0, y * (gv[:, None] * (lse[:, None] - z)))
             per_row = jnp.where(valid[:, None], per_row, 0.0)
             dcw = lax.dynamic_update_slice_in_dim(
                 dcw, jnp.sum(per_row, axis=0).astype(dcw.dtype), start, 0
             )
-        if t is not None:
-            dz = dz * (1.0 - t * t)  # through z = cap·tanh(z̃/cap)
         dz_in = dz.astype(w.dtype)  # as the unfused path: dlogits in the input dtype
         dx = dx + mm(dz_in, w_k, (1, 1), acc)  # "nk,dk->nd"
         dw_k = mm(xt, dz_in, (1, 0), acc).astype(dw.dtype)  # "dn,nk->dk", xt = xᵀ
@@ -293,15 +306,11 @@ def forward_with_grads(x, w, b, labels, where, cw, *, ignore_index, label_smooth
         if not _checks.is_static_zero(z_loss):
             loss_k = loss_k + _checks.scaled(z_loss, lse_k * lse_k)
         loss_k = jnp.where(bad_k, jnp.nan, jnp.where(ok, loss_k, 0.0))
-        p = jnp.exp(z - lse_k[:, None])
-        dz = p * (su_k + _checks.scaled(z_loss, 2.0 * lse_k))[:, None] - u  # g = 1
-        dz = jnp.where(ok[:, None], dz, 0.0)
-        dz = jnp.where(bad_k[:, None], jnp.nan, dz)
+        scale, ones = su_k + _checks.scaled(z_loss, 2.0 * lse_k), jnp.ones_like(lse_k)
+        dz = dlogits(z, t, u, *(r[:, None] for r in (lse_k, scale, ones, ok, bad_k)))  # g = 1
         if cwa is not None:  # Σ_k y'⊙(lse − z), valid rows      "kv->v"
             per_row = jnp.where(ok[:, None] & (y != 0), y * nll, 0.0)
             dcw = dcw + jnp.sum(per_row, axis=0)
-        if t is not None:
-            dz = dz * (1.0 - t * t)
         dz_in = dz.astype(w.dtype)
         dx_k = mm(dz_in, w, (1, 1), acc)  # "kv,dv->kd"
         dw = dw + mm(cols(xt, start, k, 1), dz_in, (1, 0), acc)  # "dk,kv->dv", xt = xᵀ
@@ -327,3 +336,140 @@ def forward_with_grads(x, w, b, labels, where, cw, *, ignore_index, label_smooth
 def acc_dtype(accum_dtype, x_dtype):
     """The accumulation dtype: ``accum_dtype``, or float32 for half precision."""
     return _checks.accum_dtype(x_dtype) if accum_dtype is None else jnp.dtype(accum_dtype)
+
+
+# ------------------------------------------------ per example: dz as a lazy factor
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LogitGrads(Factor):
+    """The rows ``dz̃_t (v,)`` of the head's logit gradient, ``T`` tokens per example, as a
+    factor of the per-example weight gradient ``Σ_t x_t dz̃_tᵀ`` (:mod:`jaxbp._contrib`),
+    computed one vocabulary chunk at a time so that no ``(n, T, v)`` array exists::
+
+        gram(self, self)    Σ_v dz̃_t·dz̃_s   (n, T, T)   chunk by chunk   "ntk,nsk->nts"
+        gram(self, OneHot)  dz̃_t[id_s]      (n, T, S)   logits at the ids' columns only
+        gram(self, Rows)    Σ_v dz̃_t·c_s    (n, T, S)   chunk by chunk
+        outer(self, Rows)   Σ_t dz̃_t ⊗ c_t  (n, v, e)   chunk by chunk (per-example gradients)
+
+    ``x (N, d)``, ``labels``/``where``/``lse``/``g`` ``(N,)`` for ``N = n·T`` tokens,
+    example-major; ``w (d, v)``, ``b``/``cw`` ``(v,)`` or ``None``.
+    """
+
+    x: jax.Array
+    w: jax.Array
+    b: Any
+    labels: jax.Array
+    where: Any
+    cw: Any
+    lse: jax.Array
+    g: jax.Array
+    examples: int
+    eps: Any
+    z_loss: Any
+    ignore_index: Any
+    softcap: Any
+    acc: Any
+    chunk_size: int
+
+    @property
+    def n(self):
+        return self.examples
+
+    @property
+    def rows(self):
+        return self.x.shape[0] // self.examples
+
+    @property
+    def size(self):
+        return self.w.shape[1]
+
+    def _rows(self):
+        """``lse, scale, g, valid, bad`` per token ``(N,)``."""
+        v, acc = self.size, self.acc
+        eps = _checks.as_scalar(self.eps, acc)
+        valid, bad, su, _ = row_terms(self.labels, self.where, self.cw, v=v, eps=eps,
+                                      ignore_index=self.ignore_index, acc=acc)  # fmt: skip
+        gv = jnp.where(valid, self.g.astype(acc), 0.0)
+        scale = su + _checks.scaled(_checks.as_scalar(self.z_loss, acc), 2.0 * self.lse)
+        return self.lse, scale, gv, valid, bad
+
+    def _chunk(self, start, k, rows):
+        """``dz̃ (n, T, k)`` for the columns ``[start, start + k)``."""
+        b_k = None if self.b is None else cols(self.b, start, k, 0)
+        z, t = logits(self.x, cols(self.w, start, k, 1), b_k, self.acc, self.softcap)
+        y, _ = smoothed(self.labels, start, k, _checks.as_scalar(self.eps, self.acc),
+                        self.size, self.acc)  # fmt: skip
+        u = y if self.cw is None else y * cols(self.cw, start, k, 0).astype(self.acc)
+        dz = dlogits(z, t, u, *(r[:, None] for r in rows))
+        return dz.reshape(self.n, self.rows, k)
+
+    def _at(self, ids):
+        """``dz̃ (n, T, S)`` at the columns ``ids (n, S)`` of each example (in range)."""
+        n, T, acc = self.n, self.rows, self.acc
+        x3 = self.x.reshape(n, T, -1)
+        w_cols = jnp.take(self.w, ids, axis=1)  # (d, n, S)
+        z = jnp.einsum("ntd,dns->nts", x3, w_cols, preferred_element_type=acc)
+        if self.b is not None:
+            z = z + self.b[ids].astype(acc)[:, None, :]
+        t = None
+        if self.softcap is not None:
+            t = jnp.tanh(z / self.softcap)
+            z = self.softcap * t
+        eps = _checks.as_scalar(self.eps, acc)
+        u = (self.labels.reshape(n, T)[:, :, None] == ids[:, None, :]).astype(acc)
+        if not _checks.is_static_zero(eps):
+            u = (1.0 - eps) * u + eps / self.size
+        if self.cw is not None:
+            u = u * self.cw[ids].astype(acc)[:, None, :]
+        rows = (r.reshape(n, T, 1) for r in self._rows())
+        return dlogits(z, t, u, *rows)
+
+    def _over_vocab(self, body, carry):
+        size = chunk(self.chunk_size, self.size, self.chunk_size)
+        return over_chunks(self.size, size, body, carry)
+
+    def gram(self, other):
+        rows = self._rows()
+        if isinstance(other, LogitGrads):
+            theirs = rows if other is self else other._rows()
+
+            def body(start, k, acc):
+                mine = self._chunk(start, k, rows)
+                yours = mine if other is self else other._chunk(start, k, theirs)
+                return acc + jnp.einsum("ntk,nsk->nts", mine, yours)
+
+            return self._over_vocab(body, jnp.zeros((self.n, self.rows, other.rows), self.acc))
+        if isinstance(other, OneHot):
+            ok = (other.ids >= 0) & (other.ids < self.size)
+            at = self._at(jnp.clip(other.ids, 0, self.size - 1))
+            return jnp.where(ok[:, None, :], at, 0.0)
+        if isinstance(other, Rows):
+
+            def body(start, k, acc):
+                c = cols(other.a, start, k, 2).astype(self.acc)
+                return acc + jnp.einsum("ntk,nsk->nts", self._chunk(start, k, rows), c)
+
+            return self._over_vocab(body, jnp.zeros((self.n, self.rows, other.rows), self.acc))
+        return NotImplemented
+
+    def outer(self, other):
+        if not isinstance(other, Rows):
+            return NotImplemented
+        rows, c = self._rows(), other.a.astype(self.acc)
+
+        def body(start, k, out):
+            part = jnp.einsum("ntk,nte->nke", self._chunk(start, k, rows), c)
+            return lax.dynamic_update_slice_in_dim(out, part, start, 1)
+
+        return self._over_vocab(body, jnp.zeros((self.n, self.size, c.shape[2]), self.acc))
+
+    def row_sums(self):
+        """``Σ_t dz̃_t (n, v)`` per example: each example's bias gradient."""
+        rows = self._rows()
+
+        def body(start, k, out):
+            part = jnp.sum(self._chunk(start, k, rows), axis=1)
+            return lax.dynamic_update_slice_in_dim(out, part, start, 1)
+
+        return self._over_vocab(body, jnp.zeros((self.n, self.size), self.acc))

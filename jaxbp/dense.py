@@ -28,9 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _checks
+from ._contrib import Full, Outer, Rows, group
 from ._op import declare, op_vjp
 
-__all__ = ["dense", "dense_fwd", "dense_bwd", "dense_bwd_params"]
+__all__ = ["dense", "dense_fwd", "dense_bwd", "dense_bwd_params", "dense_example_grads"]
 
 
 def _validate(x, w, b):
@@ -179,7 +180,27 @@ def _xt_dot(x2, g2):
     return jax.lax.platform_dependent(x2, g2, cpu=_xt_cpu, default=_plain_dw)
 
 
-@declare(fwd=dense_fwd, bwd=dense_bwd, per_example=("x",))
+def dense_example_grads(res, g: jax.Array, *, examples: int):
+    """Per-example rule: each example's ``dw (i, o)`` and ``db (o,)`` as contributions.
+
+    With the example's rows ``x_t (i,)`` and ``δ_t = g_t (o,)`` (``T = 1`` for ``(n, i)``
+    inputs, ``t`` tokens for ``(n, t, i)``)::
+
+        dw_k = Σ_t x_t δ_tᵀ     Outer(Rows x (n,T,i), Rows δ (n,T,o))   "nti,nto->nio"
+        db_k = Σ_t δ_t          (n, o)                                   "nto->no"
+
+    Norms come from Gram matrices (``‖dw_k‖² = Σ_{t,s} ⟨x_t,x_s⟩⟨δ_t,δ_s⟩``, Goodfellow's
+    ``‖x‖²‖δ‖²`` when ``T = 1``) unless the ``(n, i, o)`` products are smaller.
+    """
+    x, w, b = res
+    x3, g3 = group(x, examples, 1, "x"), group(g, examples, 1, "g")
+    out = {"w": Outer(Rows(x3), Rows(g3))}
+    if b is not None:
+        out["b"] = Full(jnp.sum(g3, axis=1, dtype=_checks.accum_dtype(g.dtype)))
+    return out
+
+
+@declare(fwd=dense_fwd, bwd=dense_bwd, per_example=("x",), example_grads=dense_example_grads)
 def dense(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
     """Dense layer ``y = x·w + b`` whose gradient is the hand-written :func:`dense_bwd`.
 

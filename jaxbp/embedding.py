@@ -31,9 +31,14 @@ import jax.numpy as jnp
 
 from . import _checks
 from ._checks import check_label_range
+from ._contrib import Full, OneHot, Outer, Rows, group
 from ._op import declare, op_vjp
 
-__all__ = ["embedding", "embedding_fwd", "embedding_bwd"]
+__all__ = [
+    "embedding", "embedding_fwd", "embedding_bwd", "embedding_example_grads",
+    "position_embedding", "position_embedding_fwd", "position_embedding_bwd",
+    "position_embedding_example_grads",
+]  # fmt: skip
 
 
 def _validate(ids, table):
@@ -88,7 +93,19 @@ def embedding_bwd(res, g: jax.Array):
     return None, dtable.astype(shape.dtype)
 
 
-@declare(fwd=embedding_fwd, bwd=embedding_bwd, per_example=("ids",), example_ndim=0)
+def embedding_example_grads(res, g: jax.Array, *, examples: int):
+    """Per-example rule: ``dtable_k = Σ_t onehot(id_t) g_tᵀ (v, d)``, never formed per
+    example: ``Outer(OneHot ids (n,T), Rows g (n,T,d))``, whose squared norm is
+    ``Σ_{t,s} [id_t = id_s]·⟨g_t, g_s⟩`` (repeated ids add before the norm)."""
+    ids, shape = res
+    return {"table": Outer(OneHot(group(ids, examples, 0, "ids"), shape.shape[0]),
+                           Rows(group(g, examples, 1, "g")))}  # fmt: skip
+
+
+@declare(
+    fwd=embedding_fwd, bwd=embedding_bwd, per_example=("ids",), example_ndim=0,
+    example_grads=embedding_example_grads,
+)  # fmt: skip
 def embedding(ids: jax.Array, table: jax.Array) -> jax.Array:
     """Embedding lookup ``table[ids]`` whose gradient is the scatter-add :func:`embedding_bwd`.
 
@@ -117,3 +134,83 @@ def embedding(ids: jax.Array, table: jax.Array) -> jax.Array:
 
 
 _embedding = op_vjp(embedding)  # reads embedding.fwd / .bwd when JAX traces it
+
+
+# ------------------------------------------------------------------- position embedding
+
+
+def _validate_positions(x, table):
+    x = _checks.floating("x", x)
+    table = _checks.floating("table", table)
+    _checks.min_rank("x", x, 2, "(..., t, d)")
+    if table.ndim != 2:
+        raise ValueError(f"table: expected shape (context, d), got {table.shape}")
+    t, d = x.shape[-2:]
+    if table.shape[1] != d or t > table.shape[0]:
+        raise ValueError(
+            f"x: expected (..., t, d) with d = {table.shape[1]} and t ≤ context = "
+            f"{table.shape[0]} of table {table.shape}, got x shape {x.shape}"
+        )
+    if table.dtype != x.dtype:
+        raise TypeError(f"table: expected the dtype of x ({x.dtype}), got {table.dtype}")
+    return x, table
+
+
+@jax.jit
+def position_embedding_fwd(x: jax.Array, table: jax.Array):
+    """Forward: ``y (..., t, d) = x + table[:t]``; returns ``(y, zeros (context, 0))`` (the
+    backward needs only the table's row count and dtype)."""
+    x, table = _validate_positions(x, table)
+    t = x.shape[-2]
+    return x + table[:t], jnp.zeros((table.shape[0], 0), table.dtype)
+
+
+@jax.jit
+def position_embedding_bwd(res, g: jax.Array):
+    """Backward: ``(dx = g, dtable (context, d))`` with ``dtable[:t] = Σₙ g`` ``"ntd->td"``
+    (float32 accumulation for half precision) and zeros below row ``t``."""
+    shape = res
+    context, t, d = shape.shape[0], g.shape[-2], g.shape[-1]
+    rows = jnp.sum(g.reshape(-1, t, d), axis=0, dtype=_checks.accum_dtype(g.dtype))
+    return g, jnp.pad(rows, ((0, context - t), (0, 0))).astype(shape.dtype)
+
+
+def position_embedding_example_grads(res, g: jax.Array, *, examples: int):
+    """Per-example rule: ``dtable_k[:t] = Σ g_k`` over the example's other axes, ``(n,
+    context, d)``: the size of one row of activations per example, formed as it is."""
+    context, t = res.shape[0], g.shape[-2]
+    rows = jnp.sum(group(g, examples, 2, "g"), axis=1, dtype=_checks.accum_dtype(g.dtype))
+    return {"table": Full(jnp.pad(rows, ((0, 0), (0, context - t), (0, 0))))}
+
+
+@declare(
+    fwd=position_embedding_fwd, bwd=position_embedding_bwd, per_example=("x",), example_ndim=2,
+    example_grads=position_embedding_example_grads,
+)  # fmt: skip
+def position_embedding(x: jax.Array, table: jax.Array) -> jax.Array:
+    """Add learned position embeddings: ``x + table[:t]`` for ``x (..., t, d)``.
+
+    A GPT's ``tok[ids] + pos[:t]`` is ``position_embedding(embedding(ids, tok), pos)``. The
+    backward sums the rows' gradients into the first ``t`` rows of the table.
+
+    Args:
+      x: ``(..., t, d)``, floating; the leading axes are the batch.
+      table: ``(context, d)`` with ``context ≥ t``, the dtype of ``x``.
+
+    Returns:
+      ``(..., t, d)`` in the dtype of ``x``.
+
+    Raises:
+      TypeError: non-floating or mismatched dtypes.
+      ValueError: ``x`` of rank < 2, a table that is not ``(context, d)``, or ``t > context``.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxbp
+      >>> jaxbp.position_embedding(jnp.zeros((1, 2, 3)), jnp.arange(12.0).reshape(4, 3)).tolist()
+      [[[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]]
+    """
+    x, table = _validate_positions(x, table)
+    return _positions(x, table)
+
+
+_positions = op_vjp(position_embedding)  # reads position_embedding.fwd / .bwd when traced

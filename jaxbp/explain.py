@@ -37,7 +37,8 @@ from .activations import ACTIVATIONS, sigmoid
 from .dense import dense, dense_bwd, dense_bwd_params, dense_fwd
 from .gradcheck import x64
 from .jacobian import jacobian
-from .nn import MLP, value_and_grad
+from .model import value_and_grad
+from .nn import MLP
 from .softmax import softmax, softmax_jacobian
 
 __all__ = ["Step", "Explanation", "explain"]

@@ -43,6 +43,7 @@ from jax import lax
 
 from . import _checks, _vma, _xent
 from ._checks import check_label_range
+from ._contrib import Full, Outer, Rows, group
 from ._op import declare, op_vjp
 from .losses import _check_ce_options, ce_float_options, valid_rows, validate_ce_options
 
@@ -50,6 +51,7 @@ __all__ = [
     "linear_softmax_cross_entropy",
     "linear_softmax_cross_entropy_fwd",
     "linear_softmax_cross_entropy_bwd",
+    "linear_softmax_cross_entropy_example_grads",
     "STRATEGIES",
 ]
 
@@ -125,7 +127,7 @@ def linear_softmax_cross_entropy_bwd(
     per chunk, then ``dx += dz·w_kᵀ``, ``dw_k = xᵀ·dz``, ``db_k = Σₙ dz``.
     ``"forward"``: ``dx = g[:,None]·dx1`` (always exact, row by row); ``dw, db, dcw`` are
     ``g₀·dw1, …`` when ``g`` is the same value ``g₀`` on every valid row, and otherwise the
-    recompute backward runs instead (a ``lax.cond``; under ``vmap`` with a batched
+    recompute backward computes them instead (a ``lax.cond``; under ``vmap`` with a batched
     predicate both branches run and the results are selected).
     """
     x, w, b, labels, where, cw, lse, grads = res
@@ -157,19 +159,52 @@ def linear_softmax_cross_entropy_bwd(
     g0 = ga[jnp.argmax(valid)] if gf.shape[0] else jnp.zeros((), acc)
     uniform = jnp.all(jnp.where(valid, ga == g0, True))
 
-    def scaled(_=None):
-        dx = jnp.where(valid[:, None], ga[:, None] * dx1, 0.0)  # "n,nd->nd"
-        dx = jnp.where(jnp.isnan(dx1), jnp.nan, dx)  # bad rows stay NaN
-        cast = lambda a, like: None if a is None else (g0 * a).astype(like.dtype)
-        return (dx.astype(x.dtype).reshape(x.shape), cast(dw1, w),
-                cast(db1, b), cast(dcw1, cw))  # fmt: skip
+    # dx is exact row by row for any g; only the parameter gradients need a uniform g.
+    dx = jnp.where(valid[:, None], ga[:, None] * dx1, 0.0)  # "n,nd->nd"
+    dx = jnp.where(jnp.isnan(dx1), jnp.nan, dx)  # bad rows stay NaN
+    dx = dx.astype(x.dtype).reshape(x.shape)
 
-    # Both branches return one type: varying along every axis any input varies along.
+    def scaled():
+        cast = lambda a, like: None if a is None else (g0 * a).astype(like.dtype)
+        return cast(dw1, w), cast(db1, b), cast(dcw1, cw)
+
+    # Both branches return one type: varying along every axis any input varies along. A
+    # caller that needs dx alone (a per-example transform) drops the whole cond under jit.
     vma = _vma.union(res, g)
-    dx, dw, db, dcw = lax.cond(
-        uniform, lambda: _vma.pvary_tree(scaled(), vma), lambda: _vma.pvary_tree(recompute(), vma)
+    dw, db, dcw = lax.cond(
+        uniform,
+        lambda: _vma.pvary_tree(scaled(), vma),
+        lambda: _vma.pvary_tree(recompute()[1:], vma),
     )
     return dx, dw, None, db, None, dcw
+
+
+def linear_softmax_cross_entropy_example_grads(
+    res, g, *, examples, ignore_index=None, label_smoothing=0.0, z_loss=0.0, softcap=None,
+    chunk_size=None, accum_dtype=None, strategy=DEFAULT_STRATEGY,
+):  # fmt: skip
+    """Per-example rule: each example's head gradient from the saved ``lse``, never an
+    ``(n, T, v)`` array::
+
+        dw_k = Σ_t x_t dz̃_tᵀ   (d, v)   Outer(Rows x (n,T,d), LogitGrads (n,T,v))
+        db_k = Σ_t dz̃_t        (n, v)   chunk by chunk
+
+    with ``dz̃_t = g_t·(p_t·(Σu + 2λ·lse_t) − u_t)`` (every option). Its squared norm is
+    ``Σ_{t,s} ⟨x_t, x_s⟩·⟨dz̃_t, dz̃_s⟩``, the ``⟨dz̃_t, dz̃_s⟩ (n, T, T)`` accumulated one
+    vocabulary chunk at a time (:class:`jaxbp._xent.LogitGrads`); tied to an embedding
+    table, the cross term needs ``dz̃_t`` at the ids' columns only.
+    """
+    x, w, b, labels, where, cw, lse, _ = res
+    xf, lf, wf = _flat(x, labels, where)
+    factor = _xent.LogitGrads(
+        xf, w, b, lf, wf, cw, lse.reshape(-1), g.reshape(-1), examples, label_smoothing,
+        z_loss, ignore_index, softcap, _xent.acc_dtype(accum_dtype, x.dtype),
+        _xent.chunk(None if strategy == "forward" else chunk_size, w.shape[1], DEFAULT_CHUNK),
+    )  # fmt: skip
+    out = {"w": Outer(Rows(group(xf, examples, 1, "x")), factor)}
+    if b is not None:
+        out["b"] = Full(factor.row_sums())
+    return out
 
 
 def _loss_alone(x, w, labels, b, where, class_weights, *, strategy, **opts):
@@ -252,6 +287,7 @@ def validate_fused(x, w, b, labels, where, class_weights, label_smoothing, z_los
     bwd=linear_softmax_cross_entropy_bwd,
     per_example=("x", "labels"),
     traced=("label_smoothing", "z_loss"),
+    example_grads=linear_softmax_cross_entropy_example_grads,
 )
 def linear_softmax_cross_entropy(
     x: jax.Array,

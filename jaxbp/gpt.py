@@ -8,7 +8,7 @@ Index letters::
 
 The model (pre-norm blocks, as GPT-2)::
 
-    x₀   = tok[ids] + pos[:t]                              (n,t,d)   embedding, position
+    x₀   = tok[ids] + pos[:t]                              (n,t,d)   embedding, position_embedding
     per block:
       a    = layer_norm(x)                                  (n,t,d)
       q,k,v= split(a·W_qkv + b_qkv)                         (n,h,t,e) each
@@ -18,8 +18,8 @@ The model (pre-norm blocks, as GPT-2)::
       x    = x + gelu(m·W_fc + b_fc)·W_out + b_out          (n,t,f) inside
     loss = linear_softmax_cross_entropy(layer_norm(x), W_head, next ids)   (n·t,)
 
-:func:`value_and_grad` runs this forward through the ``_fwd`` rules, keeps each one's
-residuals, and then walks back through the matching ``_bwd`` rules, layer by layer::
+:func:`forward` runs this through the ``_fwd`` rules, keeps each one's residuals, and
+:func:`backward` walks back through the matching ``_bwd`` rules, layer by layer::
 
     δ    = head_bwd(g)                 (n·t,d)  g = valid/n_valid, the mean's seed
     δ    = layer_norm_bwd(δ)
@@ -31,9 +31,12 @@ residuals, and then walks back through the matching ``_bwd`` rules, layer by lay
     dtok = embedding_bwd(δ) (+ dW_headᵀ when tied);   dpos[:t] = Σₙ δ
 
 A residual connection copies its input to two places, so its backward adds the two
-gradients: that is every ``δ +=`` above. No ``jax.grad``, ``jax.vjp`` or ``custom_vjp``
-dispatch runs inside :func:`value_and_grad`; :func:`jaxbp.reference.value_and_grad` computes
-the same with ``jax.value_and_grad`` of a plain-jnp twin.
+gradients: that is every ``δ +=`` above. Every rule is called through a :class:`jaxbp.Tape`,
+which sends each parameter's gradient to its leaf: :class:`GPT` implements
+:mod:`jaxbp.model`'s interface, so :func:`jaxbp.value_and_grad`, the per-example transforms,
+DP-SGD and :func:`jaxbp.compare` run on it as on any model. No ``jax.grad``, ``jax.vjp`` or
+``custom_vjp`` dispatch runs inside; :func:`jaxbp.reference.value_and_grad` computes the
+same with ``jax.value_and_grad`` of a plain-jnp twin.
 """
 
 from __future__ import annotations
@@ -48,20 +51,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _checks, _step
+from . import _checks
 from ._checks import check_label_range
-from ._op import rules
+from ._tape import Tape, transposed
 from .activations import gelu
 from .attention import STRATEGIES as ATTENTION_STRATEGIES
 from .attention import attention
 from .dense import dense
-from .embedding import embedding
+from .embedding import embedding, position_embedding
 from .fused import linear_softmax_cross_entropy
 from .losses import valid_rows
-from .nn import register_model
 from .norms import layer_norm
 
-__all__ = ["GPT", "GPTParams", "value_and_grad", "forward", "backward"]
+__all__ = ["GPT", "GPTParams", "forward", "backward"]
 
 GPTParams = dict[str, Any]
 
@@ -186,8 +188,7 @@ class GPT:
 
     def hidden(self, params: GPTParams, ids: jax.Array) -> jax.Array:
         """The final layer-normed hidden states ``(n, t, d)``, before the head."""
-        t = ids.shape[-1]
-        x = embedding(ids, params["tok"]) + params["pos"][:t]
+        x = position_embedding(embedding(ids, params["tok"]), params["pos"])
         for blk in params["blocks"]:
             a = layer_norm(x, blk["ln1"]["gamma"], blk["ln1"]["beta"], eps=self.eps)
             q, k, v = _split_qkv(dense(a, **blk["attn"]["qkv"]), self.heads)
@@ -204,7 +205,7 @@ class GPT:
     def per_token_loss(self, params: GPTParams, ids, targets, *, where=None) -> jax.Array:
         """Cross-entropy of each next-id prediction ``(n, t)`` (0 where ``where`` is False),
         through the fused head: the ``(n·t, v)`` logits are never stored."""
-        ids, targets, where = self.check_inputs(params, ids, targets, where)
+        _, ids, targets, where = self.check_inputs(params, ids, targets, where)
         n, t = ids.shape
         xf = self.hidden(params, ids).reshape(n * t, self.d)
         loss = linear_softmax_cross_entropy(
@@ -244,6 +245,16 @@ class GPT:
             out.append(int(nxt))
         return np.asarray(out, np.int32)
 
+    # -- the explicit loops (jaxbp.model's interface) ------------------------------------
+
+    def forward(self, t, params, ids, targets, where=None):
+        """:func:`jaxbp.gpt.forward`: ``(per-token losses (n, t), valid (n, t), state)``."""
+        return forward(self, t, params, ids, targets, where)
+
+    def backward(self, t, state, seed) -> None:
+        """:func:`jaxbp.gpt.backward`: the reverse loop from the per-token ``seed (n, t)``."""
+        backward(self, t, state, seed)
+
     # -- validation ------------------------------------------------------------------------
 
     def _check_ids(self, params, ids) -> jax.Array:
@@ -274,7 +285,7 @@ class GPT:
                 raise ValueError(f"params{path}: expected shape {ref}, got {shape}")
 
     def check_inputs(self, params, ids, targets, where=None):
-        """Validate and convert: ``(ids (n, t), targets (n, t), where (n, t) or None)``.
+        """Validate and convert: ``(params, ids (n, t), targets (n, t), where (n, t) or None)``.
 
         Integer ids and targets must lie in ``[0, v)``: checked here when they are concrete
         (``ValueError``); under ``jit`` an out-of-range id makes its position NaN.
@@ -292,7 +303,7 @@ class GPT:
                 )
         check_label_range(ids, self.vocab, name="ids")
         check_label_range(targets, self.vocab, where=where, name="targets")
-        return ids, targets, where
+        return params, ids, targets, where
 
 
 @functools.lru_cache(maxsize=64)
@@ -352,108 +363,62 @@ def _split_heads(g: jax.Array, heads: int) -> jax.Array:
 # ------------------------------------------------------------ the explicit forward/backward
 
 
-def forward(model: GPT, params: GPTParams, ids, targets, where):
-    """Forward through the ops' ``fwd`` rules: ``(per-token loss (n·t,), valid (n·t,), state)``.
-
-    ``state`` holds every rule's residuals, in the order :func:`backward` consumes them. The
-    rules are read from the op objects (``jaxbp.dense.fwd``, ...) when this is traced.
-    """
-    n, t = ids.shape
+def forward(model: GPT, t: Tape, params: GPTParams, ids, targets, where):
+    """Forward through the ops' ``fwd`` rules: ``(per-token loss (n, t), valid (n, t),
+    state)``; ``state`` holds every rule's residuals, in the order :func:`backward` consumes
+    them. The rules are read from the op objects (``jaxbp.dense.fwd``, ...) when traced."""
+    n, tt = ids.shape
     eps, heads, strategy = model.eps, model.heads, model.attention
-    x, tok_res = embedding.fwd(ids, params["tok"])
-    x = x + params["pos"][:t]  # (n, t, d) + (t, d)
+    x, tok_res = t.fwd(embedding, ids, params["tok"])  # (n, t, d)
+    x, pos_res = t.fwd(position_embedding, x, params["pos"])  # + pos[:t]
     blocks = []
     for blk in params["blocks"]:
-        a, ln1 = layer_norm.fwd(x, blk["ln1"]["gamma"], blk["ln1"]["beta"], eps=eps)
-        qkv, qkv_res = dense.fwd(a, blk["attn"]["qkv"]["w"], blk["attn"]["qkv"]["b"])
+        a, ln1 = t.fwd(layer_norm, x, blk["ln1"]["gamma"], blk["ln1"]["beta"], eps=eps)
+        qkv, qkv_res = t.fwd(dense, a, blk["attn"]["qkv"]["w"], blk["attn"]["qkv"]["b"])
         q, k, v = _split_qkv(qkv, heads)
-        o, att = attention.fwd(q, k, v, None, causal=True, strategy=strategy)
-        y, proj = dense.fwd(_merge_heads(o), blk["attn"]["proj"]["w"], blk["attn"]["proj"]["b"])
+        o, att = t.fwd(attention, q, k, v, None, causal=True, strategy=strategy)
+        y, proj = t.fwd(dense, _merge_heads(o), blk["attn"]["proj"]["w"], blk["attn"]["proj"]["b"])
         x = x + y
-        m, ln2 = layer_norm.fwd(x, blk["ln2"]["gamma"], blk["ln2"]["beta"], eps=eps)
-        hid, fc = dense.fwd(m, blk["mlp"]["fc"]["w"], blk["mlp"]["fc"]["b"])
-        act, act_res = gelu.fwd(hid)
-        y, out = dense.fwd(act, blk["mlp"]["out"]["w"], blk["mlp"]["out"]["b"])
+        m, ln2 = t.fwd(layer_norm, x, blk["ln2"]["gamma"], blk["ln2"]["beta"], eps=eps)
+        hid, fc = t.fwd(dense, m, blk["mlp"]["fc"]["w"], blk["mlp"]["fc"]["b"])
+        act, act_res = t.fwd(gelu, hid)
+        y, out = t.fwd(dense, act, blk["mlp"]["out"]["w"], blk["mlp"]["out"]["b"])
         x = x + y
         blocks.append((ln1, qkv_res, att, proj, ln2, fc, act_res, out))
-    xf, lnf = layer_norm.fwd(x, params["ln_f"]["gamma"], params["ln_f"]["beta"], eps=eps)
+    xf, lnf = t.fwd(layer_norm, x, params["ln_f"]["gamma"], params["ln_f"]["beta"], eps=eps)
     flat_where = None if where is None else where.reshape(-1)
-    loss, head = linear_softmax_cross_entropy.fwd(
-        xf.reshape(n * t, model.d), model.head_weight(params), targets.reshape(-1), None,
-        flat_where, strategy=model.head_strategy,
+    loss, head = t.fwd(
+        linear_softmax_cross_entropy, xf.reshape(n * tt, model.d), model.head_weight(params),
+        targets.reshape(-1), None, flat_where, strategy=model.head_strategy,
     )  # fmt: skip
-    valid = valid_rows(targets.reshape(-1), flat_where, batch_shape=(n * t,))
-    return loss, valid, (tok_res, blocks, lnf, head, (n, t))
+    valid = valid_rows(targets, where, batch_shape=(n, tt))
+    return loss.reshape(n, tt), valid, (tok_res, pos_res, blocks, lnf, head, (n, tt))
 
 
-def backward(model: GPT, state, seed: jax.Array) -> GPTParams:
-    """Reverse loop from a per-token seed ``(n·t,) = ∂L/∂loss_k``: gradients like ``params``."""
-    tok_res, blocks, lnf, head, (n, t) = state
+def backward(model: GPT, t: Tape, state, seed: jax.Array) -> None:
+    """Reverse loop from a per-token seed ``(n, t) = ∂L/∂loss``; every parameter's gradient
+    goes to its leaf through the tape (the tied head's ``dW_headᵀ`` adds to ``tok``'s)."""
+    tok_res, pos_res, blocks, lnf, head, (n, tt) = state
     eps, heads, strategy = model.eps, model.heads, model.attention
-    dxf, dw_head, *_ = linear_softmax_cross_entropy.bwd(head, seed, strategy=model.head_strategy)
-    dx, dgf, dbf = layer_norm.bwd(lnf, dxf.reshape(n, t, model.d), eps=eps)
-    grads_blocks = []
-    for ln1, qkv_res, att, proj, ln2, fc, act_res, out in reversed(blocks):
+    to_head = {"w": transposed(("tok",))} if model.tied else {"w": ("head", "w")}
+    dxf, _ = t.bwd(linear_softmax_cross_entropy, head, seed.reshape(-1), params=to_head,
+                   strategy=model.head_strategy)  # fmt: skip
+    (dx,) = t.bwd(layer_norm, lnf, dxf.reshape(n, tt, model.d), params=("ln_f",), eps=eps)
+    for i, (ln1, qkv_res, att, proj, ln2, fc, act_res, out) in reversed(list(enumerate(blocks))):
+        blk = ("blocks", i)
         # MLP branch: x_out = x_mid + dense(gelu(dense(layer_norm(x_mid))))
-        dact, dw_out, db_out = dense.bwd(out, dx)  # "ntd,fd->ntf"
-        (dhid,) = gelu.bwd(act_res, dact)
-        dm, dw_fc, db_fc = dense.bwd(fc, dhid)
-        dxm, dg2, db2 = layer_norm.bwd(ln2, dm, eps=eps)
+        (dact,) = t.bwd(dense, out, dx, params=(*blk, "mlp", "out"))  # "ntd,fd->ntf"
+        (dhid,) = t.bwd(gelu, act_res, dact)
+        (dm,) = t.bwd(dense, fc, dhid, params=(*blk, "mlp", "fc"))
+        (dxm,) = t.bwd(layer_norm, ln2, dm, params=(*blk, "ln2"), eps=eps)
         dx = dx + dxm  # the residual: both paths' gradients add
         # attention branch: x_mid = x_in + dense(merge(attention(split(dense(layer_norm(x_in))))))
-        do, dw_proj, db_proj = dense.bwd(proj, dx)
-        dq, dk, dv, _ = attention.bwd(
-            att, _split_heads(do, heads), causal=True, strategy=strategy
-        )  # (n, h, t, e) each, through dS = P ⊙ (dP − rowsum(dP ⊙ P))
-        da, dw_qkv, db_qkv = dense.bwd(qkv_res, _join_qkv(dq, dk, dv))
-        dxa, dg1, db1 = layer_norm.bwd(ln1, da, eps=eps)
+        (do,) = t.bwd(dense, proj, dx, params=(*blk, "attn", "proj"))
+        dq, dk, dv = t.bwd(
+            attention, att, _split_heads(do, heads), causal=True, strategy=strategy
+        )  # (n, h, t, e) each, dS = P ⊙ (dP − rowsum(dP ⊙ P))
+        (da,) = t.bwd(dense, qkv_res, _join_qkv(dq, dk, dv), params=(*blk, "attn", "qkv"))
+        (dxa,) = t.bwd(layer_norm, ln1, da, params=(*blk, "ln1"), eps=eps)
         dx = dx + dxa
-        grads_blocks.append({
-            "ln1": {"gamma": dg1, "beta": db1},
-            "attn": {"qkv": {"w": dw_qkv, "b": db_qkv}, "proj": {"w": dw_proj, "b": db_proj}},
-            "ln2": {"gamma": dg2, "beta": db2},
-            "mlp": {"fc": {"w": dw_fc, "b": db_fc}, "out": {"w": dw_out, "b": db_out}},
-        })  # fmt: skip
-    (_, dtok) = embedding.bwd(tok_res, dx)
-    pos_sum = jnp.sum(dx, axis=0, dtype=_checks.accum_dtype(dx.dtype))  # "ntd->td"
-    dpos = jnp.zeros((model.context, model.d), dx.dtype).at[:t].set(pos_sum.astype(dx.dtype))
-    grads: GPTParams = {"tok": dtok, "pos": dpos, "blocks": grads_blocks[::-1]}
-    grads["ln_f"] = {"gamma": dgf, "beta": dbf}
-    if model.tied:
-        grads["tok"] = (dtok + dw_head.T).astype(dtok.dtype)
-    else:
-        grads["head"] = {"w": dw_head}
-    return grads
-
-
-# The ops of the explicit loop: the cache key of a compiled step holds the rules they carry.
-_LOOP_OPS = (embedding, layer_norm, dense, attention, gelu, linear_softmax_cross_entropy)
-
-
-def _value_and_grad_core(model: GPT, rules, params, ids, targets, where):
-    del rules  # the cache key only: the loop reads the rules from the ops when traced
-    loss, valid, state = forward(model, params, ids, targets, where)
-    count = jnp.maximum(jnp.sum(valid), 1).astype(loss.dtype)
-    mean = jnp.sum(jnp.where(valid, loss, 0.0)) / count
-    seed = jnp.where(valid, 1.0 / count, 0.0).astype(loss.dtype)  # ∂ mean / ∂ loss_k
-    return mean, backward(model, state, seed)
-
-
-def value_and_grad(model: GPT) -> Callable:
-    """``f(params, ids (n, t), targets (n, t), *, where=None) -> (mean loss, grads)``.
-
-    The mean next-id cross-entropy over valid positions and its gradient from the explicit
-    reverse loop (module docstring); ``grads`` has the structure of ``params``. Inputs are
-    validated with clear errors first; then ``f.jitted(params, ids, targets, where)`` runs,
-    the compiled step (:mod:`jaxbp._step`: one per model and rules, cached).
-    """
-    step = _step.compiled(_value_and_grad_core, model, rules(*_LOOP_OPS))
-
-    def check(params, ids, targets, *, where=None):
-        ids, targets, where = model.check_inputs(params, ids, targets, where)
-        return params, ids, targets, where
-
-    return _step.entry(step, check, "value_and_grad", value_and_grad.__doc__)
-
-
-register_model(GPT, value_and_grad)
+    (dx,) = t.bwd(position_embedding, pos_res, dx, params={"table": ("pos",)})  # Σₙ δ "ntd->td"
+    t.bwd(embedding, tok_res, dx, params={"table": ("tok",)})  # a scatter-add into tok

@@ -5,14 +5,15 @@ Index letters::
     n  batch      i  input features      c  classes (the network's last width)
     k  random directions of the finite-difference check
 
-:func:`compare` runs one model on one batch three or four ways and reports, per parameter
-leaf (``[0]['w'] (i, o)``, ``[0]['b'] (o,)``, …):
+:func:`compare` runs one model (an MLP, a GPT, any model of :mod:`jaxbp.model`'s
+interface) on one batch three or four ways and reports, per parameter leaf (``[0]['w']
+(i, o)``, ``['blocks'][0]['attn']['qkv']['w'] (d, 3d)``, …):
 
 * ``jax.grad``    the hand-written reverse loop (:func:`jaxbp.value_and_grad`) against
-  ``jax.value_and_grad`` of the same network in plain ``jax.numpy``
-  (:func:`jaxbp.reference.value_and_grad`), in the requested dtype;
-* ``custom_vjp``  ``jax.grad`` of the network built from jaxbp's ops (so JAX runs the
-  hand-written ``_bwd`` rules through ``custom_vjp``) against the same reference;
+  ``jax.value_and_grad`` of the model's plain-jnp twin (:func:`jaxbp.reference.
+  value_and_grad`), in the requested dtype;
+* ``custom_vjp``  ``jax.grad`` of the model's forward loop through jaxbp's ops (so JAX runs
+  the hand-written ``_bwd`` rules through ``custom_vjp``) against the same reference;
 * ``finite diff`` the manual gradient, recomputed in float64, against central differences
   ``(L(θ + h·d) − L(θ − h·d)) / 2h`` of the float64 loss along ``k`` random unit directions
   ``d`` of each leaf, compared as directional derivatives ``⟨∇L, d⟩ (k,)``. Directions whose
@@ -34,7 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import reference
-from .nn import MLP, value_and_grad
+from ._tape import Tape
+from .model import check_model, checker, mean_and_seed, reference_loss, value_and_grad
+from .nn import MLP
 
 __all__ = ["TOLERANCES", "FD_TOLERANCE", "Row", "Report", "compare", "x64"]
 
@@ -78,7 +81,10 @@ class Row:
 
 @dataclasses.dataclass(frozen=True)
 class Report:
-    """The result of :func:`compare`: a row per (check, leaf) and the losses."""
+    """The result of :func:`compare`: a row per (check, leaf) and the losses.
+
+    ``model`` describes the model in one line; ``sizes``, ``activation`` and ``loss`` are an
+    MLP's configuration (empty for any other model)."""
 
     sizes: tuple[int, ...]
     activation: str
@@ -92,6 +98,7 @@ class Report:
     fd_step: float
     seed: int
     notes: tuple[str, ...] = ()
+    model: str = ""
 
     @property
     def passed(self) -> bool:
@@ -113,10 +120,12 @@ class Report:
 
     def table(self) -> str:
         """A plain-text table, one line per row, and a verdict line."""
-        head = (
-            f"MLP {'-'.join(map(str, self.sizes))}  activation={self.activation}  "
-            f"loss={self.loss}  dtype={self.dtype}  batch={self.batch}  seed={self.seed}"
+        what = (
+            f"MLP {'-'.join(map(str, self.sizes))}  activation={self.activation}  loss={self.loss}"
+            if self.sizes
+            else self.model
         )
+        head = f"{what}  dtype={self.dtype}  batch={self.batch}  seed={self.seed}"
         lines = [
             head,
             f"loss: manual {self.loss_manual:.10g}   reference {self.loss_reference:.10g}",
@@ -142,7 +151,7 @@ class Report:
         lines += [fmt(cols), fmt(["-" * w for w in widths]), *map(fmt, body)]
         lines += [f"note: {n}" for n in self.notes]
         lines += [
-            "jax.grad:    the hand-written reverse loop vs jax.grad of the plain-jnp network",
+            "jax.grad:    the hand-written reverse loop vs jax.grad of the plain-jnp twin",
             "custom_vjp:  jax.grad through jaxbp's ops (their _bwd rules) vs the same",
             "finite diff: ⟨manual grad, d⟩ in float64 vs (L(θ+hd) − L(θ−hd))/2h, random unit d",
             "Errors are relative to the reference's max-abs, per leaf.",
@@ -202,14 +211,26 @@ def _cast_floats(labels, dtype):
     return labels.astype(dtype) if jnp.issubdtype(labels.dtype, jnp.floating) else labels
 
 
-def _preacts(model: MLP, params, x):
-    """Hidden pre-activations ``z_l (n, o)`` (plain jnp), to keep finite differences off kinks."""
-    out, h = [], x
-    for p in params[:-1]:
-        z = reference.dense(h, p["w"], p["b"])
-        out.append(z)
-        h = getattr(reference, model.activation)(z, **dict(model.activation_options))
-    return out
+class _KinkTape(Tape):
+    """The forward loop through the plain twins (``Tape("reference")``), recording the
+    inputs of the ops with a kink (``relu``, ``leaky_relu``): finite differences must not
+    step across one."""
+
+    def __init__(self):
+        super().__init__("reference")
+        self.kinked: list = []
+
+    def fwd(self, op, *args, **options):
+        if getattr(op, "name", None) in _KINKED:
+            self.kinked.append(args[0])
+        return super().fwd(op, *args, **options)
+
+
+def _fd_loss(model, p, batch):
+    """``(mean loss, kinked inputs)`` of the model's forward loop run on the plain twins."""
+    t = _KinkTape()
+    losses, valid, _ = model.forward(t, p, *batch)
+    return mean_and_seed(losses, valid)[0], t.kinked
 
 
 def _fd_directions(leaves, k: int, seed: int):
@@ -225,22 +246,16 @@ def _fd_directions(leaves, k: int, seed: int):
     return dirs, steps
 
 
-def _fd_evaluate(model, params, dirs, steps, x, labels, where, class_weights):
+def _fd_evaluate(model, params, dirs, steps, batch):
     """For every candidate direction of every leaf: ``L(θ + h·d)``, ``L(θ − h·d)`` and whether
-    the step keeps every hidden pre-activation's sign (only relu/leaky_relu have kinks).
-    Traceable: vmapped over the directions of each leaf."""
+    the step keeps the sign of every input of a kinked op (relu/leaky_relu). Traceable:
+    vmapped over the directions of each leaf."""
     leaves, treedef = jax.tree.flatten(params)
+    _, base = _fd_loss(model, params, batch)
 
-    def loss(p):
-        return model.mean_loss(
-            p, x, labels, where=where, class_weights=class_weights, ops=reference
-        )
-
-    def same_signs(p_a, p_b):
-        if model.activation not in _KINKED:
-            return jnp.asarray(True)
-        pairs = zip(_preacts(model, p_a, x), _preacts(model, p_b, x), strict=True)
-        return jnp.all(jnp.asarray([jnp.all(jnp.sign(a) == jnp.sign(b)) for a, b in pairs]))
+    def same_signs(kinked):
+        same = [jnp.all(jnp.sign(a) == jnp.sign(b)) for a, b in zip(base, kinked, strict=True)]
+        return jnp.all(jnp.asarray(same)) if same else jnp.asarray(True)
 
     # One vmapped program over every (leaf, direction) pair: the perturbation of pair (j, ·)
     # is h_j·d in leaf j and zero elsewhere, stacked to (leaves·3k, *leaf.shape) per leaf.
@@ -255,10 +270,9 @@ def _fd_evaluate(model, params, dirs, steps, x, labels, where, class_weights):
 
     def at(delta_leaves):
         delta = jax.tree.unflatten(treedef, delta_leaves)
-        p_plus = jax.tree.map(jnp.add, params, delta)
-        p_minus = jax.tree.map(jnp.subtract, params, delta)
-        ok = same_signs(params, p_plus) & same_signs(params, p_minus)
-        return loss(p_plus), loss(p_minus), ok
+        lp, kp = _fd_loss(model, jax.tree.map(jnp.add, params, delta), batch)
+        lm, km = _fd_loss(model, jax.tree.map(jnp.subtract, params, delta), batch)
+        return lp, lm, same_signs(kp) & same_signs(km)
 
     lp, lm, ok = jax.vmap(at)(deltas)  # (leaves·3k,) each
     shape = (len(leaves), m)
@@ -290,30 +304,44 @@ def _fd_rows(names, dirs, steps, grads, results, k):
 # --------------------------------------------------------------------------- compare
 
 
+def _cast_batch(batch, dtype):
+    """Float arrays of the batch (inputs, float labels, class weights) in ``dtype``;
+    integer ids and bool masks as they are; ``None`` stays ``None``."""
+    return tuple(None if b is None else _cast_floats(b, dtype) for b in batch)
+
+
+def _describe(model) -> str:
+    if isinstance(model, MLP):
+        return ""
+    fields = getattr(model, "__dataclass_fields__", None)
+    if fields:
+        inner = ", ".join(f"{k}={getattr(model, k)!r}" for k in fields)
+        return f"{type(model).__name__}({inner})"
+    return repr(model)
+
+
 def compare(
-    model: MLP,
+    model: Any,
     params,
-    x,
-    labels,
-    *,
-    where=None,
-    class_weights=None,
+    *batch,
     dtype: Any = None,
     fd: bool = True,
     fd_directions: int = FD_DIRECTIONS,
     seed: int = 0,
+    **batch_options,
 ) -> Report:
     """Compare the hand-written gradient of ``model`` with ``jax.grad`` and finite differences.
 
     Args:
-      model: a :class:`jaxbp.MLP`.
-      params: its parameters (a list of ``{"w": (i, o), "b": (o,)}``).
-      x: inputs ``(n, i)``.
-      labels: integer ids ``(n,)`` or targets/probabilities ``(n, c)``, as for the model's loss.
-      where: optional bool ``(n,)``: rows that count in the mean.
-      class_weights: optional ``(c,)`` (softmax cross-entropy only).
+      model: any model of :mod:`jaxbp.model`'s interface: a :class:`jaxbp.MLP`, a
+        :class:`jaxbp.GPT`, one of yours.
+      params: its parameters.
+      *batch: the model's inputs, as :func:`jaxbp.value_and_grad` of it takes them: ``x,
+        labels`` for an MLP, ``ids, targets`` for a GPT; keyword inputs (``where=``,
+        ``class_weights=``) go in ``**batch_options``.
       dtype: the dtype of the ``jax.grad`` comparison (``float32``, ``float64``, ``bfloat16``);
-        ``params``, ``x`` and float labels are cast to it. Default: the dtype of ``x``.
+        ``params`` and the batch's float arrays are cast to it (integer ids and bool masks
+        are not). Default: the dtype of the first parameter.
       fd: also check against central finite differences (always in float64).
       fd_directions: random unit directions per leaf for the finite differences, ``k``.
       seed: seed of those directions.
@@ -322,51 +350,50 @@ def compare(
       A :class:`Report`; ``report.passed`` is True when every row is within tolerance
       (docs/edge_cases.md), ``report.table()`` prints it, ``report.to_dict()`` serialises it.
 
-    float64 is switched on (``jax_enable_x64``) for the duration of the call when needed;
-    inputs are validated with the model's clear errors first.
+    The references: ``jax.grad`` of the model's plain-jnp twin (:func:`jaxbp.reference.
+    value_and_grad`: the MLP's and GPT's own twins, or the model's forward loop run on the
+    ops' plain twins), ``jax.grad`` of the forward loop through the ops themselves (their
+    ``custom_vjp`` runs the rules), and finite differences of the twin's loss. float64 is
+    switched on (``jax_enable_x64``) for the duration of the call when needed; inputs are
+    validated with the model's clear errors first.
     """
-    dtype = jnp.dtype(jnp.asarray(x).dtype if dtype is None else dtype)
+    check_model(model, "compare")
+    if dtype is None:
+        leaves = jax.tree.leaves(params)
+        dtype = jnp.asarray(leaves[0]).dtype if leaves else jnp.float32
+    dtype = jnp.dtype(dtype)
     name = str(dtype)
     if name not in TOLERANCES:
         raise ValueError(f"dtype: expected one of {sorted(TOLERANCES)}, got {name}")
     if fd_directions < 1:
         raise ValueError(f"fd_directions: expected a positive int, got {fd_directions!r}")
     needs_x64 = fd or name == "float64"
+    check = checker(model)
     with x64() if needs_x64 else contextlib.nullcontext():
-        p = _cast(params, dtype)
-        xx = jnp.asarray(x).astype(dtype)
-        yy = _cast_floats(labels, dtype)
-        cw = None if class_weights is None else jnp.asarray(class_weights).astype(dtype)
-        wh = None if where is None else jnp.asarray(where, bool)
-        model.check_inputs(p, xx, yy, wh, cw)
-
-        f64 = jnp.float64
-        p64 = _cast(params, f64) if fd else None
-        x64_ = jnp.asarray(x).astype(f64) if fd else None
-        y64 = _cast_floats(labels, f64) if fd else None
-        cw64 = None if (class_weights is None or not fd) else jnp.asarray(class_weights).astype(f64)
+        p, *args = check(_cast(params, dtype), *batch, **batch_options)
+        args = _cast_batch(args, dtype)
+        p64 = _cast(params, jnp.float64) if fd else None
+        args64 = _cast_batch(args, jnp.float64) if fd else None
         dirs, steps = _fd_directions(jax.tree.leaves(p64), fd_directions, seed) if fd else ([], [])
+        manual = value_and_grad(model).jitted
+        twin = reference.value_and_grad(model).jitted
 
         @jax.jit  # every route in one compiled program
-        def routes(p, xx, yy, wh, cw, p64, x64_, y64, cw64, dirs):
+        def routes(p, args, p64, args64, dirs):
             out = {
-                "manual": value_and_grad(model)(p, xx, yy, where=wh, class_weights=cw),
-                "reference": reference.value_and_grad(model)(p, xx, yy, where=wh, class_weights=cw),
+                "manual": manual(p, *args),
+                "reference": twin(p, *args),
                 "custom_vjp": jax.grad(
-                    lambda q: model.mean_loss(q, xx, yy, where=wh, class_weights=cw)
+                    lambda q: reference_loss(model, q, *args, mode="custom_vjp")
                 )(p),
             }
             if fd:
                 # The manual gradient again in float64 (the same one when dtype is float64).
-                out["manual64"] = (
-                    out["manual"][1]
-                    if name == "float64"
-                    else value_and_grad(model)(p64, x64_, y64, where=wh, class_weights=cw64)[1]
-                )
-                out["fd"] = _fd_evaluate(model, p64, dirs, steps, x64_, y64, wh, cw64)
+                out["manual64"] = out["manual"][1] if name == "float64" else manual(p64, *args64)[1]
+                out["fd"] = _fd_evaluate(model, p64, dirs, steps, args64)
             return out
 
-        r = routes(p, xx, yy, wh, cw, p64, x64_, y64, cw64, dirs)
+        r = routes(p, tuple(args), p64, None if args64 is None else tuple(args64), dirs)
         (loss_m, g_m), (loss_r, g_r), g_c = r["manual"], r["reference"], r["custom_vjp"]
 
         tol = TOLERANCES[name]
@@ -381,12 +408,13 @@ def compare(
         if fd:
             fd_rows, notes = _fd_rows(names, dirs, steps, r["manual64"], r["fd"], fd_directions)
             rows += fd_rows
+        mlp = isinstance(model, MLP)
         return Report(
-            sizes=model.sizes,
-            activation=model.activation,
-            loss=model.loss,
+            sizes=model.sizes if mlp else (),
+            activation=model.activation if mlp else "",
+            loss=model.loss if mlp else "",
             dtype=name,
-            batch=int(xx.shape[0]),
+            batch=int(jnp.shape(args[0])[0]) if args else 0,
             loss_manual=float(loss_m),
             loss_reference=float(loss_r),
             rows=tuple(rows),
@@ -394,4 +422,5 @@ def compare(
             fd_step=FD_STEP if fd else 0.0,
             seed=seed,
             notes=tuple(notes),
+            model=_describe(model),
         )

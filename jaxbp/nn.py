@@ -13,9 +13,12 @@ backward walks the layers in reverse, feeding each ``_bwd`` the gradient from th
     dW_l   = a_{l−1}ᵀ δ_l   "ni,no->io";  db_l = Σₙ δ_l   "no->o"
     δ_{l−1}= act_bwd(δ_l · W_lᵀ)                    (n,i)    the first layer skips it
 
-No ``jax.grad``, ``jax.vjp`` or ``custom_vjp`` dispatch runs inside :func:`value_and_grad`:
-the loop *is* backpropagation. :func:`jaxbp.reference.value_and_grad` computes the same
-through ``jax.value_and_grad`` of a plain-jnp network of its own, for comparison.
+The loops call every rule through a :class:`jaxbp.Tape` (``t.fwd``, ``t.bwd``), which sends
+``dW_l, db_l`` to ``params[l]``: :class:`MLP` implements :mod:`jaxbp.model`'s interface
+(``forward``, ``backward``), so every transform runs on it. No ``jax.grad``, ``jax.vjp`` or
+``custom_vjp`` dispatch runs inside :func:`jaxbp.value_and_grad`: the loop *is*
+backpropagation. :func:`jaxbp.reference.value_and_grad` computes the same through
+``jax.value_and_grad`` of a plain-jnp network of its own, for comparison.
 
 The mean is over valid rows (``where`` / ``ignore_index``); if every row is masked the loss
 and every gradient are 0 (PyTorch returns NaN there; we prefer a step that does nothing).
@@ -34,9 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _checks, _step
+from . import _checks
 from ._checks import check_label_range
 from ._op import rules
+from ._tape import Tape
 from .activations import ACTIVATIONS
 from .dense import dense
 from .losses import (
@@ -47,10 +51,11 @@ from .losses import (
     valid_rows,
     validate_ce_options,
 )
+from .model import mean_and_seed
 
 __all__ = [
     "MLP", "LOSSES", "LOSS_OPS", "LoopOps", "Params", "backward", "forward", "forward_backward",
-    "loop_ops", "register_model", "value_and_grad",
+    "loop_ops",
 ]  # fmt: skip
 
 Params = list[dict[str, jax.Array]]
@@ -208,6 +213,16 @@ class MLP:
             return valid_rows(labels, where, ignore_index=ignore, batch_shape=(n,))
         return jnp.ones((n,), bool) if where is None else jnp.asarray(where, bool)
 
+    # -- the explicit loops (jaxbp.model's interface) ------------------------------------
+
+    def forward(self, t, params, x, labels, where=None, class_weights=None):
+        """:func:`jaxbp.nn.forward`: ``(per-example losses (n,), valid (n,), state)``."""
+        return forward(self, t, params, x, labels, where, class_weights)
+
+    def backward(self, t, state, seed) -> None:
+        """:func:`jaxbp.nn.backward`: the reverse loop from ``seed (n,)``."""
+        backward(self, t, state, seed)
+
     # -- checks ----------------------------------------------------------------------------
 
     def _check_params(self, params):
@@ -296,117 +311,67 @@ def loop_ops(model: MLP) -> LoopOps:
     return LoopOps(dense, ACTIVATIONS[model.activation], LOSS_OPS[model.loss])
 
 
-def forward(model: MLP, params, x, labels, where, class_weights, *, ops: LoopOps | None = None):
-    """Forward through the ops' ``fwd`` rules: per-example losses, valid rows and residuals."""
+def forward(
+    model: MLP, t: Tape, params, x, labels, where, class_weights, *, ops: LoopOps | None = None
+):  # fmt: skip
+    """Forward through the ops' ``fwd`` rules: per-example losses ``(n,)``, valid rows and the
+    residuals, in the order :func:`backward` consumes them."""
     ops = loop_ops(model) if ops is None else ops
     act_opts = dict(model.activation_options)
     L = model.num_layers
     dense_res, act_res, h = [], [], x
     for layer, p in enumerate(params):
-        h, r = _layer_op(ops, layer, L).fwd(h, p["w"], p["b"])
+        h, r = t.fwd(_layer_op(ops, layer, L), h, p["w"], p["b"])  # "ni,io->no"
         dense_res.append(r)
         if layer < L - 1:
-            h, r = ops.activation.fwd(h, **act_opts)
+            h, r = t.fwd(ops.activation, h, **act_opts)
             act_res.append(r)
     opts = dict(model.loss_options)
     if model.loss == "softmax_cross_entropy":
-        per_ex, loss_res = ops.loss.fwd(h, labels, where, class_weights, **opts)
+        per_ex, loss_res = t.fwd(ops.loss, h, labels, where, class_weights, **opts)
     elif model.loss == "mse":
-        per_ex, loss_res = ops.loss.fwd(h, labels.astype(h.dtype))
+        per_ex, loss_res = t.fwd(ops.loss, h, labels.astype(h.dtype))
     else:
-        elem, loss_res = ops.loss.fwd(h, labels.astype(h.dtype))  # (n, c)
+        elem, loss_res = t.fwd(ops.loss, h, labels.astype(h.dtype))  # (n, c)
         per_ex = jnp.mean(elem, axis=-1)
     valid = model.valid(labels, where, n=x.shape[0])
-    return per_ex, valid, (h, loss_res, dense_res, act_res)
+    return per_ex, valid, (h.shape, loss_res, dense_res, act_res)
 
 
-def backward(model: MLP, state, seed, *, param_grads: bool = True, ops: LoopOps | None = None):
-    """Reverse loop with per-row seed ``s (n,) = ∂L/∂ℓ_k``: ``(grads or None, deltas, acts)``.
+def backward(model: MLP, t: Tape, state, seed, *, ops: LoopOps | None = None) -> None:
+    """Reverse loop from the per-row seed ``s (n,) = ∂L/∂ℓ_k``; each layer's ``dw, db`` go
+    to ``params[l]["w"], ["b"]`` through the tape.
 
-    ``deltas[l] (n, o)`` is ``s_k·∂ℓ_k/∂z_l`` per row; ``acts[l] (n, i)`` is layer ``l``'s input.
-    Layer 0's input gradient ``δ·wᵀ`` is computed by ``dense.bwd`` and dropped: under ``jit``
-    XLA removes it (benchmarks/README.md).
+    ``δ_l = s_k·∂ℓ_k/∂z_l (n, o)`` flows down: ``dense.bwd`` gives ``δ·wᵀ`` (layer 0's is
+    computed and dropped: under ``jit`` XLA removes it), the activation's ``bwd`` turns it
+    into the ``δ`` of the layer below.
     """
     ops = loop_ops(model) if ops is None else ops
-    h, loss_res, dense_res, act_res = state
+    shape, loss_res, dense_res, act_res = state
     opts = dict(model.loss_options)
-    L = model.num_layers
-    if model.loss == "sigmoid_binary_cross_entropy":
-        c = h.shape[-1]
-        delta = ops.loss.bwd(loss_res, jnp.broadcast_to((seed / c)[:, None], h.shape))[0]
+    if model.loss == "sigmoid_binary_cross_entropy":  # the mean over c: s/c on every entry
+        delta, _ = t.bwd(ops.loss, loss_res, jnp.broadcast_to((seed / shape[-1])[:, None], shape))
     else:
-        delta = ops.loss.bwd(loss_res, seed, **opts)[0]  # (n, c)
-    grads = [{} for _ in range(L)] if param_grads else None
-    deltas: list[Any] = [None] * L
-    for layer in reversed(range(L)):
-        deltas[layer] = delta
-        # dw "ni,no->io", db "no->o", dx "no,io->ni" (unused dw, db are dropped by XLA
-        # when param_grads is False, and layer 0's dx always)
-        dx, dw, db = _layer_op(ops, layer, L).bwd(dense_res[layer], delta)
+        delta, _ = t.bwd(ops.loss, loss_res, seed, **opts)  # (n, c), e.g. s·(p − y)
+    for layer in reversed(range(model.num_layers)):
+        # dx "no,io->ni", dw "ni,no->io" and db "no->o" to params[layer]
+        (dx,) = t.bwd(_layer_op(ops, layer, model.num_layers), dense_res[layer], delta,
+                      params=(layer,))  # fmt: skip
         if layer > 0:
-            (delta,) = ops.activation.bwd(act_res[layer - 1], dx)
-        if param_grads:
-            grads[layer] = {"w": dw, "b": db}
-    acts = [r[0] for r in dense_res]
-    return grads, deltas, acts
+            (delta,) = t.bwd(ops.activation, act_res[layer - 1], dx)
 
 
 def forward_backward(
     model: MLP, params, x, labels, where=None, class_weights=None, *, ops: LoopOps | None = None
 ):  # fmt: skip
-    """The explicit loop, unjitted: ``(mean loss, grads, per_example_loss, deltas, acts)``.
+    """The explicit loop, unjitted: ``(mean loss, grads, per_example_loss)``.
 
-    The seed is ``g = valid / n_valid (n,)``, the derivative of the mean over valid rows.
-    ``deltas[l]`` is ``δ_l = ∂L/∂z_l (n, o)``, the gradient at layer ``l``'s pre-activation,
-    and ``acts[l]`` its input ``a_{l−1} (n, i)``: what per-example quantities are made of.
-    ``ops`` (default :func:`loop_ops`) are the ops whose rules run.
+    The seed is ``g = valid / n_valid (n,)``, the derivative of the mean over valid rows;
+    ``grads`` has the structure of ``params``. ``ops`` (default :func:`loop_ops`) are the ops
+    whose rules run (:mod:`jaxbp.parallel` swaps the last layer's).
     """
-    per_ex, valid, state = forward(model, params, x, labels, where, class_weights, ops=ops)
-    count = jnp.maximum(jnp.sum(valid), 1).astype(per_ex.dtype)
-    loss = jnp.sum(jnp.where(valid, per_ex, 0.0)) / count
-    g = jnp.where(valid, 1.0 / count, 0.0).astype(per_ex.dtype)  # (n,)
-    grads, deltas, acts = backward(model, state, g, ops=ops)
-    return loss, grads, per_ex, deltas, acts
-
-
-def _value_and_grad_core(model, rules, params, x, labels, where, class_weights):
-    del rules  # the cache key only: the loop reads the rules from the ops when traced
-    loss, grads, *_ = forward_backward(model, params, x, labels, where, class_weights)
-    return loss, grads
-
-
-_MODELS: dict[type, Callable] = {}
-
-
-def register_model(cls: type, build: Callable) -> None:
-    """Make :func:`value_and_grad` serve instances of ``cls`` with ``build(model)``."""
-    _MODELS[cls] = build
-
-
-def value_and_grad(model: Any) -> Callable:
-    """The hand-written ``value_and_grad`` of a model: :class:`MLP` or :class:`jaxbp.GPT`.
-
-    For an MLP: ``f(params, x, labels, *, where=None, class_weights=None) -> (mean loss,
-    grads)``; for a GPT see :func:`jaxbp.gpt.value_and_grad`.
-
-    The gradients come from an explicit reverse loop over the hand-written ``_bwd`` rules
-    (see the module docstring); ``grads`` has the structure of ``params``. Inputs are
-    validated with clear errors before tracing, and integer labels out of range raise when
-    they are concrete (under an outer ``jit`` their rows make the loss NaN instead); then
-    ``f.jitted(params, x, labels, where, class_weights)`` runs, the compiled step
-    (:mod:`jaxbp._step`: one per model and rules, cached).
-
-    Shapes: ``x (n, i)``, ``labels (n,)`` ids or ``(n, c)``, ``where (n,)`` bool. Any
-    input may be a JAX array, a NumPy array or a (nested) Python list.
-    """
-    for cls, build in _MODELS.items():
-        if isinstance(model, cls):
-            return build(model)
-    if not isinstance(model, MLP):
-        raise TypeError(f"model: expected a jaxbp.MLP or jaxbp.GPT, got {type(model).__name__}")
-    step = _step.compiled(_value_and_grad_core, model, loop_ops(model).rules())
-
-    def check(params, x, labels, *, where=None, class_weights=None):
-        return model.check_inputs(params, x, labels, where, class_weights)
-
-    return _step.entry(step, check, "value_and_grad", value_and_grad.__doc__)
+    t = Tape()
+    per_ex, valid, state = forward(model, t, params, x, labels, where, class_weights, ops=ops)
+    loss, seed = mean_and_seed(per_ex, valid)
+    backward(model, t, state, seed, ops=ops)
+    return loss, t.gradients(params), per_ex

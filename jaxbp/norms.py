@@ -44,11 +44,12 @@ import jax
 import jax.numpy as jnp
 
 from . import _checks
+from ._contrib import Full, group
 from ._op import declare, op_vjp
 
 __all__ = [
-    "layer_norm", "layer_norm_fwd", "layer_norm_bwd",
-    "rms_norm", "rms_norm_fwd", "rms_norm_bwd",
+    "layer_norm", "layer_norm_fwd", "layer_norm_bwd", "layer_norm_example_grads",
+    "rms_norm", "rms_norm_fwd", "rms_norm_bwd", "rms_norm_example_grads",
 ]  # fmt: skip
 
 
@@ -138,7 +139,21 @@ def layer_norm_bwd(res, g: jax.Array, *, eps: float = 1e-5):
     return dx.astype(x.dtype), _sum_rows(ga * xhat, gamma), _sum_rows(ga, gamma)
 
 
-@declare(fwd=layer_norm_fwd, bwd=layer_norm_bwd, per_example=("x",), traced=("eps",))
+def layer_norm_example_grads(res, g: jax.Array, *, examples: int, eps: float = 1e-5):
+    """Per-example rule: ``dγ_k = Σ_t g_t ⊙ x̂_t``, ``dβ_k = Σ_t g_t``, each ``(n, d)`` (as
+    small as the activations' row sums: formed as they are)."""
+    del eps
+    x, mu, rstd, _ = res
+    xhat = (_acc(x) - mu[..., None]) * rstd[..., None]
+    ga = group(_acc(g), examples, 1, "g")
+    return {"gamma": Full(jnp.sum(ga * group(xhat, examples, 1, "x"), axis=1)),
+            "beta": Full(jnp.sum(ga, axis=1))}  # fmt: skip
+
+
+@declare(
+    fwd=layer_norm_fwd, bwd=layer_norm_bwd, per_example=("x",), traced=("eps",),
+    example_grads=layer_norm_example_grads,
+)  # fmt: skip
 def layer_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, eps: float = 1e-5) -> jax.Array:
     """Layer norm over the last axis, ``γ ⊙ (x − μ)/√(σ² + ε) + β``, with the compact backward.
 
@@ -207,7 +222,19 @@ def rms_norm_bwd(res, g: jax.Array, *, eps: float = 1e-6):
     return dx.astype(x.dtype), _sum_rows(ga * xhat, gamma)
 
 
-@declare(fwd=rms_norm_fwd, bwd=rms_norm_bwd, per_example=("x",), traced=("eps",))
+def rms_norm_example_grads(res, g: jax.Array, *, examples: int, eps: float = 1e-6):
+    """Per-example rule: ``dγ_k = Σ_t g_t ⊙ x̂_t (n, d)``, ``x̂ = x/r``."""
+    del eps
+    x, rinv, _ = res
+    xhat = _acc(x) * rinv[..., None]
+    ga = group(_acc(g), examples, 1, "g")
+    return {"gamma": Full(jnp.sum(ga * group(xhat, examples, 1, "x"), axis=1))}
+
+
+@declare(
+    fwd=rms_norm_fwd, bwd=rms_norm_bwd, per_example=("x",), traced=("eps",),
+    example_grads=rms_norm_example_grads,
+)  # fmt: skip
 def rms_norm(x: jax.Array, gamma: jax.Array, *, eps: float = 1e-6) -> jax.Array:
     """RMS norm over the last axis, ``γ ⊙ x/√(mean(x²) + ε)``, with the compact backward.
 

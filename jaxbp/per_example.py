@@ -1,45 +1,43 @@
-"""Per-example gradients, their norms without materialising them, and DP-SGD clipping.
+"""Per-example gradients, their norms without materialising them, and DP-SGD clipping, for
+any model written as explicit loops (:mod:`jaxbp.model`): the MLP, the GPT, yours.
 
 Index letters::
 
-    n  batch            i  input features of a layer      o  output features of a layer
-    t  sequence (tokens per example, for layer-level functions on (n, t, i) inputs)
+    n  examples         T  rows of one example (1 for an MLP; t tokens for a GPT)
+    i  input features of a layer      o  output features of a layer
 
-The explicit loop of :mod:`jaxbp.nn` knows, for every dense layer ``l``, its input
-``a_l (n, i)`` and the gradient at its output ``δ_l = ∂ℓ/∂z_l (n, o)``. Run with a seed of 1
-per example (not the ``1/n`` of a mean), row ``k`` of ``δ_l`` belongs to example ``k``'s own
-loss ``ℓ_k`` alone, so per-example quantities come almost free (Goodfellow 2015)::
+**Definitions.** An example's loss ``ℓ_k`` is the model's mean loss on that example alone:
+an MLP row's loss; a sequence's mean over its valid tokens. Its gradient ``g_k = ∇_θ ℓ_k``
+is *unscaled* (not divided by the batch size) and exactly 0 for an example with nothing
+valid (``where=False``, ``ignore_index``); it is what ``jax.vmap(jax.grad)`` of one example's
+loss gives (:func:`jaxbp.reference.per_example_grads`).
 
-    g_k(w_l) = a_k δ_kᵀ               (i, o)   "ni,no->nio"
-    g_k(b_l) = δ_k                    (o,)
-    ‖g_k(w_l)‖² = ‖a_k‖²·‖δ_k‖²        (n,)     never forming the (n, i, o) outer products
-    ‖g_k‖²  = Σ_l ‖δ_k‖²·(‖a_k‖² + 1)  weights and biases of every layer
+**One backward pass, asked per op.** The transform runs the model's forward and backward
+loops once, seeded with ``1/n_valid(k)`` on example ``k``'s valid units (instead of the
+``1/n_valid`` of the batch mean): rows of different examples never mix in a rule's
+backward, so each op's output gradient ``g``, row by row, belongs to one example's own
+loss. The tape (:mod:`jaxbp._tape`) recorded every parameter rule's ``(res, g)``; the
+transform asks each op for its per-example rule, ``op.example_grads(res, g, examples=n)``,
+which returns each parameter's per-example gradient as a *contribution*
+(:mod:`jaxbp._contrib`) and this module never looks at a layer::
 
-With a sequence axis, ``a (n, t, i)`` and ``δ (n, t, o)``, the weight gradient is
-``G_k = Σ_t a_t δ_tᵀ`` and its norm comes from two Gram matrices ("ghost norm")::
+    dense      w: Σ_t x_t δ_tᵀ        ‖·‖² = Σ_{t,s} ⟨x_t,x_s⟩⟨δ_t,δ_s⟩  (‖x‖²‖δ‖², T = 1)
+    embedding  table: Σ_t onehot(id_t) δ_tᵀ   ‖·‖² = Σ_{t,s} [id_t = id_s]⟨δ_t,δ_s⟩
+    head       w: Σ_t x_t dz_tᵀ      ‖·‖² = Σ_{t,s} ⟨x_t,x_s⟩⟨dz_t,dz_s⟩, over vocabulary chunks
+    norms      γ: Σ_t δ_t ⊙ x̂_t,  β: Σ_t δ_t               (n, d), as they are
 
-    ‖G_k‖_F² = Σ_{t,s} (a_t·a_s)(δ_t·δ_s)     "nti,nsi->nts" ⊙ "nto,nso->nts"
-
-which holds ``(n, t, t)`` instead of ``(n, i, o)``: cheaper when ``t² < i·o``
-(:func:`dense_grad_sq_norms` chooses by that rule).
-
-**Definitions.** ``ℓ_k`` is ``model.per_example_loss`` of row ``k`` (class weights, label
-smoothing and z-loss included). The per-example gradient is ``g_k = ∇_θ ℓ_k``, *unscaled*
-(not divided by the batch size), and exactly 0 for rows that do not count (``where=False``,
-``ignore_index``). The mean gradient of :func:`jaxbp.value_and_grad` is ``Σ_k g_k / n_valid``.
+A leaf reached by two ops (a head tied to the token table) gets the norm of the sum of its
+contributions, cross terms included.
 
 **DP-SGD** (Abadi et al. 2016), :func:`clipped_grad`::
 
     c_k = min(1, C/‖g_k‖)                     (n,)   1 where ‖g_k‖ = 0: no division by zero
-    ĝ   = (Σ_k c_k g_k + N(0, σ²C²·I)) / m     m = number of valid rows (or batch_size=)
+    ĝ   = (Σ_k c_k g_k + N(0, σ²C²·I)) / m     m = number of valid examples (or batch_size=)
 
-computed by *book-keeping* (Bu et al. 2023): every backward rule is linear in its upstream
-gradient and every row's ``δ`` depends on its own seed alone, so the ``δ_l`` of one backward
-pass with unit seeds, rescaled per row, are those of a pass seeded with ``c_k/m``. The clipped
-sum is then one weighted parameter backward per layer, ``dw = aᵀ(c ⊙ δ)`` ``"ni,no->io"``:
-the cost of a plain step plus the norms. ``method="two_pass"`` instead runs the reverse
-loop a second time, seeded with ``c_k/m`` (:func:`jaxbp.nn.backward` on the forward's
-residuals, which are kept: the forward runs once); the two agree.
+by *book-keeping* (Bu et al. 2023): every backward rule is linear in its upstream gradient,
+so each recorded parameter rule re-run with ``g`` scaled by ``c_k/m`` on example ``k``'s rows
+gives the clipped sum, ``dw = Σ_t x_tᵀ (c ⊙ δ)_t``: the cost of a plain step plus the norms.
+``method="two_pass"`` instead runs the model's backward loop again, seeded with ``c_k/m``.
 """
 
 from __future__ import annotations
@@ -47,23 +45,41 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from . import _checks, _step
+from ._contrib import (
+    Factor,
+    Full,
+    OneHot,
+    Outer,
+    Rows,
+    inner,
+    materialize,
+    scale_examples,
+    sq_norm,
+)
+from ._op import all_rules, bwd_options
+from ._tape import Tape, assemble
 from .dense import dense
-from .nn import MLP, backward, forward, loop_ops
+from .model import (
+    check_model,
+    checker,
+    entry,
+    example_seed,
+    examples_valid,
+    mean_and_seed,
+    run,
+)
 
 __all__ = [
-    "per_example_grads",
-    "per_example_grad_norms",
-    "clipped_grad",
-    "forward_backward_weighted",
-    "dense_per_example_grads",
-    "dense_grad_sq_norms",
-    "ghost_norm_is_cheaper",
-]
+    "per_example_grads", "per_example_grad_norms", "clipped_grad", "forward_backward_weighted",
+    "contributions", "dense_per_example_grads", "dense_grad_sq_norms", "ghost_norm_is_cheaper",
+    "Factor", "Full", "OneHot", "Outer", "Rows", "inner", "materialize", "sq_norm",
+]  # fmt: skip
 
 CLIP_METHODS = ("bookkeeping", "two_pass")
 
@@ -72,195 +88,106 @@ def _acc(x):
     return x.astype(_checks.accum_dtype(x.dtype))
 
 
-# ------------------------------------------------------------------ layer-level functions
+# ------------------------------------------------------------------ asking each op
 
 
-def _check_layer(a, delta):
-    a = _checks.floating("a", a)
-    delta = _checks.floating("delta", delta)
-    if a.ndim not in (2, 3):
-        raise ValueError(f"a: expected shape (n, i) or (n, t, i), got {a.shape}")
-    if delta.ndim != a.ndim or delta.shape[:-1] != a.shape[:-1]:
-        want = "(n, o)" if a.ndim == 2 else "(n, t, o)"
-        raise ValueError(
-            f"delta: expected shape {want} with the leading axes {a.shape[:-1]} of a, "
-            f"got {delta.shape}"
-        )
-    return a, delta
+def contributions(t: Tape, examples: int) -> dict[tuple, list]:
+    """``{leaf path: [contribution, …]}``: every recorded parameter rule's per-example
+    gradients, from the op's ``example_grads`` rule (``TypeError`` naming an op without one)."""
+    out: dict[tuple, list] = {}
+    for rec in t.parameter_records():
+        rule = getattr(rec.op, "example_grads", None)
+        if rule is None:
+            raise TypeError(
+                f"{rec.op.name}: has no per-example rule (op.example_grads), which the "
+                "per-example transforms need for an op with parameters; give it one "
+                "(jaxbp.Op(..., example_grads=...), docs/per_example.md)"
+            )
+        given = rule(rec.res, rec.g, examples=examples, **bwd_options(rule, rec.options))
+        for name, path, flip in rec.params.values():
+            if name not in given:
+                raise TypeError(
+                    f"{rec.op.name}: its per-example rule gives no contribution for the "
+                    f"parameter {name!r} (it gave {sorted(given)})"
+                )
+            c = given[name]
+            out.setdefault(path, []).append(c.T if flip else c)
+    return out
 
 
-def ghost_norm_is_cheaper(t: int, i: int, o: int) -> bool:
-    """True when the Gram ("ghost") norm holds less than the outer product: ``t² < i·o``.
-
-    The ghost norm keeps two ``(n, t, t)`` Gram matrices and costs ``2·n·t²·(i + o)``
-    multiply-adds; the outer product keeps ``(n, i, o)`` and costs ``n·t·i·o``.
-    """
-    return t * t < i * o
-
-
-def dense_per_example_grads(a: jax.Array, delta: jax.Array) -> dict[str, jax.Array]:
-    """Per-example gradients of a dense layer: ``{"w": (n, i, o), "b": (n, o)}``.
-
-    Args:
-      a: the layer's input, ``(n, i)`` or ``(n, t, i)``.
-      delta: ``∂ℓ_k/∂z`` at the layer's output for each example's own loss, ``(n, o)`` or
-        ``(n, t, o)``.
-
-    ``w``: ``"ni,no->nio"`` (``"nti,nto->nio"`` with a sequence axis); ``b``: ``δ``
-    (``"nto->no"``). This *does* materialise ``(n, i, o)``; see :func:`dense_grad_sq_norms`.
-    """
-    a, delta = _check_layer(a, delta)
-    if a.ndim == 2:
-        return {"w": jnp.einsum("ni,no->nio", a, delta), "b": delta}
-    b = jnp.sum(delta, axis=1, dtype=_checks.accum_dtype(delta.dtype)).astype(delta.dtype)
-    return {"w": jnp.einsum("nti,nto->nio", a, delta), "b": b}
+def _sq_norms(contribs: dict[tuple, list], n: int, dtype) -> jax.Array:
+    """``Σ_leaves ‖Σ_c G_c‖² (n,)``: each leaf's contributions summed before the norm, in
+    ``dtype``'s accumulation dtype (float32 for half precision)."""
+    total = jnp.zeros((n,), _checks.accum_dtype(dtype))
+    for cs in contribs.values():
+        for a, ca in enumerate(cs):
+            total = total + sq_norm(ca).astype(total.dtype)
+            for cb in cs[a + 1 :]:
+                total = total + 2.0 * inner(ca, cb).astype(total.dtype)
+    return total
 
 
-def dense_grad_sq_norms(
-    a: jax.Array, delta: jax.Array, *, bias: bool = True, method: str = "auto"
-) -> jax.Array:
-    """Squared L2 norms ``(n,)`` of a dense layer's per-example gradients, never ``(n, i, o)``.
-
-    Args:
-      a: the layer's input, ``(n, i)`` or ``(n, t, i)``.
-      delta: ``∂ℓ_k/∂z`` for each example's own loss, ``(n, o)`` or ``(n, t, o)``.
-      bias: include the bias gradient's ``‖Σ_t δ_t‖²``.
-      method: for ``(n, t, i)`` inputs, ``"ghost"`` (Gram matrices ``(n, t, t)``),
-        ``"outer"`` (the ``(n, i, o)`` outer products, summed over ``t``) or ``"auto"``:
-        ghost when :func:`ghost_norm_is_cheaper` (``t² < i·o``). ``(n, i)`` inputs always use
-        ``‖a‖²·‖δ‖²``, which needs neither.
-
-    Returns:
-      ``‖g_k(w)‖² [+ ‖g_k(b)‖²]`` per example, in float32 for half-precision inputs.
-
-    Identities (shapes in the index letters)::
-
-        (n, i):    ‖a_k‖²·‖δ_k‖²                    "ni,ni->n" · "no,no->n"
-        ghost:     Σ_{t,s} (a_t·a_s)(δ_t·δ_s)       "nti,nsi->nts" ⊙ "nto,nso->nts" → n
-        outer:     ‖Σ_t a_t δ_tᵀ‖_F²                "nti,nto->nio" → n
-    """
-    if method not in ("auto", "ghost", "outer"):
-        raise ValueError(f"method: expected 'auto', 'ghost' or 'outer', got {method!r}")
-    a, delta = _check_layer(a, delta)
-    a, delta = _acc(a), _acc(delta)
-    if a.ndim == 2:
-        d2 = jnp.sum(delta * delta, axis=-1)  # (n,)
-        sq = jnp.sum(a * a, axis=-1) * d2
-        return sq + d2 if bias else sq
-    _, t, i = a.shape
-    o = delta.shape[-1]
-    if method == "auto":
-        method = "ghost" if ghost_norm_is_cheaper(t, i, o) else "outer"
-    if method == "ghost":
-        gram_a = jnp.einsum("nti,nsi->nts", a, a)  # (n, t, t)
-        gram_d = jnp.einsum("nto,nso->nts", delta, delta)  # (n, t, t)
-        sq = jnp.sum(gram_a * gram_d, axis=(1, 2))
-    else:
-        g = jnp.einsum("nti,nto->nio", a, delta)  # (n, i, o)
-        sq = jnp.sum(g * g, axis=(1, 2))
-    if bias:
-        db = jnp.sum(delta, axis=1)  # (n, o)
-        sq = sq + jnp.sum(db * db, axis=-1)
-    return sq
+def _grads(contribs: dict[tuple, list]) -> dict[tuple, jax.Array]:
+    return {path: sum(materialize(c) for c in cs) for path, cs in contribs.items()}
 
 
-# ---------------------------------------------------- the explicit loop, per-row seeded
+def _n(losses) -> int:
+    return losses.shape[0]
 
 
-def forward_backward_weighted(
-    model: MLP, params, x, labels, seed, *, where=None, class_weights=None
-):
-    """The explicit loop seeded per row: gradients of ``Σ_k s_k·ℓ_k`` over valid rows.
-
-    :func:`jaxbp.nn.forward_backward` seeds every valid row with ``1/n_valid`` (the mean);
-    here the caller picks ``s (n,)``. Unjitted (call it inside ``jax.jit``); no ``jax.grad``.
-
-    Returns:
-      ``(per_example_loss (n,), grads, deltas, acts)``: the losses as the loss rule gives
-      them (softmax cross-entropy writes 0 on masked rows); ``grads`` has the structure of
-      ``params``; ``deltas[l] = s_k·∂ℓ_k/∂z_l (n, o)`` (0 on rows that do not count) and
-      ``acts[l]`` is layer ``l``'s input ``(n, i)``.
-    """
-    per_ex, valid, state = forward(model, params, x, labels, where, class_weights)
-    seed = jnp.where(valid, jnp.asarray(seed).astype(per_ex.dtype), 0.0)
-    grads, deltas, acts = backward(model, state, seed)
-    return per_ex, grads, deltas, acts
+def _unit(model, params, batch):
+    """The unit-seeded pass: ``(tape, losses, valid, per-example valid (n,))``."""
+    t, losses, valid, _ = run(model, params, batch, example_seed)
+    return t, losses, valid, examples_valid(valid)
 
 
-def _unit_deltas(model, params, x, labels, where, class_weights):
-    """``(per_ex, valid, deltas, acts, state)`` of the unit-seeded pass (no parameter grads)."""
-    per_ex, valid, state = forward(model, params, x, labels, where, class_weights)
-    seed = valid.astype(per_ex.dtype)  # 1 per counted row: each δ row is its own ∂ℓ_k/∂z
-    _, deltas, acts = backward(model, state, seed, param_grads=False)
-    return per_ex, valid, deltas, acts, state
+def _norms(contribs, n, params):
+    """``‖g_k‖ (n,)`` in float32 for half-precision parameters, else in their dtype."""
+    leaves = jax.tree.leaves(params)
+    dtype = jnp.result_type(*leaves) if leaves else jnp.float32
+    return jnp.sqrt(jnp.maximum(_sq_norms(contribs, n, dtype), 0.0))
 
 
-def _sq_norms(deltas, acts):
-    """``Σ_l ‖δ_k‖²·(‖a_k‖² + 1)`` per row, ``(n,)``: weights and biases of every layer."""
-    return sum(dense_grad_sq_norms(a, d, bias=True) for a, d in zip(acts, deltas, strict=True))
+# ------------------------------------------------------------------------ transforms
 
 
-# ------------------------------------------------------------------------ public API
-#
-# Each transform is f = input checks + f.jitted, the compiled step (jaxbp/_step.py): one per
-# model, options and rules, cached, so building the same transform twice compiles nothing.
+def _per_example_grads_core(model, rules, params, *batch):
+    del rules  # the cache key only: the tape reads the rules from the ops when traced
+    t, losses, _, _ = _unit(model, params, batch)
+    return assemble(params, _grads(contributions(t, _n(losses))), what="per-example gradient",
+                    batch=_n(losses))  # fmt: skip
 
 
-def _check_model(model):
-    if not isinstance(model, MLP):
-        raise TypeError(f"model: expected a jaxbp.MLP, got {type(model).__name__}")
-
-
-def _transform(model, core, name, doc, *config):
-    """``f(params, x, labels, *, where=None, class_weights=None)`` around the compiled step
-    ``core(model, rules, *config, params, x, labels, where, class_weights)``
-    (:mod:`jaxbp._step`)."""
-    _check_model(model)
-    step = _step.compiled(core, model, loop_ops(model).rules(), *config)
-
-    def check(params, x, labels, *, where=None, class_weights=None):
-        return model.check_inputs(params, x, labels, where, class_weights)
-
-    return _step.entry(step, check, name, doc)
-
-
-def _per_example_grads_core(model, rules, params, x, labels, where, class_weights):
-    del rules  # the cache key only: the loop reads the rules from the ops when traced
-    _, _, deltas, acts, _ = _unit_deltas(model, params, x, labels, where, class_weights)
-    return [dense_per_example_grads(a, d) for a, d in zip(acts, deltas, strict=True)]
-
-
-def _per_example_grad_norms_core(model, rules, params, x, labels, where, class_weights):
+def _per_example_grad_norms_core(model, rules, params, *batch):
     del rules
-    _, _, deltas, acts, _ = _unit_deltas(model, params, x, labels, where, class_weights)
-    return jnp.sqrt(_sq_norms(deltas, acts))
+    t, losses, _, _ = _unit(model, params, batch)
+    return _norms(contributions(t, _n(losses)), _n(losses), params)
 
 
-def per_example_grads(model: MLP) -> Callable:
-    """``f(params, x, labels, *, where=None, class_weights=None) -> grads`` per example.
+def per_example_grads(model: Any) -> Callable:
+    """``f(params, *batch) -> grads`` per example, each leaf with a leading ``n``.
 
-    Each leaf gets a leading batch axis: ``w (n, i, o)``, ``b (n, o)``. Row ``k`` is
-    ``∇_θ ℓ_k``, the gradient of example ``k``'s *own* loss (unscaled: not divided by the
-    batch size), and 0 for rows with ``where=False`` or ``ignore_index`` labels; it equals
-    ``jax.vmap(jax.grad(per-example loss))`` (:func:`jaxbp.reference.per_example_grads`). Built
-    from one unit-seeded reverse loop: ``w = "ni,no->nio"(a, δ)``, ``b = δ``. ``f.jitted``
-    is the compiled step (:mod:`jaxbp._step`). Memory is ``n`` times the parameters; for
-    norms use :func:`per_example_grad_norms`.
+    Row ``k`` is ``∇_θ ℓ_k``, the gradient of example ``k``'s own loss (module docstring),
+    0 for an example with nothing valid; it equals ``jax.vmap(jax.grad)`` of one example's
+    loss (:func:`jaxbp.reference.per_example_grads`). One unit-seeded backward pass, then
+    each op's per-example rule, materialised: memory is ``n`` times the parameters (for
+    norms use :func:`per_example_grad_norms`). The batch is the model's: ``(x, labels, *,
+    where, class_weights)`` for an MLP, ``(ids, targets, *, where)`` for a GPT.
+    ``f.jitted(params, *batch)`` is the compiled step (:mod:`jaxbp._step`).
     """
-    return _transform(
-        model, _per_example_grads_core, "per_example_grads", per_example_grads.__doc__
-    )
+    check_model(model, "per_example_grads")
+    return entry(model, _per_example_grads_core, "per_example_grads", per_example_grads.__doc__)
 
 
-def per_example_grad_norms(model: MLP) -> Callable:
-    """``f(params, x, labels, *, where=None, class_weights=None) -> norms (n,)``.
-
-    ``‖∇_θ ℓ_k‖₂`` over all parameters, from ``‖a‖²·‖δ‖²`` (weights) and ``‖δ‖²`` (biases)
-    of one unit-seeded reverse loop; no ``(n, i, o)`` array is ever formed. 0 on rows that do
-    not count. float32 for half-precision inputs. ``f.jitted`` is the compiled step
-    (:mod:`jaxbp._step`).
+def per_example_grad_norms(model: Any) -> Callable:
+    """``f(params, *batch) -> norms (n,)``: ``‖∇_θ ℓ_k‖₂`` over all parameters, never
+    forming per-example gradients where a cheaper identity exists (module docstring: Gram
+    "ghost" norms for sequences, ``‖x‖²‖δ‖²`` for MLP rows, the head's ``⟨dz_t, dz_s⟩`` over
+    vocabulary chunks). 0 for an example with nothing valid; float32 for half-precision
+    parameters. ``f.jitted(params, *batch)`` is the compiled step (:mod:`jaxbp._step`).
     """
-    return _transform(
+    check_model(model, "per_example_grad_norms")
+    return entry(
         model, _per_example_grad_norms_core, "per_example_grad_norms",
         per_example_grad_norms.__doc__,
     )  # fmt: skip
@@ -322,49 +249,49 @@ def _denominator(valid, batch_size, dtype):
     return jnp.maximum(jnp.sum(valid), 1).astype(dtype)
 
 
-def _mean_loss(per_ex, valid):
-    """The mean loss over valid rows, as :func:`jaxbp.value_and_grad` reports it."""
-    count = jnp.maximum(jnp.sum(valid), 1).astype(per_ex.dtype)
-    return jnp.sum(jnp.where(valid, per_ex, 0.0)) / count
-
-
 def _divide(tree, m):
     return jax.tree.map(lambda g: (_acc(g) / m.astype(_acc(g).dtype)).astype(g.dtype), tree)
 
 
 def _clipped_grad_core(
-    model, rules, method, batch_size, l2_clip, noise_multiplier, return_loss, params, x,
-    labels, key, where, class_weights,
+    model, rules, method, batch_size, l2_clip, noise_multiplier, return_loss, params, *args
 ):  # fmt: skip
-    del rules  # the cache key only: the loop reads the rules from the ops when traced
+    del rules  # the cache key only: the tape reads the rules from the ops when traced
+    *batch, key = args
     noisy = noise_multiplier > 0.0
-    per_ex, valid, deltas, acts, state = _unit_deltas(
-        model, params, x, labels, where, class_weights
-    )
-    norms = jnp.sqrt(_sq_norms(deltas, acts))  # ‖g_k‖ (n,)
+    t = Tape()
+    losses, valid, state = model.forward(t, params, *batch)
+    unit = example_seed(losses, valid)
+    model.backward(t, state, unit)
+    n = _n(losses)
+    norms = _norms(contributions(t, n), n, params)  # ‖g_k‖ (n,)
     clip = jnp.asarray(l2_clip).astype(norms.dtype)
-    m = _denominator(valid, batch_size, norms.dtype)
+    m = _denominator(examples_valid(valid), batch_size, norms.dtype)
     factors = _clip_factors(norms, clip)  # c_k (n,)
-    # With noise, the clipped *sum* is formed, noised, then divided; without, seed c_k/m.
-    seed = factors if noisy else factors / m
+    # With noise, the clipped *sum* is formed, noised, then divided; without, scale by c_k/m.
+    scale = factors if noisy else factors / m
     if method == "two_pass":
-        grads, _, _ = backward(model, state, jnp.where(valid, seed.astype(per_ex.dtype), 0.0))
-    else:  # book-keeping: δ is linear in the seed, so rescale the unit-seeded rows
-        grads = []
-        for res, d in zip(state[2], deltas, strict=True):
-            d_seeded = (seed.astype(_acc(d).dtype)[:, None] * _acc(d)).astype(d.dtype)
-            _, dw, db = dense.bwd(res, d_seeded)  # "ni,no->io", "no->o" (dx dropped by XLA)
-            grads.append({"w": dw, "b": db})
+        again = Tape()
+        seed = unit * scale.astype(unit.dtype).reshape((-1,) + (1,) * (unit.ndim - 1))
+        model.backward(again, state, seed)
+        grads = again.gradients(params)
+    else:  # book-keeping: each parameter rule again, with g scaled per example
+
+        def rescaled(rec):
+            g = scale_examples(rec.g, scale)
+            return tuple(rec.op.bwd(rec.res, g, **bwd_options(rec.op.bwd, rec.options)))
+
+        grads = t.gradients(params, rescaled)
     if noisy:
         std = jnp.asarray(noise_multiplier).astype(norms.dtype) * clip
         grads = _divide(_add_noise(grads, key, std), m)
     if return_loss:
-        return _mean_loss(per_ex, valid), grads, norms
+        return mean_and_seed(losses, valid)[0], grads, norms
     return grads, norms
 
 
 def clipped_grad(
-    model: MLP,
+    model: Any,
     *,
     l2_clip: float,
     noise_multiplier: float = 0.0,
@@ -372,52 +299,142 @@ def clipped_grad(
     method: str = "bookkeeping",
     return_loss: bool = False,
 ) -> Callable:
-    """DP-SGD gradient: ``f(params, x, labels, key=None, where=None, class_weights=None)``.
+    """DP-SGD gradient: ``f(params, *batch, key=None) -> (grads, per_example_norms)``.
 
-    Returns ``(grads, per_example_norms)``: ``grads`` has the structure of ``params``,
-    ``per_example_norms (n,)`` are the *unclipped* ``‖g_k‖`` (0 on rows that do not count)::
+    ``grads`` has the structure of ``params``; ``per_example_norms (n,)`` are the
+    *unclipped* ``‖g_k‖`` (0 for an example with nothing valid)::
 
         c_k   = min(1, C/‖g_k‖)          1 where ‖g_k‖ = 0 (no division by zero)
         grads = (Σ_k c_k·g_k + N(0, (σ·C)²·I)) / m
 
     Args:
-      model: a :class:`jaxbp.MLP`.
+      model: any model of :mod:`jaxbp.model`'s interface (:class:`jaxbp.MLP`,
+        :class:`jaxbp.GPT`, yours): the batch is the model's (``x, labels, *, where,
+        class_weights`` for an MLP; ``ids, targets, *, where`` for a GPT).
       l2_clip: ``C > 0``, finite.
       noise_multiplier: ``σ ≥ 0``; with ``σ > 0`` every call needs ``key``.
-      batch_size: the divisor ``m``. ``None`` (default): the number of valid rows (at
-        least 1), so padding rows (``where=False``) and ``ignore_index`` rows contribute
-        nothing and are not counted, and a huge ``C`` with ``σ = 0`` gives exactly
-        :func:`jaxbp.value_and_grad`'s mean gradient. Pass the (expected) batch size for the
-        fixed-denominator estimator of Poisson-sampled DP-SGD.
-      method: ``"bookkeeping"`` (default): one backward pass; the unit-seeded ``δ`` are
-        rescaled by ``c_k/m`` and each layer's parameter gradient is ``"ni,no->io"`` of
-        ``a`` and ``c⊙δ``. ``"two_pass"``: run the reverse loop (:func:`jaxbp.nn.backward`)
-        again on the forward's residuals, seeded with ``c_k/m``. Per-example gradients are never
-        materialised by either.
-
-      return_loss: also return the (unclipped) mean loss over valid rows, first:
+      batch_size: the divisor ``m``. ``None`` (default): the number of examples with
+        something valid (at least 1), so padding examples contribute nothing and are not
+        counted. For an MLP a huge ``C`` with ``σ = 0`` then gives exactly
+        :func:`jaxbp.value_and_grad`'s mean gradient (for a GPT, the mean of the sequences'
+        mean gradients: the same when every sequence has as many valid tokens). Pass the
+        (expected) batch size for the fixed-denominator estimator of Poisson-sampled DP-SGD.
+      method: ``"bookkeeping"`` (default): one backward pass; every parameter rule is run
+        again on its residuals with ``g`` scaled by ``c_k/m`` on example ``k``'s rows.
+        ``"two_pass"``: the model's backward loop again, seeded with ``c_k/m``. Neither
+        materialises per-example gradients.
+      return_loss: also return the (unclipped) mean loss over valid units, first:
         ``(loss, grads, per_example_norms)``, for logging in a training loop.
 
     Noise: one ``jax.random.split`` subkey per parameter leaf, in ``params``' leaf order.
-    ``f.jitted(params, x, labels, key, where, class_weights)`` is the compiled step
-    (:mod:`jaxbp._step`; ``l2_clip`` and ``noise_multiplier`` are part of its configuration);
-    both work under ``jax.vmap``/``jax.jit``.
+    ``f.jitted(params, *batch, key)`` is the compiled step (:mod:`jaxbp._step`; ``l2_clip``
+    and ``noise_multiplier`` are part of its configuration; ``key`` last, ``None`` without
+    noise); both work under ``jax.vmap``/``jax.jit``.
     """
-    _check_model(model)
+    check_model(model, "clipped_grad")
     l2_clip, noise_multiplier = check_clip_options(l2_clip, noise_multiplier, batch_size, method)
     step = _step.compiled(
-        _clipped_grad_core, model, loop_ops(model).rules(), method, batch_size, l2_clip,
-        noise_multiplier, bool(return_loss),
+        _clipped_grad_core, model, all_rules(), method, batch_size, l2_clip, noise_multiplier,
+        bool(return_loss),
     )  # fmt: skip
+    check_batch = checker(model)
 
-    def check(params, x, labels, key=None, where=None, class_weights=None):
+    def check(params, *args, key=None, **kwargs):
         _check_key(key, noise_multiplier)
-        params, x, labels, where, class_weights = model.check_inputs(
-            params, x, labels, where, class_weights
-        )
-        return params, x, labels, key if noise_multiplier > 0.0 else None, where, class_weights
+        return (*check_batch(params, *args, **kwargs), key if noise_multiplier > 0.0 else None)
 
     return _step.entry(step, check, "clipped_grad", clipped_grad.__doc__)
+
+
+def forward_backward_weighted(model: Any, params, *batch, seed):
+    """The model's loops seeded per unit: ``(losses, grads)``, ``grads`` the gradient of
+    ``Σ seed·losses`` over valid units (``seed`` the shape of ``losses``). Unjitted (call it
+    inside ``jax.jit``); no ``jax.grad``."""
+    t = Tape()
+    losses, valid, state = model.forward(t, params, *batch)
+    model.backward(t, state, jnp.where(valid, jnp.asarray(seed).astype(losses.dtype), 0.0))
+    return losses, t.gradients(params)
+
+
+# ------------------------------------------------------------------ layer-level functions
+
+
+def _check_layer(a, delta):
+    a = _checks.floating("a", a)
+    delta = _checks.floating("delta", delta)
+    if a.ndim not in (2, 3):
+        raise ValueError(f"a: expected shape (n, i) or (n, t, i), got {a.shape}")
+    if delta.ndim != a.ndim or delta.shape[:-1] != a.shape[:-1]:
+        want = "(n, o)" if a.ndim == 2 else "(n, t, o)"
+        raise ValueError(
+            f"delta: expected shape {want} with the leading axes {a.shape[:-1]} of a, "
+            f"got {delta.shape}"
+        )
+    return a, delta
+
+
+def ghost_norm_is_cheaper(t: int, i: int, o: int) -> bool:
+    """True when the Gram ("ghost") norm holds less than the outer product: ``t² < i·o``.
+
+    The ghost norm keeps two ``(n, t, t)`` Gram matrices and costs ``2·n·t²·(i + o)``
+    multiply-adds; the outer product keeps ``(n, i, o)`` and costs ``n·t·i·o``.
+    """
+    return t * t < i * o
+
+
+def _layer_contributions(a, delta):
+    """The dense op's own per-example rule on a layer's input and output gradient."""
+    a, delta = _check_layer(a, delta)
+    w = jnp.zeros((a.shape[-1], delta.shape[-1]), a.dtype)
+    b = jnp.zeros((delta.shape[-1],), a.dtype)
+    return dense.example_grads((a, w, b), delta, examples=a.shape[0])
+
+
+def dense_per_example_grads(a: jax.Array, delta: jax.Array) -> dict[str, jax.Array]:
+    """Per-example gradients of a dense layer: ``{"w": (n, i, o), "b": (n, o)}``.
+
+    Args:
+      a: the layer's input, ``(n, i)`` or ``(n, t, i)``.
+      delta: ``∂ℓ_k/∂z`` at the layer's output for each example's own loss, ``(n, o)`` or
+        ``(n, t, o)``.
+
+    ``w``: ``"ni,no->nio"`` (``"nti,nto->nio"`` with a sequence axis); ``b``: ``δ``
+    (``"nto->no"``). This *does* materialise ``(n, i, o)``; see :func:`dense_grad_sq_norms`.
+    """
+    c = _layer_contributions(a, delta)
+    return {name: materialize(v).astype(delta.dtype) for name, v in c.items()}
+
+
+def dense_grad_sq_norms(
+    a: jax.Array, delta: jax.Array, *, bias: bool = True, method: str = "auto"
+) -> jax.Array:
+    """Squared L2 norms ``(n,)`` of a dense layer's per-example gradients, never ``(n, i, o)``.
+
+    Args:
+      a: the layer's input, ``(n, i)`` or ``(n, t, i)``.
+      delta: ``∂ℓ_k/∂z`` for each example's own loss, ``(n, o)`` or ``(n, t, o)``.
+      bias: include the bias gradient's ``‖Σ_t δ_t‖²``.
+      method: for ``(n, t, i)`` inputs, ``"ghost"`` (Gram matrices ``(n, t, t)``),
+        ``"outer"`` (the ``(n, i, o)`` outer products, summed over ``t``) or ``"auto"``:
+        ghost when :func:`ghost_norm_is_cheaper` (``t² < i·o``). ``(n, i)`` inputs always use
+        ``‖a‖²·‖δ‖²``, which needs neither.
+
+    Returns:
+      ``‖g_k(w)‖² [+ ‖g_k(b)‖²]`` per example, in float32 for half-precision inputs.
+
+    Identities (shapes in the index letters)::
+
+        (n, i):    ‖a_k‖²·‖δ_k‖²                    "ni,ni->n" · "no,no->n"
+        ghost:     Σ_{t,s} (a_t·a_s)(δ_t·δ_s)       "nti,nsi->nts" ⊙ "nto,nso->nts" → n
+        outer:     ‖Σ_t a_t δ_tᵀ‖_F²                "nti,nto->nio" → n
+    """
+    if method not in ("auto", "ghost", "outer"):
+        raise ValueError(f"method: expected 'auto', 'ghost' or 'outer', got {method!r}")
+    c = _layer_contributions(a, delta)
+    if a.ndim == 2:
+        method = "auto"  # T = 1: the ghost product is ‖a‖²·‖δ‖²
+    sq = sq_norm(c["w"], method=method)
+    return sq + sq_norm(c["b"]) if bias else sq
 
 
 # The vmap(grad) references live in jaxbp.reference (per_example_grads, per_example_grad_norms,

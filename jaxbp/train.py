@@ -31,7 +31,8 @@ import optax
 
 from . import reference
 from .datasets import load_digits
-from .nn import MLP, value_and_grad
+from .model import value_and_grad
+from .nn import MLP
 from .per_example import check_clip_options, clipped_grad
 
 __all__ = ["TrainResult", "train", "DEFAULTS"]

@@ -31,7 +31,7 @@ import optax
 from . import reference
 from .datasets import load_shakespeare
 from .gpt import GPT
-from .nn import value_and_grad
+from .model import value_and_grad
 
 __all__ = ["GPT_DEFAULTS", "GPTTrainResult", "train_gpt", "check_gradients"]
 

@@ -278,9 +278,26 @@ def _ids(batch=(N,)):
     return make
 
 
+def _positions(batch=(N,), t=3, context=4):
+    def make(rng):
+        return {
+            "x": away_from_zero(rng, (*batch, t, D)),
+            "table": away_from_zero(rng, (context, D)),
+        }
+
+    return make
+
+
 EMBEDDING_CASES = [
     Case("embedding", "embedding", _ids(), diff=("table",)),
     Case("embedding-2d-ids", "embedding", _ids((2, 3)), diff=("table",)),
+    Case("position_embedding", "position_embedding", _positions(), diff=("x", "table")),
+    Case(
+        "position_embedding-full-context",
+        "position_embedding",
+        _positions((2, 3), t=4),
+        diff=("x", "table"),
+    ),
 ]
 
 
@@ -435,6 +452,9 @@ OP_EXAMPLES: dict[str, list[Example]] = {
     ],
     "embedding": [
         Example("embedding", lambda rng: (_sq_ids(rng), away_from_zero(rng, (S, S))), ("ids",)),
+    ],
+    "position_embedding": [
+        Example("position_embedding", _sq((S, S, S), (S, S)), ("x",)),
     ],
     "layer_norm": [Example("layer_norm", _sq((S, S), (S,), (S,)), ("x",), {"eps": 1e-3})],
     "rms_norm": [Example("rms_norm", _sq((S, S), (S,)), ("x",))],

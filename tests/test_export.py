@@ -45,6 +45,7 @@ OP_CASES = {
     ],
     "linear_softmax_cross_entropy": [((S(2, 3), S(3, 5), S(2, dtype=I32), S(5)), {})],
     "embedding": [((S(2, 3, dtype=I32), S(7, 4)), {})],
+    "position_embedding": [((S(2, 3, 4), S(5, 4)), {})],
     "layer_norm": [((S(2, 3, 4), S(4), S(4)), {})],
     "rms_norm": [((S(2, 3, 4), S(4)), {})],
     "attention": [
@@ -128,7 +129,8 @@ def test_per_example_transforms_lower_for_cuda():
     _export_cuda(jaxbp.per_example_grad_norms(MLP), params, x, y)
     _export_cuda(jaxbp.clipped_grad(MLP, l2_clip=1.0), params, x, y)
     noisy = jaxbp.clipped_grad(MLP, l2_clip=1.0, noise_multiplier=0.5)
-    _export_cuda(noisy, params, x, y, jax.eval_shape(lambda: jax.random.PRNGKey(0)))
+    key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+    _export_cuda(lambda p, x, y, k: noisy(p, x, y, key=k), params, x, y, key)
 
 
 GPT = jaxbp.GPT(vocab=7, d=8, heads=2, layers=1, context=4)
@@ -143,3 +145,13 @@ def test_gpt_value_and_grad_lowers_for_cuda(model):
     bf16 = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16), params)
     _export_cuda(jaxbp.value_and_grad(model).jitted, bf16, S(2, 4, dtype=I32),
                  S(2, 4, dtype=I32), None)  # fmt: skip
+
+
+@pytest.mark.parametrize("model", [GPT, dataclasses.replace(GPT, tied=True, attention="recompute")],
+                         ids=["default", "tied-recompute"])  # fmt: skip
+def test_gpt_per_example_transforms_lower_for_cuda(model):
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), F32))
+    ids = S(2, 4, dtype=I32)
+    _export_cuda(jaxbp.per_example_grad_norms(model).jitted, params, ids, ids, None)
+    clipped = jaxbp.clipped_grad(model, l2_clip=1.0, noise_multiplier=0.5).jitted
+    _export_cuda(clipped, params, ids, ids, None, jax.eval_shape(lambda: jax.random.PRNGKey(0)))

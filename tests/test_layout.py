@@ -13,10 +13,10 @@ ROOT = pathlib.Path(jaxbp.__file__).parent
 # Layers, lowest first: a module may import from its own layer or below, never above.
 LAYERS = [
     {"_checks", "_vma", "_sharding", "_step", "_text", "datasets"},
-    {"_op"},
+    {"_op", "_tape", "_contrib"},
     {"dense", "activations", "softmax", "losses", "norms", "embedding", "attention", "jacobian"},
     {"_xent", "fused"},
-    {"nn", "gpt", "per_example", "_modules", "eqx", "nnx"},
+    {"model", "nn", "gpt", "per_example", "_modules", "eqx", "nnx"},
     {"parallel"},
     {"reference"},
     {"gradcheck", "custom", "explain", "explain_attention", "train", "train_gpt"},

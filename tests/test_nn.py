@@ -223,8 +223,8 @@ def test_repeated_calls_trace_once(monkeypatch):
     # A model of this test alone (compiled steps are cached per model): its first trace
     # counts, with no cache to clear.
     model, params, x, labels = _problem((5, 4, 3), activation="softplus")
-    counted = chex.assert_max_traces(nn.forward_backward, n=1)
-    monkeypatch.setattr(nn, "forward_backward", counted)
+    counted = chex.assert_max_traces(nn.forward, n=1)
+    monkeypatch.setattr(nn, "forward", counted)
     vg = jaxbp.value_and_grad(model)
     for seed in range(3):
         kx = jax.random.PRNGKey(seed)

@@ -394,9 +394,15 @@ def test_clipped_grad_rejects_bad_options(kwargs, error, match):
         jaxbp.clipped_grad(jaxbp.MLP((3, 2)), **kwargs)
 
 
-def test_transforms_reject_a_non_mlp_model_and_bad_inputs():
-    with pytest.raises(TypeError, match="model: expected a jaxbp.MLP"):
-        jaxbp.per_example_grad_norms(lambda x: x)
+def test_transforms_reject_a_non_model_naming_the_interface_and_bad_inputs():
+    for transform in (
+        jaxbp.per_example_grad_norms,
+        jaxbp.per_example_grads,
+        lambda m: jaxbp.clipped_grad(m, l2_clip=1.0),
+        jaxbp.value_and_grad,
+    ):
+        with pytest.raises(TypeError, match=r"forward\(t, params, \*batch\).*has no forward"):
+            transform(lambda x: x)
     model, params, x, labels = _problem((4, 3), 2)
     with pytest.raises(ValueError, match="x: expected shape"):
         jaxbp.per_example_grads(model)(params, x[:, :3], labels)
@@ -453,7 +459,7 @@ def test_forward_backward_weighted_gives_the_gradient_of_the_seeded_sum():
     where = jnp.arange(6) != 2
     seed = jnp.array([0.5, -1.0, 7.0, 2.0, 0.0, 3.0], jnp.float64)
     run = jax.jit(pe.forward_backward_weighted, static_argnums=0)
-    per_ex, grads, deltas, acts = run(model, params, x, labels, seed, where=where)
+    per_ex, grads = run(model, params, x, labels, where, None, seed=seed)
 
     def seeded(p):  # Σ_k s_k·ℓ_k over the valid rows, differentiated by JAX
         losses = model.per_example_loss(p, x, labels, ops=jaxbp.reference)
@@ -462,8 +468,6 @@ def test_forward_backward_weighted_gives_the_gradient_of_the_seeded_sum():
     assert_close(grads, jax.grad(seeded)(params), jnp.float64)
     ref_losses = model.per_example_loss(params, x, labels, ops=jaxbp.reference)
     assert_close(per_ex, jnp.where(where, ref_losses, 0.0), jnp.float64)  # masked: loss 0
-    assert deltas[1].shape == (6, 3) and acts[1].shape == (6, 5)
-    assert np.all(np.asarray(deltas[0])[2] == 0.0)  # the masked row
 
 
 def test_bfloat16_norms_are_float32_and_close_to_the_float32_reference():
@@ -493,3 +497,122 @@ def test_dp_training_on_the_digits_runs_and_prints_accuracy(capsys):
         cli.main(["train", "--epochs", "1", "--noise", "1.0"])
     assert e.value.code == 2
     assert "needs --dp-clip" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ the GPT
+#
+# An example is one sequence; its loss is the mean over its valid tokens. The oracle:
+# jax.vmap over sequences of jax.grad of the plain twin's mean loss on one sequence
+# (jaxbp.reference.per_example_grads of a GPT), and clipping/noise applied to those.
+
+
+def _gpt(n=3, t=5, seed=0, dtype=jnp.float64, **kw):
+    model = jaxbp.GPT(**({"vocab": 13, "d": 8, "heads": 2, "layers": 2, "context": 6} | kw))
+    params = model.init(jax.random.PRNGKey(seed), dtype)
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+    params = jax.tree.unflatten(tree, [
+        a + (0.1 * jax.random.normal(k, a.shape, jnp.float32)).astype(a.dtype)
+        for a, k in zip(leaves, keys, strict=True)
+    ])  # fmt: skip
+    ki, kt = jax.random.split(jax.random.PRNGKey(seed + 2))
+    ids = jax.random.randint(ki, (n, t), 0, model.vocab, jnp.int32)
+    targets = jax.random.randint(kt, (n, t), 0, model.vocab, jnp.int32)
+    return model, params, ids, targets
+
+
+# Each option's values, paired so that every value meets a masked batch (the last sequence
+# fully masked, the first half masked) and an unmasked one.
+GPT_OPTIONS = [
+    ({"tied": True, "attention": "store", "head_strategy": "forward"}, True),
+    ({"tied": False, "attention": "recompute", "head_strategy": "recompute"}, True),
+    ({"tied": True, "attention": "recompute", "head_strategy": "recompute"}, False),
+    ({"tied": False, "attention": "store", "head_strategy": "forward", "heads": 4}, False),
+]
+
+
+def _gpt_where(n, t):
+    where = np.ones((n, t), bool)
+    where[0, : t // 2] = False
+    where[-1] = False  # a sequence with nothing valid: gradient 0, norm 0, factor 1
+    return jnp.asarray(where)
+
+
+@pytest.mark.parametrize(("options", "masked"), GPT_OPTIONS,
+                         ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items())
+                         if isinstance(o, dict) else ("where" if o else "all"))  # fmt: skip
+def test_gpt_per_example_transforms_equal_vmap_grad_of_the_twin_per_sequence(options, masked):
+    model, params, ids, targets = _gpt(**options)
+    kw = {"where": _gpt_where(*ids.shape)} if masked else {}
+    want = jaxbp.reference.per_example_grads(model)(params, ids, targets, **kw)
+    assert_close(jaxbp.per_example_grads(model)(params, ids, targets, **kw), want, jnp.float64)
+    norms = np.sqrt(_tree_sq_norms(want))
+    got = jaxbp.per_example_grad_norms(model)(params, ids, targets, **kw)
+    assert_close(got, norms, jnp.float64)
+    if masked:
+        assert float(got[-1]) == 0.0
+    for method in ("bookkeeping", "two_pass"):
+        grads, n = jaxbp.clipped_grad(model, l2_clip=0.7 * float(np.median(norms[norms > 0])),
+                                      method=method)(params, ids, targets, **kw)  # fmt: skip
+        ref = jaxbp.reference.clipped_grad(model, l2_clip=0.7 * float(np.median(norms[norms > 0])))(
+            params, ids, targets, **kw
+        )
+        assert_close((grads, n), ref, jnp.float64)
+
+
+def test_gpt_clipped_grad_with_noise_equals_the_reference_draws_in_float32():
+    model, params, ids, targets = _gpt(dtype=jnp.float32, tied=True)
+    key = jax.random.PRNGKey(3)
+    got = jaxbp.clipped_grad(model, l2_clip=0.5, noise_multiplier=1.3)(
+        params, ids, targets, key=key)  # fmt: skip
+    want = jaxbp.reference.clipped_grad(model, l2_clip=0.5, noise_multiplier=1.3)(
+        params, ids, targets, key=key)  # fmt: skip
+    assert_close(got, want, jnp.float32)
+
+
+def test_gpt_clipped_grad_with_a_huge_bound_is_the_mean_of_the_sequences_mean_gradients():
+    model, params, ids, targets = _gpt()
+    grads, _ = jaxbp.clipped_grad(model, l2_clip=1e30)(params, ids, targets)
+    # no mask: every sequence has t valid tokens, so that is value_and_grad's token mean
+    assert_close(grads, jaxbp.value_and_grad(model)(params, ids, targets)[1], jnp.float64)
+
+
+@settings(max_examples=5, derandomize=True, deadline=None)
+@given(n=st.integers(1, 3), t=st.integers(1, 4), heads=st.sampled_from([1, 2]),
+       vocab=st.integers(3, 9), tied=st.booleans())  # fmt: skip
+def test_gpt_per_example_norms_over_shapes(n, t, heads, vocab, tied):
+    model, params, ids, targets = _gpt(n, t, vocab=vocab, heads=heads, d=4, layers=1,
+                                       context=4, tied=tied)  # fmt: skip
+    want = np.sqrt(_tree_sq_norms(jaxbp.reference.per_example_grads(model)(params, ids, targets)))
+    assert_close(jaxbp.per_example_grad_norms(model)(params, ids, targets), want, jnp.float64)
+
+
+def test_gpt_norms_never_form_an_n_t_v_array_nor_a_per_example_table():
+    model = jaxbp.GPT(vocab=3000, d=8, heads=2, layers=1, context=4, tied=True,
+                      head_strategy="recompute")  # v > the 1024-column chunk  # fmt: skip
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0)))
+    ids = jax.ShapeDtypeStruct((2, 4), jnp.int32)
+    shapes = _shapes_in(jax.make_jaxpr(jaxbp.per_example_grad_norms(model).jitted)(
+        params, ids, ids, None))  # fmt: skip
+    big = [s for s in shapes if 3000 in s and len(s) >= 2 and s != (3000, 8) and s != (8, 3000)]
+    assert not big, big  # only the table itself (v, d) and the head wᵀ (d, v)
+
+
+@pytest.mark.parametrize("op_name", ["dense", "embedding", "position_embedding", "layer_norm",
+                                     "linear_softmax_cross_entropy"])  # fmt: skip
+def test_a_planted_bug_in_a_per_example_rule_is_caught_by_the_vmap_grad_oracle(
+    monkeypatch, op_name
+):
+    op = getattr(jaxbp, op_name)
+    right = op.example_grads
+
+    def wrong(res, g, *, examples, **options):  # example k's rows paired with k+1's g
+        rolled = jnp.roll(g.reshape(examples, -1), 1, axis=0).reshape(g.shape)
+        return right(res, rolled, examples=examples, **options)
+
+    model, params, ids, targets = _gpt(tied=True)
+    want = jaxbp.reference.per_example_grad_norms(model)(params, ids, targets)
+    monkeypatch.setattr(op, "example_grads", wrong)
+    got = jaxbp.per_example_grad_norms(model)(params, ids, targets)
+    with pytest.raises(AssertionError, match="relative error"):
+        assert_close(got, want, jnp.float64)

@@ -19,13 +19,17 @@ ALLOWED = {
     "dense": {"_validate"},
     "softmax": {"_validate", "_validate_where"},
     "norms": {"_validate_layer_norm", "_validate_rms_norm"},
-    "embedding": {"_validate", "_check_ids"},
+    "embedding": {"_validate", "_check_ids", "_validate_positions"},
     "attention": {"_validate"},
     "fused": {"validate_fused"},
     "losses": {"_validate_ce"},
     "nn": {"MLP"},
     "gpt": {"GPT"},
     "per_example": {"check_clip_options", "_check_key"},
+    # A model of the user's own has no twin but its forward loop: the reference runs that
+    # loop on the ops' plain twins (Tape("reference") calls op.reference, never a rule).
+    "model": {"check_model", "checker", "reference_loss"},
+    "_tape": {"Tape"},
 }
 
 

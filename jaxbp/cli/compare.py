@@ -1,15 +1,20 @@
 """``jaxbp compare``: manual gradients vs jax.grad vs finite differences; exit 1 on a mismatch.
 
 The arguments, their checks, and the printing; the work is :func:`jaxbp.gradcheck.compare`.
+``--model mlp`` (default) sweeps MLP configurations on synthetic data or the digits;
+``--model gpt`` checks a small GPT on windows of the bundled Shakespeare.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ..activations import ACTIVATIONS
-from ..datasets import load_digits
+from ..attention import STRATEGIES as ATTENTION_STRATEGIES
+from ..datasets import load_digits, load_shakespeare
+from ..gpt import GPT
 from ..gradcheck import FD_DIRECTIONS, compare, x64
 from ..nn import LOSSES, MLP
 from ._args import (
@@ -24,29 +29,55 @@ from ._args import (
 )
 
 DTYPES = ("float32", "float64", "bfloat16")
+# --model gpt: a GPT small enough for float64 finite differences in seconds.
+GPT_COMPARE = {"d": 16, "heads": 2, "layers": 2, "context": 16, "batch": 4,
+               "attention": "store"}  # fmt: skip
+MLP_DEFAULTS = {"sizes": (64, 32, 10), "batch": 32, "activation": ["relu"],
+                "loss": ["softmax_cross_entropy"], "dataset": "synthetic"}  # fmt: skip
+# Flags of one model only (argparse default None: giving one to the other model is a usage
+# error; validate fills in the model's own default).
+MLP_ONLY = ("sizes", "activation", "loss", "dataset", "label_smoothing", "z_loss")
+GPT_ONLY = ("d", "heads", "layers", "context", "attention", "tied")
 
 
 def add_arguments(parser) -> None:
     """``jaxbp compare``'s arguments."""
     parser.add_argument(
+        "--model", choices=("mlp", "gpt"), default="mlp",
+        help="mlp: MLP configurations (default); gpt: a small GPT on windows of Shakespeare",
+    )  # fmt: skip
+    parser.add_argument(
+        "--batch", type=positive_int, default=None,
+        help=f"batch size n (default {MLP_DEFAULTS['batch']}; gpt: {GPT_COMPARE['batch']} "
+        "sequences)",
+    )  # fmt: skip
+    mlp = parser.add_argument_group("--model mlp")
+    mlp.add_argument(
         "--sizes",
         type=sizes,
-        default=(64, 32, 10),
+        default=None,
         help="layer widths, input first (default 64,32,10)",
     )
-    parser.add_argument("--batch", type=positive_int, default=32, help="batch size n (default 32)")
-    parser.add_argument(
+    mlp.add_argument(
         "--activation",
         type=choice_list(tuple(ACTIVATIONS)),
-        default=["relu"],
+        default=None,
         help=f"one of {', '.join(ACTIVATIONS)}, a comma list, or 'all' (default relu)",
     )
-    parser.add_argument(
+    mlp.add_argument(
         "--loss",
         type=choice_list(tuple(LOSSES)),
-        default=["softmax_cross_entropy"],
+        default=None,
         help=f"one of {', '.join(LOSSES)}, a comma list, or 'all' (default softmax_cross_entropy)",
     )
+    gpt = parser.add_argument_group("--model gpt")
+    for flag in ("d", "heads", "layers", "context"):
+        gpt.add_argument(f"--{flag}", type=positive_int, default=None,
+                         help=f"default {GPT_COMPARE[flag]}")  # fmt: skip
+    gpt.add_argument("--attention", choices=ATTENTION_STRATEGIES, default=None,
+                     help="attention strategy (default store)")  # fmt: skip
+    gpt.add_argument("--tied", action="store_const", const=True, default=None,
+                     help="tie the head to the token table")  # fmt: skip
     parser.add_argument(
         "--dtype",
         type=choice_list(DTYPES),
@@ -54,11 +85,11 @@ def add_arguments(parser) -> None:
         help="float32, float64, bfloat16, a comma list, or 'all' (default float32)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of data, parameters, directions")
-    parser.add_argument(
+    mlp.add_argument(
         "--dataset",
         choices=("synthetic", "digits"),
-        default="synthetic",
-        help="random inputs, or the first --batch digits (needs sizes 64,…,10)",
+        default=None,
+        help="random inputs (default), or the first --batch digits (needs sizes 64,…,10)",
     )
     parser.add_argument(
         "--fd-directions",
@@ -67,16 +98,16 @@ def add_arguments(parser) -> None:
         help=f"random directions per leaf for finite differences (default {FD_DIRECTIONS})",
     )
     parser.add_argument("--no-fd", action="store_true", help="skip the finite-difference check")
-    parser.add_argument(
+    mlp.add_argument(
         "--label-smoothing",
         type=unit_float,
-        default=0.0,
+        default=None,
         help="softmax_cross_entropy's label_smoothing in [0, 1] (default 0)",
     )
-    parser.add_argument(
+    mlp.add_argument(
         "--z-loss",
         type=nonnegative_float,
-        default=0.0,
+        default=None,
         help="softmax_cross_entropy's z_loss ≥ 0 (default 0)",
     )
     parser.add_argument(
@@ -86,6 +117,24 @@ def add_arguments(parser) -> None:
 
 def validate(args) -> None:
     """What no single value shows: options that do not apply, the digits' sizes."""
+    mine, other = (GPT_ONLY, MLP_ONLY) if args.model == "gpt" else (MLP_ONLY, GPT_ONLY)
+    for flag in other:
+        if getattr(args, flag) is not None:
+            raise ValueError(
+                f"--{flag.replace('_', '-')}: only for --model "
+                f"{'mlp' if args.model == 'gpt' else 'gpt'}, got --model {args.model}"
+            )
+    defaults = GPT_COMPARE if args.model == "gpt" else {**MLP_DEFAULTS, "label_smoothing": 0.0,
+                                                         "z_loss": 0.0}  # fmt: skip
+    for flag in (*mine, "batch"):
+        if getattr(args, flag, None) is None:
+            setattr(args, flag, defaults.get(flag, False))
+    if args.no_fd and args.fd_directions is not None:
+        raise ValueError("--fd-directions: does not apply with --no-fd")
+    if args.model == "gpt":
+        if args.d % args.heads:
+            raise ValueError(f"--heads: expected a divisor of --d {args.d}, got {args.heads}")
+        return
     if "softmax_cross_entropy" not in args.loss:
         for flag, value in (("--label-smoothing", args.label_smoothing), ("--z-loss", args.z_loss)):
             if value:
@@ -93,8 +142,6 @@ def validate(args) -> None:
                     f"{flag}: only for --loss softmax_cross_entropy, got --loss "
                     f"{','.join(args.loss)}"
                 )
-    if args.no_fd and args.fd_directions is not None:
-        raise ValueError("--fd-directions: does not apply with --no-fd")
     if args.dataset == "digits":
         split = load_digits()
         i, c = split.x_train.shape[1], split.num_classes
@@ -132,6 +179,28 @@ def _batch(model: MLP, dataset: str, batch: int, seed: int):
     return x, jax.random.normal(ky, (batch, c), jnp.float64)  # mse targets
 
 
+def _gpt_reports(args, fd_directions):
+    """One report per dtype: a small GPT on ``--batch`` windows of the bundled Shakespeare."""
+    text = load_shakespeare()
+    model = GPT(text.vocab_size, args.d, args.heads, args.layers, args.context,
+                tied=bool(args.tied), attention=args.attention)  # fmt: skip
+    ids, targets = text.batch(np.random.default_rng(args.seed), args.batch, args.context)
+    params = model.init(jax.random.PRNGKey(args.seed + 1), jnp.float64)
+    return [
+        compare(
+            model,
+            params,
+            ids,
+            targets,
+            dtype=dtype,
+            fd=not args.no_fd,
+            fd_directions=fd_directions,
+            seed=args.seed,
+        )  # fmt: skip
+        for dtype in args.dtype
+    ]
+
+
 def run(args) -> int:
     """Run ``jaxbp compare`` (arguments already validated); 0 when every comparison passes,
     1 otherwise."""
@@ -139,7 +208,11 @@ def run(args) -> int:
     fd_directions = FD_DIRECTIONS if args.fd_directions is None else args.fd_directions
     reports = []
     with x64():
-        for dtype in args.dtype:
+        for report in _gpt_reports(args, fd_directions) if args.model == "gpt" else ():
+            reports.append(report)
+            print(report.table(), file=out)
+            print(file=out)
+        for dtype in args.dtype if args.model == "mlp" else ():
             for activation in args.activation:
                 for loss in args.loss:
                     opts = {}
@@ -158,7 +231,8 @@ def run(args) -> int:
                     print(file=out)
     passed = all(r.passed for r in reports)
     if len(reports) > 1:
-        bad = [f"{r.activation}/{r.loss}/{r.dtype}" for r in reports if not r.passed]
+        bad = [f"{r.activation}/{r.loss}/{r.dtype}" if r.sizes else r.dtype
+               for r in reports if not r.passed]  # fmt: skip
         print(
             f"{len(reports) - len(bad)} of {len(reports)} configurations passed"
             + (f"; failed: {', '.join(bad)}" if bad else ""),

@@ -48,6 +48,9 @@ class ShardedHead:
     """The last dense layer on a class shard: :func:`jaxbp.dense`'s rules (read from the op
     when traced), with the input gradient summed over the class shards of ``axis``."""
 
+    name = "dense (class shard)"
+    arg_names, per_example_args, example_grads = ("x", "w", "b"), ("x",), None
+
     def __init__(self, axis: str):
         self.axis = axis
 

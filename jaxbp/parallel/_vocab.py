@@ -71,6 +71,10 @@ class ShardedLoss:
     (``dclass_weights_k`` summed over this device's rows). The explicit loop of
     :mod:`jaxbp.nn` runs it as the loss of a model whose last layer is split over ``axis``."""
 
+    name = "softmax_cross_entropy (class shard)"
+    arg_names = per_example_args = ("z_k", "labels")  # what the tape needs of an op
+    example_grads = None
+
     def __init__(self, axis: str, c: int):
         self.axis, self.c, self.red = axis, int(c), Reduce(axis)
 

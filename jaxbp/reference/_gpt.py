@@ -23,7 +23,7 @@ import optax
 
 from .. import _step
 
-__all__ = ["gpt_logits", "gpt_mean_loss", "gpt_value_and_grad"]
+__all__ = ["gpt_logits", "gpt_mean_loss", "gpt_token_losses", "gpt_value_and_grad"]
 
 
 def _acc(x):
@@ -71,12 +71,18 @@ def gpt_logits(model, params, ids):
     return jnp.einsum("ntd,dv->ntv", x, w, preferred_element_type=_acc(x).dtype)
 
 
-def gpt_mean_loss(model, params, ids, targets, where=None):
-    """Mean next-id cross-entropy over valid positions; 0 when none is valid."""
+def gpt_token_losses(model, params, ids, targets, where=None):
+    """Per-token cross-entropy ``(n, t)`` of the plain twin and the valid positions."""
     logits = gpt_logits(model, params, ids)
     per_tok = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # (n, t)
     valid = jnp.ones(ids.shape, bool) if where is None else where
-    total = jnp.sum(jnp.where(valid, per_tok, 0.0))
+    return jnp.where(valid, per_tok, 0.0), valid
+
+
+def gpt_mean_loss(model, params, ids, targets, where=None):
+    """Mean next-id cross-entropy over valid positions; 0 when none is valid."""
+    per_tok, valid = gpt_token_losses(model, params, ids, targets, where)
+    total = jnp.sum(per_tok)
     return total / jnp.maximum(jnp.sum(valid), 1).astype(total.dtype)
 
 
@@ -90,9 +96,4 @@ def gpt_value_and_grad(model) -> Callable:
     where=None) -> (mean loss, grads)``; ``f.jitted(params, ids, targets, where)`` is the
     compiled step (:mod:`jaxbp._step`)."""
     step = _step.compiled(_run, model)
-
-    def check(params, ids, targets, *, where=None):
-        ids, targets, where = model.check_inputs(params, ids, targets, where)
-        return params, ids, targets, where
-
-    return _step.entry(step, check, "value_and_grad", gpt_value_and_grad.__doc__)
+    return _step.entry(step, model.check_inputs, "value_and_grad", gpt_value_and_grad.__doc__)

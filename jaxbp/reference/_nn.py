@@ -7,7 +7,10 @@ Index letters::
 Everything that computes a value is written here with :mod:`jaxbp.reference`'s own ops:
 the forward loop over ``params``, the per-example and mean losses, the valid-row mask. From
 :class:`jaxbp.MLP` only the configuration and :meth:`~jaxbp.MLP.check_inputs` (validation)
-are used, so a wrong hand-written rule cannot leak into the oracle.
+are used, so a wrong hand-written rule cannot leak into the oracle. A :class:`jaxbp.GPT`
+has its own twin (:mod:`jaxbp.reference._gpt`); any other model of :mod:`jaxbp.model`'s
+interface is differentiated through its own forward loop run on the ops' plain twins
+(``Tape("reference")``): no hand-written rule runs there either.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import jax.numpy as jnp
 
 from .. import _step
 from ..gpt import GPT
+from ..model import check_model, checker, reference_loss
 from ..nn import MLP
 from ._gpt import gpt_value_and_grad
 from ._ops import (
@@ -42,11 +46,6 @@ _ACTIVATIONS = {
     "relu": relu, "leaky_relu": leaky_relu, "sigmoid": sigmoid, "tanh": tanh, "gelu": gelu,
     "softplus": softplus, "silu": silu, "swish": swish,
 }  # fmt: skip
-
-
-def _check_model(model):
-    if not isinstance(model, MLP | GPT):
-        raise TypeError(f"model: expected a jaxbp.MLP or jaxbp.GPT, got {type(model).__name__}")
 
 
 def forward(model: MLP, params, x):
@@ -97,22 +96,26 @@ def _value_and_grad_core(model, params, x, labels, where, class_weights):
     return jax.value_and_grad(loss)(params)
 
 
-def value_and_grad(model: MLP) -> Callable:
+def _twin_core(model, params, *batch):
+    return jax.value_and_grad(lambda p: reference_loss(model, p, *batch))(params)
+
+
+def value_and_grad(model) -> Callable:
     """``jax.jit(jax.value_and_grad)`` of ``model``'s mean loss built from the plain-jnp ops.
 
-    Same call signature and result as :func:`jaxbp.value_and_grad`: ``f(params, x (n, i),
-    labels, *, where=None, class_weights=None) -> (mean loss, grads)``; inputs are validated
-    (and lists or NumPy arrays converted) before tracing. ``f.jitted(params, x, labels,
-    where, class_weights)`` is the compiled step (:mod:`jaxbp._step`). For a
+    Same call signature and result as :func:`jaxbp.value_and_grad`: for an MLP ``f(params,
+    x (n, i), labels, *, where=None, class_weights=None) -> (mean loss, grads)``; inputs are
+    validated (and lists or NumPy arrays converted) before tracing. ``f.jitted(params, x,
+    labels, where, class_weights)`` is the compiled step (:mod:`jaxbp._step`). For a
     :class:`jaxbp.GPT`: ``f(params, ids, targets, *, where=None)``, the plain twin of
-    :mod:`jaxbp.reference._gpt`.
+    :mod:`jaxbp.reference._gpt`. For any other model: ``jax.value_and_grad`` of its forward
+    loop run through the ops' plain twins (:func:`jaxbp.model.reference_loss`).
     """
-    _check_model(model)
     if isinstance(model, GPT):
         return gpt_value_and_grad(model)
-    step = _step.compiled(_value_and_grad_core, model)
-
-    def check(params, x, labels, *, where=None, class_weights=None):
-        return model.check_inputs(params, x, labels, where, class_weights)
-
-    return _step.entry(step, check, "value_and_grad", value_and_grad.__doc__)
+    if isinstance(model, MLP):
+        step = _step.compiled(_value_and_grad_core, model)
+        return _step.entry(step, model.check_inputs, "value_and_grad", value_and_grad.__doc__)
+    check_model(model, "reference.value_and_grad")
+    step = _step.compiled(_twin_core, model)
+    return _step.entry(step, checker(model), "value_and_grad", value_and_grad.__doc__)

@@ -16,11 +16,11 @@ from jax import lax
 
 from .. import _checks
 from ..attention import _validate as _validate_attention
-from ..embedding import _check_ids
+from ..embedding import _check_ids, _validate_positions
 from ..embedding import _validate as _validate_embedding
 from ..norms import _validate_layer_norm, _validate_rms_norm
 
-__all__ = ["embedding", "layer_norm", "rms_norm", "attention"]
+__all__ = ["embedding", "position_embedding", "layer_norm", "rms_norm", "attention"]
 
 
 def _acc(x):
@@ -39,6 +39,12 @@ def embedding(ids, table):
     ids = jnp.where(ids < 0, v, ids)
     out = jnp.take(_acc(table), ids, axis=0, mode="fill", fill_value=jnp.nan)
     return out.astype(table.dtype)
+
+
+def position_embedding(x, table):
+    """Reference position embedding: ``x + table[:t]`` for ``x (..., t, d)``."""
+    x, table = _validate_positions(x, table)
+    return x + lax.slice_in_dim(table, 0, x.shape[-2], axis=0)
 
 
 def layer_norm(x, gamma, beta, *, eps=1e-5):
