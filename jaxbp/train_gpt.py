@@ -161,7 +161,7 @@ def mesh_devices(mesh: dict[str, int]) -> list:
         if jax.config.values.get("jax_num_cpu_devices", None) == -1:
             try:
                 jax.config.update("jax_num_cpu_devices", count)
-            except Exception:  # noqa: BLE001 - the backends started already: count them
+            except RuntimeError:  # the backends started already: count the devices they have
                 pass
     devices = jax.devices()
     if len(devices) < count:
