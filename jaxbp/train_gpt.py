@@ -179,15 +179,18 @@ def _mesh_text(mesh: dict[str, int]) -> str:
 
 
 def _on_mesh(model: GPT, params, mesh: dict[str, int], devices: list):
-    """``(the compiled step, params placed on the mesh, a function that replicates them)``
-    for :func:`jaxbp.parallel.value_and_grad` on a ``(data, model)`` mesh."""
+    """For :func:`jaxbp.parallel.value_and_grad` on a ``(data, model)`` mesh: the compiled
+    step, the parameters placed on the mesh, a function that replicates them (for the
+    validation loss and the sample), and ``put(host array, spec)``, which places the same
+    host values of every process on the mesh (one process or several)."""
     data, parts = _mesh_sizes(mesh)
     m = jax.make_mesh((data, parts), MESH_AXES, devices=devices)
     model_axis = "model" if parts > 1 else None
     step = parallel.value_and_grad(model, m, axis="data", model_axis=model_axis).jitted
     params = parallel.shard(params, m, parallel.gpt_param_specs(model, model_axis))
     everywhere = jax.sharding.NamedSharding(m, parallel.P())
-    return step, params, jax.jit(lambda p: p, out_shardings=everywhere)
+    replicate = jax.jit(lambda p: p, out_shardings=everywhere)
+    return step, params, replicate, lambda a, spec: parallel.shard(a, m, spec)
 
 
 def _characters_only(model: GPT, params, chars: int):
@@ -311,14 +314,15 @@ def train_gpt(
     k_init, k_sample = jax.random.split(jax.random.PRNGKey(cfg["seed"]))
     params = model.init(k_init)
     step, everywhere = value_and_grad(model).jitted, lambda p: p
+    put = lambda a, spec: jnp.asarray(a)  # noqa: E731 - one device: where JAX puts it
     if mesh is not None:  # the parameters split over the mesh, the step on every device
-        step, params, everywhere = _on_mesh(model, params, mesh, devices)
+        step, params, everywhere, put = _on_mesh(model, params, mesh, devices)
     opt = _optimizer(cfg)
     opt_state = opt.init(params)
     stretch = _stretch_fn(step, opt)
     val_rng = np.random.default_rng(12345)  # the same validation windows in every run
     vx, vy = text.batch(val_rng, cfg["eval_batches"] * n, t, split="validation")
-    vx, vy = jnp.asarray(vx), jnp.asarray(vy)
+    vx, vy = put(vx, parallel.P()), put(vy, parallel.P())
     eval_loss = jax.jit(lambda p, x, y: model.mean_loss(p, x, y))
 
     check_info = None
@@ -343,7 +347,8 @@ def train_gpt(
         xs, ys = text.batch(rng, s * n, t)
         xs, ys = xs.reshape(s, n, t), ys.reshape(s, n, t)
         t0 = time.perf_counter()
-        params, opt_state, losses = stretch(params, opt_state, jnp.asarray(xs), jnp.asarray(ys))
+        rows = parallel.P(None, "data")  # (s, n, t): each step's sequences split over data
+        params, opt_state, losses = stretch(params, opt_state, put(xs, rows), put(ys, rows))
         losses = np.asarray(losses, np.float64)
         done += s
         step_losses += losses.tolist()
