@@ -45,6 +45,10 @@ part ``1/P``). Per device and step, in elements (``L`` blocks)::
 Megatron-LM's count is the first line: two all-reduces of ``n·t·d`` per block forward and
 two backward, plus the embedding's and the head's.
 
+The head runs the kernel's ``"recompute"`` strategy (the single-device GPT's default
+``head_strategy="forward"`` needs whole vocabulary rows on one device): the same values,
+the logits recomputed chunk by chunk in the backward.
+
 **The mean over valid tokens.** Each data shard counts its valid tokens ``N_k``; one
 ``psum`` gives ``N``, and every shard seeds its backward with ``1/max(N, 1)`` on its valid
 tokens: the gradient of the global mean, exact however unevenly ``where`` masks the shards
