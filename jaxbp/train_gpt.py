@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,14 +29,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import reference
+from . import parallel, reference
 from .datasets import load_shakespeare
 from .gpt import GPT
 from .model import value_and_grad
 
-__all__ = ["GPT_DEFAULTS", "GPTTrainResult", "train_gpt", "check_gradients"]
+__all__ = ["GPT_DEFAULTS", "GPTTrainResult", "train_gpt", "check_gradients", "mesh_devices"]
 
 GPT_DEFAULTS: dict[str, Any] = {
+    "vocab": 65,  # the characters of the text; more: ids that never occur (a padded vocabulary)
     "d": 128,
     "heads": 4,
     "layers": 4,
@@ -53,6 +55,10 @@ GPT_DEFAULTS: dict[str, Any] = {
 }
 # float32, relative to the reference gradient's max-abs per leaf (the library's float32 bound).
 GRAD_CHECK_TOLERANCE = 1e-5
+# float32, a loss curve on a mesh against one device's, relative to the curve's max-abs (the
+# bound of ``jaxbp train --check`` for the MLP's curves).
+CURVE_CHECK_TOLERANCE = 1e-4
+MESH_AXES = ("data", "model")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +99,9 @@ class GPTTrainResult:
         }
 
 
-def check_config(cfg: dict[str, Any]) -> GPT:
-    """Clear ``ValueError``s for a bad configuration, before anything is compiled."""
+def check_config(cfg: dict[str, Any], mesh: dict[str, int] | None = None) -> GPT:
+    """Clear ``ValueError``s for a bad configuration, before anything is compiled; the GPT,
+    its vocabulary padded to a multiple of the ``model`` axis of ``mesh``."""
     for name in ("batch_size", "steps", "log_every", "eval_batches", "warmup"):
         value = cfg[name]
         low = 0 if name == "warmup" else 1
@@ -107,9 +114,109 @@ def check_config(cfg: dict[str, Any]) -> GPT:
         raise ValueError(f"weight_decay: expected a number ≥ 0, got {cfg['weight_decay']!r}")
     if not isinstance(cfg["sample_chars"], int) or cfg["sample_chars"] < 0:
         raise ValueError(f"sample_chars: expected an int ≥ 0, got {cfg['sample_chars']!r}")
+    chars = GPT_DEFAULTS["vocab"]
+    if isinstance(cfg["vocab"], bool) or not isinstance(cfg["vocab"], int) or cfg["vocab"] < chars:
+        raise ValueError(f"vocab: expected an int ≥ {chars} (the characters), got {cfg['vocab']!r}")
+    data, model_parts = _mesh_sizes(mesh)
+    if cfg["batch_size"] % data:
+        raise ValueError(
+            f"batch_size: expected a multiple of the {data} devices of the mesh's data axis, "
+            f"got {cfg['batch_size']}"
+        )
+    if cfg["heads"] % model_parts:
+        raise ValueError(
+            f"heads: expected a multiple of the {model_parts} devices of the mesh's model "
+            f"axis, got {cfg['heads']}"
+        )
+    vocab = -(-cfg["vocab"] // model_parts) * model_parts  # padded: ids that never occur
     return GPT(
-        vocab=65, d=cfg["d"], heads=cfg["heads"], layers=cfg["layers"], context=cfg["context"]
+        vocab=vocab, d=cfg["d"], heads=cfg["heads"], layers=cfg["layers"], context=cfg["context"]
     )
+
+
+def _mesh_sizes(mesh: dict[str, int] | None) -> tuple[int, int]:
+    """``(D, P)`` of ``mesh={"data": D, "model": P}`` (each 1 when absent)."""
+    if mesh is None:
+        return 1, 1
+    if not isinstance(mesh, dict) or not set(mesh) <= set(MESH_AXES):
+        raise ValueError(f"mesh: expected a dict of sizes of {MESH_AXES}, got {mesh!r}")
+    for name, size in mesh.items():
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"mesh: expected a positive int for {name!r}, got {size!r}")
+    return mesh.get("data", 1), mesh.get("model", 1)
+
+
+def mesh_devices(mesh: dict[str, int]) -> list:
+    """The first ``D·P`` devices for ``mesh={"data": D, "model": P}``; ``ValueError`` when
+    there are fewer.
+
+    On a CPU the devices are simulated: unless the process already chose a CPU device count
+    (``XLA_FLAGS=--xla_force_host_platform_device_count``, ``jax_num_cpu_devices``), it asks
+    for ``D·P`` CPU devices, which works only before JAX has started its backends. On a GPU
+    machine the default devices are the GPUs and nothing is simulated.
+    """
+    count = int(np.prod(_mesh_sizes(mesh)))
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        if jax.config.values.get("jax_num_cpu_devices", None) == -1:
+            try:
+                jax.config.update("jax_num_cpu_devices", count)
+            except RuntimeError:  # the backends started already: count the devices they have
+                pass
+    devices = jax.devices()
+    if len(devices) < count:
+        raise ValueError(
+            f"mesh: {_mesh_text(mesh)} needs {count} devices, this process has "
+            f"{len(devices)} {devices[0].platform} device(s) (simulated CPU devices must be "
+            f"asked for before JAX starts: XLA_FLAGS=--xla_force_host_platform_device_count="
+            f"{count})"
+        )
+    return devices[:count]
+
+
+def _mesh_text(mesh: dict[str, int]) -> str:
+    return ",".join(f"{k}={v}" for k, v in mesh.items())
+
+
+def _on_mesh(model: GPT, params, mesh: dict[str, int], devices: list):
+    """For :func:`jaxbp.parallel.value_and_grad` on a ``(data, model)`` mesh: the compiled
+    step, the parameters placed on the mesh, a function that replicates them (for the
+    validation loss and the sample), and ``put(host array, spec)``, which places the same
+    host values of every process on the mesh (one process or several)."""
+    data, parts = _mesh_sizes(mesh)
+    m = jax.make_mesh((data, parts), MESH_AXES, devices=devices)
+    model_axis = "model" if parts > 1 else None
+    step = parallel.value_and_grad(model, m, axis="data", model_axis=model_axis).jitted
+    params = parallel.shard(params, m, parallel.gpt_param_specs(model, model_axis))
+    everywhere = jax.sharding.NamedSharding(m, parallel.P())
+    replicate = jax.jit(lambda p: p, out_shardings=everywhere)
+    return step, params, replicate, lambda a, spec: parallel.shard(a, m, spec)
+
+
+def _characters_only(model: GPT, params, chars: int):
+    """The model and parameters with the padding ids (``≥ chars``) cut from the token table
+    and the head: the same logits for the characters, and a sample never draws padding."""
+    if model.vocab == chars:
+        return model, params
+    cut = dict(params, tok=params["tok"][:chars])
+    if not model.tied:
+        cut["head"] = {"w": params["head"]["w"][:, :chars]}
+    return dataclasses.replace(model, vocab=chars), cut
+
+
+def compare_curves(curve, reference) -> dict[str, Any]:
+    """A loss curve against another: the largest difference, relative to the reference
+    curve's max-abs, passed at :data:`CURVE_CHECK_TOLERANCE`."""
+    a, b = np.asarray(curve, np.float64), np.asarray(reference, np.float64)
+    diff = float(np.max(np.abs(a - b)))
+    rel = diff / max(float(np.max(np.abs(b))), 1e-30)
+    return {
+        "max_abs_difference": diff,
+        "max_rel_difference": rel,
+        "steps": len(b),
+        "tolerance": CURVE_CHECK_TOLERANCE,
+        "passed": bool(rel <= CURVE_CHECK_TOLERANCE),
+    }
 
 
 def _optimizer(cfg) -> optax.GradientTransformation:
@@ -171,18 +278,26 @@ def check_gradients(model: GPT, params, x, y) -> dict[str, Any]:
 
 
 def train_gpt(
-    *, check: bool = False, log: Callable[[str], None] | None = None, **options: Any
+    *,
+    check: bool = False,
+    log: Callable[[str], None] | None = None,
+    mesh: dict[str, int] | None = None,
+    **options: Any,
 ) -> GPTTrainResult:
     """Train a character-level GPT on Shakespeare with the hand-written gradients.
 
     Args:
-      check: compare the step-0 gradients with ``jax.grad`` of the plain twin first.
+      check: compare the step-0 gradients with ``jax.grad`` of the plain twin first; with
+        ``mesh``, train again on one device instead and compare the loss curves.
       log: called with each progress line (``print`` on the command line).
+      mesh: ``{"data": D, "model": P}``: train on ``D·P`` devices (module docstring); the
+        batch size must be a multiple of ``D``, the heads of ``P``.
       **options: any of :data:`GPT_DEFAULTS` — ``d``, ``heads``, ``layers``, ``context``
         (the model), ``batch_size`` ``n``, ``steps``, ``lr`` (peak), ``warmup`` (steps),
         ``weight_decay``, ``log_every`` (steps per progress line and validation),
         ``eval_batches`` (validation windows: ``eval_batches × n`` of them), ``seed``,
-        ``sample_chars`` and ``temperature`` (the closing sample).
+        ``sample_chars`` and ``temperature`` (the closing sample), ``vocab`` (65, or more
+        for a vocabulary padded with ids that never occur).
 
     Returns:
       A :class:`GPTTrainResult`; ``result.validation_loss`` is in nats per character.
@@ -191,22 +306,27 @@ def train_gpt(
     if unknown:
         raise TypeError(f"unexpected option(s) {unknown}; options are {list(GPT_DEFAULTS)}")
     cfg = {**GPT_DEFAULTS, **options}
-    model = check_config(cfg)
+    model = check_config(cfg, mesh)
+    devices = None if mesh is None else mesh_devices(mesh)  # before JAX starts its backends
     text = load_shakespeare()
     n, t = cfg["batch_size"], cfg["context"]
     rng = np.random.default_rng(cfg["seed"])
     k_init, k_sample = jax.random.split(jax.random.PRNGKey(cfg["seed"]))
     params = model.init(k_init)
+    step, everywhere = value_and_grad(model).jitted, lambda p: p
+    put = lambda a, spec: jnp.asarray(a)  # noqa: E731 - one device: where JAX puts it
+    if mesh is not None:  # the parameters split over the mesh, the step on every device
+        step, params, everywhere, put = _on_mesh(model, params, mesh, devices)
     opt = _optimizer(cfg)
     opt_state = opt.init(params)
-    stretch = _stretch_fn(value_and_grad(model).jitted, opt)
+    stretch = _stretch_fn(step, opt)
     val_rng = np.random.default_rng(12345)  # the same validation windows in every run
     vx, vy = text.batch(val_rng, cfg["eval_batches"] * n, t, split="validation")
-    vx, vy = jnp.asarray(vx), jnp.asarray(vy)
+    vx, vy = put(vx, parallel.P()), put(vy, parallel.P())
     eval_loss = jax.jit(lambda p, x, y: model.mean_loss(p, x, y))
 
     check_info = None
-    if check:
+    if check and mesh is None:
         x0, y0 = text.batch(np.random.default_rng(cfg["seed"] + 1), n, t)
         check_info = check_gradients(model, params, x0, y0)
         if log is not None:
@@ -227,11 +347,12 @@ def train_gpt(
         xs, ys = text.batch(rng, s * n, t)
         xs, ys = xs.reshape(s, n, t), ys.reshape(s, n, t)
         t0 = time.perf_counter()
-        params, opt_state, losses = stretch(params, opt_state, jnp.asarray(xs), jnp.asarray(ys))
+        rows = parallel.P(None, "data")  # (s, n, t): each step's sequences split over data
+        params, opt_state, losses = stretch(params, opt_state, put(xs, rows), put(ys, rows))
         losses = np.asarray(losses, np.float64)
         done += s
         step_losses += losses.tolist()
-        val = float(eval_loss(params, vx, vy))
+        val = float(eval_loss(everywhere(params), vx, vy))
         validation.append((done, val))
         if log is not None:
             rate = s * n * t / (time.perf_counter() - t0)
@@ -240,15 +361,27 @@ def train_gpt(
                 f"validation loss {val:.4f}  ({rate:,.0f} chars/s)"
             )
     seconds = time.perf_counter() - start
+    if check and mesh is not None:  # the same steps on one device: the same curve?
+        one = train_gpt(**{**options, "vocab": model.vocab, "sample_chars": 0})
+        check_info = compare_curves(step_losses, one.step_losses)
+        if log is not None:
+            verdict = "agree" if check_info["passed"] else "DISAGREE"
+            log(
+                f"check: the loss curves on the mesh {_mesh_text(mesh)} and on one device "
+                f"{verdict} over {check_info['steps']} steps: max difference "
+                f"{check_info['max_abs_difference']:.2e}, {check_info['max_rel_difference']:.2e}"
+                f" relative to the curve's max (tolerance {CURVE_CHECK_TOLERANCE:.0e})"
+            )
     sample = ""
     if cfg["sample_chars"]:
-        ids = model.generate(
-            params, k_sample, text.encode("\n"), cfg["sample_chars"],
+        chars, sampler = _characters_only(model, everywhere(params), text.vocab_size)
+        ids = chars.generate(
+            sampler, k_sample, text.encode("\n"), cfg["sample_chars"],
             temperature=cfg["temperature"],
         )  # fmt: skip
         sample = text.decode(ids[1:])
     return GPTTrainResult(
-        config={**cfg, "vocab": model.vocab, "num_params": model.num_params},
+        config={**cfg, "vocab": model.vocab, "num_params": model.num_params, "mesh": mesh},
         step_losses=tuple(step_losses),
         validation=tuple(validation),
         seconds=seconds,

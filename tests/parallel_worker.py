@@ -4,6 +4,7 @@ The device count of the CPU backend is fixed when JAX starts, so the mesh tests 
 a fresh process, never in the pytest process. Usage::
 
     python tests/parallel_worker.py single OUT            # 8 CPU devices, one process
+    python tests/parallel_worker.py gpt OUT               # the GPT's cases, likewise
     python tests/parallel_worker.py multiprocess OUT --process-id K --num-processes 2 \\
         --coordinator 127.0.0.1:PORT                      # 4 CPU devices per process
 
@@ -441,15 +442,20 @@ def _configure():
     jax.config.update("jax_numpy_dtype_promotion", "strict")  # and no silent promotion
 
 
-def run_single(out):
+def run_single(out, which="single"):
+    """``single``: the cases above and tests/mesh_cases.py; ``gpt``: tests/gpt_mesh_cases.py."""
     _set_device_count(8)
     import jax
 
     _configure()
-    from tests import mesh_cases  # jax.make_mesh meshes, ops inside a user's shard_map
+    if which == "gpt":
+        from tests.gpt_mesh_cases import CASES as cases
+    else:
+        from tests import mesh_cases  # jax.make_mesh meshes, ops inside a user's shard_map
 
+        cases = SINGLE + mesh_cases.CASES
     summary = {"_devices": jax.device_count()}
-    for case in SINGLE + mesh_cases.CASES:
+    for case in cases:
         name = case.__name__.removeprefix("case_")
         t = time.perf_counter()
         try:
@@ -515,10 +521,28 @@ def run_multiprocess(out, process_id, num_processes, coordinator):
         lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True)), (loss2, grads2)
     )
 
+    # The GPT on the same (2, 4) mesh: batch over the processes, tensor parallel within each.
+    gpt = jaxbp.GPT(vocab=16, d=16, heads=4, layers=2, context=8, tied=True)
+    gpt_params = jax.tree.map(np.asarray, gpt.init(jax.random.PRNGKey(1), jnp.float64))
+    rng = np.random.default_rng(5)
+    ids, targets = (rng.integers(0, 16, (4, 8)).astype(np.int32) for _ in range(2))
+    gpt_where = rng.uniform(size=(4, 8)) < 0.7
+    gpt_where[:2] = False  # process 0's sequences all masked: the mean is still exact
+    gpt_where[1, 3] = True
+    placed = parallel.shard(gpt_params, mesh2, parallel.gpt_param_specs(gpt, "model"))
+    f = parallel.value_and_grad(gpt, mesh2, axis="data", model_axis="model")
+    loss3, grads3 = f(placed, *(parallel.shard(a, mesh2, row) for a in (ids, targets)),
+                      where=parallel.shard(gpt_where, mesh2, row))  # fmt: skip
+    actual3 = jax.tree.map(
+        lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True)), (loss3, grads3)
+    )
+
     if process_id == 0:  # one process's, one device's answer, on its first local device
         expected = jaxbp.value_and_grad(model)(params, x, labels, where=where)
         _save(out, "multiprocess_data_parallel", actual, expected, "float32", None, summary)
         _save(out, "multiprocess_2x4_last_layer", actual2, expected, "float32", None, summary)
+        expected3 = jaxbp.reference.value_and_grad(gpt)(gpt_params, ids, targets, where=gpt_where)
+        _save(out, "multiprocess_gpt_2x4", actual3, expected3, "float64", None, summary)
         with open(os.path.join(out, "summary-0.json"), "w") as f:
             json.dump(summary, f, indent=1)
     jax.distributed.shutdown()
@@ -526,15 +550,15 @@ def run_multiprocess(out, process_id, num_processes, coordinator):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["single", "multiprocess"])
+    parser.add_argument("mode", choices=["single", "gpt", "multiprocess"])
     parser.add_argument("out")
     parser.add_argument("--process-id", type=int, default=0)
     parser.add_argument("--num-processes", type=int, default=2)
     parser.add_argument("--coordinator", default="127.0.0.1:12355")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    if args.mode == "single":
-        run_single(args.out)
+    if args.mode in ("single", "gpt"):
+        run_single(args.out, args.mode)
     else:
         run_multiprocess(args.out, args.process_id, args.num_processes, args.coordinator)
     return 0

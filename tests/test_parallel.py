@@ -25,7 +25,7 @@ from tests.helpers import assert_close
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
 ROOT = WORKER.parent.parent
-MULTIPROCESS_TIMEOUT_S = 90  # the two-process run: bounded, killed on timeout
+MULTIPROCESS_TIMEOUT_S = 180  # the two-process run (MLP and GPT): bounded, killed on timeout
 SINGLE_TIMEOUT_S = 240  # one process, about 150 small compilations on 8 simulated devices
 
 
@@ -294,6 +294,12 @@ def test_two_processes_give_one_process_gradients(multiprocess):
 
 def test_two_processes_2x4_mesh_with_vocab_parallel_last_layer(multiprocess):
     _compare(multiprocess, "multiprocess_2x4_last_layer")
+
+
+def test_two_processes_gpt_tensor_parallel_within_data_parallel_across(multiprocess):
+    """(2, 4): the batch split over the two processes (one of them with every token
+    masked), heads, MLP and vocabulary over each process's 4 devices; float64."""
+    _compare(multiprocess, "multiprocess_gpt_2x4")
 
 
 # -- in this process: one CPU device, a 1-device mesh ------------------------------------

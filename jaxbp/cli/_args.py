@@ -133,3 +133,19 @@ def choice_list(choices: tuple[str, ...]):
 
     parse.__name__ = "list"  # argparse names the type in some messages
     return parse
+
+
+def mesh_axes(value: str) -> dict[str, int]:
+    """``data=2,model=4`` → ``{"data": 2, "model": 4}`` (``--mesh``): sizes of the axes
+    ``data`` and ``model``, each at most once, each a positive integer."""
+    out: dict[str, int] = {}
+    for part in value.split(","):
+        name, eq, size = part.strip().partition("=")
+        if not eq or name not in ("data", "model") or name in out or not size.isdigit():
+            raise argparse.ArgumentTypeError(
+                f"expected axis sizes like data=2,model=4 (axes data and model), got {value!r}"
+            )
+        out[name] = int(size)
+        if out[name] < 1:
+            raise argparse.ArgumentTypeError(f"expected positive axis sizes, got {value!r}")
+    return out

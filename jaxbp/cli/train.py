@@ -13,9 +13,10 @@ from ..activations import ACTIVATIONS
 from ..datasets import load_shakespeare
 from ..train import DEFAULTS, OPTIMIZERS, check_dp, train
 from ..train import check_config as check_mlp_config
-from ..train_gpt import GPT_DEFAULTS, check_config, train_gpt
+from ..train_gpt import GPT_DEFAULTS, check_config, mesh_devices, train_gpt
 from ._args import (
     json_path,
+    mesh_axes,
     nonnegative_float,
     nonnegative_int,
     positive_float,
@@ -59,7 +60,8 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--check", action="store_true",
         help="mlp: train again with jax.grad and compare the loss curves; gpt: compare the "
-        "hand-written gradients with jax.grad's at step 0",
+        "hand-written gradients with jax.grad's at step 0 (with --mesh: train again on one "
+        "device and compare the loss curves)",
     )  # fmt: skip
     parser.add_argument("--json", metavar="PATH", type=json_path,
                         help="also write the curve and results as JSON (-: stdout)")  # fmt: skip
@@ -104,9 +106,11 @@ def validate(args) -> None:
         wrong = _given(args, MLP_FLAGS)
         if wrong:
             raise ValueError(f"{wrong[0]}: only for --model mlp (the digits MLP)")
-        check_config({**GPT_DEFAULTS, **_gpt_options(args)})
+        check_config({**GPT_DEFAULTS, **_gpt_options(args)}, args.mesh)
+        if args.mesh is not None:
+            mesh_devices(args.mesh)  # enough devices (simulated ones on a CPU)?
         return
-    wrong = _given(args, GPT_FLAGS)
+    wrong = _given(args, (*GPT_FLAGS, "mesh"))
     if wrong:
         raise ValueError(f"{wrong[0]}: only for --model gpt")
     for name in (*MLP_FLAGS, *SHARED_FLAGS):
@@ -178,6 +182,13 @@ def _add_gpt_arguments(parser) -> None:
             "--" + name.replace("_", "-"), type=_KINDS[kind], default=None,
             help=f"{text} (default {GPT_DEFAULTS[name]})",
         )  # fmt: skip
+    group.add_argument(
+        "--mesh", type=mesh_axes, default=None, metavar="data=D,model=P",
+        help="train on D·P devices: the batch split over data, the blocks, token table and "
+        "head over model (tensor and vocabulary parallelism; the vocabulary padded to a "
+        "multiple of P); on a CPU, D·P simulated devices; with --check, the loss curve is "
+        "compared with one device's",
+    )  # fmt: skip
 
 
 def _gpt_options(args) -> dict[str, Any]:
@@ -189,23 +200,31 @@ def _gpt_options(args) -> dict[str, Any]:
     return options
 
 
+def _mesh_text(mesh) -> str:
+    return ",".join(f"{k}={v}" for k, v in mesh.items())
+
+
 def _run_gpt(args) -> int:
     """Run ``jaxbp train --model gpt`` (arguments already validated); 1 when ``--check``
     finds the gradients apart, 0 otherwise."""
     out = text_stream(args)
     options = _gpt_options(args)
     cfg = {**GPT_DEFAULTS, **options}
-    model = check_config(cfg)
+    model = check_config(cfg, args.mesh)
     text = load_shakespeare()
     print(
         f"Training GPT d={model.d} heads={model.heads} layers={model.layers} "
         f"context={model.context} ({model.num_params:,} parameters) on Shakespeare "
         f"({text.train.size:,} train / {text.validation.size:,} validation characters) with "
         f"hand-written gradients: {cfg['steps']} steps of {cfg['batch_size']}×{cfg['context']} "
-        f"characters, AdamW peak lr {cfg['lr']}",
+        f"characters, AdamW peak lr {cfg['lr']}"
+        + ("" if args.mesh is None else f", on a {_mesh_text(args.mesh)} mesh of "
+           f"{mesh_devices(args.mesh)[0].platform} devices (vocabulary {model.vocab})"),
         file=out,
+    )  # fmt: skip
+    result = train_gpt(
+        check=args.check, log=lambda line: print(line, file=out), mesh=args.mesh, **options
     )
-    result = train_gpt(check=args.check, log=lambda line: print(line, file=out), **options)
     print(
         f"done in {result.seconds:.1f} s ({result.tokens_per_second:,.0f} chars/s): "
         f"validation loss {result.validation_loss:.4f} nats/char",

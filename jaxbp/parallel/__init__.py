@@ -1,11 +1,12 @@
-"""Beyond one device: data- and vocabulary-parallel hand-written backward passes on JAX meshes.
+"""Beyond one device: data-, tensor- and vocabulary-parallel hand-written backward passes on
+JAX meshes.
 
 Everything runs on JAX's own distributed engine: a :class:`jax.sharding.Mesh` (as
 ``jax.make_mesh`` makes it: Explicit or Auto axes), ``shard_map`` and the collectives
 ``psum``/``pmax`` inside it; across hosts, ``jax.distributed.initialize`` makes one global
 mesh of every process's devices and the same code runs unchanged.
 
-This is the public face; the code lives in three private modules:
+This is the public face; the code lives in private modules:
 
 * ``_mesh``   :func:`shard_map` across JAX versions, :func:`make_mesh`, :func:`shard`, and
   the layouts on Explicit axes;
@@ -14,12 +15,18 @@ This is the public face; the code lives in three private modules:
   :func:`vocab_parallel_linear_softmax_cross_entropy` (the chunked kernel of
   :mod:`jaxbp._xent`, likewise);
 * ``_data``   :func:`value_and_grad`: the explicit loop of :mod:`jaxbp.nn` on each data
-  shard, optionally with the last layer split over a second axis.
+  shard, optionally with the last layer split over a second axis; for a
+  :class:`jaxbp.GPT`, the loop of
+* ``_gpt``    the GPT's explicit loop per device, with data, tensor (Megatron-LM) and
+  vocabulary parallelism and every collective written beside its matrix product, on
+* ``_layout`` :func:`gpt_param_specs` (where each parameter lives) and the re-layout of
+  the ``[q | k | v]`` projection to heads split across devices.
 
 See ``docs/parallel.md``.
 """
 
 from ._data import value_and_grad as value_and_grad
+from ._layout import param_specs as gpt_param_specs
 from ._mesh import P as P
 from ._mesh import make_mesh as make_mesh
 from ._mesh import shard as shard
@@ -46,6 +53,7 @@ __all__ = [
     "make_mesh",
     "shard",
     "value_and_grad",
+    "gpt_param_specs",
     "vocab_parallel_softmax_cross_entropy",
     "vocab_parallel_softmax_cross_entropy_fwd",
     "vocab_parallel_softmax_cross_entropy_bwd",

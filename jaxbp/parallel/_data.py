@@ -36,8 +36,10 @@ from jax.sharding import Mesh
 
 from .. import _checks, _step
 from ..dense import dense
+from ..gpt import GPT
 from ..losses import _validate_ce
 from ..nn import MLP, LoopOps, forward_backward, loop_ops
+from ._gpt import value_and_grad as gpt_value_and_grad
 from ._mesh import PAD_CLASSES, PAD_ROWS, P, axis_size, call, divisible, host_readable
 from ._vocab import ShardedLoss
 
@@ -127,8 +129,15 @@ def value_and_grad(
     ``f.jitted(params, x, labels, where, class_weights)`` is the compiled step
     (:mod:`jaxbp._step`: one per model, mesh, axes and rules, cached).
 
+    For a :class:`jaxbp.GPT` the function is ``f(params, ids (n, t), targets (n, t), *,
+    where=None)`` and ``model_axis`` splits every block, the token table and the head over
+    that axis (Megatron-LM's tensor and vocabulary parallelism, the collectives written
+    into the GPT's explicit loop; ``model_axis=None``: data parallelism alone), the
+    parameters laid out as :func:`jaxbp.parallel.gpt_param_specs` says: see
+    ``jaxbp.parallel._gpt`` and ``docs/parallel.md``.
+
     Args:
-      model: a :class:`jaxbp.MLP` (any loss).
+      model: a :class:`jaxbp.MLP` (any loss) or a :class:`jaxbp.GPT`.
       mesh: a :class:`jax.sharding.Mesh`, e.g. from ``jax.make_mesh`` (Explicit or Auto
         axes; one process, or every process's devices after ``jax.distributed.initialize``).
         Mesh axes other than ``axis`` and ``model_axis`` hold replicas. Inputs may come
@@ -146,8 +155,10 @@ def value_and_grad(
     when this process can read them); across processes pass global arrays
     (:func:`jaxbp.parallel.shard`).
     """
+    if isinstance(model, GPT):
+        return gpt_value_and_grad(model, mesh, axis=axis, model_axis=model_axis)
     if not isinstance(model, MLP):
-        raise TypeError(f"model: expected a jaxbp.MLP, got {type(model).__name__}")
+        raise TypeError(f"model: expected a jaxbp.MLP or jaxbp.GPT, got {type(model).__name__}")
     axis_size(mesh, axis, "axis")
     if model_axis is not None:
         if model.loss != "softmax_cross_entropy":

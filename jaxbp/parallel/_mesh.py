@@ -89,19 +89,20 @@ def make_mesh(
     return jax_make_mesh(shape, names, **kwargs)
 
 
-def shard(tree: Any, mesh: Mesh, spec: PartitionSpec | None = None) -> Any:
+def shard(tree: Any, mesh: Mesh, spec: Any = None) -> Any:
     """Place host arrays (every process holding the same *global* values) on ``mesh`` as
     global ``jax.Array``s laid out by ``spec`` (``P()`` replicates, ``P("data")`` splits the
-    leading axis). Works with one process or many: each process fills only the shards of its
-    own devices (``jax.make_array_from_callback``)."""
+    leading axis), or by a pytree of specs with ``tree``'s structure (e.g.
+    :func:`jaxbp.parallel.gpt_param_specs`). Works with one process or many: each process
+    fills only the shards of its own devices (``jax.make_array_from_callback``)."""
 
-    sharding = NamedSharding(mesh, P() if spec is None else spec)
-
-    def one(x):
-        x = np.asarray(x)
+    def one(x, s):
+        x, sharding = np.asarray(x), NamedSharding(mesh, s)
         return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
-    return jax.tree.map(one, tree)
+    if spec is None or isinstance(spec, PartitionSpec):
+        return jax.tree.map(lambda x: one(x, P() if spec is None else spec), tree)
+    return jax.tree.map(one, tree, spec)
 
 
 # ------------------------------------------------------------------------ checks
