@@ -19,7 +19,16 @@ LAYERS = [
     {"nn", "gpt", "per_example", "_modules", "eqx", "nnx"},
     {"parallel"},
     {"reference"},
-    {"gradcheck", "custom", "explain", "explain_attention", "train", "train_gpt"},
+    {
+        "gradcheck",
+        "custom",
+        "explain",
+        "explain_attention",
+        "_nonfinite",
+        "checkpoint",
+        "train",
+        "train_gpt",
+    },
     {"cli", "__main__"},
 ]
 LAYER = {name: k for k, names in enumerate(LAYERS) for name in names}
