@@ -243,7 +243,7 @@ def _run(model, args, split, log: Callable[[str], None] | None, ckpt=None, progr
         note = "compiling the epoch" if first < cfg.epochs else ""
         progress(first, cfg.epochs, note, begin=True)
     start = time.perf_counter()
-    e = first
+    done = first
     try:
         for e in range(first, cfg.epochs):
             t0 = time.perf_counter()
@@ -255,8 +255,9 @@ def _run(model, args, split, log: Callable[[str], None] | None, ckpt=None, progr
             history["skipped"] += skipped
             if stop is not None:
                 history["step_losses"] += batch_losses[: stop[0] - e * steps].tolist()
-                where = f"; the last checkpoint, epoch {ckpt.saved}, is in {ckpt.directory}"
-                message = stop[2] + (where if ckpt is not None and ckpt.saved else "")
+                message = stop[2]
+                if ckpt is not None and ckpt.saved:
+                    message += f"; the last checkpoint, epoch {ckpt.saved}, is in {ckpt.directory}"
                 raise NonFiniteError(message, stop[0], stop[1], history)
             bad_run = int(np.asarray(runs)[-1])
             acc = float(accuracy(params, x_te, y_te))
@@ -264,6 +265,7 @@ def _run(model, args, split, log: Callable[[str], None] | None, ckpt=None, progr
             history["losses"].append(float(finite.mean()) if finite.size else float("nan"))
             history["step_losses"] += batch_losses.tolist()
             history["test_accuracy"].append(acc)
+            done = e + 1
             if ckpt is not None and ((e + 1) % every == 0 or e + 1 == cfg.epochs):
                 state = {"params": params, "opt_state": opt_state, "key": k_train}
                 meta = {"model": "mlp", "config": _saved_config(cfg), "unit": "epoch",
@@ -285,7 +287,7 @@ def _run(model, args, split, log: Callable[[str], None] | None, ckpt=None, progr
         if ckpt is not None:
             ckpt.wait()
         signum = getattr(exc, "signum", signal.SIGINT)
-        raise Interrupted(signum, e, ckpt.saved if ckpt is not None else None) from None
+        raise Interrupted(signum, done, ckpt.saved if ckpt is not None else None) from None
     seconds = time.perf_counter() - start
     train_acc = float(accuracy(params, x_tr, y_tr))
     return params, history, train_acc, seconds, resumed

@@ -350,8 +350,9 @@ def _train(model, cfg, check, log, progress, ckpt, every, limit) -> GPTTrainResu
             history["skipped"] += skipped
             if stop is not None:
                 history["step_losses"] += losses[: stop[0] - done].tolist()
-                where = f"; the last checkpoint, step {ckpt.saved}, is in {ckpt.directory}"
-                message = stop[2] + (where if ckpt is not None and ckpt.saved else "")
+                message = stop[2]
+                if ckpt is not None and ckpt.saved:
+                    message += f"; the last checkpoint, step {ckpt.saved}, is in {ckpt.directory}"
                 raise NonFiniteError(message, stop[0], stop[1], history)
             bad_run = int(np.asarray(runs)[-1])
             done += s
