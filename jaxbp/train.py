@@ -295,8 +295,15 @@ def _run(model, args, split, log: Callable[[str], None] | None, ckpt=None, progr
 
 def _saved_config(cfg) -> dict[str, Any]:
     """The configuration a checkpoint records (what :data:`RESUME_FIELDS` compares)."""
-    return {"model": "mlp", **{k: _json(getattr(cfg, k, None)) for k in RESUME_FIELDS[1:]},
-            "epochs": cfg.epochs}  # fmt: skip
+    return _dp_defaults(
+        {"model": "mlp", **{k: _json(getattr(cfg, k, None)) for k in RESUME_FIELDS[1:]},
+         "epochs": cfg.epochs}
+    )  # fmt: skip
+
+
+def _dp_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """No ``--dp-clip`` and ``--noise`` is ``dp_clip=None, noise=0.0`` however it was given."""
+    return {**config, "dp_clip": config.get("dp_clip"), "noise": float(config.get("noise") or 0)}
 
 
 def _json(value):
@@ -441,7 +448,8 @@ def check_resume(directory: str, config: dict[str, Any]) -> tuple[int, dict[str,
     ``directory`` is not of this MLP configuration; its ``(epoch, meta)`` otherwise."""
     done, meta = read_meta(directory)
     saved = meta.get("config", {})
-    check_same({"model": meta.get("model"), **saved}, config, RESUME_FIELDS, directory)
+    saved = _dp_defaults({"model": meta.get("model"), **saved})
+    check_same(saved, _dp_defaults(config), RESUME_FIELDS, directory)
     if config["epochs"] < done:
         raise CheckpointError(
             f"epochs: the checkpoint in {directory!r} is at epoch {done}, this run asks for "
