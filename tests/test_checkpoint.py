@@ -4,6 +4,7 @@ half-written checkpoint is never loaded; a checkpoint of another configuration o
 holding none is a usage error before any work; ``jaxbp generate`` samples what the trained
 parameters sample. The oracle is always the uninterrupted run (or the in-memory parameters)."""
 
+import contextlib
 import json
 import os
 import pathlib
@@ -55,38 +56,54 @@ def _resume(args, tmp_path, *extra) -> dict:
     return _json(out)
 
 
-def _start(mode, n, args, tmp_path):
-    """A worker running ``jaxbp train ARGS --checkpoint-dir tmp/ck``; its stdout lines in a
-    queue (read on a thread, so the test can wait for READY with a timeout)."""
+# Generous: on a machine shared by many jobs a tiny run's first compile can take minutes.
+TIMEOUT = 900
+
+
+@contextlib.contextmanager
+def _worker(mode, n, args, tmp_path):
+    """A worker running ``jaxbp train ARGS --checkpoint-dir tmp/ck``, and its stdout lines in
+    a queue (read on a thread, so the test can wait for READY with a timeout); killed on the
+    way out if it is still running."""
     cmd = [sys.executable, WORKER, mode, str(n), "--", *args,
            "--checkpoint-dir", str(tmp_path / "ck")]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=ROOT)  # fmt: skip
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
-    return proc, lines
+    try:
+        yield proc, lines
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
 
 
-def _wait_for(lines, word, proc, timeout=300):
+def _wait_for(lines, word, proc, timeout=TIMEOUT):
     seen = []
     while True:
         try:
             line = lines.get(timeout=timeout)
         except queue.Empty:
-            proc.kill()
-            pytest.fail(f"no {word} line from the worker: {seen}")
+            pytest.fail(f"no {word} line from the worker within {timeout} s: {seen}")
         seen.append(line)
         if line.startswith(word):
             return seen
 
 
+def _stderr(proc) -> str:
+    """The worker's standard error once it has ended (stdout is read by the queue's thread)."""
+    proc.wait(timeout=TIMEOUT)
+    return proc.stderr.read()
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL],
                          ids=lambda s: signal.Signals(s).name)  # fmt: skip
 def test_gpt_killed_mid_run_resumes_to_the_uninterrupted_curve_exactly(signum, tmp_path, gpt_curve):
-    proc, lines = _start("wait-at", 4, GPT_ARGS, tmp_path)
-    _wait_for(lines, "READY", proc)  # step 4 done, its checkpoint handed to orbax
-    proc.send_signal(signum)
-    _, err = proc.communicate(timeout=120)
+    with _worker("wait-at", 4, GPT_ARGS, tmp_path) as (proc, lines):
+        _wait_for(lines, "READY", proc)  # step 4 done, its checkpoint handed to orbax
+        proc.send_signal(signum)
+        err = _stderr(proc)
     if signum == signal.SIGKILL:
         assert proc.returncode == -signal.SIGKILL
     else:  # the pending save is finished first, then the message and 128 + signum
@@ -102,10 +119,10 @@ def test_gpt_killed_mid_run_resumes_to_the_uninterrupted_curve_exactly(signum, t
 
 
 def test_mlp_terminated_mid_run_resumes_to_the_uninterrupted_curve_exactly(tmp_path, mlp_curve):
-    proc, lines = _start("wait-at", 2, MLP_ARGS, tmp_path)
-    _wait_for(lines, "READY", proc)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    with _worker("wait-at", 2, MLP_ARGS, tmp_path) as (proc, lines):
+        _wait_for(lines, "READY", proc)
+        proc.send_signal(signal.SIGTERM)
+        err = _stderr(proc)
     assert proc.returncode == 143 and "interrupted by SIGTERM at epoch 2 of 4" in err, err
     data = _resume(MLP_ARGS, tmp_path)
     assert data["resumed_from"] == 2
@@ -114,11 +131,11 @@ def test_mlp_terminated_mid_run_resumes_to_the_uninterrupted_curve_exactly(tmp_p
 
 
 def test_killed_during_a_save_the_half_written_checkpoint_is_never_loaded(tmp_path, gpt_curve):
-    proc, lines = _start("kill-in-save", 4, GPT_ARGS, tmp_path)
-    proc.communicate(timeout=300)
+    with _worker("kill-in-save", 4, GPT_ARGS, tmp_path) as (proc, _):
+        err = _stderr(proc)
     if proc.returncode == 3:
         pytest.skip("this orbax-checkpoint finalises saves in a way the worker cannot hook")
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == -signal.SIGKILL, err
     ck = tmp_path / "ck"
     left = sorted(os.listdir(ck))
     assert left == ["2", "4.orbax-checkpoint-tmp"], left  # step 4: written, never renamed
