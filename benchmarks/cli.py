@@ -1,4 +1,9 @@
-"""``python -m benchmarks``: run the registered cases and write JSON, Markdown and plots."""
+"""``python -m benchmarks``: run the registered cases and write JSON, Markdown and plots.
+
+Progress: a bar with elapsed time and ETA over the cases on a terminal, the case lines above
+it; plain lines with the elapsed time and ETA when standard output is not a terminal
+(:class:`jaxbp.cli._progress.Progress`).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import harness
+from jaxbp.cli._progress import Progress
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -112,22 +118,25 @@ def main(argv: list[str] | None = None) -> int:
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     t_start = time.perf_counter()
     dot_size = 1024 if args.quick else (2048 if env["backend"] == "cpu" else 8192)
-    dot = harness.measure_dot(ctx, dot_size, reps=5 if args.quick else 10)
-    ctx.dot_flops_per_s = dot["flops_per_s"]
-    print(
-        f"  roofline: jnp.dot {dot_size}³ {dot['time_s'] * 1e3:.2f} ms = "
-        f"{dot['flops_per_s'] / 1e9:.1f} GFLOP/s",
-        flush=True,
-    )
     records = []
-    for k, case in enumerate(cases, 1):
-        t0 = time.perf_counter()
-        rec = harness.run_case(case, ctx, env)
-        rec["wall_s"] = time.perf_counter() - t0
-        rec["run_started_utc"] = started
-        rec["machine_load"] = machine_load()["loadavg"]
-        records.append(rec)
-        print(f"  [{k}/{len(cases)}] {progress_line(rec)}", flush=True)
+    with Progress(sys.stdout, "case") as bar:
+        bar(0, len(cases), f"measuring the roofline (jnp.dot {dot_size}³)", begin=True)
+        dot = harness.measure_dot(ctx, dot_size, reps=5 if args.quick else 10)
+        ctx.dot_flops_per_s = dot["flops_per_s"]
+        bar.write(
+            f"  roofline: jnp.dot {dot_size}³ {dot['time_s'] * 1e3:.2f} ms = "
+            f"{dot['flops_per_s'] / 1e9:.1f} GFLOP/s"
+        )
+        for k, case in enumerate(cases, 1):
+            bar(k - 1, len(cases), case.id)
+            t0 = time.perf_counter()
+            rec = harness.run_case(case, ctx, env)
+            rec["wall_s"] = time.perf_counter() - t0
+            rec["run_started_utc"] = started
+            rec["machine_load"] = machine_load()["loadavg"]
+            records.append(rec)
+            bar(k, len(cases), case.id)
+            bar.write(f"  [{k}/{len(cases)}] {progress_line(rec)}")
     wall = time.perf_counter() - t_start
     load_after = machine_load()
     result = {

@@ -20,6 +20,7 @@ a fresh PRNG key per step for gradient transforms that need randomness.
 from __future__ import annotations
 
 import dataclasses
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,12 +31,20 @@ import numpy as np
 import optax
 
 from . import reference
+from ._nonfinite import (
+    NonFiniteError,
+    finite_or_none,
+    guarded_update,
+    leaf_paths,
+    nonfinite_outcome,
+)
+from .checkpoint import Checkpointer, CheckpointError, Interrupted, check_same, read_meta
 from .datasets import load_digits
 from .model import value_and_grad
 from .nn import MLP
 from .per_example import check_clip_options, clipped_grad
 
-__all__ = ["TrainResult", "train", "DEFAULTS"]
+__all__ = ["TrainResult", "train", "DEFAULTS", "NonFiniteError", "guarded_update"]
 
 DEFAULTS: dict[str, Any] = {
     "sizes": (64, 128, 10),
@@ -51,6 +60,9 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 # round-off) until a relu kink is crossed differently; from there the trajectories drift a
 # little. Seeds 0-7 with the defaults gave 9e-8 to 1.04e-5, hence 1e-4 over a whole run.
 CHECK_TOLERANCE = 1e-4
+# What a resumed run must share with its checkpoint (``epochs`` may grow).
+RESUME_FIELDS = ("model", "sizes", "activation", "optimizer", "lr", "batch_size", "seed",
+                 "dp_clip", "noise")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +74,8 @@ class TrainResult:
     ``check`` (with ``check=True``) holds the reference run's curve and the largest
     difference between the two step-loss curves, absolute and relative to the reference
     curve's max-abs (the convention of docs/edge_cases.md), passed at ``CHECK_TOLERANCE``.
+    ``skipped`` are the (1-based) steps not applied because they were not finite (their
+    ``step_losses`` entry is the non-finite loss); ``resumed_from`` the checkpoint's epoch.
     """
 
     config: dict[str, Any]
@@ -72,6 +86,8 @@ class TrainResult:
     seconds: float
     params: Any = dataclasses.field(repr=False, default=None)
     check: dict[str, Any] | None = None
+    skipped: tuple[int, ...] = ()
+    resumed_from: int | None = None
 
     @property
     def accuracy(self) -> float:
@@ -82,13 +98,16 @@ class TrainResult:
         """JSON-ready (parameters left out)."""
         return {
             "config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.config.items()},
-            "losses": list(self.losses),
-            "step_losses": list(self.step_losses),
+            "losses": finite_or_none(self.losses),
+            "step_losses": finite_or_none(self.step_losses),
             "test_accuracy": list(self.test_accuracy),
             "accuracy": self.accuracy,
             "train_accuracy": self.train_accuracy,
             "seconds": self.seconds,
             "check": self.check,
+            "nonfinite_steps": len(self.skipped),
+            "skipped_steps": list(self.skipped),
+            "resumed_from": self.resumed_from,
         }
 
 
@@ -146,30 +165,37 @@ def _grad_fn(model: MLP, args: Any) -> Callable:
     return grad_fn
 
 
-def _epoch_fn(model: MLP, opt: optax.GradientTransformation, grad_fn: Callable, steps: int):
-    """One jitted epoch: shuffle, then ``jax.lax.scan`` over ``steps`` minibatches."""
+def _epoch_fn(
+    model: MLP, opt: optax.GradientTransformation, grad_fn: Callable, steps: int,
+    max_nonfinite: int = 3,
+):  # fmt: skip
+    """One jitted epoch: shuffle, then ``jax.lax.scan`` over ``steps`` minibatches.
+
+    ``epoch(params, opt_state, bad_run, x, labels, key) -> (params, opt_state, losses (s,),
+    runs (s,), flags)``: ``runs`` the skipped steps in a row after each step, ``flags`` the
+    :func:`guarded_update` flags of every step.
+    """
 
     @jax.jit
-    def epoch(params, opt_state, x, labels, key):
+    def epoch(params, opt_state, bad_run, x, labels, key):
         k_perm, k_steps = jax.random.split(key)
         n_train = x.shape[0]
         batch = n_train // steps
         order = jax.random.permutation(k_perm, n_train)[: steps * batch].reshape(steps, batch)
 
         def step(carry, inputs):
-            params, opt_state = carry
+            params, opt_state, bad_run = carry
             idx, k = inputs  # idx (n,)
             loss, grads = grad_fn(params, x[idx], labels[idx], k)
-            # optax mixes Python floats with int32 step counts: let it promote as it expects
-            # even when the caller runs with jax_numpy_dtype_promotion="strict".
-            with jax.numpy_dtype_promotion("standard"):
-                updates, opt_state = opt.update(grads, opt_state, params)
-                params = optax.apply_updates(params, updates)
-            return (params, opt_state), loss
+            params, opt_state, bad_run, flags = guarded_update(
+                opt, params, opt_state, bad_run, loss, grads, max_nonfinite
+            )
+            return (params, opt_state, bad_run), (loss, bad_run, flags)
 
         keys = jax.random.split(k_steps, steps)
-        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (order, keys))
-        return params, opt_state, losses  # losses (s,)
+        carry = (params, opt_state, jnp.asarray(bad_run, jnp.int32))
+        (params, opt_state, _), (losses, runs, flags) = jax.lax.scan(step, carry, (order, keys))
+        return params, opt_state, losses, runs, flags  # losses (s,)
 
     return epoch
 
@@ -184,39 +210,105 @@ def _accuracy_fn(model: MLP):
     return accuracy
 
 
-def _run(model, args, split, log: Callable[[str], None] | None):
+def _run(model, args, split, log: Callable[[str], None] | None, ckpt=None, progress=None):
+    """Train; ``ckpt`` (a :class:`Checkpointer`) saves every ``args.checkpoint_every`` epochs
+    and, with ``args.resume``, first restores the latest checkpoint."""
     cfg = args
+    if progress is not None:
+        progress(0, cfg.epochs, "initialising the model", begin=True)
     opt = _optimizer(cfg.optimizer, cfg.lr)
     n_train = split.x_train.shape[0]
     if not 1 <= cfg.batch_size <= n_train:
         raise ValueError(f"batch_size: expected 1 to {n_train}, got {cfg.batch_size}")
     steps = n_train // cfg.batch_size
-    epoch = _epoch_fn(model, opt, _grad_fn(model, cfg), steps)
+    limit = getattr(cfg, "max_nonfinite", 3)
+    epoch = _epoch_fn(model, opt, _grad_fn(model, cfg), steps, limit)
     accuracy = _accuracy_fn(model)
     x_tr, y_tr = jnp.asarray(split.x_train, jnp.float32), jnp.asarray(split.y_train, jnp.int32)
     x_te, y_te = jnp.asarray(split.x_test, jnp.float32), jnp.asarray(split.y_test, jnp.int32)
     k_init, k_train = jax.random.split(jax.random.PRNGKey(cfg.seed))
     params = model.init(k_init, jnp.float32)
     opt_state = opt.init(params)
-    losses, step_losses, test_acc = [], [], []
-    start = time.perf_counter()
-    for e in range(cfg.epochs):
-        t0 = time.perf_counter()
-        params, opt_state, batch_losses = epoch(
-            params, opt_state, x_tr, y_tr, jax.random.fold_in(k_train, e)
-        )
-        batch_losses = np.asarray(batch_losses, np.float64)
-        acc = float(accuracy(params, x_te, y_te))
-        losses.append(float(batch_losses.mean()))
-        step_losses += batch_losses.tolist()
-        test_acc.append(acc)
+    history = {"losses": [], "step_losses": [], "test_accuracy": [], "skipped": []}
+    first, bad_run, resumed = 0, 0, None
+    if ckpt is not None and getattr(cfg, "resume", False):
+        template = {"params": params, "opt_state": opt_state, "key": k_train}
+        resumed, state, meta = ckpt.restore(template)
+        params, opt_state, k_train = state["params"], state["opt_state"], state["key"]
+        first, bad_run, history = meta["done"], meta["bad_run"], meta["history"]
         if log is not None:
-            log(
-                f"epoch {e + 1:3d}/{cfg.epochs}  train loss {losses[-1]:.4f}  "
-                f"test accuracy {acc:.4f}  ({time.perf_counter() - t0:.2f} s)"
+            log(f"resumed from the checkpoint at epoch {resumed} in {ckpt.directory}")
+    paths = leaf_paths(params)
+    every = getattr(cfg, "checkpoint_every", 1)
+    if progress is not None:
+        note = "compiling the epoch" if first < cfg.epochs else ""
+        progress(first, cfg.epochs, note, begin=True)
+    start = time.perf_counter()
+    done = first
+    try:
+        for e in range(first, cfg.epochs):
+            t0 = time.perf_counter()
+            params, opt_state, batch_losses, runs, flags = epoch(
+                params, opt_state, bad_run, x_tr, y_tr, jax.random.fold_in(k_train, e)
             )
+            batch_losses = np.asarray(batch_losses, np.float64)
+            skipped, stop = nonfinite_outcome(e * steps, flags, runs, limit, paths, batch_losses)
+            history["skipped"] += skipped
+            if stop is not None:
+                history["step_losses"] += batch_losses[: stop[0] - e * steps].tolist()
+                message = stop[2]
+                if ckpt is not None and ckpt.saved:
+                    message += f"; the last checkpoint, epoch {ckpt.saved}, is in {ckpt.directory}"
+                raise NonFiniteError(message, stop[0], stop[1], history)
+            bad_run = int(np.asarray(runs)[-1])
+            acc = float(accuracy(params, x_te, y_te))
+            finite = batch_losses[np.isfinite(batch_losses)]
+            history["losses"].append(float(finite.mean()) if finite.size else float("nan"))
+            history["step_losses"] += batch_losses.tolist()
+            history["test_accuracy"].append(acc)
+            done = e + 1
+            if ckpt is not None and ((e + 1) % every == 0 or e + 1 == cfg.epochs):
+                state = {"params": params, "opt_state": opt_state, "key": k_train}
+                meta = {"model": "mlp", "config": _saved_config(cfg), "unit": "epoch",
+                        "done": e + 1, "bad_run": bad_run, "history": history}  # fmt: skip
+                ckpt.save(e + 1, state, meta)
+            note = f"loss {history['losses'][-1]:.4f}  accuracy {acc:.4f}"
+            if history["skipped"]:
+                note += f"  non-finite steps skipped {len(history['skipped'])}"
+            if progress is not None:
+                progress(e + 1, cfg.epochs, note)
+            if log is not None:
+                log(
+                    f"epoch {e + 1:3d}/{cfg.epochs}  train loss {history['losses'][-1]:.4f}  "
+                    f"test accuracy {acc:.4f}  ({time.perf_counter() - t0:.2f} s)"
+                    + (f"  skipped {len(history['skipped'])} non-finite steps"
+                       if history["skipped"] else "")
+                )  # fmt: skip
+    except KeyboardInterrupt as exc:
+        if ckpt is not None:
+            ckpt.wait()
+        signum = getattr(exc, "signum", signal.SIGINT)
+        raise Interrupted(signum, done, ckpt.saved if ckpt is not None else None) from None
     seconds = time.perf_counter() - start
-    return params, losses, step_losses, test_acc, float(accuracy(params, x_tr, y_tr)), seconds
+    train_acc = float(accuracy(params, x_tr, y_tr))
+    return params, history, train_acc, seconds, resumed
+
+
+def _saved_config(cfg) -> dict[str, Any]:
+    """The configuration a checkpoint records (what :data:`RESUME_FIELDS` compares)."""
+    return _dp_defaults(
+        {"model": "mlp", **{k: _json(getattr(cfg, k, None)) for k in RESUME_FIELDS[1:]},
+         "epochs": cfg.epochs}
+    )  # fmt: skip
+
+
+def _dp_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """No ``--dp-clip`` and ``--noise`` is ``dp_clip=None, noise=0.0`` however it was given."""
+    return {**config, "dp_clip": config.get("dp_clip"), "noise": float(config.get("noise") or 0)}
+
+
+def _json(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def check_config(sizes, activation, optimizer, epochs, batch_size):
@@ -249,6 +341,12 @@ def train(
     seed: int = DEFAULTS["seed"],
     check: bool = False,
     log: Callable[[str], None] | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+    checkpoint_dir: str | None = None,
+    checkpoint_every: int = 1,
+    keep: int = 3,
+    resume: bool = False,
+    max_nonfinite: int = 3,
     **extra: Any,
 ) -> TrainResult:
     """Train ``MLP(sizes, activation)`` on the digits with the hand-written gradients.
@@ -263,30 +361,60 @@ def train(
       seed: seed of the initialisation and the shuffling.
       check: also train with ``jax.grad`` (reference) from the same seed and compare curves.
       log: called with one progress line per epoch (``print`` on the command line).
+      progress: called as ``progress(epochs_done, epochs, note, begin=True)`` while the run
+        sets up and compiles, then as ``progress(epochs_done, epochs, note)`` after each
+        epoch (a progress bar on the command line).
+      checkpoint_dir: save checkpoints there (needs ``jaxbp[checkpoint]``).
+      checkpoint_every: epochs between two checkpoints (the last epoch is always saved).
+      keep: how many of the latest checkpoints to keep.
+      resume: continue the latest checkpoint in ``checkpoint_dir`` (its configuration must
+        be this one; ``epochs`` may be larger).
+      max_nonfinite: stop after this many non-finite steps in a row (none is applied).
       **extra: further options read by :func:`_grad_fn` (attributes of its ``args``).
 
     Returns:
       A :class:`TrainResult`; ``result.accuracy`` is the held-out accuracy (359 examples).
+
+    Raises:
+      NonFiniteError: after ``max_nonfinite`` non-finite steps in a row.
+      jaxbp.checkpoint.CheckpointError: a folder that holds no checkpoint (with
+        ``resume``), another program's files, or a checkpoint of another configuration.
+      jaxbp.checkpoint.Interrupted: SIGINT (or SIGTERM, where the caller turns it into a
+        ``KeyboardInterrupt``) during training, after the pending save is on disk.
     """
     model, split = check_config(sizes, activation, optimizer, epochs, batch_size)
+    check_run_options(checkpoint_every, keep, max_nonfinite, resume, checkpoint_dir)
     config = dict(
         sizes=model.sizes, activation=activation, optimizer=optimizer, lr=lr, epochs=epochs,
         batch_size=batch_size, seed=seed, **extra,
     )  # fmt: skip
-    args = _Args(**config, reference=False)
-    params, losses, step_losses, test_acc, train_acc, seconds = _run(model, args, split, log)
+    run_options = dict(checkpoint_every=checkpoint_every, max_nonfinite=max_nonfinite)
+    args = _Args(**config, **run_options, reference=False, resume=resume)
+    ckpt = None
+    if checkpoint_dir is not None:
+        ckpt = Checkpointer(checkpoint_dir, keep=keep, resume=resume)
+    try:
+        if ckpt is not None and resume:
+            check_resume(ckpt.directory, {"model": "mlp", **config})
+        params, history, train_acc, seconds, resumed = _run(model, args, split, log, ckpt,
+                                                            progress)  # fmt: skip
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+    step_losses = history["step_losses"]
     check_info = None
     if check:
-        ref_args = _Args(**config, reference=True)
-        _, ref_losses, ref_steps, ref_acc, _, ref_seconds = _run(model, ref_args, split, None)
-        a, b = np.asarray(step_losses), np.asarray(ref_steps)
-        abs_diff = float(np.max(np.abs(a - b)))
-        rel = abs_diff / max(float(np.max(np.abs(b))), 1e-30)
+        ref_args = _Args(**config, **run_options, reference=True)
+        _, ref, _, ref_seconds, _ = _run(model, ref_args, split, None)
+        a, b = np.asarray(step_losses), np.asarray(ref["step_losses"])
+        diff = np.where(np.isnan(a) & np.isnan(b), 0.0, np.abs(a - b))
+        abs_diff = float(np.max(diff))
+        rel = abs_diff / max(float(np.nanmax(np.abs(b))), 1e-30)
         check_info = {
-            "reference_step_losses": ref_steps,
+            "reference_step_losses": ref["step_losses"],
             "max_abs_difference": abs_diff,
-            "reference_losses": ref_losses,
-            "reference_test_accuracy": ref_acc,
+            "reference_losses": ref["losses"],
+            "reference_test_accuracy": ref["test_accuracy"],
             "reference_seconds": ref_seconds,
             "max_rel_difference": rel,
             "tolerance": CHECK_TOLERANCE,
@@ -294,14 +422,41 @@ def train(
         }
     return TrainResult(
         config=config,
-        losses=tuple(losses),
+        losses=tuple(history["losses"]),
         step_losses=tuple(step_losses),
-        test_accuracy=tuple(test_acc),
+        test_accuracy=tuple(history["test_accuracy"]),
         train_accuracy=train_acc,
         seconds=seconds,
         params=params,
         check=check_info,
+        skipped=tuple(history["skipped"]),
+        resumed_from=resumed,
     )
+
+
+def check_run_options(checkpoint_every, keep, max_nonfinite, resume, checkpoint_dir) -> None:
+    """Clear ``ValueError``s for the checkpoint and non-finite options (both models)."""
+    for name, value in (("checkpoint_every", checkpoint_every), ("keep", keep),
+                        ("max_nonfinite", max_nonfinite)):  # fmt: skip
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}: expected an int ≥ 1, got {value!r}")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume: needs checkpoint_dir, the folder of the checkpoints")
+
+
+def check_resume(directory: str, config: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """``CheckpointError`` naming the field and both values when the latest checkpoint in
+    ``directory`` is not of this MLP configuration; its ``(epoch, meta)`` otherwise."""
+    done, meta = read_meta(directory)
+    saved = meta.get("config", {})
+    saved = _dp_defaults({"model": meta.get("model"), **saved})
+    check_same(saved, _dp_defaults(config), RESUME_FIELDS, directory)
+    if config["epochs"] < done:
+        raise CheckpointError(
+            f"epochs: the checkpoint in {directory!r} is at epoch {done}, this run asks for "
+            f"{config['epochs']} epochs in all"
+        )
+    return done, meta
 
 
 class _Args:

@@ -13,6 +13,14 @@ progress lines is one jitted ``jax.lax.scan`` over ``s`` minibatches ``(s, n, t)
 validation loss (nats per character, on fixed windows of the last 10% of the text) is
 printed with each progress line; a sample of generated text ends the run. ``--check``
 compares the hand-written gradients with ``jax.grad`` of the plain-jnp twin at step 0.
+
+A step whose loss, gradient or update is not finite is not applied
+(:func:`jaxbp.train.guarded_update`); ``max_nonfinite`` of them in a row stop the run. With
+``checkpoint_dir`` a checkpoint is saved every ``checkpoint_every`` steps (a multiple of
+``log_every``, so the stretches, and with them the draws of training windows, are the same
+with checkpoints or without) and ``resume=True`` continues the latest one exactly: the
+parameters, the optimizer state, the step and the NumPy generator's state that draws the
+training windows.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,11 +39,28 @@ import numpy as np
 import optax
 
 from . import parallel, reference
+from ._nonfinite import (
+    NonFiniteError,
+    finite_or_none,
+    guarded_update,
+    leaf_paths,
+    nonfinite_outcome,
+)
+from .checkpoint import Checkpointer, Interrupted, check_same, read_meta
 from .datasets import load_shakespeare
 from .gpt import GPT
 from .model import value_and_grad
+from .train import check_run_options
 
-__all__ = ["GPT_DEFAULTS", "GPTTrainResult", "train_gpt", "check_gradients", "mesh_devices"]
+__all__ = [
+    "GPT_DEFAULTS",
+    "GPTTrainResult",
+    "train_gpt",
+    "check_gradients",
+    "generate",
+    "load_checkpoint",
+    "mesh_devices",
+]
 
 GPT_DEFAULTS: dict[str, Any] = {
     "vocab": 65,  # the characters of the text; more: ids that never occur (a padded vocabulary)
@@ -59,6 +85,9 @@ GRAD_CHECK_TOLERANCE = 1e-5
 # bound of ``jaxbp train --check`` for the MLP's curves).
 CURVE_CHECK_TOLERANCE = 1e-4
 MESH_AXES = ("data", "model")
+# What a resumed run must share with its checkpoint (all that changes the numbers).
+RESUME_FIELDS = ("model", "vocab", "d", "heads", "layers", "context", "batch_size", "steps",
+                 "lr", "warmup", "weight_decay", "log_every", "eval_batches", "seed")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +97,9 @@ class GPTTrainResult:
     ``step_losses (steps,)`` is every minibatch's training loss; ``validation`` the
     ``(step, loss)`` pairs measured at each progress line (nats per character); ``sample``
     the generated text; ``check`` (with ``check=True``) the per-leaf comparison of the
-    step-0 gradients with ``jax.grad`` of the plain twin.
+    step-0 gradients with ``jax.grad`` of the plain twin (at the resumed step when resumed);
+    ``skipped`` the (1-based) steps not applied because they were not finite;
+    ``resumed_from`` the checkpoint's step.
     """
 
     config: dict[str, Any]
@@ -79,6 +110,8 @@ class GPTTrainResult:
     sample: str
     params: Any = dataclasses.field(repr=False, default=None)
     check: dict[str, Any] | None = None
+    skipped: tuple[int, ...] = ()
+    resumed_from: int | None = None
 
     @property
     def validation_loss(self) -> float:
@@ -89,13 +122,16 @@ class GPTTrainResult:
         """JSON-ready (parameters left out)."""
         return {
             "config": dict(self.config),
-            "step_losses": list(self.step_losses),
+            "step_losses": finite_or_none(self.step_losses),
             "validation": [list(v) for v in self.validation],
             "validation_loss": self.validation_loss,
             "seconds": self.seconds,
             "tokens_per_second": self.tokens_per_second,
             "sample": self.sample,
             "check": self.check,
+            "nonfinite_steps": len(self.skipped),
+            "skipped_steps": list(self.skipped),
+            "resumed_from": self.resumed_from,
         }
 
 
@@ -230,23 +266,24 @@ def _optimizer(cfg) -> optax.GradientTransformation:
     )
 
 
-def _stretch_fn(core: Callable, opt: optax.GradientTransformation) -> Callable:
-    """``s`` training steps in one jitted scan over minibatches ``x, y (s, n, t)``."""
+def _stretch_fn(core: Callable, opt: optax.GradientTransformation, max_nonfinite: int = 3):
+    """``s`` training steps in one jitted scan over minibatches ``x, y (s, n, t)``:
+    ``stretch(params, opt_state, bad_run, xs, ys) -> (params, opt_state, losses (s,),
+    runs (s,), flags)`` (:func:`jaxbp.train.guarded_update`'s flags of every step)."""
 
     @jax.jit
-    def stretch(params, opt_state, xs, ys):
+    def stretch(params, opt_state, bad_run, xs, ys):
         def step(carry, batch):
-            params, opt_state = carry
+            params, opt_state, bad_run = carry
             loss, grads = core(params, batch[0], batch[1], None)
-            # optax mixes Python floats with int32 step counts: let it promote as it expects
-            # even when the caller runs with jax_numpy_dtype_promotion="strict".
-            with jax.numpy_dtype_promotion("standard"):
-                updates, opt_state = opt.update(grads, opt_state, params)
-                params = optax.apply_updates(params, updates)
-            return (params, opt_state), loss
+            params, opt_state, bad_run, flags = guarded_update(
+                opt, params, opt_state, bad_run, loss, grads, max_nonfinite
+            )
+            return (params, opt_state, bad_run), (loss, bad_run, flags)
 
-        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (xs, ys))
-        return params, opt_state, losses
+        carry = (params, opt_state, jnp.asarray(bad_run, jnp.int32))
+        (params, opt_state, _), (losses, runs, flags) = jax.lax.scan(step, carry, (xs, ys))
+        return params, opt_state, losses, runs, flags
 
     return stretch
 
@@ -282,6 +319,12 @@ def train_gpt(
     check: bool = False,
     log: Callable[[str], None] | None = None,
     mesh: dict[str, int] | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+    checkpoint_dir: str | None = None,
+    checkpoint_every: int | None = None,
+    keep: int = 3,
+    resume: bool = False,
+    max_nonfinite: int = 3,
     **options: Any,
 ) -> GPTTrainResult:
     """Train a character-level GPT on Shakespeare with the hand-written gradients.
@@ -292,6 +335,15 @@ def train_gpt(
       log: called with each progress line (``print`` on the command line).
       mesh: ``{"data": D, "model": P}``: train on ``D·P`` devices (module docstring); the
         batch size must be a multiple of ``D``, the heads of ``P``.
+      progress: called as ``progress(steps_done, steps, note, begin=True)`` while the run
+        sets up and compiles, then as ``progress(steps_done, steps, note)`` after each
+        stretch (a progress bar on the command line).
+      checkpoint_dir: save checkpoints there (needs ``jaxbp[checkpoint]``).
+      checkpoint_every: steps between two checkpoints, a multiple of ``log_every`` (default
+        ``log_every``); the last step is always saved.
+      keep: how many of the latest checkpoints to keep.
+      resume: continue the latest checkpoint in ``checkpoint_dir`` (same configuration).
+      max_nonfinite: stop after this many non-finite steps in a row (none is applied).
       **options: any of :data:`GPT_DEFAULTS` — ``d``, ``heads``, ``layers``, ``context``
         (the model), ``batch_size`` ``n``, ``steps``, ``lr`` (peak), ``warmup`` (steps),
         ``weight_decay``, ``log_every`` (steps per progress line and validation),
@@ -301,6 +353,13 @@ def train_gpt(
 
     Returns:
       A :class:`GPTTrainResult`; ``result.validation_loss`` is in nats per character.
+
+    Raises:
+      jaxbp.train.NonFiniteError: after ``max_nonfinite`` non-finite steps in a row.
+      jaxbp.checkpoint.CheckpointError: a folder with no checkpoint (with ``resume``),
+        another program's files, or a checkpoint of another configuration.
+      jaxbp.checkpoint.Interrupted: SIGINT (or SIGTERM turned into a ``KeyboardInterrupt``)
+        during training, after the pending save is on disk.
     """
     unknown = sorted(set(options) - set(GPT_DEFAULTS))
     if unknown:
@@ -308,6 +367,62 @@ def train_gpt(
     cfg = {**GPT_DEFAULTS, **options}
     model = check_config(cfg, mesh)
     devices = None if mesh is None else mesh_devices(mesh)  # before JAX starts its backends
+    every = check_checkpoint_every(checkpoint_every, cfg["log_every"])
+    check_run_options(every, keep, max_nonfinite, resume, checkpoint_dir)
+    ckpt = None
+    if checkpoint_dir is not None:
+        ckpt = Checkpointer(checkpoint_dir, keep=keep, resume=resume)
+    try:
+        if ckpt is not None and resume:
+            check_resume(ckpt.directory, cfg)
+        result = _train(model, cfg, check and mesh is None, log, progress, ckpt, every,
+                        max_nonfinite, mesh, devices)  # fmt: skip
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+    if check and mesh is not None:  # the same steps on one device: the same curve?
+        one = train_gpt(**{**options, "vocab": model.vocab, "sample_chars": 0})
+        info = compare_curves(result.step_losses, one.step_losses)
+        if log is not None:
+            verdict = "agree" if info["passed"] else "DISAGREE"
+            log(
+                f"check: the loss curves on the mesh {_mesh_text(mesh)} and on one device "
+                f"{verdict} over {info['steps']} steps: max difference "
+                f"{info['max_abs_difference']:.2e}, {info['max_rel_difference']:.2e}"
+                f" relative to the curve's max (tolerance {CURVE_CHECK_TOLERANCE:.0e})"
+            )
+        result = dataclasses.replace(result, check=info)
+    return result
+
+
+def check_checkpoint_every(checkpoint_every: int | None, log_every: int) -> int:
+    """``checkpoint_every`` (default ``log_every``); ``ValueError`` unless a multiple of it."""
+    if checkpoint_every is None:
+        return log_every
+    if (
+        not isinstance(checkpoint_every, int)
+        or checkpoint_every % log_every
+        or not (checkpoint_every > 0)
+    ):
+        raise ValueError(
+            f"checkpoint_every: expected a positive multiple of log_every = {log_every} (a "
+            f"checkpoint ends a stretch of steps), got {checkpoint_every!r}"
+        )
+    return checkpoint_every
+
+
+def check_resume(directory: str, cfg: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """``CheckpointError`` naming the field and both values when the latest checkpoint in
+    ``directory`` is not of this GPT configuration; its ``(step, meta)`` otherwise."""
+    done, meta = read_meta(directory)
+    saved = {"model": meta.get("model"), **meta.get("config", {})}
+    check_same(saved, {"model": "gpt", **cfg}, RESUME_FIELDS, directory)
+    return done, meta
+
+
+def _train(model, cfg, check, log, progress, ckpt, every, limit, mesh, devices) -> GPTTrainResult:
+    if progress is not None:
+        progress(0, cfg["steps"], "initialising the model", begin=True)
     text = load_shakespeare()
     n, t = cfg["batch_size"], cfg["context"]
     rng = np.random.default_rng(cfg["seed"])
@@ -319,59 +434,89 @@ def train_gpt(
         step, params, everywhere, put = _on_mesh(model, params, mesh, devices)
     opt = _optimizer(cfg)
     opt_state = opt.init(params)
-    stretch = _stretch_fn(step, opt)
+    stretch = _stretch_fn(step, opt, limit)
     val_rng = np.random.default_rng(12345)  # the same validation windows in every run
     vx, vy = text.batch(val_rng, cfg["eval_batches"] * n, t, split="validation")
     vx, vy = put(vx, parallel.P()), put(vy, parallel.P())
     eval_loss = jax.jit(lambda p, x, y: model.mean_loss(p, x, y))
+    history: dict[str, list] = {"step_losses": [], "validation": [], "skipped": []}
+    done, bad_run, resumed = 0, 0, None
+    if ckpt is not None and ckpt.saved is not None:
+        resumed, state, meta = ckpt.restore({"params": params, "opt_state": opt_state})
+        params, opt_state = state["params"], state["opt_state"]
+        done, bad_run, history = meta["done"], meta["bad_run"], meta["history"]
+        rng.bit_generator.state = meta["data_rng"]
+        if log is not None:
+            log(f"resumed from the checkpoint at step {resumed} in {ckpt.directory}")
+    paths = leaf_paths(params)
 
     check_info = None
-    if check and mesh is None:
+    if check:
         x0, y0 = text.batch(np.random.default_rng(cfg["seed"] + 1), n, t)
         check_info = check_gradients(model, params, x0, y0)
         if log is not None:
             verdict = "agree" if check_info["passed"] else "DISAGREE"
             log(
-                f"check at step 0: hand-written and jax.grad gradients {verdict}: largest "
+                f"check at step {done}: hand-written and jax.grad gradients {verdict}: largest "
                 f"relative error {check_info['max_rel_error']:.2e} ({check_info['worst_leaf']}) "
                 f"over {check_info['leaves']} leaves, loss {check_info['loss']:.6f} vs "
                 f"{check_info['reference_loss']:.6f} (tolerance {GRAD_CHECK_TOLERANCE:.0e})"
             )
 
-    step_losses: list[float] = []
-    validation: list[tuple[int, float]] = []
+    if progress is not None:
+        note = "compiling the training step" if done < cfg["steps"] else ""
+        progress(done, cfg["steps"], note, begin=True)
+    first = done
     start = time.perf_counter()
-    done = 0
-    while done < cfg["steps"]:
-        s = min(cfg["log_every"], cfg["steps"] - done)
-        xs, ys = text.batch(rng, s * n, t)
-        xs, ys = xs.reshape(s, n, t), ys.reshape(s, n, t)
-        t0 = time.perf_counter()
-        rows = parallel.P(None, "data")  # (s, n, t): each step's sequences split over data
-        params, opt_state, losses = stretch(params, opt_state, put(xs, rows), put(ys, rows))
-        losses = np.asarray(losses, np.float64)
-        done += s
-        step_losses += losses.tolist()
-        val = float(eval_loss(everywhere(params), vx, vy))
-        validation.append((done, val))
-        if log is not None:
-            rate = s * n * t / (time.perf_counter() - t0)
-            log(
-                f"step {done:5d}/{cfg['steps']}  train loss {losses.mean():.4f}  "
-                f"validation loss {val:.4f}  ({rate:,.0f} chars/s)"
+    try:
+        while done < cfg["steps"]:
+            s = min(cfg["log_every"], cfg["steps"] - done)
+            xs, ys = text.batch(rng, s * n, t)
+            xs, ys = xs.reshape(s, n, t), ys.reshape(s, n, t)
+            t0 = time.perf_counter()
+            rows = parallel.P(None, "data")  # (s, n, t): each step's sequences split over data
+            params, opt_state, losses, runs, flags = stretch(
+                params, opt_state, bad_run, put(xs, rows), put(ys, rows)
             )
+            losses = np.asarray(losses, np.float64)
+            skipped, stop = nonfinite_outcome(done, flags, runs, limit, paths, losses)
+            history["skipped"] += skipped
+            if stop is not None:
+                history["step_losses"] += losses[: stop[0] - done].tolist()
+                message = stop[2]
+                if ckpt is not None and ckpt.saved:
+                    message += f"; the last checkpoint, step {ckpt.saved}, is in {ckpt.directory}"
+                raise NonFiniteError(message, stop[0], stop[1], history)
+            bad_run = int(np.asarray(runs)[-1])
+            done += s
+            history["step_losses"] += losses.tolist()
+            val = float(eval_loss(everywhere(params), vx, vy))
+            history["validation"].append((done, val))
+            if ckpt is not None and (done % every == 0 or done == cfg["steps"]):
+                meta = {"model": "gpt", "config": {**cfg, "vocab": model.vocab}, "unit": "step",
+                        "done": done, "bad_run": bad_run, "history": history,
+                        "data_rng": rng.bit_generator.state}  # fmt: skip
+                ckpt.save(done, {"params": params, "opt_state": opt_state}, meta)
+            mean = losses[np.isfinite(losses)].mean() if np.isfinite(losses).any() else np.nan
+            note = f"loss {mean:.4f}  validation {val:.4f}"
+            if history["skipped"]:
+                note += f"  non-finite steps skipped {len(history['skipped'])}"
+            if progress is not None:
+                progress(done, cfg["steps"], note)
+            if log is not None:
+                rate = s * n * t / (time.perf_counter() - t0)
+                log(
+                    f"step {done:5d}/{cfg['steps']}  train loss {mean:.4f}  "
+                    f"validation loss {val:.4f}  ({rate:,.0f} chars/s)"
+                    + (f"  skipped {len(history['skipped'])} non-finite steps"
+                       if history["skipped"] else "")
+                )  # fmt: skip
+    except KeyboardInterrupt as exc:
+        if ckpt is not None:
+            ckpt.wait()
+        signum = getattr(exc, "signum", signal.SIGINT)
+        raise Interrupted(signum, done, ckpt.saved if ckpt is not None else None) from None
     seconds = time.perf_counter() - start
-    if check and mesh is not None:  # the same steps on one device: the same curve?
-        one = train_gpt(**{**options, "vocab": model.vocab, "sample_chars": 0})
-        check_info = compare_curves(step_losses, one.step_losses)
-        if log is not None:
-            verdict = "agree" if check_info["passed"] else "DISAGREE"
-            log(
-                f"check: the loss curves on the mesh {_mesh_text(mesh)} and on one device "
-                f"{verdict} over {check_info['steps']} steps: max difference "
-                f"{check_info['max_abs_difference']:.2e}, {check_info['max_rel_difference']:.2e}"
-                f" relative to the curve's max (tolerance {CURVE_CHECK_TOLERANCE:.0e})"
-            )
     sample = ""
     if cfg["sample_chars"]:
         chars, sampler = _characters_only(model, everywhere(params), text.vocab_size)
@@ -382,11 +527,70 @@ def train_gpt(
         sample = text.decode(ids[1:])
     return GPTTrainResult(
         config={**cfg, "vocab": model.vocab, "num_params": model.num_params, "mesh": mesh},
-        step_losses=tuple(step_losses),
-        validation=tuple(validation),
+        step_losses=tuple(history["step_losses"]),
+        validation=tuple((int(k), float(v)) for k, v in history["validation"]),
         seconds=seconds,
-        tokens_per_second=cfg["steps"] * n * t / seconds,
+        tokens_per_second=(done - first) * n * t / max(seconds, 1e-9),
         sample=sample,
         params=params,
         check=check_info,
+        skipped=tuple(history["skipped"]),
+        resumed_from=resumed,
     )
+
+
+def load_checkpoint(directory: str) -> tuple[GPT, dict[str, Any], Any, int]:
+    """``(model, config, params, step)`` of the latest GPT checkpoint in ``directory``, read
+    only. :class:`jaxbp.checkpoint.CheckpointError` names the folder when it holds no GPT
+    checkpoint."""
+    from .checkpoint import CheckpointError, restore
+
+    _, meta = read_meta(directory)
+    if meta.get("model") != "gpt":
+        raise CheckpointError(
+            f"checkpoint_dir: {directory!r} holds a checkpoint of --model "
+            f"{meta.get('model')}, not of a GPT (jaxbp train --model gpt)"
+        )
+    cfg = {**GPT_DEFAULTS, **{k: v for k, v in meta["config"].items() if k in GPT_DEFAULTS}}
+    model = check_config(cfg)
+    template = model.init(jax.random.PRNGKey(0))
+    template = {"params": template, "opt_state": _optimizer(cfg).init(template)}
+    step, state, _ = restore(directory, template)
+    return model, cfg, state["params"], step
+
+
+def generate(
+    checkpoint_dir: str, prompt: str = "\n", chars: int = 300, *, temperature: float = 0.8,
+    seed: int = 0,
+) -> dict[str, Any]:  # fmt: skip
+    """Sample ``chars`` characters after ``prompt`` from the GPT saved in ``checkpoint_dir``.
+
+    Returns ``{"text": the continuation, "prompt", "step" (the checkpoint's), "chars",
+    "temperature", "seed", "config"}``; the same ``seed`` gives the same text.
+    ``ValueError`` names characters of the prompt outside the vocabulary.
+    """
+    text = load_shakespeare()
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError(f"prompt: expected at least one character, got {prompt!r}")
+    try:
+        ids = text.encode(prompt)
+    except ValueError as e:
+        raise ValueError(f"prompt: {str(e).split(': ', 1)[1]}") from None
+    if not isinstance(chars, int) or isinstance(chars, bool) or chars < 0:
+        raise ValueError(f"chars: expected an int ≥ 0, got {chars!r}")
+    if not (
+        isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0
+    ):
+        raise ValueError(f"temperature: expected a positive number, got {temperature!r}")
+    model, cfg, params, step = load_checkpoint(checkpoint_dir)
+    model, params = _characters_only(model, params, text.vocab_size)  # a padded vocabulary
+    out = model.generate(params, jax.random.PRNGKey(seed), ids, chars, temperature=temperature)
+    return {
+        "text": text.decode(out[ids.size :]),
+        "prompt": prompt,
+        "step": step,
+        "chars": chars,
+        "temperature": temperature,
+        "seed": seed,
+        "config": {k: cfg[k] for k in ("d", "heads", "layers", "context")},
+    }

@@ -2,6 +2,7 @@
 
 import functools
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -48,9 +49,12 @@ def tiny_cases():
         harness.CASES.remove(case)
 
 
-def test_run_writes_results_json_with_one_record_per_case_and_report(tmp_path, tiny_cases):
+def test_run_writes_results_json_with_one_record_per_case_and_report(tmp_path, tiny_cases, capsys):
     rc = cli.main(["--quick", "--cases", "TEST/", "--reps", "2", "--out", str(tmp_path)])
     assert rc == 0
+    out = capsys.readouterr().out  # not a terminal: plain lines with the elapsed time and ETA
+    assert re.search(r"\[1/2\] TEST/\S+ .*\[elapsed \d+:\d\d, ETA \d+:\d\d\]", out), out
+    assert "measuring the roofline" in out and "\r" not in out
     result = json.loads((tmp_path / "results.json").read_text())
     env = result["environment"]
     for key in ("backend", "device", "jax", "jaxlib", "matmul_precision"):

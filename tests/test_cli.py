@@ -1,7 +1,9 @@
 """The jaxbp command line: each subcommand with --json, in-process; python -m jaxbp once."""
 
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -186,3 +188,57 @@ def test_python_dash_m_jaxbp_compare_runs():
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "PASSED" in proc.stdout
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_on_a_terminal_is_a_tqdm_bar_with_eta_and_the_lines_above_it():
+    from jaxbp.cli._progress import Progress
+
+    screen = _Terminal()
+    with Progress(screen, "step") as bar:
+        bar(0, 8, "compiling the training step", begin=True)
+        assert "0/8 steps" in screen.getvalue() and "compiling" in screen.getvalue()
+        bar(4, 8, "loss 2.0")
+        bar.write("step 4/8  train loss 2.0")
+        bar(8, 8, "loss 1.0")
+    shown = screen.getvalue()
+    assert "\r" in shown and "ETA" in shown and "elapsed" in shown  # a bar redrawn in place
+    assert "8/8 steps" in shown and "100%" in shown and "loss 1.0" in shown
+    assert "step 4/8  train loss 2.0\n" in shown
+
+
+def test_progress_elsewhere_is_plain_lines_with_elapsed_time_and_eta():
+    from jaxbp.cli._progress import Progress
+
+    log = io.StringIO()
+    bar = Progress(log, "step")  # not a terminal
+    bar(2, 10, "compiling the training step", begin=True)  # a resumed run: from step 2
+    bar(6, 10, "")
+    bar.write("step 6/10")
+    bar(8, 10, "")
+    bar.write("step 8/10")
+    bar(10, 10, "")
+    bar.write("step 10/10")
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert lines[0] == "compiling the training step (step 2/10) …"
+    assert re.fullmatch(r"step 6/10  \[elapsed \d+:\d\d, ETA \d+:\d\d\]", lines[1]), lines
+    assert re.fullmatch(r"step 10/10  \[elapsed \d+:\d\d\]", lines[3]), lines
+    assert "\r" not in log.getvalue()
+
+
+def test_train_on_a_terminal_shows_the_bar_and_with_json_dash_plain_lines(monkeypatch, capsys):
+    args = ["train", "--sizes", "64,8,10", "--epochs", "2", "--batch-size", "512"]
+    screen = _Terminal()
+    monkeypatch.setattr(sys, "stdout", screen)
+    assert main(args) == 0
+    assert "2/2 epochs" in screen.getvalue() and "ETA" in screen.getvalue()
+    monkeypatch.undo()
+    assert main([*args, "--json", "-"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "compiling the epoch (epoch 0/2) …" in err
+    assert re.search(r"epoch   2/2 .*\[elapsed \d+:\d\d\]", err), err

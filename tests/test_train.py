@@ -64,11 +64,13 @@ def test_an_epoch_is_one_jitted_scan_over_minibatches():
     epoch = train._epoch_fn(model, opt, train._grad_fn(model, types.SimpleNamespace()), steps=4)
     params = model.init(jax.random.PRNGKey(0), jnp.float32)
     x, y = jnp.zeros((40, 64), jnp.float32), jnp.zeros((40,), jnp.int32)
-    jaxpr = jax.make_jaxpr(epoch)(params, opt.init(params), x, y, jax.random.PRNGKey(0))
+    args = (params, opt.init(params), 0, x, y, jax.random.PRNGKey(0))
+    jaxpr = jax.make_jaxpr(epoch)(*args)
     inner = jaxpr.jaxpr.eqns[0].params["jaxpr"].jaxpr  # the jit
     assert "scan" in [e.primitive.name for e in inner.eqns]
-    *_, losses = epoch(params, opt.init(params), x, y, jax.random.PRNGKey(0))
-    assert losses.shape == (4,)
+    _, _, losses, runs, (applied, grads_ok, params_ok) = epoch(*args)
+    assert losses.shape == runs.shape == applied.shape == (4,)
+    assert grads_ok.shape == params_ok.shape == (4, 4)  # a flag per leaf: 2 layers, w and b
 
 
 def test_bad_configuration_is_a_clear_error():

@@ -1,4 +1,4 @@
-"""The ``jaxbp`` command line: ``jaxbp compare | explain | train``.
+"""The ``jaxbp`` command line: ``jaxbp compare | explain | train | generate``.
 
 Each subcommand has its own module here, which declares its arguments (``add_arguments``),
 checks what one value alone cannot (``validate``), calls the tool that does the work and
@@ -11,6 +11,7 @@ standard error).
     jaxbp compare   manual gradients vs jax.grad vs finite differences; exit 1 on a mismatch
     jaxbp explain   one backward pass, step by step, with every shape and the Jacobians
     jaxbp train     an MLP on the bundled digits data set with the hand-written gradients
+    jaxbp generate  text sampled from a GPT checkpoint of ``jaxbp train --model gpt``
 """
 
 from __future__ import annotations
@@ -22,20 +23,24 @@ from collections.abc import Sequence
 import jax
 
 from .. import __version__
-from . import compare, explain, train
+from . import compare, explain, generate, train
 
 __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser with its three subcommands."""
+    """The parser with its subcommands."""
     parser = argparse.ArgumentParser(
         prog="jaxbp",
-        description="Hand-written backward passes in JAX: check, explain, train with them.",
+        description="Hand-written backward passes in JAX: check, explain, train with them, "
+        "sample from a trained GPT.",
     )
     parser.add_argument("--version", action="version", version=f"jaxbp {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{compare,explain,train}", required=True)
-    for name, module in (("compare", compare), ("explain", explain), ("train", train)):
+    commands = {"compare": compare, "explain": explain, "train": train, "generate": generate}
+    sub = parser.add_subparsers(
+        dest="command", metavar="{" + ",".join(commands) + "}", required=True
+    )
+    for name, module in commands.items():
         doc = (module.__doc__ or "").strip().splitlines()[0].replace("``", "")
         p = sub.add_parser(name, help=doc, description=doc)
         module.add_arguments(p)

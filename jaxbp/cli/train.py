@@ -2,7 +2,8 @@
 with the hand-written gradients.
 
 The arguments, their checks, and the printing; the work is :func:`jaxbp.train.train`
-(``--model mlp``) and :func:`jaxbp.train_gpt.train_gpt` (``--model gpt``).
+(``--model mlp``) and :func:`jaxbp.train_gpt.train_gpt` (``--model gpt``). Checkpoints and
+non-finite steps: :mod:`jaxbp.cli._checkpoint`; the progress bar: :mod:`jaxbp.cli._progress`.
 """
 
 from __future__ import annotations
@@ -11,9 +12,17 @@ from typing import Any
 
 from ..activations import ACTIVATIONS
 from ..datasets import load_shakespeare
-from ..train import DEFAULTS, OPTIMIZERS, check_dp, train
+from ..train import DEFAULTS, OPTIMIZERS, RESUME_FIELDS, check_dp, train
 from ..train import check_config as check_mlp_config
-from ..train_gpt import GPT_DEFAULTS, check_config, mesh_devices, train_gpt
+from ..train_gpt import (
+    GPT_DEFAULTS,
+    check_checkpoint_every,
+    check_config,
+    mesh_devices,
+    train_gpt,
+)
+from ..train_gpt import RESUME_FIELDS as GPT_RESUME_FIELDS
+from . import _checkpoint
 from ._args import (
     json_path,
     mesh_axes,
@@ -25,6 +34,7 @@ from ._args import (
     text_stream,
     write_json,
 )
+from ._progress import Progress
 
 _KINDS = {
     "positive_int": positive_int,
@@ -91,6 +101,7 @@ def add_arguments(parser) -> None:
         help="DP-SGD noise multiplier σ: N(0, (σ·C)²) on the clipped sum (needs --dp-clip)",
     )  # fmt: skip
     _add_gpt_arguments(parser)
+    _checkpoint.add_arguments(parser)
 
 
 def _given(args, names) -> list[str]:
@@ -106,13 +117,21 @@ def validate(args) -> None:
         wrong = _given(args, MLP_FLAGS)
         if wrong:
             raise ValueError(f"{wrong[0]}: only for --model mlp (the digits MLP)")
-        check_config({**GPT_DEFAULTS, **_gpt_options(args)}, args.mesh)
+        _checkpoint.validate(args, (*GPT_FLAGS, *SHARED_FLAGS), GPT_RESUME_FIELDS)
+        cfg = {**GPT_DEFAULTS, **_gpt_options(args)}
+        check_config(cfg, args.mesh)
         if args.mesh is not None:
             mesh_devices(args.mesh)  # enough devices (simulated ones on a CPU)?
+        if args.checkpoint_every is not None:
+            try:
+                check_checkpoint_every(args.checkpoint_every, cfg["log_every"])
+            except ValueError as e:
+                raise ValueError("--checkpoint-every" + str(e)[len("checkpoint_every") :]) from None
         return
     wrong = _given(args, (*GPT_FLAGS, "mesh"))
     if wrong:
         raise ValueError(f"{wrong[0]}: only for --model gpt")
+    _checkpoint.validate(args, (*MLP_FLAGS, *SHARED_FLAGS, "epochs"), RESUME_FIELDS)
     for name in (*MLP_FLAGS, *SHARED_FLAGS):
         if getattr(args, name) is None:
             setattr(args, name, {"dp_clip": None, "noise": 0.0}.get(name, DEFAULTS.get(name)))
@@ -126,18 +145,26 @@ def run(args) -> int:
     if args.model == "gpt":
         return _run_gpt(args)
     out = text_stream(args)
-    skip = ("command", "check", "json", "model", *GPT_FLAGS)
+    skip = ("command", "check", "json", "model", "checkpoint_every", "keep", *GPT_FLAGS)
     options = {k: v for k, v in vars(args).items() if k not in skip and not k.startswith("_")}
+    if args.checkpoint_dir is not None:
+        options.update(checkpoint_every=args.checkpoint_every or 1, keep=args.keep)
     print(
         f"Training MLP {'-'.join(map(str, args.sizes))} ({args.activation}) on the digits "
         f"(1438 train / 359 test) with hand-written gradients, {args.optimizer} lr {args.lr}, "
         f"batch {args.batch_size}",
         file=out,
     )
-    result = train(check=args.check, log=lambda line: print(line, file=out), **options)
+    bar = Progress(out, "epoch", bar=None if args.json != "-" else False)
+    try:
+        with bar, _checkpoint.sigterm_interrupts():
+            result = train(check=args.check, log=bar.write, progress=bar, **options)
+    except (KeyboardInterrupt, _checkpoint.CheckpointError, _checkpoint.NonFiniteError) as e:
+        return _checkpoint.ending(args, e, "epoch", args.epochs)
     print(
         f"done in {result.seconds:.1f} s: test accuracy {result.accuracy:.4f}, "
-        f"train accuracy {result.train_accuracy:.4f}, final train loss {result.losses[-1]:.4f}",
+        f"train accuracy {result.train_accuracy:.4f}, final train loss {result.losses[-1]:.4f}"
+        + _skipped(result.skipped),
         file=out,
     )
     status = 0
@@ -204,6 +231,13 @@ def _mesh_text(mesh) -> str:
     return ",".join(f"{k}={v}" for k, v in mesh.items())
 
 
+def _skipped(steps) -> str:
+    if not steps:
+        return ""
+    shown = ", ".join(map(str, steps[:5])) + (", …" if len(steps) > 5 else "")
+    return f"; {len(steps)} non-finite steps skipped (steps {shown})"
+
+
 def _run_gpt(args) -> int:
     """Run ``jaxbp train --model gpt`` (arguments already validated); 1 when ``--check``
     finds the gradients apart, 0 otherwise."""
@@ -222,12 +256,20 @@ def _run_gpt(args) -> int:
            f"{mesh_devices(args.mesh)[0].platform} devices (vocabulary {model.vocab})"),
         file=out,
     )  # fmt: skip
-    result = train_gpt(
-        check=args.check, log=lambda line: print(line, file=out), mesh=args.mesh, **options
-    )
+    run_options = dict(max_nonfinite=args.max_nonfinite, mesh=args.mesh)
+    if args.checkpoint_dir is not None:
+        run_options.update(checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+                           checkpoint_every=args.checkpoint_every, keep=args.keep)  # fmt: skip
+    bar = Progress(out, "step", bar=None if args.json != "-" else False)
+    try:
+        with bar, _checkpoint.sigterm_interrupts():
+            result = train_gpt(check=args.check, log=bar.write, progress=bar, **options,
+                               **run_options)  # fmt: skip
+    except (KeyboardInterrupt, _checkpoint.CheckpointError, _checkpoint.NonFiniteError) as e:
+        return _checkpoint.ending(args, e, "step", cfg["steps"])
     print(
         f"done in {result.seconds:.1f} s ({result.tokens_per_second:,.0f} chars/s): "
-        f"validation loss {result.validation_loss:.4f} nats/char",
+        f"validation loss {result.validation_loss:.4f} nats/char" + _skipped(result.skipped),
         file=out,
     )
     if result.sample:

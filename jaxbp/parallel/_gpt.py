@@ -333,7 +333,7 @@ def value_and_grad(
 
     def check(params, ids, targets, *, where=None):
         if host_readable(params, ids, targets, where):
-            ids, targets, where = model.check_inputs(params, ids, targets, where)
+            _, ids, targets, where = model.check_inputs(params, ids, targets, where)
         else:  # global arrays spanning other processes: shapes only
             model.check_params(params)
         _check_batch(mesh, axis, jnp.shape(ids)[0])
