@@ -57,7 +57,8 @@ class TrainResult:
     """What :func:`train` returns.
 
     ``losses`` is the mean training loss of every epoch ``(epochs,)``; ``step_losses`` every
-    minibatch's ``(epochs·s,)``; ``test_accuracy`` the held-out accuracy after every epoch.
+    minibatch's ``(epochs·s,)``; ``test_accuracy`` and ``test_losses`` the held-out accuracy
+    and mean loss after every epoch ``(epochs,)``.
     ``check`` (with ``check=True``) holds the reference run's curve and the largest
     difference between the two step-loss curves, absolute and relative to the reference
     curve's max-abs (the convention of docs/edge_cases.md), passed at ``CHECK_TOLERANCE``.
@@ -71,6 +72,7 @@ class TrainResult:
     seconds: float
     params: Any = dataclasses.field(repr=False, default=None)
     check: dict[str, Any] | None = None
+    test_losses: tuple[float, ...] = ()
 
     @property
     def accuracy(self) -> float:
@@ -84,6 +86,7 @@ class TrainResult:
             "losses": list(self.losses),
             "step_losses": list(self.step_losses),
             "test_accuracy": list(self.test_accuracy),
+            "test_losses": list(self.test_losses),
             "accuracy": self.accuracy,
             "train_accuracy": self.train_accuracy,
             "seconds": self.seconds,
@@ -192,12 +195,13 @@ def _run(model, args, split, log: Callable[[str], None] | None):
     steps = n_train // cfg.batch_size
     epoch = _epoch_fn(model, opt, _grad_fn(model, cfg), steps)
     accuracy = _accuracy_fn(model)
+    test_loss = jax.jit(model.mean_loss)
     x_tr, y_tr = jnp.asarray(split.x_train, jnp.float32), jnp.asarray(split.y_train, jnp.int32)
     x_te, y_te = jnp.asarray(split.x_test, jnp.float32), jnp.asarray(split.y_test, jnp.int32)
     k_init, k_train = jax.random.split(jax.random.PRNGKey(cfg.seed))
     params = model.init(k_init, jnp.float32)
     opt_state = opt.init(params)
-    losses, step_losses, test_acc = [], [], []
+    losses, step_losses, test_acc, test_losses = [], [], [], []
     start = time.perf_counter()
     for e in range(cfg.epochs):
         t0 = time.perf_counter()
@@ -209,13 +213,15 @@ def _run(model, args, split, log: Callable[[str], None] | None):
         losses.append(float(batch_losses.mean()))
         step_losses += batch_losses.tolist()
         test_acc.append(acc)
+        test_losses.append(float(test_loss(params, x_te, y_te)))
         if log is not None:
             log(
                 f"epoch {e + 1:3d}/{cfg.epochs}  train loss {losses[-1]:.4f}  "
                 f"test accuracy {acc:.4f}  ({time.perf_counter() - t0:.2f} s)"
             )
     seconds = time.perf_counter() - start
-    return params, losses, step_losses, test_acc, float(accuracy(params, x_tr, y_tr)), seconds
+    train_acc = float(accuracy(params, x_tr, y_tr))
+    return params, losses, step_losses, test_acc, test_losses, train_acc, seconds
 
 
 def check_config(sizes, activation, optimizer, epochs, batch_size):
@@ -273,11 +279,15 @@ def train(
         batch_size=batch_size, seed=seed, **extra,
     )  # fmt: skip
     args = _Args(**config, reference=False)
-    params, losses, step_losses, test_acc, train_acc, seconds = _run(model, args, split, log)
+    params, losses, step_losses, test_acc, test_losses, train_acc, seconds = _run(
+        model, args, split, log
+    )
     check_info = None
     if check:
         ref_args = _Args(**config, reference=True)
-        _, ref_losses, ref_steps, ref_acc, _, ref_seconds = _run(model, ref_args, split, None)
+        _, ref_losses, ref_steps, ref_acc, ref_test_losses, _, ref_seconds = _run(
+            model, ref_args, split, None
+        )
         a, b = np.asarray(step_losses), np.asarray(ref_steps)
         abs_diff = float(np.max(np.abs(a - b)))
         rel = abs_diff / max(float(np.max(np.abs(b))), 1e-30)
@@ -286,6 +296,7 @@ def train(
             "max_abs_difference": abs_diff,
             "reference_losses": ref_losses,
             "reference_test_accuracy": ref_acc,
+            "reference_test_losses": ref_test_losses,
             "reference_seconds": ref_seconds,
             "max_rel_difference": rel,
             "tolerance": CHECK_TOLERANCE,
@@ -296,6 +307,7 @@ def train(
         losses=tuple(losses),
         step_losses=tuple(step_losses),
         test_accuracy=tuple(test_acc),
+        test_losses=tuple(test_losses),
         train_accuracy=train_acc,
         seconds=seconds,
         params=params,

@@ -19,7 +19,7 @@ LAYERS = [
     {"nn", "gpt", "per_example", "_modules", "eqx", "nnx"},
     {"parallel"},
     {"reference"},
-    {"gradcheck", "custom", "explain", "explain_attention", "train", "train_gpt"},
+    {"gradcheck", "custom", "explain", "explain_attention", "train", "train_gpt", "_draw", "plots"},
     {"cli", "__main__"},
 ]
 LAYER = {name: k for k, names in enumerate(LAYERS) for name in names}
