@@ -162,7 +162,8 @@ def _bars(group: str, rs: list[dict], result: dict, plt):
 
     for i, r in enumerate(rs):
         q = r["ratio"]
-        c = "0.4" if r.get("met") is None else ("C2" if r["met"] else "C3")
+        own = [t["met"] for t in r["targets"] if t["metric"] == "ratio"]  # a ratio target
+        c = "0.4" if not own else ("C2" if all(own) else "C3")
         axr.errorbar(x[i], q["median"], yerr=[[q["median"] - q["p25"]], [q["p75"] - q["median"]]],
                      fmt="o", color=c, ms=6, capsize=4)  # fmt: skip
         axr.annotate(f"{q['median']:.3f}", (x[i], q["median"]), xytext=(7, -3),
@@ -172,12 +173,15 @@ def _bars(group: str, rs: list[dict], result: dict, plt):
         axr.axhline(t, color="C3", ls=":", lw=1.2, label=f"target A/B ≤ {t:g}")
     axr.set_ylabel("A/B per pair\n(median, IQR)", fontsize=8)
     axr.set_title(f"A/B = {sides[0][1]} ÷ {sides[1][1]}", fontsize=8)
+    spread = [r["ratio"]["p25"] for r in rs] + [r["ratio"]["p75"] for r in rs] + [1.0]
+    if max(spread) / max(min(spread), 1e-12) > 10:  # ratios far below 1: a log scale
+        axr.set_yscale("log")
     axr.margins(x=0.5 / k, y=0.2)
     axr.grid(True, axis="y", alpha=0.3)
     if _targets(rs):
         axr.legend(fontsize=7, loc="lower right")
     axr.set_xticks(x, [_config_label(r, keys) for r in rs], fontsize=7)
-    axr.set_xlabel("configuration (green: target met, red: missed, grey: no target)", fontsize=8)
+    axr.set_xlabel("configuration (green: ratio target met, red: missed, grey: none)", fontsize=8)
     return fig
 
 

@@ -318,8 +318,8 @@ def _train_gpt_figure(result):
         )
     fig.suptitle(
         f"GPT d={cfg['d']} heads={cfg['heads']} layers={cfg['layers']} context={cfg['context']}"
-        f" on Shakespeare: validation loss {result.validation_loss:.3f} nats/char after "
-        f"{len(steps)} steps",
+        f" on Shakespeare:\nvalidation loss {result.validation_loss:.3f} nats per character "
+        f"after {len(steps)} steps",
         fontsize=10,
     )
     return fig
@@ -333,8 +333,8 @@ def compare_figure(reports):
 
     One axes per check — ``jax.grad`` (with the loss), ``custom_vjp``, ``finite diff`` —
     side by side on one log scale; a dot per leaf and report, coloured by dtype, each
-    dtype's tolerance a dotted line of its colour; failures are red crosses, exact zeros
-    hollow dots at the left edge.
+    dtype's tolerance a dotted line of its colour; failures are red crosses (NaN and inf
+    at the right edge), exact zeros hollow dots at the left edge.
 
     Args:
       reports: one :class:`jaxbp.gradcheck.Report` or a sequence of them (as ``jaxbp
@@ -348,6 +348,7 @@ def compare_figure(reports):
         raise ValueError("reports: expected at least one report, got none")
     checks: list[str] = []
     leaves: dict[str, list[str]] = {}
+    shown: dict[tuple[str, str], str] = {}  # (check, leaf) -> its tick label, with its shape
     for rep in reports:
         for row in rep.rows:
             check = "jax.grad" if row.check == "loss" else row.check
@@ -357,11 +358,16 @@ def compare_figure(reports):
             leaf = "loss" if row.check == "loss" else row.leaf
             if leaf not in names:
                 names.append(leaf)
+                shape = tuple(row.shape)
+                shown[check, leaf] = (
+                    f"{leaf}, {shape[0]} directions" if row.check == "finite diff"
+                    else f"{leaf} {shape}"
+                )  # fmt: skip
     errors = [r.max_rel_error for rep in reports for r in rep.rows]
     tols = [r.tolerance for rep in reports for r in rep.rows]
-    positive = [e for e in errors if e > 0]
-    floor = 10.0 ** math.floor(math.log10(min([*positive, *tols]) / 10))
-    top = 10.0 ** math.ceil(math.log10(max([*errors, *tols]) * 3))
+    finite = [e for e in errors if math.isfinite(e)]
+    floor = 10.0 ** math.floor(math.log10(min([*(e for e in finite if e > 0), *tols]) / 10))
+    top = 10.0 ** math.ceil(math.log10(max([*finite, *tols]) * 3))
     dtypes = list(dict.fromkeys(rep.dtype for rep in reports))
     colour = {d: f"C{k}" for k, d in enumerate(dtypes)}
     handles: dict[str, Any] = {}
@@ -384,7 +390,8 @@ def compare_figure(reports):
             c = "0.3" if fd else colour[rep.dtype]
             for r in rows:
                 y = names.index("loss" if r.check == "loss" else r.leaf) + jitter
-                x = max(r.max_rel_error, floor)
+                # NaN or inf: a failure drawn at the right edge
+                x = max(r.max_rel_error, floor) if math.isfinite(r.max_rel_error) else top / 1.5
                 if not r.passed:
                     ax.plot(x, y, "x", color="red", ms=8, mew=2, zorder=4)
                 elif r.max_rel_error == 0:
@@ -401,7 +408,7 @@ def compare_figure(reports):
                     )
         ax.set_xscale("log")
         ax.set_xlim(floor / 2, top)
-        ax.set_yticks(range(len(names)), names, fontsize=8)
+        ax.set_yticks(range(len(names)), [shown[check, leaf] for leaf in names], fontsize=8)
         ax.set_ylim(len(names) - 0.5, -0.5)
         ax.set_title(titles.get(check, check), fontsize=9)
         ax.set_xlabel("max relative error (log)", fontsize=8)

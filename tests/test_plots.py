@@ -6,10 +6,13 @@ import pathlib
 import struct
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jaxbp
 from jaxbp import plots
@@ -193,7 +196,8 @@ def test_train_figure_of_the_gpt_shows_validation_and_the_uniform_guess():
 
 
 def _row(check, leaf, err, tol):
-    return Row(check, leaf, (3,), "float32", err, err, 1.0, tol, err <= tol)
+    shape = () if check == "loss" else (3,)  # finite diff: (directions,)
+    return Row(check, leaf, shape, "float32", err, err, 1.0, tol, err <= tol)
 
 
 def _report(rows, dtype="float32") -> Report:
@@ -212,7 +216,9 @@ def test_compare_figure_puts_each_check_side_by_side_on_a_log_scale_with_its_tol
     grad, fd = fig.axes
     assert grad.get_title().startswith("jax.grad") and fd.get_title().startswith("finite diff")
     assert grad.get_xscale() == fd.get_xscale() == "log"
-    assert [t.get_text() for t in grad.get_yticklabels()] == ["loss", "[0]['w']", "[0]['b']"]
+    ticks = [t.get_text() for t in grad.get_yticklabels()]
+    assert ticks == ["loss ()", "[0]['w'] (3,)", "[0]['b'] (3,)"]
+    assert [t.get_text() for t in fd.get_yticklabels()] == ["[0]['w'], 3 directions"]
     tol = [line.get_xdata()[0] for line in grad.get_lines() if line.get_linestyle() == ":"]
     assert tol == [1e-5]
     crosses = [line for line in grad.get_lines() if line.get_marker() == "x"]
@@ -354,3 +360,62 @@ def test_the_public_figure_functions_are_documented_with_their_shapes():
         doc = getattr(plots, name).__doc__
         assert doc and "Returns:" in doc and "Figure" in doc, name
     assert "(c, c)" in plots.explain_figure.__doc__ and "(t, s)" in plots.attention_figure.__doc__
+
+
+# ------------------------------------------------------------------ any shape, any numbers
+
+
+@settings(max_examples=15)
+@given(c=st.integers(1, 30), n=st.integers(1, 3), data=st.data())
+def test_explain_figure_draws_any_example_of_any_width(c, n, data):
+    rng = np.random.default_rng(c * 10 + n)
+    z = rng.normal(size=(n, c)) * 3
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    labels = rng.integers(0, c, n)
+    y = np.eye(c)[labels]
+    J = np.stack([np.diag(q) - np.outer(q, q) for q in p])
+    upstream = -y / p
+    product = np.einsum("ncd,nd->nc", J, upstream)
+    e = types.SimpleNamespace(softmax={
+        "jacobian": J, "upstream": upstream, "product": product, "p_minus_y": p - y,
+        "p": p, "y": y, "labels": labels.tolist(), "max_difference": 0.0,
+    })  # fmt: skip
+    k = data.draw(st.integers(0, n - 1))
+    fig = plots.explain_figure(e, k)
+    drawn = [np.asarray(im.get_array()) for im in _images(fig)]
+    assert [a.shape for a in drawn] == [(c, c), (c, 1), (c, 1), (c, 1)]
+    assert np.allclose(drawn[0], J[k]) and np.allclose(drawn[3][:, 0], p[k] - y[k])
+    assert f"(c, c) = ({c}, {c})" in fig.axes[0].get_title()
+    assert bool(fig.axes[0].texts) == (c <= plots.ANNOTATE_MAX)
+    w, h = fig.get_size_inches()
+    assert 3 < w < 17 and 2 < h < 12
+
+
+ERRORS = st.one_of(st.just(0.0), st.floats(1e-17, 1.0), st.just(float("nan")),
+                   st.just(float("inf")))  # fmt: skip
+
+
+@settings(max_examples=15)
+@given(
+    rows=st.lists(st.tuples(st.sampled_from(["loss", "jax.grad", "custom_vjp", "finite diff"]),
+                            st.sampled_from(["[0]['w']", "[0]['b']", "[1]['w']"]), ERRORS),
+                  min_size=1, max_size=12),
+    dtypes=st.lists(st.sampled_from(["float32", "float64", "bfloat16"]), min_size=1, max_size=3),
+)  # fmt: skip
+def test_compare_figure_draws_every_row_whatever_its_error(rows, dtypes):
+    tol = {"float32": 1e-5, "float64": 1e-12, "bfloat16": 2e-2}
+    reports = []
+    for d in dtypes:
+        made = [Row(c, "mean loss" if c == "loss" else leaf, (3,), d, e, e, 1.0,
+                    1e-6 if c == "finite diff" else tol[d], bool(e <= tol[d]))
+                for c, leaf, e in rows]  # fmt: skip
+        reports.append(_report(made, d))
+    fig = plots.compare_figure(reports)
+    dots = [ln for ax in fig.axes for ln in ax.get_lines() if ln.get_marker() in ("o", "x")]
+    assert len(dots) == len(rows) * len(dtypes)
+    crosses = sum(ln.get_marker() == "x" for ln in dots)
+    assert crosses == sum(not r.passed for rep in reports for r in rep.rows)
+    for ax in fig.axes:
+        lo, hi = ax.get_xlim()
+        assert all(lo < ln.get_xdata()[0] < hi for ln in ax.get_lines() if ln in dots)
