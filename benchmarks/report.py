@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from .plots import write_plots
+
 __all__ = ["write_report", "write_plots"]
 
 
@@ -160,146 +162,6 @@ def write_report(result: dict, out: Path) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def write_plots(result: dict, out: Path) -> list[Path]:
-    """Time vs size per case group (both sides), and softmax backward cost vs c (log–log)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    recs = [r for r in result["records"] if r["status"] == "ok" and "time_a" in r["metrics"]]
-    groups: dict[str, list[dict]] = {}
-    for r in recs:
-        groups.setdefault(r["case"], []).append(r)
-    env = result["environment"]
-    paths = []
-    for group, rs in groups.items():
-        size_key = _size_key(rs)
-        if size_key is None:
-            continue
-        fig, (ax, axr) = plt.subplots(
-            2, 1, figsize=(6.4, 6.4), sharex=True, gridspec_kw={"height_ratios": [3, 2]}
-        )
-        series: dict[str, list[tuple[float, float]]] = {}
-        ratios: dict[str, list[tuple[float, float, float, float]]] = {}
-        for r in rs:
-            sub = ", ".join(
-                f"{k}={v}" for k, v in r["shapes"].items() if k != size_key and _scalar(v)
-            )
-            x = r["shapes"][size_key]
-            la, lb = r.get("labels", ["A", "B"])
-            series.setdefault(f"{la} {sub}".strip(), []).append((x, r["metrics"]["time_a"]))
-            series.setdefault(f"{lb} {sub}".strip(), []).append((x, r["metrics"]["time_b"]))
-            q = r["ratio"]
-            ratios.setdefault(sub or "A/B", []).append((x, q["median"], q["p25"], q["p75"]))
-            for k, v in r["metrics"].items():
-                if k.startswith("time_") and k not in ("time_a", "time_b"):
-                    series.setdefault(f"{k[5:]} {sub}".strip(), []).append((x, v))
-        for name, pts in series.items():
-            pts.sort()
-            ls = "--" if name.startswith(tuple(rs[0].get("labels", ["A", "B"])[1:])) else "-"
-            ax.plot([p[0] for p in pts], [p[1] * 1e3 for p in pts], ls, marker="o", label=name)
-        for name, pts in ratios.items():
-            pts.sort()
-            xs, med, lo, hi = zip(*pts, strict=True)
-            yerr = [[m - a for m, a in zip(med, lo, strict=True)],
-                    [b - m for m, b in zip(med, hi, strict=True)]]  # fmt: skip
-            axr.errorbar(xs, med, yerr=yerr, marker="o", capsize=3, label=name)
-        for t in {(t["value"], t["metric"]) for r in rs for t in r["targets"]}:
-            if t[1] == "ratio":
-                axr.axhline(t[0], color="red", ls=":", label=f"target {t[0]:g}")
-        axr.set_ylabel("A/B per pair\n(median, IQR)")
-        axr.set_xlabel(size_key)
-        axr.grid(True, alpha=0.3)
-        axr.legend(fontsize=6)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_ylabel("median time per call (ms)")
-        ax.set_title(f"{group}: {rs[0]['title']}\n{env['device']}, {result['dtype']}", fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        path = out / f"{group.lower()}_time.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    p4 = plot_softmax(result, out, plt)
-    if p4 is not None:
-        paths.append(p4)
-    return paths
-
-
-def plot_softmax(result: dict, out: Path, plt) -> Path | None:
-    """P4: softmax backward cost per row vs c, log–log, with O(c) and O(c²) guides."""
-    rs = [
-        r
-        for r in result["records"]
-        if r["case"] == "P4" and r["status"] == "ok" and "time_a" in r["metrics"]
-    ]
-    if len(rs) < 2:
-        return None
-    rs.sort(key=lambda r: r["shapes"]["c"])
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    la, lb = rs[0].get("labels", ["A", "B"])
-    for key, label, style in (
-        ("time_a", la, "o-"),
-        ("time_b", lb, "s--"),
-        ("time_explicit_jacobian", "explicit Jacobian Jᵀg, J (n,c,c)", "^-"),
-    ):
-        pts = [
-            (r["shapes"]["c"], r["metrics"][key] / r["shapes"]["n"] * 1e9)
-            for r in rs
-            if key in r["metrics"]
-        ]
-        if pts:
-            ax.plot(*zip(*pts, strict=True), style, label=label)
-    cs = [r["shapes"]["c"] for r in rs]
-    a0 = rs[-1]["metrics"]["time_a"] / rs[-1]["shapes"]["n"] * 1e9 / cs[-1]
-    ax.plot(cs, [a0 * c for c in cs], ":", color="gray", label="∝ c")
-    ex = [r for r in rs if "time_explicit_jacobian" in r["metrics"]]
-    if ex:
-        e = ex[-1]
-        e0 = e["metrics"]["time_explicit_jacobian"] / e["shapes"]["n"] * 1e9 / e["shapes"]["c"] ** 2
-        ax.plot(cs, [e0 * c * c for c in cs], "-.", color="gray", label="∝ c²")
-        cut = [r["shapes"]["c"] for r in rs if "explicit_jacobian" in r.get("skipped_sides", {})]
-        if cut:
-            ax.axvline(min(cut), color="red", alpha=0.3)
-            ax.text(min(cut), ax.get_ylim()[0] * 2, " explicit J skipped\n (too large)", fontsize=7)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("classes c")
-    ax.set_ylabel("backward time per row (ns)")
-    env = result["environment"]
-    ax.set_title(
-        f"P4 softmax backward cost vs c: VJP O(c), explicit Jacobian O(c²)\n"
-        f"{env['device']}, {result['dtype']}",
-        fontsize=9,
-    )
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "p4_softmax_cost_vs_c.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _scalar(v) -> bool:
-    return isinstance(v, int | float | str | bool)
-
-
-def _size_key(rs: list[dict]) -> str | None:
-    """The shape entry that varies most across a group's records (the x axis)."""
-    best, count = None, 1
-    for k in rs[0]["shapes"]:
-        vals = {r["shapes"].get(k) for r in rs if isinstance(r["shapes"].get(k), int | float)}
-        if len(vals) > count:
-            best, count = k, len(vals)
-    return best
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ plain ``jax.numpy`` under :mod:`jaxbp.reference`. See ``docs/backprop.md`` for t
 from . import model as model
 from . import parallel as parallel
 from . import per_example as per_example
+from . import plots as plots
 from . import reference as reference
 from ._checks import checked as checked
 from ._op import Op as Op
@@ -118,7 +119,8 @@ _bind_references(
 )
 
 __all__ = [
-    "reference", "parallel", "checked", "jacobian", "ACTIVATIONS", "MLP", "value_and_grad",
+    "reference", "parallel", "plots", "checked", "jacobian", "ACTIVATIONS", "MLP",
+    "value_and_grad",
     "per_example", "per_example_grads", "per_example_grad_norms", "clipped_grad",
     "dense", "dense_fwd", "dense_bwd",
     "relu", "relu_fwd", "relu_bwd",

@@ -70,7 +70,8 @@ class TrainResult:
     """What :func:`train` returns.
 
     ``losses`` is the mean training loss of every epoch ``(epochs,)``; ``step_losses`` every
-    minibatch's ``(epochs·s,)``; ``test_accuracy`` the held-out accuracy after every epoch.
+    minibatch's ``(epochs·s,)``; ``test_accuracy`` and ``test_losses`` the held-out accuracy
+    and mean loss after every epoch ``(epochs,)``.
     ``check`` (with ``check=True``) holds the reference run's curve and the largest
     difference between the two step-loss curves, absolute and relative to the reference
     curve's max-abs (the convention of docs/edge_cases.md), passed at ``CHECK_TOLERANCE``.
@@ -88,6 +89,7 @@ class TrainResult:
     check: dict[str, Any] | None = None
     skipped: tuple[int, ...] = ()
     resumed_from: int | None = None
+    test_losses: tuple[float, ...] = ()
 
     @property
     def accuracy(self) -> float:
@@ -101,6 +103,7 @@ class TrainResult:
             "losses": finite_or_none(self.losses),
             "step_losses": finite_or_none(self.step_losses),
             "test_accuracy": list(self.test_accuracy),
+            "test_losses": finite_or_none(self.test_losses),
             "accuracy": self.accuracy,
             "train_accuracy": self.train_accuracy,
             "seconds": self.seconds,
@@ -224,18 +227,21 @@ def _run(model, args, split, log: Callable[[str], None] | None, ckpt=None, progr
     limit = getattr(cfg, "max_nonfinite", 3)
     epoch = _epoch_fn(model, opt, _grad_fn(model, cfg), steps, limit)
     accuracy = _accuracy_fn(model)
+    test_loss = jax.jit(model.mean_loss)
     x_tr, y_tr = jnp.asarray(split.x_train, jnp.float32), jnp.asarray(split.y_train, jnp.int32)
     x_te, y_te = jnp.asarray(split.x_test, jnp.float32), jnp.asarray(split.y_test, jnp.int32)
     k_init, k_train = jax.random.split(jax.random.PRNGKey(cfg.seed))
     params = model.init(k_init, jnp.float32)
     opt_state = opt.init(params)
-    history = {"losses": [], "step_losses": [], "test_accuracy": [], "skipped": []}
+    history = {"losses": [], "step_losses": [], "test_accuracy": [], "test_losses": [],
+               "skipped": []}  # fmt: skip
     first, bad_run, resumed = 0, 0, None
     if ckpt is not None and getattr(cfg, "resume", False):
         template = {"params": params, "opt_state": opt_state, "key": k_train}
         resumed, state, meta = ckpt.restore(template)
         params, opt_state, k_train = state["params"], state["opt_state"], state["key"]
         first, bad_run, history = meta["done"], meta["bad_run"], meta["history"]
+        history.setdefault("test_losses", [])
         if log is not None:
             log(f"resumed from the checkpoint at epoch {resumed} in {ckpt.directory}")
     paths = leaf_paths(params)
@@ -266,6 +272,7 @@ def _run(model, args, split, log: Callable[[str], None] | None, ckpt=None, progr
             history["losses"].append(float(finite.mean()) if finite.size else float("nan"))
             history["step_losses"] += batch_losses.tolist()
             history["test_accuracy"].append(acc)
+            history["test_losses"].append(float(test_loss(params, x_te, y_te)))
             done = e + 1
             if ckpt is not None and ((e + 1) % every == 0 or e + 1 == cfg.epochs):
                 state = {"params": params, "opt_state": opt_state, "key": k_train}
@@ -415,6 +422,7 @@ def train(
             "max_abs_difference": abs_diff,
             "reference_losses": ref["losses"],
             "reference_test_accuracy": ref["test_accuracy"],
+            "reference_test_losses": ref["test_losses"],
             "reference_seconds": ref_seconds,
             "max_rel_difference": rel,
             "tolerance": CHECK_TOLERANCE,
@@ -425,6 +433,7 @@ def train(
         losses=tuple(history["losses"]),
         step_losses=tuple(step_losses),
         test_accuracy=tuple(history["test_accuracy"]),
+        test_losses=tuple(history["test_losses"]),
         train_accuracy=train_acc,
         seconds=seconds,
         params=params,

@@ -2,6 +2,7 @@
 
 import functools
 import json
+import pathlib
 import re
 
 import jax
@@ -10,6 +11,7 @@ import pytest
 
 import jaxbp
 from benchmarks import cli, harness
+from benchmarks import plots as bench_plots
 from benchmarks.cases_core import build_mlp, build_softmax, mlp_flops
 
 
@@ -134,3 +136,69 @@ def test_case_ids_select_by_glob_prefix_or_regex(tiny_cases):
 def test_duplicate_case_id_is_refused(tiny_cases):
     with pytest.raises(ValueError, match="already registered"):
         harness.register(tiny_cases[0])
+
+
+# ------------------------------------------------- plots, from the committed CPU results
+
+RESULTS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks/results/cpu/results.json"
+
+
+@pytest.fixture(scope="module")
+def committed():
+    pytest.importorskip("matplotlib")
+    return json.loads(RESULTS.read_text())
+
+
+def _ok(result, group):
+    return [r for r in result["records"] if r["case"] == group and r["status"] == "ok"]
+
+
+def test_plots_from_the_committed_results_write_one_png_per_timed_group(committed, tmp_path):
+    paths = bench_plots.write_plots(committed, tmp_path)
+    timed = {r["case"] for r in committed["records"]
+             if r["status"] == "ok" and "time_a" in r["metrics"]}  # fmt: skip
+    names = {p.name for p in paths}
+    assert names == {f"{g.lower()}_time.png" for g in timed} | {"p4_softmax_cost_vs_c.png"}
+    for path in paths:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_discrete_configurations_are_grouped_bars_with_their_interquartile_range(committed):
+    import matplotlib.pyplot as plt
+    from matplotlib.container import BarContainer
+
+    rs = _ok(committed, "P10")
+    fig = bench_plots._bars("P10", rs, committed, plt)
+    ax, ratio_ax = fig.axes
+    assert ax.get_xscale() == "linear"  # categories, not an "n" axis
+    labels = [t.get_text() for t in ratio_ax.get_xticklabels()]
+    assert labels == ["n=16\nt=128\nd=128\nh=4", "n=8\nt=256\nd=256\nh=8"]
+    manual, autodiff = [c for c in ax.containers if isinstance(c, BarContainer)]  # a side each
+    for bars, side in ((manual, "A"), (autodiff, "B")):
+        heights = [b.get_height() for b in bars.patches]
+        assert heights == pytest.approx([r["times"][side]["median"] * 1e3 for r in rs])
+        segments = bars.errorbar.lines[2][0].get_segments()
+        drawn = [v for s in segments for v in s[:, 1]]
+        iqr = [r["times"][side][q] * 1e3 for r in rs for q in ("p25", "p75")]
+        assert drawn == pytest.approx(iqr)
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("group, key, panels", [("P4", "c", 2), ("P11", "t", 3), ("P5", "v", 3)])
+def test_sweeps_are_log_scaled_lines_over_their_size(committed, group, key, panels):
+    import matplotlib.pyplot as plt
+
+    rs = _ok(committed, group)
+    fig = bench_plots._sweep(group, [r for r in rs if "time_a" in r["metrics"]], committed, plt)
+    assert len(fig.axes) == panels  # time, A/B ratio, and memory where its growth is the point
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    assert fig.axes[-1].get_xlabel() == f"{key} (log scale)"
+    if group == "P4":  # n changes with c: the time per row, in µs
+        line = ax.containers[0].lines[0]
+        rs = sorted(rs, key=lambda r: r["shapes"]["c"])
+        assert list(line.get_xdata()) == [r["shapes"]["c"] for r in rs]
+        expected = [r["times"]["A"]["median"] / r["shapes"]["n"] * 1e6 for r in rs]
+        assert list(line.get_ydata()) == pytest.approx(expected)
+        assert "per row" in ax.get_ylabel()
+    plt.close(fig)

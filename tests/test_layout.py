@@ -28,6 +28,8 @@ LAYERS = [
         "checkpoint",
         "train",
         "train_gpt",
+        "_draw",
+        "plots",
     },
     {"cli", "__main__"},
 ]

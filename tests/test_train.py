@@ -5,6 +5,7 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import jaxbp
@@ -38,6 +39,18 @@ def test_short_run_lowers_the_loss_and_reports_per_epoch():
     assert r.config["sizes"] == (64, 16, 10)
     d = r.to_dict()
     assert d["accuracy"] == r.accuracy and "params" not in d
+
+
+def test_held_out_loss_per_epoch_is_optax_cross_entropy_of_the_trained_model():
+    r = train.train((64, 16, 10), epochs=2, batch_size=128, lr=1e-2, check=True)
+    assert len(r.test_losses) == 2 and len(r.check["reference_test_losses"]) == 2
+    split = datasets.load_digits()
+    logits = jaxbp.MLP((64, 16, 10)).apply(r.params, jnp.asarray(split.x_test, jnp.float32))
+    expected = optax.softmax_cross_entropy_with_integer_labels(
+        logits, jnp.asarray(split.y_test, jnp.int32)
+    ).mean()
+    assert r.test_losses[-1] == pytest.approx(float(expected), rel=1e-5)
+    assert r.to_dict()["test_losses"] == list(r.test_losses)
 
 
 def test_check_trains_with_jax_grad_and_the_curves_agree():

@@ -87,6 +87,38 @@ def json_path(value: str) -> str:
     return value
 
 
+def plot_path(value: str) -> str:
+    """``--plot PATH``: a file that can be written, in a format matplotlib writes (from its
+    extension: ``.png``, ``.pdf``, ``.svg``, …), with matplotlib installed (the ``plots``
+    extra); all checked now, before any work."""
+    from ..plots import require_matplotlib, supported_formats
+
+    if value == "-":
+        raise argparse.ArgumentTypeError("expected a file such as loss.png, got '-'")
+    try:
+        require_matplotlib()
+    except ImportError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    ext = os.path.splitext(value)[1].lstrip(".").lower()
+    formats = supported_formats()
+    if ext not in formats:
+        raise argparse.ArgumentTypeError(
+            f"expected a file name ending in .{', .'.join(formats)}, got {value!r}"
+        )
+    return json_path(value)
+
+
+def write_plot(path: str | None, draw, data: Any, out: TextIO) -> None:
+    """Draw ``draw(data)`` (a :mod:`jaxbp.plots` function) into ``path`` when one is given,
+    and say where it went on ``out``."""
+    if path is None:
+        return
+    from ..plots import save_figure
+
+    save_figure(draw(data), path)
+    print(f"figure written to {path}", file=out)
+
+
 def text_stream(args) -> TextIO:
     """Where the human-readable text goes: standard error when ``--json -`` takes stdout."""
     return sys.stderr if getattr(args, "json", None) == "-" else sys.stdout

@@ -17,15 +17,18 @@ from ..datasets import load_digits, load_shakespeare
 from ..gpt import GPT
 from ..gradcheck import FD_DIRECTIONS, compare, x64
 from ..nn import LOSSES, MLP
+from ..plots import compare_figure
 from ._args import (
     choice_list,
     json_path,
     nonnegative_float,
+    plot_path,
     positive_int,
     sizes,
     text_stream,
     unit_float,
     write_json,
+    write_plot,
 )
 
 DTYPES = ("float32", "float64", "bfloat16")
@@ -113,6 +116,11 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--json", metavar="PATH", type=json_path, help="also write the reports as JSON (-: stdout)"
     )
+    parser.add_argument(
+        "--plot", metavar="PATH", type=plot_path,
+        help="also draw every leaf's max relative error against its tolerance (PNG, PDF, SVG; "
+        "needs the plots extra)",
+    )  # fmt: skip
 
 
 def validate(args) -> None:
@@ -239,4 +247,5 @@ def run(args) -> int:
             file=out,
         )
     write_json(args.json, {"passed": passed, "reports": [r.to_dict() for r in reports]}, 2)
+    write_plot(args.plot, compare_figure, reports, out)
     return 0 if passed else 1

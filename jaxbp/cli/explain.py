@@ -17,7 +17,8 @@ from ..explain import (
     explain,
 )
 from ..explain_attention import explain_attention
-from ._args import json_path, positive_int, sizes, text_stream, write_json
+from ..plots import attention_figure, explain_figure
+from ._args import json_path, plot_path, positive_int, sizes, text_stream, write_json, write_plot
 
 EXPLAIN_MLP_DEFAULTS = {"sizes": (4, 5, 3), "batch": 2, "activation": "relu"}
 EXPLAIN_GPT_DEFAULTS = {"positions": 4, "head_dim": 3}
@@ -33,6 +34,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of data and parameters")
     parser.add_argument("--json", metavar="PATH", type=json_path,
                         help="also write the result as JSON ('-': stdout)")  # fmt: skip
+    parser.add_argument(
+        "--plot", metavar="PATH", type=plot_path,
+        help="also draw the softmax step (mlp: J (c, c) · ∂loss/∂p = p − y for example 0; "
+        "gpt: P, dP, dS of the head) as a picture (PNG, PDF, SVG; needs the plots extra)",
+    )  # fmt: skip
     mlp = parser.add_argument_group("--model mlp")
     mlp.add_argument(
         "--sizes", type=sizes, default=None,
@@ -82,11 +88,13 @@ def run(args) -> int:
         walk = explain_attention(args.positions, args.head_dim, seed=args.seed)
         print(walk.text(), file=text_stream(args))
         write_json(args.json, walk.to_dict())
+        write_plot(args.plot, attention_figure, walk, text_stream(args))
         return 0 if walk.passed else 1
     e = explain(args.sizes, args.batch, activation=args.activation, seed=args.seed,
                 full_jacobian=args.full_jacobian)  # fmt: skip
     print(e.text(), file=text_stream(args))
     write_json(args.json, e.to_dict())
+    write_plot(args.plot, explain_figure, e, text_stream(args))
     return 0 if _consistent(e) else 1
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..activations import ACTIVATIONS
 from ..datasets import load_shakespeare
+from ..plots import train_figure
 from ..train import DEFAULTS, OPTIMIZERS, RESUME_FIELDS, check_dp, train
 from ..train import check_config as check_mlp_config
 from ..train_gpt import (
@@ -28,11 +29,13 @@ from ._args import (
     mesh_axes,
     nonnegative_float,
     nonnegative_int,
+    plot_path,
     positive_float,
     positive_int,
     sizes,
     text_stream,
     write_json,
+    write_plot,
 )
 from ._progress import Progress
 
@@ -75,6 +78,11 @@ def add_arguments(parser) -> None:
     )  # fmt: skip
     parser.add_argument("--json", metavar="PATH", type=json_path,
                         help="also write the curve and results as JSON (-: stdout)")  # fmt: skip
+    parser.add_argument(
+        "--plot", metavar="PATH", type=plot_path,
+        help="also draw the loss (and the MLP's accuracy) against steps; with --check the "
+        "jax.grad run too (PNG, PDF, SVG; needs the plots extra)",
+    )  # fmt: skip
     mlp = parser.add_argument_group("--model mlp (an MLP on the digits)")
     default_sizes = ",".join(map(str, d["sizes"]))
     mlp.add_argument(
@@ -145,7 +153,7 @@ def run(args) -> int:
     if args.model == "gpt":
         return _run_gpt(args)
     out = text_stream(args)
-    skip = ("command", "check", "json", "model", "checkpoint_every", "keep", *GPT_FLAGS)
+    skip = ("command", "check", "json", "plot", "model", "checkpoint_every", "keep", *GPT_FLAGS)
     options = {k: v for k, v in vars(args).items() if k not in skip and not k.startswith("_")}
     if args.checkpoint_dir is not None:
         options.update(checkpoint_every=args.checkpoint_every or 1, keep=args.keep)
@@ -181,6 +189,7 @@ def run(args) -> int:
         )
         status = 0 if c["passed"] else 1
     write_json(args.json, result.to_dict())
+    write_plot(args.plot, train_figure, result, out)
     return status
 
 
@@ -275,4 +284,5 @@ def _run_gpt(args) -> int:
     if result.sample:
         print(f"sample (temperature {cfg['temperature']}):\n" + result.sample, file=out)
     write_json(args.json, result.to_dict())
+    write_plot(args.plot, train_figure, result, out)
     return 0 if result.check is None or result.check["passed"] else 1
