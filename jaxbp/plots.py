@@ -418,13 +418,15 @@ def compare_figure(reports):
                ncol=min(4, len(handles)), fontsize=7, frameon=False)  # fmt: skip
     passed = sum(rep.passed for rep in reports)
     first = reports[0]
+    model = (f"MLP {'-'.join(map(str, first.sizes))}" if first.sizes
+             else first.model.split("(", 1)[0] or "model")  # fmt: skip
     if len(reports) == 1:
-        what = (f"MLP {'-'.join(map(str, first.sizes))}, {first.activation}, {first.loss}, "
-                f"{first.dtype}, batch {first.batch}")  # fmt: skip
+        config = f", {first.activation}, {first.loss}" if first.sizes else ""
+        what = f"{model}{config}, {first.dtype}, batch {first.batch}"
         verdict = (f"all {len(first.rows)} checks within tolerance" if first.passed
                    else f"{len(first.failures)} of {len(first.rows)} checks FAILED")  # fmt: skip
     else:
-        what = f"MLP {'-'.join(map(str, first.sizes))}, {len(reports)} configurations"
+        what = f"{model}, {len(reports)} configurations"
         verdict = f"{passed} of {len(reports)} passed"
     fig.suptitle(
         f"jaxbp compare: {what} — {verdict}\n(hollow dots: exactly 0, drawn at the left edge; "
