@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -46,10 +45,21 @@ from ._nonfinite import (
     leaf_paths,
     nonfinite_outcome,
 )
+from ._train_mesh import (
+    CURVE_CHECK_TOLERANCE,
+    characters_only,
+    compare_curves,
+    mesh_devices,
+    mesh_sizes,
+    mesh_text,
+    on_mesh,
+)
 from .checkpoint import Checkpointer, Interrupted, check_same, read_meta
 from .datasets import load_shakespeare
 from .gpt import GPT
 from .model import value_and_grad
+from .per_example import check_clip_options
+from .privacy import dp_setting, poisson_windows, privacy_text, spent
 from .train import check_run_options
 
 __all__ = [
@@ -57,8 +67,6 @@ __all__ = [
     "GPTTrainResult",
     "train_gpt",
     "check_gradients",
-    "generate",
-    "load_checkpoint",
     "mesh_devices",
 ]
 
@@ -78,16 +86,16 @@ GPT_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "sample_chars": 300,
     "temperature": 0.8,
+    "dp_clip": None,  # DP-SGD: clip each sequence's gradient to this L2 norm (jaxbp.privacy)
+    "noise": 0.0,  # DP-SGD: the noise multiplier σ
+    "delta": None,  # DP-SGD: δ of the (ε, δ) reported; default 10^⌊log₁₀(1/N)⌋
 }
 # float32, relative to the reference gradient's max-abs per leaf (the library's float32 bound).
 GRAD_CHECK_TOLERANCE = 1e-5
-# float32, a loss curve on a mesh against one device's, relative to the curve's max-abs (the
-# bound of ``jaxbp train --check`` for the MLP's curves).
-CURVE_CHECK_TOLERANCE = 1e-4
-MESH_AXES = ("data", "model")
 # What a resumed run must share with its checkpoint (all that changes the numbers).
 RESUME_FIELDS = ("model", "vocab", "d", "heads", "layers", "context", "batch_size", "steps",
-                 "lr", "warmup", "weight_decay", "log_every", "eval_batches", "seed")  # fmt: skip
+                 "lr", "warmup", "weight_decay", "log_every", "eval_batches", "seed",
+                 "dp_clip", "noise")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,10 +158,20 @@ def check_config(cfg: dict[str, Any], mesh: dict[str, int] | None = None) -> GPT
         raise ValueError(f"weight_decay: expected a number ≥ 0, got {cfg['weight_decay']!r}")
     if not isinstance(cfg["sample_chars"], int) or cfg["sample_chars"] < 0:
         raise ValueError(f"sample_chars: expected an int ≥ 0, got {cfg['sample_chars']!r}")
+    if cfg["dp_clip"] is not None or cfg["noise"]:
+        check_clip_options(cfg["dp_clip"] if cfg["dp_clip"] is not None else 1.0, cfg["noise"],
+                           None, "bookkeeping")  # fmt: skip
+        if cfg["dp_clip"] is None:
+            raise ValueError("noise: needs dp_clip (DP-SGD clips each sequence's gradient)")
+        if mesh is not None:
+            raise ValueError("dp_clip: DP-SGD training runs on one device (no mesh)")
+    delta = cfg["delta"]
+    if delta is not None and not (isinstance(delta, float) and 0.0 < delta < 1.0):
+        raise ValueError(f"delta: expected a number in (0, 1), got {delta!r}")
     chars = GPT_DEFAULTS["vocab"]
     if isinstance(cfg["vocab"], bool) or not isinstance(cfg["vocab"], int) or cfg["vocab"] < chars:
         raise ValueError(f"vocab: expected an int ≥ {chars} (the characters), got {cfg['vocab']!r}")
-    data, model_parts = _mesh_sizes(mesh)
+    data, model_parts = mesh_sizes(mesh)
     if cfg["batch_size"] % data:
         raise ValueError(
             f"batch_size: expected a multiple of the {data} devices of the mesh's data axis, "
@@ -170,91 +188,6 @@ def check_config(cfg: dict[str, Any], mesh: dict[str, int] | None = None) -> GPT
     )
 
 
-def _mesh_sizes(mesh: dict[str, int] | None) -> tuple[int, int]:
-    """``(D, P)`` of ``mesh={"data": D, "model": P}`` (each 1 when absent)."""
-    if mesh is None:
-        return 1, 1
-    if not isinstance(mesh, dict) or not set(mesh) <= set(MESH_AXES):
-        raise ValueError(f"mesh: expected a dict of sizes of {MESH_AXES}, got {mesh!r}")
-    for name, size in mesh.items():
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"mesh: expected a positive int for {name!r}, got {size!r}")
-    return mesh.get("data", 1), mesh.get("model", 1)
-
-
-def mesh_devices(mesh: dict[str, int]) -> list:
-    """The first ``D·P`` devices for ``mesh={"data": D, "model": P}``; ``ValueError`` when
-    there are fewer.
-
-    On a CPU the devices are simulated: unless the process already chose a CPU device count
-    (``XLA_FLAGS=--xla_force_host_platform_device_count``, ``jax_num_cpu_devices``), it asks
-    for ``D·P`` CPU devices, which works only before JAX has started its backends. On a GPU
-    machine the default devices are the GPUs and nothing is simulated.
-    """
-    count = int(np.prod(_mesh_sizes(mesh)))
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-        if jax.config.values.get("jax_num_cpu_devices", None) == -1:
-            try:
-                jax.config.update("jax_num_cpu_devices", count)
-            except RuntimeError:  # the backends started already: count the devices they have
-                pass
-    devices = jax.devices()
-    if len(devices) < count:
-        raise ValueError(
-            f"mesh: {_mesh_text(mesh)} needs {count} devices, this process has "
-            f"{len(devices)} {devices[0].platform} device(s) (simulated CPU devices must be "
-            f"asked for before JAX starts: XLA_FLAGS=--xla_force_host_platform_device_count="
-            f"{count})"
-        )
-    return devices[:count]
-
-
-def _mesh_text(mesh: dict[str, int]) -> str:
-    return ",".join(f"{k}={v}" for k, v in mesh.items())
-
-
-def _on_mesh(model: GPT, params, mesh: dict[str, int], devices: list):
-    """For :func:`jaxbp.parallel.value_and_grad` on a ``(data, model)`` mesh: the compiled
-    step, the parameters placed on the mesh, a function that replicates them (for the
-    validation loss and the sample), and ``put(host array, spec)``, which places the same
-    host values of every process on the mesh (one process or several)."""
-    data, parts = _mesh_sizes(mesh)
-    m = jax.make_mesh((data, parts), MESH_AXES, devices=devices)
-    model_axis = "model" if parts > 1 else None
-    step = parallel.value_and_grad(model, m, axis="data", model_axis=model_axis).jitted
-    params = parallel.shard(params, m, parallel.gpt_param_specs(model, model_axis))
-    everywhere = jax.sharding.NamedSharding(m, parallel.P())
-    replicate = jax.jit(lambda p: p, out_shardings=everywhere)
-    return step, params, replicate, lambda a, spec: parallel.shard(a, m, spec)
-
-
-def _characters_only(model: GPT, params, chars: int):
-    """The model and parameters with the padding ids (``≥ chars``) cut from the token table
-    and the head: the same logits for the characters, and a sample never draws padding."""
-    if model.vocab == chars:
-        return model, params
-    cut = dict(params, tok=params["tok"][:chars])
-    if not model.tied:
-        cut["head"] = {"w": params["head"]["w"][:, :chars]}
-    return dataclasses.replace(model, vocab=chars), cut
-
-
-def compare_curves(curve, reference) -> dict[str, Any]:
-    """A loss curve against another: the largest difference, relative to the reference
-    curve's max-abs, passed at :data:`CURVE_CHECK_TOLERANCE`."""
-    a, b = np.asarray(curve, np.float64), np.asarray(reference, np.float64)
-    diff = float(np.max(np.abs(a - b)))
-    rel = diff / max(float(np.max(np.abs(b))), 1e-30)
-    return {
-        "max_abs_difference": diff,
-        "max_rel_difference": rel,
-        "steps": len(b),
-        "tolerance": CURVE_CHECK_TOLERANCE,
-        "passed": bool(rel <= CURVE_CHECK_TOLERANCE),
-    }
-
-
 def _optimizer(cfg) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, cfg["lr"], max(cfg["warmup"], 1), max(cfg["steps"], cfg["warmup"] + 1),
@@ -267,22 +200,24 @@ def _optimizer(cfg) -> optax.GradientTransformation:
 
 
 def _stretch_fn(core: Callable, opt: optax.GradientTransformation, max_nonfinite: int = 3):
-    """``s`` training steps in one jitted scan over minibatches ``x, y (s, n, t)``:
-    ``stretch(params, opt_state, bad_run, xs, ys) -> (params, opt_state, losses (s,),
-    runs (s,), flags)`` (:func:`jaxbp.train.guarded_update`'s flags of every step)."""
+    """``s`` training steps in one jitted scan over minibatches ``x, y (s, n, t)`` (and,
+    for DP-SGD, ``where (s, n, t)`` and a key per step): ``stretch(params, opt_state,
+    bad_run, *batches) -> (params, opt_state, losses (s,), runs (s,), flags)``
+    (:func:`jaxbp.train.guarded_update`'s flags of every step); ``core(params, *batch)``
+    gives one step's ``(loss, grads)``."""
 
     @jax.jit
-    def stretch(params, opt_state, bad_run, xs, ys):
+    def stretch(params, opt_state, bad_run, *batches):
         def step(carry, batch):
             params, opt_state, bad_run = carry
-            loss, grads = core(params, batch[0], batch[1], None)
+            loss, grads = core(params, *batch)
             params, opt_state, bad_run, flags = guarded_update(
                 opt, params, opt_state, bad_run, loss, grads, max_nonfinite
             )
             return (params, opt_state, bad_run), (loss, bad_run, flags)
 
         carry = (params, opt_state, jnp.asarray(bad_run, jnp.int32))
-        (params, opt_state, _), (losses, runs, flags) = jax.lax.scan(step, carry, (xs, ys))
+        (params, opt_state, _), (losses, runs, flags) = jax.lax.scan(step, carry, batches)
         return params, opt_state, losses, runs, flags
 
     return stretch
@@ -386,7 +321,7 @@ def train_gpt(
         if log is not None:
             verdict = "agree" if info["passed"] else "DISAGREE"
             log(
-                f"check: the loss curves on the mesh {_mesh_text(mesh)} and on one device "
+                f"check: the loss curves on the mesh {mesh_text(mesh)} and on one device "
                 f"{verdict} over {info['steps']} steps: max difference "
                 f"{info['max_abs_difference']:.2e}, {info['max_rel_difference']:.2e}"
                 f" relative to the curve's max (tolerance {CURVE_CHECK_TOLERANCE:.0e})"
@@ -428,10 +363,15 @@ def _train(model, cfg, check, log, progress, ckpt, every, limit, mesh, devices) 
     rng = np.random.default_rng(cfg["seed"])
     k_init, k_sample = jax.random.split(jax.random.PRNGKey(cfg["seed"]))
     params = model.init(k_init)
-    step, everywhere = value_and_grad(model).jitted, lambda p: p
+    plain = value_and_grad(model).jitted
+    step, everywhere = (lambda p, x, y: plain(p, x, y, None)), (lambda p: p)
     put = lambda a, spec: jnp.asarray(a)  # noqa: E731 - one device: where JAX puts it
     if mesh is not None:  # the parameters split over the mesh, the step on every device
-        step, params, everywhere, put = _on_mesh(model, params, mesh, devices)
+        on, params, everywhere, put = on_mesh(model, params, mesh, devices)
+        step = lambda p, x, y: on(p, x, y, None)  # noqa: E731
+    dp = dp_setting(model, cfg, text) if cfg["dp_clip"] is not None else None
+    if dp is not None:
+        step = dp["step"]
     opt = _optimizer(cfg)
     opt_state = opt.init(params)
     stretch = _stretch_fn(step, opt, limit)
@@ -471,13 +411,17 @@ def _train(model, cfg, check, log, progress, ckpt, every, limit, mesh, devices) 
     try:
         while done < cfg["steps"]:
             s = min(cfg["log_every"], cfg["steps"] - done)
-            xs, ys = text.batch(rng, s * n, t)
-            xs, ys = xs.reshape(s, n, t), ys.reshape(s, n, t)
             t0 = time.perf_counter()
-            rows = parallel.P(None, "data")  # (s, n, t): each step's sequences split over data
-            params, opt_state, losses, runs, flags = stretch(
-                params, opt_state, bad_run, put(xs, rows), put(ys, rows)
-            )
+            if dp is None:
+                xs, ys = text.batch(rng, s * n, t)
+                xs, ys = xs.reshape(s, n, t), ys.reshape(s, n, t)
+                rows = parallel.P(None, "data")  # (s, n, t): the sequences split over data
+                batches = (put(xs, rows), put(ys, rows))
+            else:  # Poisson-sampled windows, padded rows masked; a noise key per step
+                xs, ys, where, _ = poisson_windows(text.train, rng, dp["rate"], t, s)
+                keys = jax.vmap(lambda k: jax.random.fold_in(dp["key"], k))(jnp.arange(s) + done)
+                batches = (jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(where), keys)
+            params, opt_state, losses, runs, flags = stretch(params, opt_state, bad_run, *batches)
             losses = np.asarray(losses, np.float64)
             skipped, stop = nonfinite_outcome(done, flags, runs, limit, paths, losses)
             history["skipped"] += skipped
@@ -499,6 +443,9 @@ def _train(model, cfg, check, log, progress, ckpt, every, limit, mesh, devices) 
                 ckpt.save(done, {"params": params, "opt_state": opt_state}, meta)
             mean = losses[np.isfinite(losses)].mean() if np.isfinite(losses).any() else np.nan
             note = f"loss {mean:.4f}  validation {val:.4f}"
+            if dp is not None:
+                dp["epsilon"] = spent(dp, done)
+                note += f"  {privacy_text(dp)}"
             if history["skipped"]:
                 note += f"  non-finite steps skipped {len(history['skipped'])}"
             if progress is not None:
@@ -510,6 +457,7 @@ def _train(model, cfg, check, log, progress, ckpt, every, limit, mesh, devices) 
                     f"validation loss {val:.4f}  ({rate:,.0f} chars/s)"
                     + (f"  skipped {len(history['skipped'])} non-finite steps"
                        if history["skipped"] else "")
+                    + ("" if dp is None else f"  {privacy_text(dp)}")
                 )  # fmt: skip
     except KeyboardInterrupt as exc:
         if ckpt is not None:
@@ -519,14 +467,20 @@ def _train(model, cfg, check, log, progress, ckpt, every, limit, mesh, devices) 
     seconds = time.perf_counter() - start
     sample = ""
     if cfg["sample_chars"]:
-        chars, sampler = _characters_only(model, everywhere(params), text.vocab_size)
+        chars, sampler = characters_only(model, everywhere(params), text.vocab_size)
         ids = chars.generate(
             sampler, k_sample, text.encode("\n"), cfg["sample_chars"],
             temperature=cfg["temperature"],
         )  # fmt: skip
         sample = text.decode(ids[1:])
     return GPTTrainResult(
-        config={**cfg, "vocab": model.vocab, "num_params": model.num_params, "mesh": mesh},
+        config={
+            **cfg,
+            "vocab": model.vocab,
+            "num_params": model.num_params,
+            "mesh": mesh,
+            "privacy": None if dp is None else {**dp["setting"], "epsilon": dp["epsilon"]},
+        },
         step_losses=tuple(history["step_losses"]),
         validation=tuple((int(k), float(v)) for k, v in history["validation"]),
         seconds=seconds,
@@ -537,60 +491,3 @@ def _train(model, cfg, check, log, progress, ckpt, every, limit, mesh, devices) 
         skipped=tuple(history["skipped"]),
         resumed_from=resumed,
     )
-
-
-def load_checkpoint(directory: str) -> tuple[GPT, dict[str, Any], Any, int]:
-    """``(model, config, params, step)`` of the latest GPT checkpoint in ``directory``, read
-    only. :class:`jaxbp.checkpoint.CheckpointError` names the folder when it holds no GPT
-    checkpoint."""
-    from .checkpoint import CheckpointError, restore
-
-    _, meta = read_meta(directory)
-    if meta.get("model") != "gpt":
-        raise CheckpointError(
-            f"checkpoint_dir: {directory!r} holds a checkpoint of --model "
-            f"{meta.get('model')}, not of a GPT (jaxbp train --model gpt)"
-        )
-    cfg = {**GPT_DEFAULTS, **{k: v for k, v in meta["config"].items() if k in GPT_DEFAULTS}}
-    model = check_config(cfg)
-    template = model.init(jax.random.PRNGKey(0))
-    template = {"params": template, "opt_state": _optimizer(cfg).init(template)}
-    step, state, _ = restore(directory, template)
-    return model, cfg, state["params"], step
-
-
-def generate(
-    checkpoint_dir: str, prompt: str = "\n", chars: int = 300, *, temperature: float = 0.8,
-    seed: int = 0,
-) -> dict[str, Any]:  # fmt: skip
-    """Sample ``chars`` characters after ``prompt`` from the GPT saved in ``checkpoint_dir``.
-
-    Returns ``{"text": the continuation, "prompt", "step" (the checkpoint's), "chars",
-    "temperature", "seed", "config"}``; the same ``seed`` gives the same text.
-    ``ValueError`` names characters of the prompt outside the vocabulary.
-    """
-    text = load_shakespeare()
-    if not isinstance(prompt, str) or not prompt:
-        raise ValueError(f"prompt: expected at least one character, got {prompt!r}")
-    try:
-        ids = text.encode(prompt)
-    except ValueError as e:
-        raise ValueError(f"prompt: {str(e).split(': ', 1)[1]}") from None
-    if not isinstance(chars, int) or isinstance(chars, bool) or chars < 0:
-        raise ValueError(f"chars: expected an int ≥ 0, got {chars!r}")
-    if not (
-        isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0
-    ):
-        raise ValueError(f"temperature: expected a positive number, got {temperature!r}")
-    model, cfg, params, step = load_checkpoint(checkpoint_dir)
-    model, params = _characters_only(model, params, text.vocab_size)  # a padded vocabulary
-    out = model.generate(params, jax.random.PRNGKey(seed), ids, chars, temperature=temperature)
-    return {
-        "text": text.decode(out[ids.size :]),
-        "prompt": prompt,
-        "step": step,
-        "chars": chars,
-        "temperature": temperature,
-        "seed": seed,
-        "config": {k: cfg[k] for k in ("d", "heads", "layers", "context")},
-    }

@@ -3,7 +3,7 @@
 The checkpoint is the latest one in ``jaxbp train --model gpt --checkpoint-dir DIR``.
 
 The arguments, their checks, and the printing; the work is
-:func:`jaxbp.train_gpt.generate` (the latest checkpoint in ``DIR``, read only, so a run may
+:func:`jaxbp.generate.generate` (the latest checkpoint in ``DIR``, read only, so a run may
 still be writing into it).
 """
 
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from ..checkpoint import CheckpointError, orbax, read_meta
 from ..datasets import load_shakespeare
-from ..train_gpt import GPT_DEFAULTS, generate
+from ..generate import generate
+from ..train_gpt import GPT_DEFAULTS
 from ._args import json_path, nonnegative_int, positive_float, text_stream, write_json
 
 

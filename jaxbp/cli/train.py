@@ -49,8 +49,8 @@ _KINDS = {
 
 # Flags of one model only: their argparse default is None, so that giving one to the other
 # model is a usage error; the model's own default fills them in (validate).
-MLP_FLAGS = ("sizes", "activation", "optimizer", "epochs", "dp_clip", "noise")
-SHARED_FLAGS = ("lr", "batch_size", "seed")
+MLP_FLAGS = ("sizes", "activation", "optimizer", "epochs")
+SHARED_FLAGS = ("lr", "batch_size", "seed", "dp_clip", "noise")
 
 
 def add_arguments(parser) -> None:
@@ -100,11 +100,13 @@ def add_arguments(parser) -> None:
     mlp.add_argument(
         "--epochs", type=positive_int, default=None, help=f"epochs (default {d['epochs']})"
     )
-    mlp.add_argument(
+    parser.add_argument(
         "--dp-clip", type=positive_float, default=None, metavar="C",
-        help="DP-SGD: clip each example's gradient to L2 norm C (jaxbp.clipped_grad)",
+        help="DP-SGD: clip each example's gradient (gpt: each sequence's) to L2 norm C "
+        "(jaxbp.clipped_grad); gpt: Poisson-sampled batches and the (ε, δ) spent "
+        "(dp_accounting, the privacy extra)",
     )  # fmt: skip
-    mlp.add_argument(
+    parser.add_argument(
         "--noise", type=nonnegative_float, default=None, metavar="SIGMA",
         help="DP-SGD noise multiplier σ: N(0, (σ·C)²) on the clipped sum (needs --dp-clip)",
     )  # fmt: skip
@@ -126,6 +128,9 @@ def validate(args) -> None:
         if wrong:
             raise ValueError(f"{wrong[0]}: only for --model mlp (the digits MLP)")
         _checkpoint.validate(args, (*GPT_FLAGS, *SHARED_FLAGS), GPT_RESUME_FIELDS)
+        check_dp(args.dp_clip, args.noise or 0.0)
+        if args.delta is not None and args.dp_clip is None:
+            raise ValueError("--delta: only with --dp-clip (the δ of DP-SGD's (ε, δ))")
         cfg = {**GPT_DEFAULTS, **_gpt_options(args)}
         check_config(cfg, args.mesh)
         if args.mesh is not None:
@@ -207,6 +212,7 @@ GPT_FLAGS: dict[str, tuple[str, str]] = {
     "eval_batches": ("positive_int", "validation windows, in batches"),
     "sample_chars": ("nonnegative_int", "characters to generate at the end (0: none)"),
     "temperature": ("positive_float", "sampling temperature"),
+    "delta": ("positive_float", "DP-SGD: δ of the (ε, δ) reported, in (0, 1)"),
 }
 
 
@@ -230,7 +236,7 @@ def _add_gpt_arguments(parser) -> None:
 def _gpt_options(args) -> dict[str, Any]:
     """The :func:`train_gpt` options of parsed arguments (shared flags included)."""
     options = {name: getattr(args, name) for name in GPT_FLAGS if getattr(args, name) is not None}
-    for name in ("lr", "batch_size", "seed"):
+    for name in SHARED_FLAGS:
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)
     return options
@@ -281,6 +287,17 @@ def _run_gpt(args) -> int:
         f"validation loss {result.validation_loss:.4f} nats/char" + _skipped(result.skipped),
         file=out,
     )
+    privacy = result.config.get("privacy")
+    if privacy is not None:
+        spent = privacy["epsilon"]
+        print(
+            f"DP-SGD: clip {privacy['l2_clip']:g}, noise σ {privacy['noise_multiplier']:g}, "
+            f"Poisson sampling q = {privacy['sampling_rate']:.3g} ({privacy['windows']:,} "
+            "windows): "
+            + (f"(ε, δ) = ({spent:.3g}, {privacy['delta']:.0e}), {privacy['accountant']}"
+               if spent is not None else 'ε not accounted: pip install "jaxbp[privacy]"'),
+            file=out,
+        )  # fmt: skip
     if result.sample:
         print(f"sample (temperature {cfg['temperature']}):\n" + result.sample, file=out)
     write_json(args.json, result.to_dict())
