@@ -19,7 +19,17 @@ LAYERS = [
     {"nn", "gpt", "per_example", "_modules", "eqx", "nnx"},
     {"parallel"},
     {"reference"},
-    {"gradcheck", "custom", "explain", "explain_attention", "train", "train_gpt"},
+    {
+        "_measure",
+        "gradcheck",
+        "mistakes",
+        "handcheck",
+        "custom",
+        "explain",
+        "explain_attention",
+        "train",
+        "train_gpt",
+    },
     {"cli", "__main__"},
 ]
 LAYER = {name: k for k, names in enumerate(LAYERS) for name in names}
