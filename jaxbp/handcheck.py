@@ -324,8 +324,12 @@ def compare(
                 wrong.append((name, u, e))
         notes, diagnoses, diag = [], [], None
         if wrong:
-            with diagonal_softmax() as seen, jax.disable_jit():  # jitted code traced anew
-                diag = jax.tree.leaves(_grad_of(loss_fn, p, b))
+            try:
+                with diagonal_softmax() as seen, jax.disable_jit():  # jitted code traced anew
+                    diag = jax.tree.leaves(_grad_of(loss_fn, p, b))
+            except Exception as e:  # a diagnosis aid: never the reason a check fails
+                seen, diag = ["failed"], None
+                notes.append(f"softmax_diagonal not checked: its jax.grad run raised {e!r}")
             if not seen:
                 diag = None
                 notes.append(

@@ -247,6 +247,18 @@ def test_an_inline_softmax_cannot_be_seen_and_the_report_says_so():
     assert set(_diagnosed(report).values()) == {("wrong_sign",)}
 
 
+def test_a_failing_softmax_run_is_a_note_and_the_other_mistakes_are_still_named(monkeypatch):
+    params, x, y = _problem()
+
+    def broken():
+        raise RuntimeError("no softmax today")
+
+    monkeypatch.setattr(handcheck, "diagonal_softmax", broken)
+    report = jaxbp.compare(mean_loss, backprop("wrong_sign"), params, x, y, fd=False)
+    assert set(_diagnosed(report).values()) == {("wrong_sign",)}
+    assert any("no softmax today" in note for note in report.notes)
+
+
 def test_a_jitted_loss_already_compiled_still_shows_its_softmax():
     params, x, y = _problem()
     jitted = jax.jit(mean_loss)
@@ -359,7 +371,8 @@ def test_finite_differences_catch_a_wrong_gradient_of_a_loss_jax_cannot_check_al
 
 def test_float64_is_switched_on_for_the_finite_differences_when_it_is_off():
     params, x, y = _problem(dtype=jnp.float32)
-    with jax.enable_x64(False):
+    off = getattr(jax, "enable_x64", None)  # newer JAX; older: jax.experimental.disable_x64
+    with off(False) if off is not None else jax.experimental.disable_x64():
         report = jaxbp.compare(mean_loss, backprop(), params, x, y)
         assert not jax.config.jax_enable_x64
     assert report.passed
