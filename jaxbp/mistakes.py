@@ -136,7 +136,7 @@ def diagonal_softmax():
     Example::
 
       >>> import jax, jax.numpy as jnp
-      >>> from jaxbp.handcheck import diagonal_softmax
+      >>> from jaxbp.mistakes import diagonal_softmax
       >>> z = jnp.array([1.0, 2.0, 3.0])
       >>> f = lambda z: jax.nn.softmax(z)[0]
       >>> with diagonal_softmax() as seen:
