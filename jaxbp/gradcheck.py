@@ -27,56 +27,24 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import reference
+from . import handcheck, reference
+from ._measure import FD_DIRECTIONS, FD_STEP, FD_TOLERANCE, TOLERANCES, Row, x64
+from ._measure import fd_directions as _fd_directions
+from ._measure import leaf_names as _leaf_names
+from ._measure import row as _row
 from ._tape import Tape
 from .model import check_model, checker, mean_and_seed, reference_loss, value_and_grad
 from .nn import MLP
 
 __all__ = ["TOLERANCES", "FD_TOLERANCE", "Row", "Report", "compare", "x64"]
 
-TOLERANCES = {"float64": 1e-12, "float32": 1e-5, "bfloat16": 2e-2, "float16": 2e-2}
-FD_TOLERANCE = 1e-6
-FD_STEP = 1e-6
-FD_DIRECTIONS = 4  # random unit directions per leaf
 _KINKED = ("relu", "leaky_relu")
-
-
-def x64():
-    """Context manager turning on float64 (``jax_enable_x64``) for its body only."""
-    if jax.config.jax_enable_x64:
-        return contextlib.nullcontext()
-    enable = getattr(jax, "enable_x64", None)
-    if enable is not None:  # newer JAX: a config context manager
-        return enable(True)
-    from jax.experimental import enable_x64  # older JAX only: feature-detected
-
-    return enable_x64()
-
-
-@dataclasses.dataclass(frozen=True)
-class Row:
-    """One comparison of one leaf.
-
-    ``max_rel_error`` is ``max|a − e| / max|e|`` (per leaf, relative to the reference's
-    max-abs); ``cosine`` is ``⟨a, e⟩ / (‖a‖‖e‖)`` (1.0 when both are exactly zero).
-    """
-
-    check: str
-    leaf: str
-    shape: tuple[int, ...]
-    dtype: str
-    max_abs_error: float
-    max_rel_error: float
-    cosine: float
-    tolerance: float
-    passed: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,39 +136,6 @@ class Report:
 # --------------------------------------------------------------------------- helpers
 
 
-def _leaf_names(tree) -> list[str]:
-    return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-def _errors(actual, expected) -> tuple[float, float, float]:
-    """``(max abs error, max abs error / max|expected|, cosine)`` in float64."""
-    a = np.asarray(actual, np.float64).ravel()
-    e = np.asarray(expected, np.float64).ravel()
-    if a.size == 0:
-        return 0.0, 0.0, 1.0
-    err = float(np.max(np.abs(a - e)))
-    scale = float(np.max(np.abs(e)))
-    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(e))):
-        return math.nan, math.nan, math.nan
-    rel = err / scale if scale > 0 else (0.0 if err == 0 else math.inf)
-    na, ne = float(np.linalg.norm(a)), float(np.linalg.norm(e))
-    if na == 0 and ne == 0:
-        cos = 1.0
-    elif na == 0 or ne == 0:
-        cos = 0.0
-    else:
-        cos = float(np.dot(a, e) / (na * ne))
-    return err, rel, cos
-
-
-def _row(check, leaf, actual, expected, dtype, tol) -> Row:
-    err, rel, cos = _errors(actual, expected)
-    return Row(
-        check, leaf, tuple(np.shape(expected)), str(dtype), err, rel, cos, tol,
-        bool(rel <= tol),  # NaN compares False: a NaN never passes
-    )  # fmt: skip
-
-
 def _cast(tree, dtype):
     return jax.tree.map(lambda a: jnp.asarray(a).astype(dtype), tree)
 
@@ -231,19 +166,6 @@ def _fd_loss(model, p, batch):
     t = _KinkTape()
     losses, valid, _ = model.forward(t, p, *batch)
     return mean_and_seed(losses, valid)[0], t.kinked
-
-
-def _fd_directions(leaves, k: int, seed: int):
-    """``3k`` random unit directions per leaf ``(3k, *leaf.shape)`` and a step per leaf."""
-    rng = np.random.default_rng(seed)
-    m = 3 * k  # candidates: a few may be dropped near a kink
-    steps = [FD_STEP * max(1.0, float(jnp.max(jnp.abs(l)))) if l.size else FD_STEP for l in leaves]
-    dirs = []
-    for leaf in leaves:
-        d = rng.standard_normal((m, *leaf.shape))
-        norms = np.sqrt(np.sum(d.reshape(m, -1) ** 2, axis=1)).reshape((m,) + (1,) * leaf.ndim)
-        dirs.append(jnp.asarray(d / np.maximum(norms, 1e-300), leaf.dtype))
-    return dirs, steps
 
 
 def _fd_evaluate(model, params, dirs, steps, batch):
@@ -320,6 +242,7 @@ def _describe(model) -> str:
     return repr(model)
 
 
+@handcheck.or_hand_written  # compare(loss_fn, grad_fn, params, *batch): jaxbp.handcheck
 def compare(
     model: Any,
     params,
@@ -356,6 +279,8 @@ def compare(
     ``custom_vjp`` runs the rules), and finite differences of the twin's loss. float64 is
     switched on (``jax_enable_x64``) for the duration of the call when needed; inputs are
     validated with the model's clear errors first.
+    ``compare(loss_fn, grad_fn, params, *batch)`` checks a gradient you wrote by hand, outside
+    jaxbp, and names the classic mistake it matches: :func:`jaxbp.handcheck.compare`.
     """
     check_model(model, "compare")
     if dtype is None:

@@ -20,7 +20,10 @@ LAYERS = [
     {"parallel"},
     {"reference"},
     {
+        "_measure",
         "gradcheck",
+        "mistakes",
+        "handcheck",
         "custom",
         "explain",
         "explain_attention",
