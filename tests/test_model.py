@@ -1,7 +1,7 @@
 """A model of the user's own (the interface of jaxbp/model.py) gets every transform, and the
 tape it calls the rules through gives clear errors.
 
-The model is the one docs/models.md shows (its first block, run here), so the documented
+The model is the one ``docs/models.md`` shows (its first block, run here), so the documented
 example is the tested one. Its oracles: ``jax.grad`` of a plain-jnp twin written below from
 ``jax.numpy`` and optax alone (no jaxbp op, no tape), and ``vmap(grad)`` of the same twin
 per example.
@@ -21,7 +21,7 @@ import jaxbp
 from jaxbp.per_example import Full
 from tests.helpers import assert_close
 
-DOC = pathlib.Path(__file__).resolve().parent.parent / "docs" / "models.md"
+DOC = pathlib.Path(__file__).resolve().parent.parent / "docs/models.md"
 _NS: dict = {"__name__": "models_doc"}
 with jax.numpy_dtype_promotion("standard"):
     exec(re.findall(r"^```python\n(.*?)^```", DOC.read_text(), re.S | re.M)[0], _NS)
