@@ -47,8 +47,10 @@ def test_the_accountant_without_subsampling_matches_the_analytic_gaussian_mechan
     s = sigma / math.sqrt(steps)
     exact = norm.cdf(1 / (2 * s) - eps * s) - math.exp(eps) * norm.cdf(-1 / (2 * s) - eps * s)
     assert exact == pytest.approx(delta, rel=0.05)  # the PLD's discretisation: a few percent
-    assert privacy.epsilon(1.0, sigma, steps, delta * 10) < eps < privacy.epsilon(
-        1.0, sigma, steps, delta / 10
+    assert (
+        privacy.epsilon(1.0, sigma, steps, delta * 10)
+        < eps
+        < privacy.epsilon(1.0, sigma, steps, delta / 10)
     )
 
 
