@@ -89,7 +89,8 @@ def json_path(value: str) -> str:
         _open_for_writing(path)
     except OSError as e:
         how = "" if exists else "creating it failed: "
-        raise argparse.ArgumentTypeError(f"cannot write {value!r}: {how}{e.strerror or e}") from None
+        reason = e.strerror or str(e)
+        raise argparse.ArgumentTypeError(f"cannot write {value!r}: {how}{reason}") from None
     return value
 
 
