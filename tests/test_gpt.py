@@ -218,7 +218,6 @@ def test_generate_returns_prompt_then_samples_in_range_and_is_seeded():
 
 # ------------------------------------------------------------------------------ errors
 
-
 # (prompt, steps, temperature, error, what the message must name): each refused before any
 # sampling; on the old code out-of-range ids sampled silently and float prompts were cast.
 BAD_GENERATE = [
@@ -259,8 +258,6 @@ def test_generate_takes_ids_of_any_integer_dtype_and_zero_steps():
     assert model.generate(params, key, 4, 0).tolist() == [4]  # a scalar is one id
     ids = [model.generate(params, key, np.array([V - 1], dt), 2) for dt in (np.int8, np.int64)]
     assert ids[0].tolist() == ids[1].tolist() and ids[0][0] == V - 1
-
-
 
 
 def test_bad_configuration_is_a_clear_error():
