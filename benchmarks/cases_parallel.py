@@ -207,6 +207,7 @@ for n, v in [(1024, 32768)]:
             title="vocab-parallel softmax CE on 8 devices vs one device",
             build=functools.partial(_run, "vocab", n=n, v=v),
             quick_build=functools.partial(_run, "vocab", n=128, v=8192),
+            quick_id="P9/vocab-n128-v8192",
             targets=(_GRAD, _MEM),
         )
     )
@@ -218,6 +219,7 @@ for n, width in [(1024, 512)]:
             title="data-parallel manual MLP step on 8 devices vs one device",
             build=functools.partial(_run, "data", n=n, width=width),
             quick_build=functools.partial(_run, "data", n=256, width=128),
+            quick_id="P9/data-n256-w128",
             targets=(_GRAD,),
         )
     )
