@@ -13,7 +13,7 @@ ROOT = pathlib.Path(jaxbp.__file__).parent
 # Layers, lowest first: a module may import from its own layer or below, never above.
 LAYERS = [
     {"_checks", "_vma", "_sharding", "_step", "_text", "datasets"},
-    {"_op"},
+    {"_op", "_contract"},
     {"dense", "activations", "softmax", "losses", "norms", "embedding", "attention", "jacobian"},
     {"_xent", "fused"},
     {"nn", "gpt", "per_example", "_modules", "eqx", "nnx"},
