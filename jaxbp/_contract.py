@@ -162,7 +162,7 @@ def check_fwd_output(name: str, result: Any) -> tuple[Any, Any]:
 
 def _dtype(x: Any) -> Any:
     dtype = getattr(x, "dtype", None)
-    return jnp.result_type(x) if dtype is None else jnp.dtype(dtype)
+    return jnp.result_type(x) if dtype is None else dtype  # PRNG key dtypes included
 
 
 def _leaves(tree: Any) -> tuple[Any, Any]:

@@ -317,6 +317,11 @@ def test_nan_input_propagates_to_gradient(case):
     assert bool(jnp.any(jnp.isnan(out))), "NaN input, finite output"
     if case.name == "dense":  # dx = g·wᵀ does not read x; x's NaN reaches dw = xᵀ·g
         assert bool(jnp.any(jnp.isnan(grads["w"])))
+    elif case.name == "dropout":
+        # dx = where(keep, g/q, 0·g) never reads x (dropout is linear in x): a NaN in x
+        # reaches the output, dropped or kept (0·NaN is NaN); a NaN cotangent reaches dx
+        # (tests/test_dropout.py).
+        assert bool(jnp.isnan(out[idx])) and bool(jnp.all(jnp.isfinite(grads[name])))
     elif case.name == "embedding":
         # dtable = onehot(ids)ᵀ·g never reads the table: a NaN in the table reaches the
         # output rows that look it up (above), and a NaN cotangent reaches dtable
@@ -337,7 +342,7 @@ BATCHED_CASES = [c for c in ALL_CASES if c.id not in ("dense-1d-x", "softmax-axi
 @pytest.mark.parametrize("case", BATCHED_CASES, ids=str)
 def test_empty_batch_gives_empty_result_and_gradient(case):
     arrays = case.arrays(jnp.float64)
-    shared = ("w", "b", "class_weights", "table", "gamma", "beta")
+    shared = ("w", "b", "class_weights", "table", "gamma", "beta", "key")
     lead = {k: v for k, v in arrays.items() if k not in shared}
     axis0 = {k: v[:0] if v.ndim else v for k, v in lead.items()}
     arrays = {**arrays, **axis0}

@@ -14,7 +14,17 @@ ROOT = pathlib.Path(jaxbp.__file__).parent
 LAYERS = [
     {"_checks", "_vma", "_sharding", "_step", "_text", "datasets"},
     {"_op", "_contract"},
-    {"dense", "activations", "softmax", "losses", "norms", "embedding", "attention", "jacobian"},
+    {
+        "dense",
+        "activations",
+        "softmax",
+        "losses",
+        "norms",
+        "embedding",
+        "attention",
+        "dropout",
+        "jacobian",
+    },
     {"_xent", "fused"},
     {"nn", "gpt", "per_example", "_modules", "eqx", "nnx"},
     {"parallel"},
