@@ -30,10 +30,10 @@ rematerialisation, a pipeline stage's forward) that is the mask's size saved per
 under one ``jit`` XLA:CPU draws each mask once either way (it merges the two draws), and
 the temporary memory measured the same. The figures: ``docs/transformer.md``.
 
-``rate = 0`` is the identity (the key is not used; ``None`` is accepted); ``rate = 1`` gives
-zeros (``0·x``) and a zero gradient (as ``flax.nnx.Dropout`` and PyTorch; a plain
-``x / (1 − rate)`` would divide by 0 and give NaN gradients, as ``eqx.nn.Dropout(p=1)``
-does); any other rate outside ``[0, 1]`` or NaN is a ``ValueError``. ``rate`` is static (a
+``rate = 0`` is the identity; ``rate = 1`` gives zeros (``0·x``) and a zero gradient, as
+``flax.nnx.Dropout`` and PyTorch do (a plain ``x / (1 − rate)`` would divide by 0 and give
+NaN gradients, as ``eqx.nn.Dropout(p=1)`` does); neither draws, so the key may be ``None``.
+Any other rate outside ``[0, 1]``, or NaN, is a ``ValueError``. ``rate`` is static (a
 Python number): it decides the identity and the zeros when the function is traced.
 """
 
@@ -74,7 +74,7 @@ def _validate_dims(broadcast_dims: Any, ndim: int) -> tuple[int, ...]:
 
 
 def _validate_key(key: Any, rate: float) -> Any:
-    if key is None and rate == 0.0:
+    if key is None and rate in (0.0, 1.0):  # nothing is drawn
         return None
     dtype = getattr(key, "dtype", None)
     typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
@@ -142,7 +142,7 @@ def dropout(x: jax.Array, key: jax.Array, *, rate: float, broadcast_dims=()) -> 
       x: ``(n..., k...)``, floating; any shape.
       key: one PRNG key (``jax.random.key(seed)`` or ``jax.random.PRNGKey(seed)``): the mask is
         ``jax.random.bernoulli(key, 1 − rate, mask_shape)``, as Flax and Equinox draw it.
-        ``None`` is accepted when ``rate`` is 0.
+        ``None`` is accepted when ``rate`` is 0 or 1 (nothing is drawn).
       rate: the dropped fraction, a Python number in ``[0, 1]``: 0 is the identity, 1 gives
         zeros (and a zero gradient).
       broadcast_dims: axes of ``x`` that share one mask (``flax.nnx.Dropout``'s).

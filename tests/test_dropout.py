@@ -126,6 +126,7 @@ def test_dropout_rate_1_gives_zeros_and_a_zero_gradient():
         dx = jax.grad(lambda x, fn=fn: jnp.sum(fn(x, KEY, rate=1.0) * 3.0))(X)
         np.testing.assert_array_equal(dx, 0.0)
         assert not np.any(np.isnan(dx))
+        np.testing.assert_array_equal(fn(X, None, rate=1.0), 0.0)  # nothing drawn: no key
     # eqx.nn.Dropout(p=1) divides by 0 in its backward: NaN gradients, which jaxbp avoids.
     eqx = pytest.importorskip("equinox")
     assert np.isnan(jax.grad(lambda x: jnp.sum(eqx.nn.Dropout(1.0)(x, key=KEY)))(X)).all()
