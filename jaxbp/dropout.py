@@ -155,8 +155,11 @@ def dropout(x: jax.Array, key: jax.Array, *, rate: float, broadcast_dims=()) -> 
       ValueError: ``rate`` outside ``[0, 1]`` or NaN; an axis in ``broadcast_dims`` that ``x``
         does not have.
 
-    Under ``jax.vmap`` the mask is drawn for each mapped call's own shape: give every mapped
-    example its own key (``jax.random.split``) unless they should share one mask.
+    Under ``jax.vmap`` the mask is drawn for each mapped call's own shape, and inside a
+    ``shard_map`` for each device's own block: give each mapped example (each device) its
+    own key (``jax.random.split``, ``jax.random.fold_in(key, lax.axis_index(axis))``), or
+    share one mask along the mapped axes (``broadcast_dims``). Under plain ``jit`` on a
+    sharded ``x`` the mask is the one device's (``jax_threefry_partitionable``).
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxbp
