@@ -123,6 +123,7 @@ register(
         title="manual MLP step: FLOP/s ÷ large jnp.dot",
         build=functools.partial(build_roofline, n=1024, width=1024, dot_size=2048),
         quick_build=functools.partial(build_roofline, n=512, width=512, dot_size=1024),
+        quick_id="P2/n512-w512",
         targets=(
             Target("roofline", ">=", 0.85, backends=("cpu",)),
             Target("roofline", ">=", 0.60, backends=("gpu",), dtypes=("bfloat16",)),

@@ -127,6 +127,8 @@ for _strategy in ("recompute", "forward"):
                 quick_build=functools.partial(
                     _build, n=QUICK_N, d=QUICK_D, v=_v, strategy=_strategy
                 ),
+                quick_title=f"fused linear+softmax-CE ({_strategy}) vs full-logits grad, "
+                f"n {QUICK_N} d {QUICK_D}",
                 targets=tuple(targets),
             )
         )
@@ -139,6 +141,8 @@ for _strategy in ("recompute", "forward"):
             quick_build=functools.partial(
                 _growth, n=QUICK_N, d=QUICK_D, v=32768, strategy=_strategy
             ),
+            quick_title=f"fused ({_strategy}) temporary memory when v doubles, n {QUICK_N} "
+            f"d {QUICK_D}",
             targets=(Target("growth", "<=", 1.1, note="P5: memory independent of v"),)
             if _strategy == "recompute"
             else (),
@@ -178,6 +182,7 @@ for _v in CPU_VOCABS:
             title=f"fused (recompute) vs optax on full logits, n {N} d {D}",
             build=functools.partial(_build_optax, n=N, d=D, v=_v),
             quick_build=functools.partial(_build_optax, n=QUICK_N, d=QUICK_D, v=_v),
+            quick_title=f"fused (recompute) vs optax on full logits, n {QUICK_N} d {QUICK_D}",
             targets=(
                 Target("ratio", "<=", 1.05, note="P5 vs optax"),
                 Target("memory_ratio", "<=", 0.05, note="P5 vs optax"),

@@ -405,6 +405,7 @@ for n, v in [(1024, 32768)]:
             title="vocab-parallel softmax CE on 8 devices vs one device",
             build=functools.partial(_run, "vocab", n=n, v=v),
             quick_build=functools.partial(_run, "vocab", n=128, v=8192),
+            quick_id="P9/vocab-n128-v8192",
             targets=(_GRAD, _MEM),
         )
     )
@@ -416,6 +417,7 @@ for n, width in [(1024, 512)]:
             title="data-parallel manual MLP step on 8 devices vs one device",
             build=functools.partial(_run, "data", n=n, width=width),
             quick_build=functools.partial(_run, "data", n=256, width=128),
+            quick_id="P9/data-n256-w128",
             targets=(_GRAD,),
         )
     )
@@ -440,6 +442,7 @@ for n, t, d, heads, layers, vocab, data in [(8, 128, 256, 8, 2, 4096, 2)]:
             quick_build=functools.partial(
                 _run, "gpt", n=4, t=16, d=32, heads=8, layers=1, vocab=64, data=2
             ),  # fmt: skip
+            quick_id=f"P15/gpt-n4-t16-d32-L1-v64-{data}x{DEVICES // data}",
             targets=(_GRAD, _BYTES_OK, _SPLIT),
         )
     )

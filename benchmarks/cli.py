@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         old = json.loads((out / "results.json").read_text())
         ids = {r["id"] for r in records}
         kept = [r for r in old.get("records", []) if r["id"] not in ids]
-        order = {c.id: k for k, c in enumerate(harness.CASES)}
+        order = {i: k for k, c in enumerate(harness.CASES) for i in (c.quick_id, c.id) if i}
         result["records"] = sorted(kept + records, key=lambda r: order.get(r["id"], len(order)))
         result["merged_runs"] = old.get("merged_runs", [old.get("started_utc")]) + [started]
     (out / "results.json").write_text(json.dumps(result, indent=1, default=_json_default))

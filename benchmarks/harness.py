@@ -158,6 +158,20 @@ class Case:
     targets: tuple[Target, ...] = ()
     quick: bool = True  # part of --quick
     quick_build: Callable[[Context], Pair | Custom] | None = None  # smaller sizes in --quick
+    # With a quick_build: the id and title naming the sizes it runs (default: the full ones).
+    quick_id: str | None = None
+    quick_title: str | None = None
+
+    def as_run(self, quick: bool) -> Case:
+        """The case as it runs: in ``--quick`` with a ``quick_build``, that build under the id
+        and title that name its sizes (``P9/vocab-n1024-v32768`` runs as
+        ``P9/vocab-n128-v8192``); otherwise the case itself."""
+        if not (quick and self.quick_build):
+            return self
+        return dataclasses.replace(
+            self, id=self.quick_id or self.id, title=self.quick_title or self.title,
+            build=self.quick_build, quick_build=None, quick_id=None, quick_title=None,
+        )  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -186,8 +200,10 @@ CASES: list[Case] = []
 
 def register(case: Case) -> Case:
     """Add ``case`` to the registry; ids must be unique."""
-    if any(c.id == case.id for c in CASES):
-        raise ValueError(f"case id {case.id!r} is already registered")
+    taken = {i for c in CASES for i in (c.id, c.quick_id) if i}
+    for cid in (case.id, case.quick_id):
+        if cid and cid in taken:
+            raise ValueError(f"case id {cid!r} is already registered")
     CASES.append(case)
     return case
 
@@ -205,13 +221,15 @@ def load_case_modules() -> list[str]:
 
 
 def select(pattern: str | None, *, quick: bool) -> list[Case]:
-    """Cases whose id matches ``pattern``: comma-separated globs or regular expressions.
+    """Cases whose id matches ``pattern``: comma-separated globs or regular expressions; each
+    as it runs (:meth:`Case.as_run`), matched by its running id or its full one.
 
     A part is a glob (``P1*``, ``P4/c1??``; matched against the whole id, or as a prefix when
     it has no wildcard: ``P3`` selects every P3 case) unless it contains a character only a
     regex has (``^$|()+\\{``), e.g. ``^P(1|2)/``, which is searched for in the id.
     """
-    cases = [c for c in CASES if c.quick or not quick]
+    chosen = [c for c in CASES if c.quick or not quick]
+    cases = [c.as_run(quick) for c in chosen]
     if not pattern:
         return cases
     parts = [p.strip() for p in pattern.split(",") if p.strip()]
@@ -227,7 +245,7 @@ def select(pattern: str | None, *, quick: bool) -> list[Case]:
                 return True
         return False
 
-    return [c for c in cases if match(c.id)]
+    return [run for c, run in zip(chosen, cases, strict=True) if match(run.id) or match(c.id)]
 
 
 # -- measurement --------------------------------------------------------------------------
@@ -417,6 +435,7 @@ def _peak_bytes(device) -> int | None:
 
 def run_case(case: Case, ctx: Context, env: Mapping[str, Any]) -> dict:
     """Build, compile, check and time one case; return its record (never raises)."""
+    case = case.as_run(ctx.quick)  # the id and build of the sizes that run
     record: dict[str, Any] = {
         "id": case.id,
         "case": case.group,
@@ -429,8 +448,7 @@ def run_case(case: Case, ctx: Context, env: Mapping[str, Any]) -> dict:
         "metrics": {},
     }
     try:
-        build = case.quick_build if (ctx.quick and case.quick_build) else case.build
-        pair = build(ctx)
+        pair = case.build(ctx)
         if isinstance(pair, Skip):
             record["status"] = "skipped"
             record["reason"] = pair.reason

@@ -49,6 +49,9 @@ from .datasets import load_shakespeare as load_shakespeare
 from .dense import dense as dense
 from .dense import dense_bwd as dense_bwd
 from .dense import dense_fwd as dense_fwd
+from .dropout import dropout as dropout
+from .dropout import dropout_bwd as dropout_bwd
+from .dropout import dropout_fwd as dropout_fwd
 from .embedding import embedding as embedding
 from .embedding import embedding_bwd as embedding_bwd
 from .embedding import embedding_fwd as embedding_fwd
@@ -115,6 +118,7 @@ _bind_references(
         (layer_norm, reference.layer_norm),
         (rms_norm, reference.rms_norm),
         (attention, reference.attention),
+        (dropout, reference.dropout),
     ]
 )
 
@@ -146,6 +150,7 @@ __all__ = [
     "layer_norm", "layer_norm_fwd", "layer_norm_bwd",
     "rms_norm", "rms_norm_fwd", "rms_norm_bwd",
     "attention", "attention_fwd", "attention_bwd",
+    "dropout", "dropout_fwd", "dropout_bwd",
     "GPT", "compare", "explain", "load_digits", "load_shakespeare",
     "Op", "check", "CheckReport", "model", "Tape", "transposed",
 ]  # fmt: skip

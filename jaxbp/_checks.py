@@ -8,6 +8,7 @@ the argument, what was expected and what came.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +37,37 @@ def integer(name: str, x: Any) -> jax.Array:
     if not jnp.issubdtype(x.dtype, jnp.integer):
         raise TypeError(f"{name}: expected an integer dtype, got {x.dtype} (shape {x.shape})")
     return x
+
+
+def count(name: str, value: Any) -> int:
+    """``value`` as a Python ``int ≥ 0`` (a number of steps): ``TypeError`` for anything that
+    is not an integer (a float, a bool, a traced value), ``ValueError`` for a negative one."""
+    if isinstance(value, bool) or not is_concrete(value):
+        raise TypeError(f"{name}: expected an integer ≥ 0, got {value!r}")
+    try:
+        k = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}: expected an integer ≥ 0, got {value!r}") from None
+    if k < 0:
+        raise ValueError(f"{name}: expected an integer ≥ 0, got {k}")
+    return k
+
+
+def token_ids(name: str, ids: Any, v: int) -> np.ndarray:
+    """Concrete ids ``(t,)`` for an eager loop (sampling): at least one, of an integer dtype
+    (``TypeError`` for floats: never cast), each in ``[0, v)`` as :func:`jaxbp.embedding`
+    checks its ids (``ValueError`` naming ``name``, the bad id and its index). A scalar is
+    one id; more than one axis is a ``ValueError``."""
+    if not is_concrete(ids):
+        raise TypeError(f"{name}: expected concrete ids (a list or an array), got {ids!r}")
+    arr = np.asarray(ids)
+    if arr.ndim > 1:
+        raise ValueError(f"{name}: expected ids of shape (t,), got shape {arr.shape}")
+    if arr.size < 1:
+        raise ValueError(f"{name}: expected at least one id, got shape {arr.shape}")
+    arr = np.asarray(integer(name, arr)).reshape(-1)
+    check_label_range(arr, v, name=name)
+    return arr.astype(np.int32)
 
 
 def min_rank(name: str, x: jax.Array, rank: int, letters: str) -> None:

@@ -54,7 +54,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from . import _sharding, _vma
+from . import _contract, _sharding, _vma
 
 __all__ = [
     "OP_ATTRIBUTES", "Op", "all_rules", "bind_references", "bwd_options", "custom_vjp_op",
@@ -133,7 +133,8 @@ def op_vjp(op: Any, *, traced: Sequence[str] | None = None, primal: Callable | N
     for (the fused loss computes its loss alone there, whatever its strategy).
     """
     traced = tuple(getattr(op, "traced_options", ()) if traced is None else traced)
-    return _vjp(lambda: rules_of(op), traced, primal)
+    described = (getattr(op, "name", "op"), tuple(getattr(op, "arg_names", ())))
+    return _vjp(lambda: rules_of(op), traced, primal, described)
 
 
 def custom_vjp_op(fwd: Callable, bwd: Callable) -> Callable:
@@ -151,9 +152,23 @@ def custom_vjp_op(fwd: Callable, bwd: Callable) -> Callable:
     return op
 
 
-def _vjp(get: Callable, traced: tuple[str, ...], primal: Callable | None = None):
+def _vjp(
+    get: Callable,
+    traced: tuple[str, ...],
+    primal: Callable | None = None,
+    described: tuple[str, tuple[str, ...]] = ("op", ()),
+):
     """The ``custom_vjp`` of :func:`op_vjp` and :func:`custom_vjp_op`; ``get()`` gives the
-    rules ``(fwd, bwd)`` at trace time."""
+    rules ``(fwd, bwd)`` at trace time. ``described``: the op's name and argument names, for
+    the errors of a rule that breaks the contract (:mod:`jaxbp._contract`)."""
+    name, arg_names = described
+
+    def fwd_rule(*args, **options):
+        return _contract.check_fwd_output(name, get()[0](*args, **options))
+
+    def bwd_rule(primal_avals, res, g, **options):
+        cts = get()[1](res, g, **options)
+        return _contract.check_cotangents(name, cts, primal_avals, arg_names)
 
     # On Explicit mesh axes every rule runs under auto_axes (jaxbp._sharding): the results
     # typed like the arguments, the cotangents exactly like their primals.
@@ -161,24 +176,24 @@ def _vjp(get: Callable, traced: tuple[str, ...], primal: Callable | None = None)
     def core(static, dynamic, *args):
         if primal is not None:
             return _sharding.run(lambda d, *a: primal(*a, **dict(static), **d), (dynamic, *args))
-        return _sharding.run(lambda d, *a: get()[0](*a, **dict(static), **d)[0], (dynamic, *args))
+        return _sharding.run(lambda d, *a: fwd_rule(*a, **dict(static), **d)[0], (dynamic, *args))
 
     def core_fwd(static, dynamic, *args):
-        out, res = _sharding.run(lambda d, *a: get()[0](*a, **dict(static), **d), (dynamic, *args))
-        # Each argument's varying axes (inside a shard_map) and sharding (on Explicit axes),
-        # static, for the cotangents.
-        types = (tuple(_vma.of(a) for a in args), _sharding.specs_of(args))
+        out, res = _sharding.run(lambda d, *a: fwd_rule(*a, **dict(static), **d), (dynamic, *args))
+        # Each argument's varying axes (inside a shard_map), sharding (on Explicit axes), shape
+        # and dtype, static, for the cotangents.
+        types = (tuple(_vma.of(a) for a in args), _sharding.specs_of(args), _contract.avals(args))
         return out, (res, dynamic, _vma.Static(types))
 
     def core_bwd(static, saved, g):
         res, dynamic, types = saved
-        vmas, specs = types.value
+        vmas, specs, primal_avals = types.value
 
         def cotangent_specs(shapes):
             return tuple(None if c is None else s for c, s in zip(shapes, specs, strict=True))
 
         cts = _sharding.run(
-            lambda r, g, d: tuple(get()[1](r, g, **dict(static), **d)),
+            lambda r, g, d: bwd_rule(primal_avals, r, g, **dict(static), **d),
             (res, g, dynamic),
             cotangent_specs,
         )
@@ -301,13 +316,23 @@ class Op:
       per_example: names of the positional parameters that carry the batch (one row per
         example, ``(n..., k)``); the others are parameters shared by all examples. Default:
         the first positional parameter only.
-      options: the static keyword options and their defaults, e.g. ``{"scale": 1.0}``.
+      options: the keyword options and their defaults, e.g. ``{"scale": 1.0}``: static
+        (hashable; each value compiles anew) unless named in ``traced_options``.
       example_ndim: trailing axes per example of the first per-example argument (default 1).
       example_grads: the per-example rule, for an op with parameters used inside a model
         (per-example gradients, their norms, DP-SGD): ``example_grads(res, g, *, examples,
         **options)`` → ``{parameter name: contribution}`` (``jaxbp.per_example.Outer``,
         ``Rows``, ``OneHot``, ``Full``); see docs/per_example.md. Without it, a per-example
         transform that meets the op raises a ``TypeError`` naming it.
+      traced_options: the options the rules take as traced values (numbers that only scale
+        values, as the built-in ops' ``label_smoothing``): a new value compiles nothing new,
+        and a value traced under ``jit`` is accepted (a static option refuses one).
+
+    A rule that breaks the contract is an error naming the op, the rule, what was expected
+    and what came (:mod:`jaxbp._contract`): a signature that cannot take the op's arguments
+    and options, here; a traced value for a static option, at the call; a ``fwd`` that does
+    not return ``(out, res)``, a ``bwd`` that does not return one cotangent per positional
+    argument of that argument's shape and dtype, when JAX first traces them.
 
     Calling ``op(*args, **options)`` runs a ``jax.custom_vjp``: ``jax.grad``, ``jax.vjp`` and
     everything built on them run your ``bwd``; ``jax.jit`` and ``jax.vmap`` compose.
@@ -339,6 +364,7 @@ class Op:
         options: dict[str, Any] | None = None,
         example_ndim: int = 1,
         example_grads: Callable | None = None,
+        traced_options: Sequence[str] = (),
     ):
         for what, fn in (("fwd", fwd), ("bwd", bwd), ("reference", reference)):
             if not callable(fn):
@@ -360,9 +386,7 @@ class Op:
         self.arg_names = names
         self.per_example_args = per_example
         self.example_ndim = _check_example_ndim(example_ndim)
-        self.traced_options = ()
         self.example_grads = example_grads
-        _USER_OPS[next(_user_count)] = self
         self.defaults = dict(options or {})
         for key, value in self.defaults.items():
             try:
@@ -372,11 +396,16 @@ class Op:
                     f"options: {key!r} must be hashable (static); arrays are positional "
                     f"arguments, got {type(value).__name__}"
                 ) from None
-        static = tuple(self.defaults)
+        self.traced_options = tuple(traced_options)
+        _contract.check_signatures(
+            self.name, fwd, bwd, reference, names, self.defaults, self.traced_options
+        )
+        static = tuple(k for k in self.defaults if k not in self.traced_options)
         self._fwd = jax.jit(_named(fwd, self.name + "_fwd"), static_argnames=static)
         self._bwd = jax.jit(_named(bwd, self.name + "_bwd"), static_argnames=static)
         self.reference = reference
         self._core = op_vjp(self)  # reads self.fwd / self.bwd when traced
+        _USER_OPS[next(_user_count)] = self  # its rules key the transforms' compiled steps
 
     def _options(self, options: dict) -> dict:
         unknown = sorted(set(options) - set(self.defaults))
@@ -384,7 +413,9 @@ class Op:
             raise TypeError(
                 f"{self.name}: unexpected option(s) {unknown}; options are {list(self.defaults)}"
             )
-        return {**self.defaults, **options}
+        options = {**self.defaults, **options}
+        _contract.check_options(self.name, options, self.traced_options)
+        return options
 
     def __call__(self, *args, **options):
         opts = self._options(options)
@@ -401,7 +432,8 @@ class Op:
 
     def bwd(self, res, g, **options):
         """The jitted backward rule: one cotangent per positional argument."""
-        return tuple(self._bwd(res, g, **self._options(options)))
+        cts = self._bwd(res, g, **self._options(options))
+        return _contract.check_count(self.name, cts, self.arg_names)
 
     @property
     def batched(self) -> tuple[bool, ...]:

@@ -229,15 +229,21 @@ class GPT:
         Each step runs :meth:`apply` on the last ``context`` ids (one compiled shape: shorter
         windows are padded at the end, which causal attention never looks at) and samples
         from ``softmax(logits / temperature)``.
+
+        Raises:
+          TypeError: a prompt that is not of an integer dtype (never cast), ``steps`` that is
+            not an integer.
+          ValueError: an empty prompt or one of more than one axis; an id outside
+            ``[0, vocab)`` (as :func:`jaxbp.embedding`); ``steps < 0``; ``temperature ≤ 0``.
         """
-        prompt = np.asarray(prompt, np.int32).reshape(-1)
-        if prompt.size < 1:
-            raise ValueError("prompt: expected at least one id")
+        prompt = _checks.token_ids("prompt", prompt, self.vocab)  # as embedding checks ids
+        steps = _checks.count("steps", steps)
+        temperature = _checks.static_number("temperature", temperature)
         if not temperature > 0:
             raise ValueError(f"temperature: expected a positive number, got {temperature!r}")
-        step = _sampler(self, float(temperature))
+        step = _sampler(self, temperature)
         out = list(prompt)
-        for i in range(int(steps)):
+        for i in range(steps):
             window = out[-self.context :]
             buf = np.zeros((1, self.context), np.int32)
             buf[0, : len(window)] = window

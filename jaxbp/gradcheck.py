@@ -295,8 +295,8 @@ def compare(
     needs_x64 = fd or name == "float64"
     check = checker(model)
     with x64() if needs_x64 else contextlib.nullcontext():
-        p, *args = check(_cast(params, dtype), *batch, **batch_options)
-        args = _cast_batch(args, dtype)
+        cast_options = {k: _cast_batch((v,), dtype)[0] for k, v in batch_options.items()}
+        p, *args = check(_cast(params, dtype), *_cast_batch(batch, dtype), **cast_options)
         p64 = _cast(params, jnp.float64) if fd else None
         args64 = _cast_batch(args, jnp.float64) if fd else None
         dirs, steps = _fd_directions(jax.tree.leaves(p64), fd_directions, seed) if fd else ([], [])

@@ -242,7 +242,10 @@ class MLP:
         """Validate shapes and dtypes (clear errors at trace time; label values when concrete).
 
         Returns ``(params, x, labels, where, class_weights)`` as arrays: Python lists and
-        NumPy arrays are accepted wherever an array is.
+        NumPy arrays are accepted wherever an array is. ``x`` and every parameter must share
+        one floating dtype (``TypeError`` naming the first parameter that differs: nothing
+        is promoted); float labels and class weights are data, cast to ``x``'s dtype as the
+        loss ops cast their targets.
         """
         self._check_params(params)
         params = type(params)(
@@ -253,6 +256,7 @@ class MLP:
         x = _checks.floating("x", x)
         if x.ndim != 2 or x.shape[1] != self.sizes[0]:
             raise ValueError(f"x: expected shape (n, {self.sizes[0]}), got {x.shape}")
+        _check_one_dtype(params, x.dtype)
         n, c = x.shape[0], self.sizes[-1]
         labels = jnp.asarray(labels)
         if self.loss == "softmax_cross_entropy":
@@ -263,10 +267,13 @@ class MLP:
                 opts.get("ignore_index"), opts.get("z_loss", 0.0),
             )  # fmt: skip
             check_label_range(labels, c, opts.get("ignore_index"), where=where)
+            if jnp.issubdtype(labels.dtype, jnp.floating):
+                labels = labels.astype(x.dtype)  # probabilities: data, in the network's dtype
         else:
             labels = _checks.floating("labels", labels)
             if labels.shape != (n, c):
                 raise ValueError(f"labels: expected shape (n, c) = {(n, c)}, got {labels.shape}")
+            labels = labels.astype(x.dtype)  # targets: data, in the network's dtype
             if where is not None and np.shape(where) != (n,):
                 raise ValueError(f"where: expected shape (n,) = ({n},), got {np.shape(where)}")
             if class_weights is not None:
@@ -274,8 +281,23 @@ class MLP:
         if where is not None:
             where = jnp.asarray(where)
         if class_weights is not None:
-            class_weights = _checks.floating("class_weights", class_weights)
+            class_weights = _checks.floating("class_weights", class_weights).astype(x.dtype)
         return params, x, labels, where, class_weights
+
+
+def _check_one_dtype(params, dtype) -> None:
+    """Parameters in ``x``'s dtype, or a ``TypeError``: jnp would promote float32 parameters
+    and a float64 ``x`` to a float64 network (twice the memory, a fraction of the speed on a
+    GPU) only for autodiff to cast the gradients back to float32 (docs/edge_cases.md)."""
+    for layer, p in enumerate(params):
+        for name in ("w", "b"):
+            if p[name].dtype != dtype:
+                raise TypeError(
+                    f"params[{layer}][{name!r}]: expected the dtype of x ({dtype}), got "
+                    f"{p[name].dtype}; nothing is promoted: cast x (x.astype(jnp."
+                    f"{p[name].dtype})) or the parameters (jax.tree.map(lambda a: "
+                    f"a.astype(jnp.{dtype}), params))"
+                )
 
 
 def _ops(ops):

@@ -147,21 +147,33 @@ def embedding(ids, table):
     return table[ids]
 
 
-def attention(x, p, heads, causal):
-    """``p``: ``{"q": (w, b), "k": ..., "v": ..., "o": ...}``; x ``(n, t, d)``."""
-    n, t, d = x.shape
-    e = d // heads
+def attention(x, p, heads, causal, mask=None, kv=None):
+    """``p``: ``{"q": (w, b), "k": ..., "v": ..., "o": ...}`` with ``w (i, o)`` (a bias may be
+    ``None``); x ``(n, t, d)``, keys and values from ``kv (n, s, d_kv)`` (default ``x``);
+    ``mask`` (``True`` attends) broadcast to ``(n, h, t, s)``. A row with nothing to attend
+    to is 0 (``jax.nn.softmax``'s ``where=``)."""
+    kv = x if kv is None else kv
+    n, t, _ = x.shape
+    s_len = kv.shape[1]
+
+    def proj(a, c):
+        w, b = p[c]
+        return a @ w if b is None else a @ w + b
 
     def split(y):
-        return y.reshape(n, t, heads, e).transpose(0, 2, 1, 3)
+        return y.reshape(n, y.shape[1], heads, -1).transpose(0, 2, 1, 3)
 
-    q, k, v = (split(x @ p[c][0] + p[c][1]) for c in "qkv")
+    q, k, v = split(proj(x, "q")), split(proj(kv, "k")), split(proj(kv, "v"))
+    e = q.shape[-1]
     s = jnp.einsum("nhte,nhse->nhts", q, k) / jnp.sqrt(jnp.asarray(e, x.dtype))
+    keep = jnp.ones(s.shape, bool)
     if causal:
-        s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -jnp.inf)
-    o = jnp.einsum("nhts,nhse->nhte", jax.nn.softmax(s, axis=-1), v)
-    o = o.transpose(0, 2, 1, 3).reshape(n, t, d)
-    return o @ p["o"][0] + p["o"][1]
+        keep = keep & jnp.tril(jnp.ones((t, s_len), bool))
+    if mask is not None:
+        keep = keep & jnp.broadcast_to(jnp.asarray(mask, bool), s.shape)
+    o = jnp.einsum("nhts,nhse->nhte", jax.nn.softmax(s, axis=-1, where=keep), v)
+    o = o.transpose(0, 2, 1, 3).reshape(n, t, heads * v.shape[-1])
+    return proj(o, "o")
 
 
 def loss_weights(shape, dtype=jnp.float64):

@@ -181,6 +181,11 @@ def _op_inputs():
         "layer_norm": [("layer_norm", {"x": arr(n, 5), "gamma": arr(5), "beta": arr(5)},
                         ("x",), {})],
         "rms_norm": [("rms_norm", {"x": arr(n, 5), "gamma": arr(5)}, ("x",), {})],
+        # The rows share one mask (broadcast_dims): inside a shard_map each device draws
+        # for its own rows' shape, so a mask per row would differ from one device's.
+        "dropout": [("dropout-rows-share-a-mask",
+                     {"x": arr(n, 5), "key": np.asarray([0, 21], np.uint32)}, ("x",),
+                     {"rate": 0.3, "broadcast_dims": (0,)})],
         "attention": [
             ("attention-store", {"q": arr(n, 2, 4, 3), "k": arr(n, 2, 4, 3), "v": arr(n, 2, 4, 3)},
              ("q", "k", "v"), {}),

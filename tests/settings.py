@@ -361,7 +361,27 @@ ATTENTION_CASES = [
     Case("attention-3d-batch", "attention", _qkv(batch=(2, 2)), diff=_QKV),
 ]  # fmt: skip
 
-TRANSFORMER_CASES = EMBEDDING_CASES + NORM_CASES + ATTENTION_CASES
+
+def _drop(batch=(N,), seed=7):
+    """``x`` and one raw PRNG key (uint32 ``(2,)``: an integer argument, no cotangent)."""
+
+    def make(rng):
+        return {"x": away_from_zero(rng, (*batch, D)), "key": np.asarray(jax.random.PRNGKey(seed))}
+
+    return make
+
+
+_X = ("x",)
+DROPOUT_CASES = [
+    Case("dropout-0.25", "dropout", _drop(), {"rate": 0.25}, diff=_X),
+    Case("dropout-0.5-shared-rows", "dropout", _drop(), {"rate": 0.5, "broadcast_dims": (0,)},
+         diff=_X),
+    Case("dropout-0.9-3d-batch", "dropout", _drop((2, 3)), {"rate": 0.9}, diff=_X),
+    Case("dropout-rate-0", "dropout", _drop(), {"rate": 0.0}, diff=_X),
+    Case("dropout-rate-1", "dropout", _drop(), {"rate": 1.0}, diff=_X),
+]  # fmt: skip
+
+TRANSFORMER_CASES = EMBEDDING_CASES + NORM_CASES + ATTENTION_CASES + DROPOUT_CASES
 
 ALL_CASES = (
     DENSE_CASES + ACTIVATION_CASES + SOFTMAX_CASES + LOSS_CASES + CE_CASES + TRANSFORMER_CASES
@@ -458,6 +478,10 @@ OP_EXAMPLES: dict[str, list[Example]] = {
     ],
     "layer_norm": [Example("layer_norm", _sq((S, S), (S,), (S,)), ("x",), {"eps": 1e-3})],
     "rms_norm": [Example("rms_norm", _sq((S, S), (S,)), ("x",))],
+    "dropout": [
+        Example("dropout", lambda rng: (away_from_zero(rng, (S, S)), np.asarray(
+            jax.random.PRNGKey(int(rng.integers(1 << 16))))), ("x",), {"rate": 0.25}),
+    ],
     "attention": [
         Example("attention-causal", _sq(*[(S, S, S, S)] * 3), ("q", "k", "v")),
         Example("attention-recompute", _sq(*[(S, S, S, S)] * 3), ("q", "k", "v"),

@@ -1,5 +1,6 @@
 """Smoke tests of the benchmark harness at tiny sizes (no timing assertions)."""
 
+import dataclasses
 import functools
 import json
 import pathlib
@@ -202,3 +203,63 @@ def test_sweeps_are_log_scaled_lines_over_their_size(committed, group, key, pane
         assert list(line.get_ydata()) == pytest.approx(expected)
         assert "per row" in ax.get_ylabel()
     plt.close(fig)
+
+
+# Size letters of case ids and titles, and the build keyword each names.
+SIZE_KEYWORDS = {"n": "n", "w": "width", "v": "v", "d": "d", "c": "c", "t": "t", "i": "i"}
+
+
+def _named_sizes(case):
+    """``{keyword: value}`` of every size the id (``n1024``, ``w512``) or the title
+    (``n 4096 d 512``) names."""
+    import re
+
+    named = {}
+    for letter, value in re.findall(r"(?:^|[/-])([a-z])(\d+)(?=$|-)", case.id.split("/", 1)[1]):
+        named.setdefault(("id", SIZE_KEYWORDS.get(letter)), int(value))
+    for letter, value in re.findall(r"\b([ndvtc]) (\d+)\b", case.title):
+        named.setdefault(("title", SIZE_KEYWORDS.get(letter)), int(value))
+    return {k: v for k, v in named.items() if k[1] is not None}
+
+
+@pytest.mark.parametrize("quick", [False, True], ids=["full", "quick"])
+def test_every_case_id_and_title_name_the_sizes_that_run(quick):
+    harness.load_case_modules()
+    checked = 0
+    for case in harness.select(None, quick=quick):
+        build = case.quick_build if quick and case.quick_build else case.build  # what runs
+        if not isinstance(build, functools.partial):
+            continue
+        runs = build.keywords
+        for (where, keyword), value in _named_sizes(case).items():
+            if keyword in runs:
+                assert runs[keyword] == value, (
+                    f"{case.id}: its {where} names {keyword} {value}, the build runs "
+                    f"{keyword} {runs[keyword]} ({case.title!r})"
+                )
+                checked += 1
+    assert checked > 20
+
+
+def test_a_quick_case_runs_lists_and_records_under_its_quick_id(ctx):
+    case = harness.Case(
+        id="TEST/softmax-c64",
+        group="TEST",
+        title="softmax backward, c 64",
+        build=functools.partial(build_softmax, c=64, n=4),
+        quick_build=functools.partial(build_softmax, c=8, n=4),
+        quick_id="TEST/softmax-c8",
+        quick_title="softmax backward, c 8",
+    )
+    harness.register(case)
+    try:
+        for pattern in ("TEST/softmax-c64", "TEST/softmax-c8", "TEST/"):
+            assert [c.id for c in harness.select(pattern, quick=True)] == ["TEST/softmax-c8"]
+        assert [c.id for c in harness.select("TEST/", quick=False)] == ["TEST/softmax-c64"]
+        record = harness.run_case(case, ctx, harness.environment())  # ctx.quick is True
+        assert record["id"] == "TEST/softmax-c8" and record["title"] == "softmax backward, c 8"
+        assert record["status"] == "ok", record
+        with pytest.raises(ValueError, match="'TEST/softmax-c8' is already registered"):
+            harness.register(dataclasses.replace(case, id="TEST/softmax-c8", quick_id=None))
+    finally:
+        harness.CASES[:] = [c for c in harness.CASES if not c.id.startswith("TEST/")]

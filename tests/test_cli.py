@@ -242,3 +242,83 @@ def test_train_on_a_terminal_shows_the_bar_and_with_json_dash_plain_lines(monkey
     err = capsys.readouterr().err
     assert "\r" not in err and "compiling the epoch (epoch 0/2) …" in err
     assert re.search(r"epoch   2/2 .*\[elapsed \d+:\d\d\]", err), err
+
+
+# --json places that cannot be written, for root too (which os.access says yes to): the
+# kernel's process folder and sysfs refuse to create a file; a read-only file (not for root).
+UNWRITABLE = ["/proc/jaxbp-out.json", "/sys/jaxbp-out.json"]
+
+
+def _read_only_file(tmp_path):
+    path = tmp_path / "read-only.json"
+    path.write_text("{}")
+    path.chmod(0o444)
+    if os.access(path, os.W_OK) and os.geteuid() == 0:
+        pytest.skip("root writes read-only files")
+    return str(path)
+
+
+@pytest.mark.parametrize("command", ["compare", "train"])
+@pytest.mark.parametrize("where", [*UNWRITABLE, "read-only file"])
+def test_an_unwritable_json_path_is_a_usage_error_before_any_work(
+    command, where, tmp_path, capsys, monkeypatch
+):
+    import importlib
+
+    path = _read_only_file(tmp_path) if where == "read-only file" else where
+    if not os.path.isdir(os.path.dirname(path)):
+        pytest.skip(f"no {os.path.dirname(path)} on this system")
+
+    def no_work(args):
+        raise AssertionError("the work started before --json was checked")
+
+    monkeypatch.setattr(importlib.import_module(f"jaxbp.cli.{command}"), "run", no_work)
+    with pytest.raises(SystemExit) as e:
+        main([command, "--json", path])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"usage: jaxbp {command}" in err, err
+    assert f"--json: cannot write {path!r}" in err and "Traceback" not in err, err
+
+
+def test_checking_the_json_path_changes_nothing(tmp_path, capsys, monkeypatch):
+    import jaxbp.cli.compare
+
+    monkeypatch.setattr(jaxbp.cli.compare, "run", lambda args: 0)
+    new, old = tmp_path / "new.json", tmp_path / "old.json"
+    old.write_text("kept")
+    before = old.stat().st_mtime_ns
+    assert main(["compare", "--json", str(new)]) == 0
+    assert main(["compare", "--json", str(old)]) == 0
+    assert not new.exists(), "the check created the file and left it"
+    assert old.read_text() == "kept" and old.stat().st_mtime_ns == before
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full on this system")
+@pytest.mark.parametrize(
+    ("args", "printed"),
+    [
+        (["compare", "--sizes", "4,5,3", "--batch", "3", "--no-fd"], "PASSED"),
+        (["train", "--sizes", "64,8,10", "--epochs", "2", "--batch-size", "512"], "done in"),
+    ],
+    ids=lambda a: a[0] if isinstance(a, list) else None,
+)
+def test_a_json_write_failing_at_the_end_is_one_line_and_exit_1_after_the_results(
+    args, printed, capsys
+):
+    # /dev/full opens like any file and fails every write: "No space left on device".
+    assert main([*args, "--json", "/dev/full"]) == 1
+    captured = capsys.readouterr()
+    assert printed in captured.out, "the results are printed before the write"
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    assert lines[0].startswith(f"jaxbp {args[0]}: error: --json: could not write '/dev/full'")
+    assert "No space left on device" in lines[0]
+
+
+@pytest.mark.parametrize("command", ["compare", "explain", "train"])
+def test_each_subcommands_help_describes_it_in_whole_sentences(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    description = capsys.readouterr().out.split("\n\n")[1]  # after the usage
+    assert description.startswith(f"jaxbp {command}:") and description.endswith("."), description

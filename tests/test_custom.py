@@ -185,3 +185,159 @@ def test_check_skips_integer_arguments_and_checks_the_rest():
     assert {r.leaf for r in report.rows} == {"out", "table"}
     grad = jax.grad(lambda t: jnp.sum(lookup(ids, t)))(table)
     np.testing.assert_allclose(grad[:, 0], [2.0, 1.0, 3.0, 0.0])
+
+
+# ------------------------------------------------- rules that break the contract: clear errors
+
+
+def _grad_all(op, *args, **options):
+    """Gradients of ``sum(op(...))`` for every argument, eagerly and under ``jit``."""
+    f = lambda *a: jnp.sum(op(*a, **options))  # noqa: E731
+    argnums = tuple(range(len(args)))
+    return jax.grad(f, argnums)(*args), jax.jit(jax.grad(f, argnums))(*args)
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_a_backward_with_the_wrong_number_of_cotangents_names_the_op_rule_and_counts(count):
+    def bwd(res, g):
+        return (*_affine_bwd(res, g), None)[:count]
+
+    op = jaxbp.Op(_affine_fwd, bwd, _affine_ref, name="affine_miscounted")
+    message = (
+        r"affine_miscounted: the bwd rule must return 3 cotangent\(s\), one per positional "
+        rf"argument \('x', 'w', 'b'\) \(None for an integer one\), got {count}"
+    )
+    with pytest.raises(ValueError, match=message):
+        jax.grad(lambda x: jnp.sum(op(x, W, B)))(X)
+    with pytest.raises(ValueError, match=message):
+        jax.jit(jax.vjp(op, X, W, B)[1])(jnp.ones((2, 2)))
+    _, res = op.fwd(X, W, B)
+    with pytest.raises(ValueError, match=message):  # the rule called directly, too
+        op.bwd(res, jnp.ones((2, 2)))
+
+
+def test_a_backward_returning_an_array_for_a_tuple_names_the_op_and_rule():
+    op = jaxbp.Op(_sqrelu_fwd, lambda res, g: 2 * g * res[0], _sqrelu_ref, name="bare")
+    with pytest.raises(TypeError, match=r"bare: the bwd rule must return a tuple of 1"):
+        jax.grad(lambda z: jnp.sum(op(z)))(Z)
+
+
+def test_a_forward_not_returning_out_and_residuals_names_the_op_and_rule():
+    op = jaxbp.Op(lambda z: jnp.maximum(z, 0) ** 2, _sqrelu_bwd, _sqrelu_ref, name="no_res")
+    with pytest.raises(TypeError, match=r"no_res: the fwd rule must return a pair \(out, res\)"):
+        op(Z)
+
+
+def _wrong_cotangent(k, fix):
+    def bwd(res, g):
+        cts = list(_affine_bwd(res, g))
+        cts[k] = fix(cts[k])
+        return tuple(cts)
+
+    return jaxbp.Op(_affine_fwd, bwd, _affine_ref, name="affine_wrong")
+
+
+WRONG_COTANGENTS = [
+    (0, lambda c: c[:, :2], ValueError, r"'x' must have the argument's shape \(2, 3\), got \(2, 2"),
+    (1, lambda c: c.T, ValueError, r"'w' must have the argument's shape \(3, 2\), got \(2, 3\)"),
+    (2, lambda c: c[None], ValueError, r"'b' must have the argument's shape \(2,\), got \(1, 2"),
+    (1, lambda c: c.astype(jnp.float16), TypeError,
+     r"'w' must have the argument's dtype float32, got float16"),
+    (2, lambda c: c.astype(jnp.int32), TypeError, r"'b' must have the argument's dtype float32"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("k", "fix", "error", "message"), WRONG_COTANGENTS)
+def test_a_cotangent_of_the_wrong_shape_or_dtype_names_the_op_rule_and_argument(
+    k, fix, error, message
+):
+    op = _wrong_cotangent(k, fix)
+    x, w, b = (a.astype(jnp.float32) for a in (X, W, B))
+    for run in (lambda: _grad_all(op, x, w, b)[0], lambda: _grad_all(op, x, w, b)[1]):
+        with pytest.raises(error, match=r"affine_wrong: the bwd rule's cotangent for " + message):
+            run()
+
+
+def test_a_cotangent_for_an_integer_argument_must_be_none():
+    op = jaxbp.Op(
+        _lookup_fwd,
+        lambda res, g: (jnp.zeros(res[0].shape), _lookup_bwd(res, g)[1]),
+        lambda ids, table: table[ids],
+        name="lookup_float_ids",
+    )
+    ids, table = jnp.array([0, 2]), jnp.ones((4, 3))
+    with pytest.raises(TypeError, match=r"lookup_float_ids: .* for 'ids' \(int.* must be None"):
+        jax.grad(lambda t: jnp.sum(op(ids, t)))(table)
+
+
+def test_a_traced_value_for_a_static_option_names_the_op_the_option_and_traced_options():
+    message = (
+        r"scaled_tanh: option 'scale' is static \(its value is compiled in\), got a traced "
+        r"value .*traced_options=\('scale',\)"
+    )
+    with pytest.raises(TypeError, match=message):
+        jax.jit(lambda s: scaled_tanh(Z, scale=s))(2.0)
+    with pytest.raises(TypeError, match=message):
+        jax.vmap(lambda s: scaled_tanh(Z, scale=s))(jnp.ones(3))
+    with pytest.raises(TypeError, match=message):
+        jax.jit(lambda s: scaled_tanh.fwd(Z, scale=s))(2.0)
+    with pytest.raises(TypeError, match="scaled_tanh: option 'scale' is static and must be hash"):
+        scaled_tanh(Z, scale=np.array([2.0]))
+
+
+def test_traced_options_take_traced_values_and_a_new_value_compiles_nothing_new():
+    traces = []
+
+    def fwd(z, *, scale):
+        traces.append(1)
+        return _stanh_fwd(z, scale=scale)
+
+    op = jaxbp.Op(fwd, _stanh_bwd, _stanh_ref, name="stanh_traced", options={"scale": 1.0},
+                  traced_options=("scale",))  # fmt: skip
+    assert op.traced_options == ("scale",)
+    step = jax.jit(lambda z, s: jax.value_and_grad(lambda z: jnp.sum(op(z, scale=s)))(z))
+    for s in (0.5, 2.0, -3.0):
+        value, grad = step(Z, s)
+        want_value, want_grad = jax.value_and_grad(lambda z, s=s: jnp.sum(s * jnp.tanh(z)))(Z)
+        np.testing.assert_allclose(value, want_value, rtol=1e-12)
+        np.testing.assert_allclose(grad, want_grad, rtol=1e-12)
+    assert len(traces) == 1, "a new value of a traced option retraced the rules"
+    np.testing.assert_allclose(op(Z), jnp.tanh(Z), rtol=1e-12)  # the default
+    assert jaxbp.check(op, Z, scale=0.5).passed
+    # The rules do not differentiate their options: a gradient through one is NaN, never 0.
+    assert np.isnan(jax.grad(lambda s: jnp.sum(op(Z, scale=s)))(2.0))
+
+
+def test_traced_options_must_be_options_with_numbers_for_defaults():
+    with pytest.raises(ValueError, match=r"stanh: traced_options \['slope'\] are not options"):
+        jaxbp.Op(_stanh_fwd, _stanh_bwd, _stanh_ref, name="stanh", options={"scale": 1.0},
+                 traced_options=("slope",))  # fmt: skip
+    with pytest.raises(TypeError, match=r"stanh: traced option 'scale' must have a number"):
+        jaxbp.Op(_stanh_fwd, _stanh_bwd, _stanh_ref, name="stanh", options={"scale": "x"},
+                 traced_options=("scale",))  # fmt: skip
+
+
+SIGNATURE_MISMATCHES = [
+    # (fwd, bwd, reference, options, what the message must say)
+    (_affine_fwd, _affine_bwd, lambda x, w: x @ w, {},
+     r"the fwd rule must take the op's arguments \('x', 'w'\) and the options \[\], as "
+     r"fwd\(x, w\); got fwd\(x, w, b\) \(missing a required argument: 'b'\)"),
+    (lambda x, w: (x @ w, (x, w)), _affine_bwd, _affine_ref, {},
+     r"the fwd rule must take the op's arguments \('x', 'w', 'b'\).*too many positional"),
+    (_stanh_fwd, _sqrelu_bwd, _stanh_ref, {"scale": 1.0},
+     r"the bwd rule must take \(res, g\) and the options \['scale'\], as "
+     r"bwd\(res, g, \*, scale\); got bwd\(res, g\)"),
+    (_stanh_fwd, _stanh_bwd, _sqrelu_ref, {"scale": 1.0},
+     r"the reference rule must take the op's arguments \('z',\) and the options \['scale'\]"),
+    (lambda b, w, x: _affine_fwd(x, w, b), _affine_bwd, _affine_ref, {},
+     r"the fwd rule takes the reference's arguments in another order: expected "
+     r"fwd\(x, w, b, \.\.\.\)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("fwd", "bwd", "reference", "options", "message"), SIGNATURE_MISMATCHES)
+def test_rules_whose_signatures_do_not_match_are_refused_at_construction(
+    fwd, bwd, reference, options, message
+):
+    with pytest.raises(TypeError, match=r"^mine: " + message):
+        jaxbp.Op(fwd, bwd, reference, name="mine", options=options)

@@ -317,6 +317,11 @@ def test_nan_input_propagates_to_gradient(case):
     assert bool(jnp.any(jnp.isnan(out))), "NaN input, finite output"
     if case.name == "dense":  # dx = g·wᵀ does not read x; x's NaN reaches dw = xᵀ·g
         assert bool(jnp.any(jnp.isnan(grads["w"])))
+    elif case.name == "dropout":
+        # dx = where(keep, g/q, 0·g) never reads x (dropout is linear in x): a NaN in x
+        # reaches the output, dropped or kept (0·NaN is NaN); a NaN cotangent reaches dx
+        # (tests/test_dropout.py).
+        assert bool(jnp.isnan(out[idx])) and bool(jnp.all(jnp.isfinite(grads[name])))
     elif case.name == "embedding":
         # dtable = onehot(ids)ᵀ·g never reads the table: a NaN in the table reaches the
         # output rows that look it up (above), and a NaN cotangent reaches dtable
@@ -342,7 +347,7 @@ BATCHED_CASES = [c for c in ALL_CASES if c.id not in ("dense-1d-x", "softmax-axi
 @pytest.mark.parametrize("case", BATCHED_CASES, ids=str)
 def test_empty_batch_gives_empty_result_and_gradient(case):
     arrays = case.arrays(jnp.float64)
-    shared = ("w", "b", "class_weights", "table", "gamma", "beta")
+    shared = ("w", "b", "class_weights", "table", "gamma", "beta", "key")
     lead = {k: v for k, v in arrays.items() if k not in shared}
     axis0 = {k: v[:0] if v.ndim else v for k, v in lead.items()}
     arrays = {**arrays, **axis0}
@@ -537,3 +542,73 @@ _FWD_BAD = [
 def test_fwd_rules_validate_their_inputs_like_the_ops(fwd, args, options, error, name):
     with pytest.raises(error, match=name):
         getattr(jaxbp, fwd)(*args, **options)
+
+
+# ------------------------------------------------- mixed dtypes: nothing is promoted (x64)
+
+MIX_PATHS = {"manual": jaxbp.value_and_grad, "reference": jaxbp.reference.value_and_grad}
+
+
+def _mlp_problem(loss="softmax_cross_entropy", dtype=jnp.float32):
+    model = jaxbp.MLP((4, 5, 3), loss=loss)
+    params = model.init(jax.random.PRNGKey(0), dtype)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 4))  # NumPy's default: float64, as a user's data often is
+    if loss == "softmax_cross_entropy":
+        labels = np.array([0, 1, 2, 0, 1, 2])
+    elif loss == "mse":
+        labels = rng.normal(size=(6, 3))
+    else:
+        labels = rng.uniform(size=(6, 3))
+    return model, params, x, labels
+
+
+@pytest.mark.parametrize("promotion", ["standard", "strict"])
+@pytest.mark.parametrize("path", list(MIX_PATHS))
+def test_float64_inputs_with_float32_parameters_raise_naming_the_parameter_on_both_paths(
+    path, promotion
+):
+    model, params, x, labels = _mlp_problem()
+    step = MIX_PATHS[path](model)
+    with jax.numpy_dtype_promotion(promotion):
+        # float64 x, float32 parameters: jnp would promote to a float64 network.
+        message = r"params\[0\]\['w'\]: expected the dtype of x \(float64\), got float32"
+        with pytest.raises(TypeError, match=message):
+            step(params, x, labels)
+        with pytest.raises(TypeError, match=message):
+            jax.jit(step)(params, x, labels)
+        # float32 x, float64 parameters.
+        wide = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+        with pytest.raises(TypeError, match=r"expected the dtype of x \(float32\), got float64"):
+            step(wide, x.astype(np.float32), labels)
+        # one parameter of another dtype among float32 ones.
+        mixed = [dict(p) for p in params]
+        mixed[1]["b"] = mixed[1]["b"].astype(jnp.float64)
+        with pytest.raises(TypeError, match=r"params\[1\]\['b'\]: expected the dtype of x"):
+            step(mixed, x.astype(np.float32), labels)
+        # one dtype throughout: runs, in that dtype.
+        loss, grads = step(params, x.astype(np.float32), labels)
+        assert loss.dtype == jnp.float32 and grads[0]["w"].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("promotion", ["standard", "strict"])
+@pytest.mark.parametrize("loss", ["mse", "sigmoid_binary_cross_entropy", "softmax_cross_entropy"])
+def test_float64_labels_and_class_weights_follow_the_networks_dtype_on_both_paths(loss, promotion):
+    model, params, x, labels = _mlp_problem(loss)
+    x = x.astype(np.float32)
+    kw64, kw32 = {}, {}
+    if loss == "softmax_cross_entropy":  # probabilities, and class weights
+        labels = np.eye(3)[labels] * 0.9 + 0.1 / 3
+        kw64 = {"class_weights": np.array([1.0, 2.0, 0.5])}
+        kw32 = {"class_weights": kw64["class_weights"].astype(np.float32)}
+    with jax.numpy_dtype_promotion(promotion):
+        got = {p: f(model)(params, x, labels, **kw64) for p, f in MIX_PATHS.items()}
+        # The oracle: the same data given in float32 by the caller.
+        want = jaxbp.reference.value_and_grad(model)(params, x, labels.astype(np.float32), **kw32)
+    for p, (value, grads) in got.items():
+        assert value.dtype == jnp.float32, p
+        assert_close((value, grads), want, jnp.float32)
+    if loss == "mse":  # the op and its twin alike: the target in the prediction's dtype
+        pred = jnp.asarray(x[:, :3])
+        for fn in (jaxbp.mse, jaxbp.reference.mse):
+            assert fn(pred, labels).dtype == jnp.float32

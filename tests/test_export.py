@@ -48,6 +48,7 @@ OP_CASES = {
     "position_embedding": [((S(2, 3, 4), S(5, 4)), {})],
     "layer_norm": [((S(2, 3, 4), S(4), S(4)), {})],
     "rms_norm": [((S(2, 3, 4), S(4)), {})],
+    "dropout": [((S(2, 3), S(2, dtype=jnp.uint32)), {"rate": 0.25})],
     "attention": [
         ((S(2, 2, 4, 3), S(2, 2, 4, 3), S(2, 2, 4, 3)), {"strategy": "store"}),
         ((S(2, 2, 4, 3), S(2, 2, 4, 3), S(2, 2, 4, 3)), {"strategy": "recompute"}),

@@ -424,3 +424,100 @@ def test_fused_is_exported_with_its_rules():
     assert jaxbp.linear_softmax_cross_entropy_fwd is fused.linear_softmax_cross_entropy_fwd
     assert jaxbp.linear_softmax_cross_entropy_bwd is fused.linear_softmax_cross_entropy_bwd
     assert "linear_softmax_cross_entropy" in jaxbp.reference.__all__
+
+
+# ----------------------------------------- which backward "forward" runs, made observable
+
+
+def _planted(mark=np.nan):
+    """The "forward" strategy's residuals with its saved ``dw1``, ``db1``, ``dcw1`` replaced by
+    ``mark`` (``dx1`` kept): the fast path scales them, the fallback never reads them. Also the
+    "recompute" residuals, the valid rows, the backward and ``dx1``."""
+    arrays, opts = _problem(6, 3, 10, where=True, ignore=-1, weights=True)
+    labels, mask = arrays["labels"], opts["where"]
+    args = (arrays["x"], arrays["w"], labels, arrays["b"], mask, arrays["class_weights"])
+    _, res = fused.linear_softmax_cross_entropy_fwd(*args, ignore_index=-1, strategy="forward")
+    dx1, dw1, db1, dcw1 = res[-1]
+    planted = (*res[:-1], (dx1, *(jnp.full_like(a, mark) for a in (dw1, db1, dcw1))))
+    _, rec = fused.linear_softmax_cross_entropy_fwd(*args, ignore_index=-1, strategy="recompute")
+    valid = np.asarray(jaxbp.losses.valid_rows(labels, mask, ignore_index=-1))
+
+    def bwd(res, g, strategy):
+        return fused.linear_softmax_cross_entropy_bwd(res, g, ignore_index=-1, strategy=strategy)
+
+    return planted, rec, valid, bwd, dx1
+
+
+def _branch(planted, rec, bwd, g):
+    """Which backward ran for upstream ``g``, with NaN planted: "fast" (the planted gradients,
+    scaled: NaN) or "fallback" (the recompute backward's, finite)."""
+    dx, dw, _, db, _, dcw = bwd(planted, g, "forward")
+    if all(np.all(np.isnan(a)) for a in (dw, db, dcw)):
+        return "fast"
+    want = bwd(rec, g, "recompute")
+    assert_close((dx, dw, db, dcw), (want[0], want[1], want[3], want[5]), jnp.float64)
+    return "fallback"
+
+
+def test_fused_forward_strategy_takes_its_fast_path_exactly_when_g_is_uniform_on_valid_rows():
+    planted, rec, valid, bwd, dx1 = _planted()
+    assert 0 < valid.sum() < valid.size and not valid[1]  # masked and ignored rows
+    first, last = np.flatnonzero(valid)[[0, -1]]
+    assert first > 0  # g₀ must come from the first *valid* row
+    cases = {"a mean (uniform)": (np.full(6, 0.25), "fast"), "zero": (np.zeros(6), "fast")}
+    g = np.full(6, 0.5)
+    g[~valid] = 7.0  # other values on rows that do not count
+    cases["uniform on valid rows only"] = (g, "fast")
+    g = np.full(6, 0.5)
+    g[first] = -1.0
+    cases["first valid row differs"] = (g, "fallback")
+    g = np.full(6, 0.5)
+    g[last] = 0.5 + 1e-12
+    cases["last valid row differs by 1e-12"] = (g, "fallback")
+    g = np.zeros(6)
+    g[first] = -0.0  # +0 and -0 compare equal: uniform
+    cases["signed zeros"] = (g, "fast")
+    g = np.full(6, 0.5)
+    g[last] = np.nan
+    cases["NaN on a valid row"] = (g, "fallback")
+    for name, (g, branch) in cases.items():
+        g = jnp.asarray(g)
+        if branch == "fallback" and np.isnan(g).any():
+            dw = bwd(planted, g, "forward")[1]
+            assert np.all(np.isfinite(dw) | np.isnan(bwd(rec, g, "recompute")[1])), name
+            continue
+        assert _branch(planted, rec, bwd, g) == branch, name
+    # The fast path's values: dx row by row from the saved dx1, the rest g₀ times the saved.
+    planted, rec, valid, bwd, dx1 = _planted(mark=3.0)
+    g = np.full(6, 0.25)
+    g[~valid] = 7.0
+    dx, dw, _, db, _, dcw = bwd(planted, jnp.asarray(g), "forward")
+    np.testing.assert_array_equal(dx, np.where(valid[:, None], g[:, None] * np.asarray(dx1), 0.0))
+    for a in (dw, db, dcw):
+        np.testing.assert_array_equal(a, np.full(a.shape, 0.25 * 3.0))
+
+
+def test_fused_forward_strategy_with_every_row_masked_takes_the_fast_path_and_gives_zeros():
+    planted, rec, valid, bwd, _ = _planted()
+    every = tuple(jnp.zeros(6, bool) if k == 4 else r for k, r in enumerate(planted))
+    assert _branch(every, rec, bwd, jnp.full(6, 0.25)) == "fast"
+    x, w, b, labels, where, cw = every[:6]  # the residuals keep the inputs, in this order
+    _, res = fused.linear_softmax_cross_entropy_fwd(
+        x, w, labels, b, where, cw, ignore_index=-1, strategy="forward"
+    )  # unplanted: the saved gradients of an all-masked batch are 0
+    for a in jax.tree.leaves(bwd(res, jnp.full(6, 0.25), "forward")):
+        assert np.all(np.asarray(a) == 0.0)
+
+
+def test_fused_forward_strategy_choice_is_a_cond_in_the_backward_and_per_example_under_vmap():
+    planted, rec, valid, bwd, _ = _planted()
+    assert "cond[" in str(jax.make_jaxpr(lambda r, g: bwd(r, g, "forward"))(planted, jnp.ones(6)))
+    # Under vmap over upstreams the predicate is batched: each one gets its own branch.
+    uniform = jnp.full(6, 0.25)
+    ragged = uniform.at[int(np.argmax(valid))].set(2.0)
+    batched = jax.vmap(lambda g: bwd(planted, g, "forward"))(jnp.stack([uniform, ragged]))
+    for k, (g, branch) in enumerate(((uniform, "fast"), (ragged, "fallback"))):
+        assert _branch(planted, rec, bwd, g) == branch
+        one = bwd(planted, g, "forward")
+        for a, b in zip(jax.tree.leaves(batched), jax.tree.leaves(one), strict=True):
+            np.testing.assert_array_equal(a[k], b)

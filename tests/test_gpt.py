@@ -218,6 +218,47 @@ def test_generate_returns_prompt_then_samples_in_range_and_is_seeded():
 
 # ------------------------------------------------------------------------------ errors
 
+# (prompt, steps, temperature, error, what the message must name): each refused before any
+# sampling; on the old code out-of-range ids sampled silently and float prompts were cast.
+BAD_GENERATE = [
+    ([1, 2, V + 3], 2, 1.0, ValueError, f"prompt: expected class ids in [0, {V}), got {V + 3}"),
+    ([1, -1], 2, 1.0, ValueError, "prompt: expected class ids in [0, 11), got -1 at index (1,)"),
+    ([1.0, 2.0], 2, 1.0, TypeError, "prompt: expected an integer dtype, got float"),
+    (np.array([0.5]), 2, 1.0, TypeError, "prompt: expected an integer dtype"),
+    ([[1, 2]], 2, 1.0, ValueError, "prompt: expected ids of shape (t,), got shape (1, 2)"),
+    ([], 2, 1.0, ValueError, "prompt: expected at least one id"),
+    ([1], -1, 1.0, ValueError, "steps: expected an integer ≥ 0, got -1"),
+    ([1], 2.5, 1.0, TypeError, "steps: expected an integer ≥ 0, got 2.5"),
+    ([1], 2, 0.0, ValueError, "temperature: expected a positive number, got 0.0"),
+    ([1], 2, -1.0, ValueError, "temperature: expected a positive number"),
+    ([1], 2, float("nan"), ValueError, "temperature: expected a positive number"),
+    ([1], 2, "hot", TypeError, "temperature: must be a Python number"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("prompt", "steps", "temperature", "error", "message"), BAD_GENERATE)
+def test_generate_refuses_bad_prompts_steps_and_temperatures(
+    prompt, steps, temperature, error, message, monkeypatch
+):
+    model, params, _, _ = _problem(dtype=jnp.float32)
+
+    def no_sampling(*args):
+        raise AssertionError("sampling started before the arguments were checked")
+
+    monkeypatch.setattr(jaxbp.gpt, "_sampler", no_sampling)
+    with pytest.raises(error) as e:
+        model.generate(params, jax.random.PRNGKey(0), prompt, steps, temperature=temperature)
+    assert message in str(e.value), str(e.value)
+
+
+def test_generate_takes_ids_of_any_integer_dtype_and_zero_steps():
+    model, params, _, _ = _problem(dtype=jnp.float32)
+    key = jax.random.PRNGKey(0)
+    assert model.generate(params, key, np.array([3, 0], np.uint8), 0).tolist() == [3, 0]
+    assert model.generate(params, key, 4, 0).tolist() == [4]  # a scalar is one id
+    ids = [model.generate(params, key, np.array([V - 1], dt), 2) for dt in (np.int8, np.int64)]
+    assert ids[0].tolist() == ids[1].tolist() and ids[0][0] == V - 1
+
 
 def test_bad_configuration_is_a_clear_error():
     with pytest.raises(ValueError, match="heads"):

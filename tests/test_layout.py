@@ -13,8 +13,18 @@ ROOT = pathlib.Path(jaxbp.__file__).parent
 # Layers, lowest first: a module may import from its own layer or below, never above.
 LAYERS = [
     {"_checks", "_vma", "_sharding", "_step", "_text", "datasets"},
-    {"_op", "_tape", "_contrib"},
-    {"dense", "activations", "softmax", "losses", "norms", "embedding", "attention", "jacobian"},
+    {"_op", "_tape", "_contrib", "_contract"},
+    {
+        "dense",
+        "activations",
+        "softmax",
+        "losses",
+        "norms",
+        "embedding",
+        "attention",
+        "dropout",
+        "jacobian",
+    },
     {"_xent", "fused"},
     {"model", "nn", "gpt", "per_example", "_modules", "eqx", "nnx"},
     {"parallel"},

@@ -21,6 +21,7 @@ ALLOWED = {
     "norms": {"_validate_layer_norm", "_validate_rms_norm"},
     "embedding": {"_validate", "_check_ids", "_validate_positions"},
     "attention": {"_validate"},
+    "dropout": {"_validate"},
     "fused": {"validate_fused"},
     "losses": {"_validate_ce"},
     "nn": {"MLP"},

@@ -24,6 +24,7 @@ import jax
 
 from .. import __version__
 from . import compare, explain, generate, train
+from ._args import OutputError
 
 __all__ = ["build_parser", "main"]
 
@@ -41,11 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
         dest="command", metavar="{" + ",".join(commands) + "}", required=True
     )
     for name, module in commands.items():
-        doc = (module.__doc__ or "").strip().splitlines()[0].replace("``", "")
+        doc = _summary(module.__doc__)
         p = sub.add_parser(name, help=doc, description=doc)
         module.add_arguments(p)
         p.set_defaults(_run=module.run, _validate=getattr(module, "validate", None), _parser=p)
     return parser
+
+
+def _summary(doc: str | None) -> str:
+    """A subcommand's help: the first paragraph of its module docstring, on one line (a
+    sentence may span several lines)."""
+    first = (doc or "").strip().split("\n\n")[0]
+    return " ".join(first.split()).replace("``", "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,7 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     Bad values, options that do not apply (``--label-smoothing`` with ``--loss mse``) and
     unknown options are usage errors of the subcommand (its usage, exit status 2) raised
     before any work; each subcommand's ``validate(args)`` checks what one value alone
-    cannot.
+    cannot. The ``--json`` path is opened then (created and removed if new); should writing
+    it still fail at the end (a full disk), the results are printed already, the reason is
+    one line on standard error and the exit status is 1.
     """
     parser = build_parser()
     args, extra = parser.parse_known_args(None if argv is None else list(argv))
@@ -71,7 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as e:
             sub.error(str(e))
     jax.config.update("jax_enable_x64", True)
-    return int(args._run(args))
+    try:
+        return int(args._run(args))
+    except OutputError as e:  # the results are printed; only writing them out failed
+        print(f"jaxbp {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ standard error).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
+import stat
 import sys
 from typing import Any, TextIO
 
@@ -71,8 +73,9 @@ def nonnegative_int(value: str) -> int:
 
 
 def json_path(value: str) -> str:
-    """``-`` (standard output) or a file path that can be written: checked now, so that a
-    typo in the directory fails before the work rather than after it."""
+    """``-`` (standard output) or a file path that can be written: checked now, by opening it
+    as the end of the run will (``os.access`` says yes to root for any file), so that a typo
+    or a read-only place fails before the work rather than after it."""
     if value == "-":
         return value
     path = os.path.abspath(os.path.expanduser(value))
@@ -81,9 +84,13 @@ def json_path(value: str) -> str:
         raise argparse.ArgumentTypeError(f"cannot write {value!r}: it is a directory")
     if not os.path.isdir(parent):
         raise argparse.ArgumentTypeError(f"cannot write {value!r}: no directory {parent!r}")
-    target = path if os.path.exists(path) else parent
-    if not os.access(target, os.W_OK):
-        raise argparse.ArgumentTypeError(f"cannot write {value!r}: permission denied")
+    exists = os.path.lexists(path)
+    try:
+        _open_for_writing(path)
+    except OSError as e:
+        how = "" if exists else "creating it failed: "
+        reason = e.strerror or str(e)
+        raise argparse.ArgumentTypeError(f"cannot write {value!r}: {how}{reason}") from None
     return value
 
 
@@ -119,22 +126,52 @@ def write_plot(path: str | None, draw, data: Any, out: TextIO) -> None:
     print(f"figure written to {path}", file=out)
 
 
+def _open_for_writing(path: str) -> None:
+    """Open ``path`` for writing and close it, changing nothing: an existing file is opened
+    for appending (nothing written, nothing truncated), a new one is created and removed. A
+    named pipe or socket is left unopened (opening one would block, or end its reader's
+    input); for those, and for a full disk, the write at the end reports (:func:`write_json`)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        os.unlink(path)
+        return
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+        if not os.access(path, os.W_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        return
+    os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+
+
 def text_stream(args) -> TextIO:
     """Where the human-readable text goes: standard error when ``--json -`` takes stdout."""
     return sys.stderr if getattr(args, "json", None) == "-" else sys.stdout
 
 
+class OutputError(Exception):
+    """The results could not be written at the end of a run (they are printed already):
+    ``jaxbp`` prints this one line and exits with status 1."""
+
+
 def write_json(path: str | None, data: Any, indent: int = 1) -> None:
-    """Write ``data`` as JSON to ``path``, or to standard output for ``-``."""
+    """Write ``data`` as JSON to ``path``, or to standard output for ``-``; raises
+    :class:`OutputError` (one line, naming the path and the reason) when that fails."""
     if path is None:
         return
-    if path == "-":
-        json.dump(data, sys.stdout, indent=indent)
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        return
-    with open(path, "w") as f:
-        json.dump(data, f, indent=indent)
+    text = json.dumps(data, indent=indent)
+    try:
+        if path == "-":
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+            return
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError as e:
+        where = "standard output" if path == "-" else repr(path)
+        raise OutputError(
+            f"--json: could not write {where}: {e.strerror or e} (the results are printed above)"
+        ) from None
 
 
 def names(value: str, choices: tuple[str, ...]) -> list[str]:

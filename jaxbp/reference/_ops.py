@@ -112,6 +112,7 @@ def mse(pred, target):
     target = _checks.floating("target", target)
     _checks.min_rank("pred", pred, 1, "(..., c)")
     _checks.same_shape("target", target, "pred", pred)
+    target = target.astype(pred.dtype)  # as jaxbp.mse: the target in the prediction's dtype
     return jnp.mean((_acc(pred) - _acc(target)) ** 2, axis=-1)
 
 

@@ -1,9 +1,10 @@
-"""The transformer ops in plain ``jax.numpy``: embedding, layer/RMS norm, attention.
+"""The transformer ops in plain ``jax.numpy``: embedding, layer/RMS norm, attention, dropout.
 
 Each is the textbook forward, differentiated by JAX's own transposes; only the input
 validation is shared with the hand-written rules. The embedding is a ``jnp.take`` (its
 transpose is JAX's scatter), the norms use ``jnp.var``/``jnp.mean`` and ``lax.rsqrt``, and
-attention is ``jax.nn.softmax(q·kᵀ/√e, where=mask)·v``.
+attention is ``jax.nn.softmax(q·kᵀ/√e, where=mask)·v``; dropout draws its mask with
+``jax.random.bernoulli`` from the key, as Flax and Equinox do.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from jax import lax
 
 from .. import _checks
 from ..attention import _validate as _validate_attention
+from ..dropout import _validate as _validate_dropout
 from ..embedding import _check_ids, _validate_positions
 from ..embedding import _validate as _validate_embedding
 from ..norms import _validate_layer_norm, _validate_rms_norm
 
-__all__ = ["embedding", "position_embedding", "layer_norm", "rms_norm", "attention"]
+__all__ = ["embedding", "position_embedding", "layer_norm", "rms_norm", "attention", "dropout"]
 
 
 def _acc(x):
@@ -80,3 +82,19 @@ def attention(q, k, v, *, causal=True, where=None, strategy="store"):
         mask = jnp.broadcast_to(mask, scores.shape)
     p = jax.nn.softmax(scores, axis=-1, where=mask)
     return jnp.einsum("...ts,...se->...te", p, va).astype(q.dtype)
+
+
+def dropout(x, key, *, rate, broadcast_dims=()):
+    """Reference dropout: ``where(keep, x·(1/(1 − rate)), 0·x)`` with
+    ``keep = jax.random.bernoulli(key, 1 − rate, mask_shape)`` broadcast to ``x.shape``
+    (``mask_shape``: ``x.shape`` with ``broadcast_dims`` set to 1); ``rate`` 0 is ``x``,
+    ``rate`` 1 is ``0·x`` (gradient 0)."""
+    x, key, rate, dims = _validate_dropout(x, key, rate, broadcast_dims)
+    if rate == 0.0:
+        return x
+    if rate == 1.0:
+        return x * 0
+    q = 1.0 - rate
+    mask_shape = tuple(1 if a in dims else n for a, n in enumerate(x.shape))
+    keep = jnp.broadcast_to(jax.random.bernoulli(key, q, mask_shape), x.shape)
+    return jnp.where(keep, x * (1.0 / q), x * 0)
