@@ -178,6 +178,8 @@ def _op_inputs():
         "swish": [("swish", z(), ("z",), {})],
         "embedding": [("embedding", {"ids": rng.integers(0, 7, n).astype(np.int32),
                                      "table": arr(7, 4)}, ("ids",), {})],
+        "position_embedding": [("position_embedding", {"x": arr(n, 4, 3), "table": arr(6, 3)},
+                                ("x",), {})],
         "layer_norm": [("layer_norm", {"x": arr(n, 5), "gamma": arr(5), "beta": arr(5)},
                         ("x",), {})],
         "rms_norm": [("rms_norm", {"x": arr(n, 5), "gamma": arr(5)}, ("x",), {})],

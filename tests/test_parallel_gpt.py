@@ -208,7 +208,6 @@ def test_train_gpt_on_a_simulated_2x4_mesh_has_one_devices_loss_curve(tmp_path):
 def test_train_gpt_mesh_usage_errors_before_any_work(argv, needle, capsys, monkeypatch):
     import jax
 
-    from jaxbp import train_gpt
     from jaxbp.cli import main
 
     jax.devices()  # this process's backend has started: it keeps its one CPU device
@@ -216,7 +215,7 @@ def test_train_gpt_mesh_usage_errors_before_any_work(argv, needle, capsys, monke
     def forbidden(*args, **kwargs):
         raise AssertionError("the work started before the arguments were checked")
 
-    monkeypatch.setattr(train_gpt, "train_gpt", forbidden)
+    monkeypatch.setattr("jaxbp.cli.train.train_gpt", forbidden)
     with pytest.raises(SystemExit) as e:
         main(["train", "--model", "gpt", *argv])
     assert e.value.code == 2
