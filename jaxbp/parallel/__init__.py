@@ -19,8 +19,8 @@ This is the public face; the code lives in private modules:
   :class:`jaxbp.GPT`, the loop of
 * ``_gpt``    the GPT's explicit loop per device, with data, tensor (Megatron-LM) and
   vocabulary parallelism and every collective written beside its matrix product, on
-* ``_layout`` :func:`gpt_param_specs` (where each parameter lives) and the re-layout of
-  the ``[q | k | v]`` projection to heads split across devices.
+* ``_layout`` :func:`gpt_param_specs`: where each parameter lives (a column split of the
+  per-head qkv projection is a split by heads).
 
 See ``docs/parallel.md``.
 """

@@ -126,6 +126,25 @@ def divisible(name: str, size: int, parts: int, axis: str, what: str, hint: str)
         )
 
 
+def _divisors(k: int) -> str:
+    ds = [q for q in range(1, k + 1) if k % q == 0]
+    return ", ".join(map(str, ds[:-1])) + (" or " if len(ds) > 1 else "") + str(ds[-1])
+
+
+def not_divisible(name: str, what: str, size: int, parts: int, axis: str, fix: str):
+    """The ``ValueError`` for ``size`` not divisible by the ``parts`` devices of ``axis``:
+    the sizes, the axis sizes that would divide it, and ``fix``."""
+    return ValueError(
+        f"{name}: expected {what} ({size}) divisible by the {parts} devices of mesh axis "
+        f"{axis!r}; a {axis!r} axis of {_divisors(size)} devices divides it, or {fix}"
+    )
+
+
+def round_up(size: int, parts: int) -> int:
+    """The least multiple of ``parts`` that is ``≥ size``."""
+    return -(-size // parts) * parts
+
+
 PAD_ROWS = "pad the batch with where=False rows (they change nothing) or use another mesh"
 PAD_CLASSES = (
     "pad the classes with −inf logit columns (without label smoothing) or use another mesh"
