@@ -21,7 +21,7 @@ import jaxbp
 from jaxbp.per_example import Full
 from tests.helpers import assert_close
 
-DOC = pathlib.Path(__file__).resolve().parent.parent / "docs" / "models.md"
+DOC = pathlib.Path(__file__).resolve().parent.parent / "docs/models.md"
 _NS: dict = {"__name__": "models_doc"}
 with jax.numpy_dtype_promotion("standard"):
     exec(re.findall(r"^```python\n(.*?)^```", DOC.read_text(), re.S | re.M)[0], _NS)
