@@ -443,7 +443,8 @@ def _configure():
 
 
 def run_single(out, which="single"):
-    """``single``: the cases above and tests/mesh_cases.py; ``gpt``: tests/gpt_mesh_cases.py."""
+    """``single``: the cases above, tests/mesh_cases.py and tests/model_mesh_cases.py;
+    ``gpt``: tests/gpt_mesh_cases.py."""
     _set_device_count(8)
     import jax
 
@@ -451,9 +452,10 @@ def run_single(out, which="single"):
     if which == "gpt":
         from tests.gpt_mesh_cases import CASES as cases
     else:
-        from tests import mesh_cases  # jax.make_mesh meshes, ops inside a user's shard_map
+        # jax.make_mesh meshes, ops inside a user's shard_map; any model, DP-SGD
+        from tests import mesh_cases, model_mesh_cases
 
-        cases = SINGLE + mesh_cases.CASES
+        cases = SINGLE + mesh_cases.CASES + model_mesh_cases.CASES
     summary = {"_devices": jax.device_count()}
     for case in cases:
         name = case.__name__.removeprefix("case_")
