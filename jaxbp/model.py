@@ -34,6 +34,9 @@ type (:class:`jaxbp.MLP` and :class:`jaxbp.GPT` implement it like any model):
   :func:`~jaxbp.clipped_grad` seed each example's units with ``1/n_valid(k)``, so that the
   per-example gradient is that of the example's own mean loss (what ``value_and_grad``
   gives on a batch of that example alone), and ask each op for its per-example rule;
+* :func:`jaxbp.parallel.value_and_grad` and :func:`jaxbp.parallel.clipped_grad` run the
+  same on each device of a mesh, on its rows, with the counts and sums over the data axis
+  (:func:`value_and_grad_step`, :func:`jaxbp.per_example.clip_step` with a ``Reduce``);
 * :func:`jaxbp.compare` checks the result against ``jax.grad`` of the same forward loop
   run through the ops' plain twins (``Tape("reference")``), or of the model's own
   independent twin where it has one, and against finite differences.

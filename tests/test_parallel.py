@@ -360,6 +360,12 @@ def test_two_processes_gpt_tensor_parallel_within_data_parallel_across(multiproc
     _compare(multiprocess, "multiprocess_gpt_2x4")
 
 
+def test_two_processes_dp_sgd_equals_one_devices_clipped_grad_noise_included(multiprocess):
+    """``parallel.clipped_grad`` of the MLP on the 8 devices of both processes, the batch
+    (masked) over all of them, the same key in both: one device's result, the same draws."""
+    _compare(multiprocess, "multiprocess_dp_sgd")
+
+
 # -- in this process: one CPU device, a 1-device mesh ------------------------------------
 
 
