@@ -11,7 +11,7 @@ The model (pre-norm blocks, as GPT-2)::
     x₀   = tok[ids] + pos[:t]                              (n,t,d)   embedding, position_embedding
     per block:
       a    = layer_norm(x)                                  (n,t,d)
-      q,k,v= split(a·W_qkv + b_qkv)                         (n,h,t,e) each
+      q,k,v= split(a·W_qkv + b_qkv)                         (n,h,t,e) each; W_qkv [q₀ k₀ v₀ | q₁ …]
       o    = attention(q, k, v, causal)                     (n,h,t,e)
       x    = x + merge(o)·W_o + b_o                         (n,t,d)   residual
       m    = layer_norm(x)
@@ -95,7 +95,8 @@ class GPT:
 
     The model is hashable and holds no arrays: parameters are a separate pytree
     (:meth:`init`), a dict ``{"tok": (v, d), "pos": (context, d), "blocks": [...],
-    "ln_f": {...}, "head": {"w": (d, v)}}`` whose blocks hold ``ln1``, ``attn.qkv (d, 3d)``,
+    "ln_f": {...}, "head": {"w": (d, v)}}`` whose blocks hold ``ln1``, ``attn.qkv (d, 3d)``
+    (its columns per head: ``[q₀ k₀ v₀ | q₁ k₁ v₁ | …]``, ``e`` each, as Megatron-LM),
     ``attn.proj (d, d)``, ``ln2``, ``mlp.fc (d, f)``, ``mlp.out (f, d)``. optax takes the
     gradients as they are.
 
@@ -360,18 +361,19 @@ def _sampler(model: GPT, temperature: float) -> Callable:
 
 
 def _split_qkv(qkv: jax.Array, heads: int):
-    """``(n, t, 3d) → q, k, v (n, h, t, e)``: ``[q | k | v]`` along the last axis, each
-    split into ``h`` heads of ``e``."""
+    """``(n, t, 3d) → q, k, v (n, h, t, e)``. The columns are per head, as Megatron-LM
+    stores them: ``[q₀ k₀ v₀ | q₁ k₁ v₁ | …]`` (head, then q/k/v, then ``e``), so a
+    contiguous block of ``3d/P`` columns holds ``h/P`` whole heads."""
     n, t, d3 = qkv.shape
     e = d3 // (3 * heads)
-    y = qkv.reshape(n, t, 3, heads, e).transpose(2, 0, 3, 1, 4)  # (3, n, h, t, e)
+    y = qkv.reshape(n, t, heads, 3, e).transpose(3, 0, 2, 1, 4)  # (3, n, h, t, e)
     return y[0], y[1], y[2]
 
 
 def _join_qkv(dq, dk, dv) -> jax.Array:
     """The backward of :func:`_split_qkv`: ``dq, dk, dv (n, h, t, e) → (n, t, 3d)``."""
     n, h, t, e = dq.shape
-    return jnp.stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4).reshape(n, t, 3 * h * e)
+    return jnp.stack([dq, dk, dv]).transpose(1, 3, 2, 0, 4).reshape(n, t, 3 * h * e)
 
 
 def _merge_heads(o: jax.Array) -> jax.Array:

@@ -10,6 +10,8 @@ import optax
 import pytest
 
 import jaxbp
+from jaxbp.gpt import _join_qkv, _split_qkv
+from tests import helpers
 from tests.helpers import assert_close
 from tests.test_nn import _primitives
 
@@ -130,6 +132,36 @@ def test_tied_head_gradient_is_the_sum_of_both_uses_of_the_token_table():
     _, grads = VG(model)(params, ids, targets)
     _, ref = REF(model)(params, ids, targets)
     assert_close(grads["tok"], ref["tok"], jnp.float64)
+
+
+def test_qkv_columns_are_stored_per_head_as_megatron_stores_them():
+    """``attn.qkv.w = [q₀ k₀ v₀ | q₁ k₁ v₁ | …]``: the block built from separate ``W_q, W_k,
+    W_v (d, d)`` interleaved head by head equals multi-head attention written with them
+    (tests/helpers.py), and a contiguous third of the columns is a third of the heads."""
+    d, h = 12, 3
+    e = d // h
+    model = jaxbp.GPT(vocab=V, d=d, heads=h, layers=1, context=5)
+    params = model.init(jax.random.PRNGKey(0), jnp.float64)
+    rng = np.random.default_rng(0)
+    sep = {c: (rng.normal(size=(d, d)), rng.normal(size=d)) for c in "qkvo"}
+    w = np.stack([sep[c][0].reshape(d, h, e) for c in "qkv"], axis=2)  # (d, h, 3, e)
+    b = np.stack([sep[c][1].reshape(h, e) for c in "qkv"], axis=1)  # (h, 3, e)
+    blk = params["blocks"][0]
+    blk["attn"]["qkv"] = {"w": jnp.asarray(w.reshape(d, 3 * d)), "b": jnp.asarray(b.reshape(-1))}
+    blk["attn"]["proj"] = {"w": jnp.asarray(sep["o"][0]), "b": jnp.asarray(sep["o"][1])}
+    blk["mlp"]["out"]["w"] = jnp.zeros_like(blk["mlp"]["out"]["w"])  # the MLP branch adds 0
+    ids = jnp.asarray(rng.integers(0, V, (2, 5)), jnp.int32)
+    x0 = params["tok"][ids] + params["pos"][:5]
+    a = helpers.layer_norm(x0, blk["ln1"]["gamma"], blk["ln1"]["beta"], model.eps)
+    x = x0 + helpers.attention(a, sep, h, causal=True)
+    want = helpers.layer_norm(x, params["ln_f"]["gamma"], params["ln_f"]["beta"], model.eps)
+    assert_close(model.hidden(params, ids), want, jnp.float64)
+    q, k, v = _split_qkv(jnp.arange(3.0 * d)[None, None], h)  # column indices
+    for head in range(h):
+        for j, part in enumerate((q, k, v)):
+            first = 3 * e * head + j * e  # head, then q/k/v, then e
+            assert part[0, head, 0].tolist() == list(range(first, first + e))
+    assert _join_qkv(q, k, v)[0, 0].tolist() == list(range(3 * d))
 
 
 def test_mean_loss_through_the_ops_equals_the_twin_and_its_jax_grad_runs_the_rules():

@@ -45,8 +45,10 @@ def _linear(x, p):
 def _attention(a, p, heads):
     n, t, d = a.shape
     e = d // heads
-    qkv = _linear(a, p["qkv"]).reshape(n, t, 3, heads, e)
-    q, k, v = (qkv[:, :, j].transpose(0, 2, 1, 3) for j in range(3))  # (n, h, t, e)
+    # columns per head, [q₀ k₀ v₀ | q₁ k₁ v₁ | …]: head h's q, k, v at 3e·h + (0, e, 2e)
+    cols = jnp.arange(heads)[:, None] * 3 * e + jnp.arange(e)[None, :]  # (h, e)
+    qkv = _linear(a, p["qkv"])  # (n, t, 3d)
+    q, k, v = (qkv[:, :, cols + j * e].transpose(0, 2, 1, 3) for j in range(3))  # (n, h, t, e)
     s = jnp.einsum("nhte,nhse->nhts", _acc(q), _acc(k)) / math.sqrt(e)
     causal = jnp.tril(jnp.ones((t, t), bool))
     probs = jax.nn.softmax(s, axis=-1, where=causal)
