@@ -36,7 +36,12 @@ def _wait_at(n: int) -> None:
                 m = re.match(r"\s*(?:step|epoch)\s+(\d+)/", line)
                 if m and int(m.group(1)) == n:
                     print("READY", flush=True)
-                    time.sleep(300)  # the test's signal ends this
+                    # The test's signal ends this. Short sleeps: a process-directed signal
+                    # may land on another thread (XLA's, orbax's), and Python runs its handler
+                    # only when the main thread next runs bytecode; one long sleep would then
+                    # last to its end (seen: 300 s).
+                    for _ in range(3000):
+                        time.sleep(0.1)
 
             kwargs["log"] = log_then_wait
             return _work(*args, **kwargs)
