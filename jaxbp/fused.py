@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import _checks, _vma, _xent
+from . import _checks, _fusedcurv, _vma, _xent
 from ._checks import check_label_range
 from ._contrib import Full, Outer, Rows, group
 from ._op import declare, op_vjp
@@ -280,6 +280,7 @@ def validate_fused(x, w, b, labels, where, class_weights, label_smoothing, z_los
     per_example=("x", "labels"),
     traced=("label_smoothing", "z_loss"),
     example_grads=linear_softmax_cross_entropy_example_grads,
+    curvature=_fusedcurv.rules(DEFAULT_CHUNK),
 )
 def linear_softmax_cross_entropy(
     x: jax.Array,
