@@ -46,9 +46,9 @@ else; ``ggn_vp`` stays the exact ``g·H̃``. (One corner gives NaN on a semi-def
 ``β < 0`` with some ``a < 0``: a z-loss with ``lse < 1 − Σu/2λ`` and a saturated softcap.)
 Masked rows give exactly 0, out-of-range labels NaN. ``p``, ``d``, ``e`` are recomputed per
 chunk from ``x``, ``w`` and the saved ``lse (n,)``, which both strategies' residuals hold;
-the cotangents come back as the op's ``bwd``'s: ``(dx, dw, None, db, None, None)``. The noise of chunk
-``[start, start + k)`` comes from ``fold_in(key, start)``: the labels drawn depend on the
-key and on the chunk length.
+the cotangents come back as the op's ``bwd``'s: ``(dx, dw, None, db, None, None)``. The
+noise of chunk ``[start, start + k)`` comes from ``fold_in(key, start)``: the labels drawn
+depend on the key and on the chunk length.
 """
 
 from __future__ import annotations
