@@ -92,12 +92,13 @@ class _Head(NamedTuple):
 
 
 class _Chunk(NamedTuple):
-    """One chunk's columns ``(n, k)``: ``p``, ``d = c'``, ``e`` (``None`` without a
-    softcap), and ``w_k (d, k)``."""
+    """One chunk's columns ``(n, k)``: ``p``, ``d = c'``, ``e`` and a bound of its rounding
+    error ``de`` (``None`` without a softcap), and ``w_k (d, k)``."""
 
     p: jax.Array
     d: jax.Array | None
     e: jax.Array | None
+    de: jax.Array | None
     w_k: jax.Array
 
 
@@ -130,12 +131,14 @@ def _chunk(h: _Head, start, k) -> _Chunk:
     z, t = _xent.logits(h.x, w_k, b_k, h.acc, h.softcap)  # z = c(z̃)   (n,k)
     p = jnp.exp(z - h.lse[:, None])
     if t is None:
-        return _Chunk(p, None, None, w_k)
+        return _Chunk(p, None, None, None, w_k)
     y, _ = _xent.smoothed(h.labels, start, k, h.eps, h.w.shape[1], h.acc)
     u = y if h.cw is None else y * cols(h.cw, start, k, 0).astype(h.acc)
     d = 1.0 - t * t
-    e = (-2.0 / h.softcap) * t * d * (h.alpha[:, None] * p - u)  # c''·∂ℓ/∂z
-    return _Chunk(p, d, e, w_k)
+    ap = h.alpha[:, None] * p
+    e = (-2.0 / h.softcap) * t * d * (ap - u)  # c''·∂ℓ/∂z
+    de = 4.0 * jnp.finfo(h.acc).eps * jnp.abs((2.0 / h.softcap) * t * d) * (abs(ap) + abs(u))
+    return _Chunk(p, d, e, de, w_k)
 
 
 def _mask(h: _Head, a):
@@ -185,8 +188,6 @@ def _ggn_vp(res, tangents, g, **options):
     xdot, wdot, bdot = tangents_of(
         "linear_softmax_cross_entropy", tangents, _ARGS, (0, 1, 3), (x, w, b)
     )  # fmt: skip
-    if b is None and bdot is not None:
-        raise TypeError("tangents[3] (b): expected None, the op was called without a bias")
     h = _head(res, g, **options)
     xdot = None if xdot is None else xdot.reshape(h.x.shape)
     vma = h.vma | _vma.union(*tangents)
@@ -225,7 +226,9 @@ def _ggn_vp(res, tangents, g, **options):
 def _capped_pieces(h: _Head, c: _Chunk):
     """With a softcap, for the columns ``(n, k)`` of ``c``: ``a = α·p⊙d² + e``, ``q = d⊙p``,
     ``r = q/√a`` (0 where ``a = 0`` and ``q = 0`` or ``β = 0``; NaN where no factor exists)
-    and this chunk's share of ``κ = 1 − β·|r|² = Σ_v p·e/a + 2λ·|r|² (n,)``."""
+    and this chunk's share of ``κ = 1 − β·|r|² = Σ_v p·e/a + 2λ·|r|² (n,)`` and of a bound of
+    its rounding error, ``Σ_v p·δe/a``: a gradient ``α·p − u`` of 0 (``v = 1``) leaves ``κ``
+    its rounding's sign, and :func:`_settled` reads ``κ`` within the bound as 0."""
     alpha = h.alpha[:, None]
     a = alpha * c.p * c.d * c.d + c.e
     q = c.d * c.p
@@ -234,7 +237,13 @@ def _capped_pieces(h: _Head, c: _Chunk):
     free = (a == 0) & ((q == 0) | (alpha - h.two_lam == 0))  # a decoupled column: r = 0
     r = jnp.where(pos, q / jnp.sqrt(safe), jnp.where(free, 0.0, jnp.nan))
     kappa = jnp.sum(c.p * jnp.where(pos, c.e / safe, 1.0) + h.two_lam * r * r, axis=1)
-    return a, q, r, kappa
+    slack = jnp.sum(jnp.where(pos, c.p * c.de / safe, 0.0), axis=1)
+    return a, q, r, kappa, slack
+
+
+def _settled(kappa, slack):
+    """``κ``, with a negative value within its rounding error (``slack``) read as 0."""
+    return jnp.where((kappa < 0) & (kappa >= -slack), 0.0, kappa)
 
 
 @functools.partial(jax.jit, static_argnames=(*_STATIC, "column"))
@@ -245,7 +254,8 @@ def _hessian_factor(res, g, *, column, **options):
     if c.d is None:
         s = softmax_factor(c.p, h.alpha, h.gv, h.two_lam / 2.0, column=column)
     else:
-        a, q, r, kappa = _capped_pieces(h, c)
+        a, q, r, kappa, slack = _capped_pieces(h, c)
+        kappa = _settled(kappa, slack)
         gamma = (h.alpha - h.two_lam) / (1.0 + jnp.sqrt(kappa))  # β/(1 + √κ); NaN if κ < 0
         eye = jnp.eye(v, dtype=a.dtype)
         s = jnp.sqrt(a)[:, :, None] * eye - gamma[:, None, None] * q[:, :, None] * r[:, None, :]
@@ -278,7 +288,7 @@ def _draw(h: _Head, key):
     n = h.x.shape[0]
 
     def body(start, k, carry):
-        best, arg, kappa, broken = carry
+        best, arg, kappa, slack, broken = carry
         c = _chunk(h, start, k)
         z = jnp.log(c.p)  # z − lse: the same argmax
         score = z + jax.random.gumbel(jax.random.fold_in(key_y, start), z.shape, h.acc)
@@ -286,15 +296,17 @@ def _draw(h: _Head, key):
         take = top > best
         at = jnp.argmax(score, axis=1).astype(arg.dtype) + start
         if c.d is not None:
-            a, _, r, kappa_k = _capped_pieces(h, c)
-            kappa = kappa + kappa_k
+            a, _, r, kappa_k, slack_k = _capped_pieces(h, c)
+            kappa, slack = kappa + kappa_k, slack + slack_k
             broken = broken | jnp.any((a < 0) | jnp.isnan(r), axis=1)
-        return jnp.where(take, top, best), jnp.where(take, at, arg), kappa, broken
+        return jnp.where(take, top, best), jnp.where(take, at, arg), kappa, slack, broken
 
-    init = (jnp.full((n,), -jnp.inf, h.acc), jnp.zeros((n,), jnp.int32),
-            jnp.zeros((n,), h.acc), jnp.zeros((n,), bool))  # fmt: skip
-    _, y_hat, kappa, broken = over_chunks(h.w.shape[1], h.size, body, init, h.vma)
+    zeros = jnp.zeros((n,), h.acc)
+    init = (jnp.full((n,), -jnp.inf, h.acc), jnp.zeros((n,), jnp.int32), zeros, zeros,
+            jnp.zeros((n,), bool))  # fmt: skip
+    _, y_hat, kappa, slack, broken = over_chunks(h.w.shape[1], h.size, body, init, h.vma)
     sign = jax.random.rademacher(key_e, (2, n), h.acc)
+    kappa = _settled(kappa, slack)
     return y_hat, sign, kappa, broken | (kappa < 0)
 
 
@@ -303,7 +315,7 @@ def _at_label(h: _Head, y_hat):
 
     def body(start, k, carry):
         c = _chunk(h, start, k)
-        a, _, r, _ = _capped_pieces(h, c)
+        a, _, r, _, _ = _capped_pieces(h, c)
         _, hit = _xent.smoothed(y_hat, start, k, 0.0, h.w.shape[1], h.acc)
         pick = lambda m: jnp.sum(jnp.where(hit, m, 0.0), axis=1)  # noqa: E731
         return tuple(acc + pick(m) for acc, m in zip(carry, (a, r, c.p), strict=True))

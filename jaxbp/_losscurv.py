@@ -119,6 +119,11 @@ def tangents_of(op_name, tangents, names, keep, primals):
             )
     for i, primal in zip(keep, primals, strict=True):
         t = tangents[i]
+        if t is not None and primal is None:
+            raise TypeError(
+                f"tangents[{i}] ({names[i]}): expected None, the op was called without "
+                f"{names[i]}, got {type(t).__name__}"
+            )
         if t is not None and (jnp.shape(t) != jnp.shape(primal)):
             raise ValueError(
                 f"tangents[{i}] ({names[i]}): expected the shape of {names[i]} "
@@ -127,9 +132,9 @@ def tangents_of(op_name, tangents, names, keep, primals):
     return tuple(tangents[i] for i in keep)
 
 
-def _seed(g, shape, what="the batch shape"):
+def _seed(g, shape, what="the batch shape", name="g"):
     if jnp.shape(g) != tuple(shape):
-        raise ValueError(f"g: expected {what} {tuple(shape)}, got {jnp.shape(g)}")
+        raise ValueError(f"{name}: expected {what} {tuple(shape)}, got {jnp.shape(g)}")
     return g
 
 
@@ -191,7 +196,8 @@ def _ce_factor(res, g, *, label_smoothing, ignore_index, z_loss, column):
 @jax.jit
 def softmax_cross_entropy_logits_bwd(res, dz, **_):
     """``(dz, None, None, None)``: the logits are the op's first argument."""
-    return _seed(dz, res[0].shape, "the shape of logits").astype(res[0].dtype), None, None, None
+    dz = _seed(dz, res[0].shape, "the shape of logits", "dz")
+    return dz.astype(res[0].dtype), None, None, None
 
 
 @functools.partial(jax.jit, static_argnames="ignore_index")
@@ -254,7 +260,7 @@ def sigmoid_binary_cross_entropy_hessian_factor(res, g):
 @jax.jit
 def sigmoid_binary_cross_entropy_logits_bwd(res, dz):
     """``(dz, None)``."""
-    return _seed(dz, res[0].shape, "the shape of logits").astype(res[0].dtype), None
+    return _seed(dz, res[0].shape, "the shape of logits", "dz").astype(res[0].dtype), None
 
 
 @jax.jit
@@ -305,7 +311,7 @@ def mse_hessian_factor(res, g):
 @jax.jit
 def mse_logits_bwd(res, dz):
     """``(dz, None)``."""
-    return _seed(dz, res[0].shape, "the shape of pred").astype(res[0].dtype), None
+    return _seed(dz, res[0].shape, "the shape of pred", "dz").astype(res[0].dtype), None
 
 
 @jax.jit
