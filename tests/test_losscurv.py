@@ -231,8 +231,8 @@ def test_mse_rules():
 
 
 def test_half_precision_in_float32():
-    """bfloat16 logits: computed in float32, results in bfloat16, close to the float32
-    rules on the same (rounded) inputs."""
+    """bfloat16 inputs: computed in float32, results in bfloat16, close to the float32
+    rules on the same (rounded) inputs (softmax cross-entropy and the fused head)."""
     z, labels, _, _ = _ce_case("z_loss", np.random.default_rng(0))
     zb = z.astype(jnp.bfloat16)
     g = jnp.full((N,), 0.25, jnp.float32)
@@ -242,6 +242,18 @@ def test_half_precision_in_float32():
         v = jnp.ones_like(zb, dtype)
         outs[dtype] = (CE.ggn_vp(res, (v, None, None, None), g, z_loss=0.3)[0],
                        CE.hessian_factor(res, g, z_loss=0.3))  # fmt: skip
+    assert all(o.dtype == jnp.bfloat16 for o in outs[jnp.bfloat16])
+    assert_close(outs[jnp.bfloat16], outs[jnp.float32], jnp.bfloat16)
+    *arrays, labels = _fused_case(np.random.default_rng(0))
+    x, w, b = (a.astype(jnp.bfloat16) for a in arrays)
+    opts = {"softcap": 3.0, "chunk_size": 3}
+    g = jnp.full((5,), 0.2, jnp.float32)
+    for dtype in (jnp.bfloat16, jnp.float32):
+        _, res = FUSED.fwd(x.astype(dtype), w.astype(dtype), labels, b.astype(dtype), **opts)
+        tang = (jnp.ones_like(x, dtype), None, None, None, None, None)
+        outs[dtype] = (FUSED.ggn_vp(res, tang, g, **opts)[0],
+                       FUSED.sample_bwd(res, g, jax.random.key(0), **opts)[1],
+                       FUSED.logits_bwd(res, jnp.ones((5, 7), dtype), **opts)[3])  # fmt: skip
     assert all(o.dtype == jnp.bfloat16 for o in outs[jnp.bfloat16])
     assert_close(outs[jnp.bfloat16], outs[jnp.float32], jnp.bfloat16)
 
