@@ -16,8 +16,9 @@ For each unit's loss ``ℓ(z)``, ``H = ∂²ℓ/∂z² (c, c)`` is its Hessian a
 
 (the softmax CE gradient is ``α·p − u``; differentiating ``α·p`` again gives both terms).
 The rules, for the per-unit seed ``g (n…)`` (the mean's ``1/N``, 0 on masked units; the
-``g`` the op's ``bwd`` takes), the op's arguments ``t`` and its map ``J`` from them to the
-logits (the identity here: :mod:`jaxbp._fusedcurv` has the fused head's ``z = x·w + b``)::
+``g`` the op's ``bwd`` takes; BCE takes it per element, or per row as ``g/c`` on each
+element), the op's arguments ``t`` and its map ``J`` from them to the logits (the identity
+here; :mod:`jaxbp._fusedcurv` has the fused head's ``z̃ = x·w + b`` and its softcap)::
 
     ggn_vp(res, tangents, g)     Jᵀ·(g·H)·J·ṫ       g·H·ż here: "nc,ncd,nd->nc", never (c, c)
     hessian_factor(res, g)       S (n…, c, k)       S·Sᵀ = g·H per unit
