@@ -149,13 +149,26 @@ def test_softmax_cross_entropy_rules(name):
 
 def test_traced_options_and_the_zero_z_loss_column():
     """A traced z-loss keeps its factor column (exactly 0 for λ = 0); the rules run under
-    jit with traced ``label_smoothing``/``z_loss`` as the op's backward does."""
+    jit with traced ``label_smoothing``/``z_loss`` as the op's backward does (the fused
+    head's too, equal to the Python-number options)."""
     z, labels, _, _ = _ce_case("plain", np.random.default_rng(0))
     _, res = CE.fwd(z, labels)
     g = jnp.full((N,), 0.5)
     s = jax.jit(lambda lam: CE.hessian_factor(res, g, z_loss=lam))(0.0)
     assert s.shape == (N, C, C + 1) and np.all(np.asarray(s[..., -1]) == 0.0)
     assert_close(s[..., :C], CE.hessian_factor(res, g))
+    x, w, b, ids = _fused_case(np.random.default_rng(0))
+    opts = {"softcap": 3.0, "chunk_size": 3}
+    _, res = FUSED.fwd(x, w, ids, b, **opts)
+    tang = (x, None, None, None, None, None)
+    g = jnp.full((5,), 0.5)
+
+    def rules(eps, lam):
+        kw = {**opts, "label_smoothing": eps, "z_loss": lam}
+        return (FUSED.ggn_vp(res, tang, g, **kw)[0], FUSED.hessian_factor(res, g, **kw),
+                FUSED.sample_bwd(res, g, jax.random.key(0), **kw)[0])  # fmt: skip
+
+    assert_close(jax.jit(rules)(0.1, 0.2), rules(0.1, 0.2))
 
 
 @settings(max_examples=5)
