@@ -32,12 +32,31 @@ import numpy as np
 from . import _checks
 
 __all__ = [
-    "avals", "check_cotangents", "check_count", "check_fwd_output", "check_options",
-    "check_signatures",
+    "avals", "check_cotangents", "check_count", "check_curvature", "check_fwd_output",
+    "check_options", "check_signatures",
 ]  # fmt: skip
 
 
 # ------------------------------------------------------------------ at construction
+
+
+def check_curvature(curvature: Any, names: Sequence[str]) -> dict[str, Callable]:
+    """``{rule name: rule}`` from a mapping of some of ``names`` (a loss's curvature rules,
+    :data:`jaxbp._op.CURVATURE_RULES`) to callables; ``{}`` for ``None``."""
+    if curvature is None:
+        return {}
+    if not isinstance(curvature, Mapping):
+        raise TypeError(
+            f"curvature: expected a mapping of some of {tuple(names)} to rules, got "
+            f"{type(curvature).__name__}"
+        )
+    unknown = sorted(set(curvature) - set(names))
+    if unknown:
+        raise ValueError(f"curvature: unknown rule(s) {unknown}; expected some of {tuple(names)}")
+    for name, rule in curvature.items():
+        if not callable(rule):
+            raise TypeError(f"curvature[{name!r}]: expected a callable rule, got {rule!r}")
+    return dict(curvature)
 
 
 def _signature(fn: Callable) -> inspect.Signature | None:

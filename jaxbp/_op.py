@@ -23,6 +23,12 @@ import (nothing looks a rule up by its name):
                           ``example_grads(res, g, *, examples, **options)`` → ``{parameter
                           name: contribution}``, each example's gradient of each parameter
                           from the residuals and ``g`` (:mod:`jaxbp._contrib`)
+``op.ggn_vp``,            a loss's curvature rules (``None`` on every other op), at its
+``op.hessian_factor``,    logits ``z``: ``ggn_vp(res, tangents, g)`` → ``Jᵀ·(g·H)·J·ṫ``;
+``op.logits_bwd``,        ``hessian_factor(res, g)`` → ``S (n…, c, k)``, ``S·Sᵀ = g·H``;
+``op.sample_bwd``         ``logits_bwd(res, dz)`` → ``Jᵀ·dz``; ``sample_bwd(res, g, key)`` →
+                          ``Jᵀ·s`` for one Monte-Carlo column ``s``, ``E[s·sᵀ] = g·H``
+                          (:mod:`jaxbp._losscurv`, :data:`CURVATURE_RULES`)
 ========================  ==================================================================
 
 Everything that runs the rules (``jax.grad`` through the ``custom_vjp``, the explicit loops
@@ -48,7 +54,7 @@ import inspect
 import itertools
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -57,15 +63,18 @@ import jax.numpy as jnp
 from . import _contract, _sharding, _vma
 
 __all__ = [
-    "OP_ATTRIBUTES", "Op", "all_rules", "bind_references", "bwd_options", "custom_vjp_op",
-    "declare",
+    "CURVATURE_RULES", "OP_ATTRIBUTES", "Op", "all_rules", "bind_references", "bwd_options",
+    "curvature_of", "custom_vjp_op", "declare",
     "declare_op", "op_vjp", "positional_names", "rules", "rules_of",
 ]  # fmt: skip
+
+# A loss's curvature rules, in this order (None on an op without them).
+CURVATURE_RULES = ("ggn_vp", "hessian_factor", "logits_bwd", "sample_bwd")
 
 # What every op carries (tests/test_op.py checks the built-in ops and Op instances alike).
 OP_ATTRIBUTES = (
     "name", "fwd", "bwd", "reference", "per_example_args", "example_ndim", "arg_names",
-    "traced_options", "example_grads",
+    "traced_options", "example_grads", *CURVATURE_RULES,
 )  # fmt: skip
 
 
@@ -95,9 +104,19 @@ def bwd_options(bwd: Callable, options: dict) -> dict:
 
 
 def rules(*ops: Any) -> tuple[Callable, ...]:
-    """The rules ``ops`` hold now, ``(fwd₁, bwd₁, example_grads₁, fwd₂, …)``: hashable, part
-    of the cache key of every compiled explicit loop, so that a swapped rule is traced anew."""
-    return tuple(r for op in ops for r in (*rules_of(op), getattr(op, "example_grads", None)))
+    """The rules ``ops`` hold now, ``(fwd₁, bwd₁, example_grads₁, ggn_vp₁, …, fwd₂, …)``:
+    hashable, part of the cache key of every compiled explicit loop, so that a swapped rule is
+    traced anew."""
+    return tuple(
+        r for op in ops
+        for r in (*rules_of(op), getattr(op, "example_grads", None), *curvature_of(op))
+    )  # fmt: skip
+
+
+def curvature_of(op: Any) -> tuple[Callable | None, ...]:
+    """``op``'s curvature rules in the order of :data:`CURVATURE_RULES` (``None`` for each it
+    does not carry)."""
+    return tuple(getattr(op, name, None) for name in CURVATURE_RULES)
 
 
 # Every op there is: the built-in ones (declared at import) and each live jaxbp.Op, in the
@@ -235,6 +254,7 @@ def declare(
     example_ndim: int = 1,
     traced: Sequence[str] = (),
     example_grads: Callable | None = None,
+    curvature: Mapping[str, Callable] | None = None,
 ) -> Callable:
     """Decorator of a built-in op: bind its rules and its signature's meaning to it.
 
@@ -245,7 +265,8 @@ def declare(
     ``(n..., k...)`` with ``example_ndim`` trailing axes ``k...`` per example (default 1:
     ``(n..., k)``; 0 for integer ids ``(n...)``; 3 for attention's ``(n..., h, t, e)``): its
     leading axes are the batch. ``traced`` names the options the rules take as traced
-    values; ``example_grads`` is the per-example rule of an op with parameters. Sets the
+    values; ``example_grads`` is the per-example rule of an op with parameters;
+    ``curvature`` maps some of :data:`CURVATURE_RULES` to a loss's curvature rules. Sets the
     attributes of :data:`OP_ATTRIBUTES` (``reference`` is ``None`` until
     ``jaxbp/__init__.py`` binds it)::
 
@@ -257,6 +278,7 @@ def declare(
     for what, fn in (("fwd", fwd), ("bwd", bwd)):
         if not callable(fn):
             raise TypeError(f"{what}: expected a callable rule, got {fn!r}")
+    curvature = _contract.check_curvature(curvature, CURVATURE_RULES)
 
     def decorate(op: Callable) -> Callable:
         names = positional_names(op)
@@ -269,6 +291,8 @@ def declare(
         op.arg_names = names
         op.traced_options = tuple(traced)
         op.example_grads = example_grads
+        for name in CURVATURE_RULES:
+            setattr(op, name, curvature.get(name))
         _DECLARED.append(op)
         return op
 
@@ -327,6 +351,10 @@ class Op:
       traced_options: the options the rules take as traced values (numbers that only scale
         values, as the built-in ops' ``label_smoothing``): a new value compiles nothing new,
         and a value traced under ``jit`` is accepted (a static option refuses one).
+      curvature: for a loss, its curvature rules at the logits, ``{"ggn_vp": ...,
+        "hessian_factor": ..., "logits_bwd": ..., "sample_bwd": ...}`` (any of them; the
+        signatures of :mod:`jaxbp._losscurv`), jitted like ``fwd`` and ``bwd`` and carried as
+        ``op.ggn_vp``, …; ``None`` for each one not given.
 
     A rule that breaks the contract is an error naming the op, the rule, what was expected
     and what came (:mod:`jaxbp._contract`): a signature that cannot take the op's arguments
@@ -365,6 +393,7 @@ class Op:
         example_ndim: int = 1,
         example_grads: Callable | None = None,
         traced_options: Sequence[str] = (),
+        curvature: Mapping[str, Callable] | None = None,
     ):
         for what, fn in (("fwd", fwd), ("bwd", bwd), ("reference", reference)):
             if not callable(fn):
@@ -404,6 +433,14 @@ class Op:
         self._fwd = jax.jit(_named(fwd, self.name + "_fwd"), static_argnames=static)
         self._bwd = jax.jit(_named(bwd, self.name + "_bwd"), static_argnames=static)
         self.reference = reference
+        curvature = _contract.check_curvature(curvature, CURVATURE_RULES)
+        for rule_name in CURVATURE_RULES:
+            rule = curvature.get(rule_name)
+            if rule is not None:
+                rule = self._with_options(
+                    jax.jit(_named(rule, f"{self.name}_{rule_name}"), static_argnames=static)
+                )
+            setattr(self, rule_name, rule)
         self._core = op_vjp(self)  # reads self.fwd / self.bwd when traced
         _USER_OPS[next(_user_count)] = self  # its rules key the transforms' compiled steps
 
@@ -425,6 +462,15 @@ class Op:
                 f"{self.arg_names}, got {len(args)}"
             )
         return self._core(*args, **opts)
+
+    def _with_options(self, rule: Callable) -> Callable:
+        """``rule`` called with the op's options filled in and checked."""
+
+        def call(*args, **options):
+            return rule(*args, **self._options(options))
+
+        call.__name__ = call.__qualname__ = rule.__name__
+        return call
 
     def fwd(self, *args, **options):
         """The jitted forward rule: ``(out, res)``."""

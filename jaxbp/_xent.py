@@ -38,13 +38,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import _checks, _vma
+from ._ce import _bad_labels, valid_rows
 from ._contrib import Factor, OneHot, Rows
 from ._vma import LOCAL, Reduce
-from .losses import _bad_labels, valid_rows
 
 __all__ = [
-    "LOCAL", "LogitGrads", "Reduce", "dlogits", "forward_with_grads", "grads_recompute",
-    "loss_and_lse",
+    "LOCAL", "LogitGrads", "Reduce", "dlogits", "flat_rows", "forward_with_grads",
+    "grads_recompute", "loss_and_lse",
     "row_terms",
 ]  # fmt: skip
 
@@ -93,6 +93,15 @@ def transposed_for_dw(x):
     return lax.platform_dependent(
         x, cpu=lambda x: lax.optimization_barrier(x.T), default=lambda x: x.T
     )
+
+
+def flat_rows(x, labels, where):
+    """``x (n,d)``, ``labels (n,)`` as int32 or wider (so column ids never wrap), ``where``."""
+    d = x.shape[-1]
+    lab = labels.reshape(-1)
+    if lab.dtype.itemsize < 4:
+        lab = lab.astype(jnp.int32)
+    return x.reshape(-1, d), lab, None if where is None else where.reshape(-1)
 
 
 def cols(a, start, k, axis):

@@ -41,10 +41,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import _checks, _vma, _xent
+from . import _checks, _fusedcurv, _vma, _xent
 from ._checks import check_label_range
 from ._contrib import Full, Outer, Rows, group
 from ._op import declare, op_vjp
+from ._xent import flat_rows as _flat
 from .losses import _check_ce_options, ce_float_options, valid_rows, validate_ce_options
 
 __all__ = [
@@ -70,15 +71,6 @@ _STATIC = ("ignore_index", "softcap", "chunk_size", "accum_dtype", "strategy")
 
 
 # --------------------------------------------------------------------- the op triple
-
-
-def _flat(x, labels, where):
-    """``x (n,d)``, ``labels (n,)`` as int32 or wider (so column ids never wrap), ``where``."""
-    d = x.shape[-1]
-    lab = labels.reshape(-1)
-    if lab.dtype.itemsize < 4:
-        lab = lab.astype(jnp.int32)
-    return x.reshape(-1, d), lab, None if where is None else where.reshape(-1)
 
 
 @_checks.concrete_options(_check_ce_options)
@@ -288,6 +280,7 @@ def validate_fused(x, w, b, labels, where, class_weights, label_smoothing, z_los
     per_example=("x", "labels"),
     traced=("label_smoothing", "z_loss"),
     example_grads=linear_softmax_cross_entropy_example_grads,
+    curvature=_fusedcurv.rules(DEFAULT_CHUNK),
 )
 def linear_softmax_cross_entropy(
     x: jax.Array,

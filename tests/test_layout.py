@@ -15,6 +15,8 @@ LAYERS = [
     {"_checks", "_vma", "_sharding", "_step", "_text", "datasets"},
     {"_op", "_tape", "_contrib", "_contract"},
     {
+        "_ce",
+        "_losscurv",
         "dense",
         "activations",
         "softmax",
@@ -25,7 +27,7 @@ LAYERS = [
         "dropout",
         "jacobian",
     },
-    {"_xent", "fused"},
+    {"_xent", "_fusedcurv", "fused"},
     {"model", "nn", "gpt", "per_example", "_modules", "eqx", "nnx"},
     {"parallel"},
     {"reference"},
