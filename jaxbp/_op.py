@@ -1,9 +1,13 @@
 """The one contract, as code: an op carries its rules; a ``jax.custom_vjp`` reads them from it.
 
-``fwd(*args, **options) -> (out, res)`` and ``bwd(res, g, **options) -> cotangents`` are the
-hand-written rules. ``op_fwd`` takes exactly the op's positional arguments in the op's order
+``fwd(*args, **options) -> (out, res)``, ``bwd(res, g, **options) -> cotangents`` and
+``jvp(res, tangents, **options) -> tangent`` are the hand-written rules. ``op_fwd`` takes exactly the op's positional arguments in the op's order
 (array options such as ``where`` may follow), and ``op_bwd`` returns one cotangent per
-positional argument of ``op_fwd``, in that order (``None`` for integer labels and masks).
+positional argument of ``op_fwd``, in that order (``None`` for integer labels and masks);
+``op_jvp`` takes ``fwd``'s residuals and one tangent per positional argument of ``op_fwd``
+(the same convention: ``None`` for integer and bool arguments and absent ones, an array of
+the argument's shape and dtype for every floating one) and returns the output's tangent, of
+the output's shape and dtype; it is linear in the tangents, in plain ``jax.numpy``.
 Arrays (labels, masks, class weights) are always ordinary positional arguments, never
 ``nondiff_argnums`` (jax#20889).
 
@@ -12,6 +16,7 @@ import (nothing looks a rule up by its name):
 
 ========================  ==================================================================
 ``op.fwd``, ``op.bwd``    the hand-written rules (jitted)
+``op.jvp``                the hand-written forward-mode rule (jitted), or ``None``
 ``op.reference``          the plain-``jax.numpy`` twin (the built-in ops get theirs bound in
                           ``jaxbp/__init__.py``, after :mod:`jaxbp.reference` is imported)
 ``op.per_example_args``   the positional parameters that carry the batch (``x``, ``logits``)
@@ -24,6 +29,13 @@ import (nothing looks a rule up by its name):
                           name: contribution}``, each example's gradient of each parameter
                           from the residuals and ``g`` (:mod:`jaxbp._contrib`)
 ========================  ==================================================================
+
+Forward mode. The public op is a ``jax.custom_vjp`` (``jax.grad`` runs ``op.bwd``), and JAX
+has no forward mode through one (docs/forward_mode.md has the evidence that no public JAX
+design gives both). :func:`forward_mode` builds the op's forward-mode twin from the same op
+object: the same call, validation included, through a ``jax.custom_jvp`` whose rule runs
+``op.fwd`` then ``op.jvp`` (``jax.jvp``, ``jacfwd``, ``linearize``, ``hessian`` run the
+hand-written jvp; ``jax.grad`` of the twin transposes it). They are :mod:`jaxbp.forward_mode`.
 
 Everything that runs the rules (``jax.grad`` through the ``custom_vjp``, the explicit loops
 of :mod:`jaxbp.nn`, :mod:`jaxbp.gpt` and :mod:`jaxbp.per_example`, :func:`jaxbp.jacobian`,
@@ -43,6 +55,7 @@ static and hashable, and travels to the rules as one ``nondiff_argnums`` tuple.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import itertools
@@ -54,17 +67,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from . import _contract, _sharding, _vma
+from . import _contract
+from ._autodiff import by_jvp, by_vjp
 
 __all__ = [
     "OP_ATTRIBUTES", "Op", "all_rules", "bind_references", "bwd_options", "custom_vjp_op",
-    "declare",
-    "declare_op", "op_vjp", "positional_names", "rules", "rules_of",
+    "declare", "declare_op", "forward_mode", "op_vjp", "positional_names", "rules", "rules_of",
 ]  # fmt: skip
 
 # What every op carries (tests/test_op.py checks the built-in ops and Op instances alike).
 OP_ATTRIBUTES = (
-    "name", "fwd", "bwd", "reference", "per_example_args", "example_ndim", "arg_names",
+    "name", "fwd", "bwd", "jvp", "reference", "per_example_args", "example_ndim", "arg_names",
     "traced_options", "example_grads",
 )  # fmt: skip
 
@@ -95,9 +108,13 @@ def bwd_options(bwd: Callable, options: dict) -> dict:
 
 
 def rules(*ops: Any) -> tuple[Callable, ...]:
-    """The rules ``ops`` hold now, ``(fwd₁, bwd₁, example_grads₁, fwd₂, …)``: hashable, part
-    of the cache key of every compiled explicit loop, so that a swapped rule is traced anew."""
-    return tuple(r for op in ops for r in (*rules_of(op), getattr(op, "example_grads", None)))
+    """The rules ``ops`` hold now, ``(fwd₁, bwd₁, example_grads₁, jvp₁, fwd₂, …)``: hashable,
+    part of the cache key of every compiled explicit loop, so that a swapped rule is traced
+    anew."""
+    return tuple(
+        r for op in ops
+        for r in (*rules_of(op), getattr(op, "example_grads", None), getattr(op, "jvp", None))
+    )  # fmt: skip
 
 
 # Every op there is: the built-in ones (declared at import) and each live jaxbp.Op, in the
@@ -131,10 +148,61 @@ def op_vjp(op: Any, *, traced: Sequence[str] | None = None, primal: Callable | N
 
     ``primal(*args, **options)``, when given, computes the output when no gradient is asked
     for (the fused loss computes its loss alone there, whatever its strategy).
+
+    The same call runs the op's forward-mode twin (:func:`forward_mode`) instead, a
+    ``jax.custom_jvp`` of ``op.fwd`` and ``op.jvp``, when that twin is what was called.
     """
     traced = tuple(getattr(op, "traced_options", ()) if traced is None else traced)
     described = (getattr(op, "name", "op"), tuple(getattr(op, "arg_names", ())))
-    return _vjp(lambda: rules_of(op), traced, primal, described)
+    vjp_call = by_vjp(lambda: rules_of(op), traced, primal, described)
+    jvp_call = by_jvp(lambda: (rules_of(op)[0], _jvp_rule(op)), traced, primal, described)
+
+    def call(*args, **options):
+        return (jvp_call if _FORWARD.get() is op else vjp_call)(*args, **options)
+
+    return call
+
+
+# The op whose forward-mode twin is running (set by the twin around its call of the op).
+_FORWARD: contextvars.ContextVar = contextvars.ContextVar("jaxbp_forward_mode", default=None)
+
+
+def _jvp_rule(op: Any) -> Callable:
+    jvp = getattr(op, "jvp", None)
+    if not callable(jvp):
+        raise TypeError(
+            f"{getattr(op, 'name', op)}: has no forward-mode rule (op.jvp is None); give it "
+            "one (declare(..., jvp=...), jaxbp.Op(..., jvp=...)) or use its plain twin "
+            "op.reference for jax.jvp"
+        )
+    return jvp
+
+
+def forward_mode(op: Any) -> Callable:
+    """The forward-mode twin of ``op``: the same call (arguments, options, validation), run
+    through a ``jax.custom_jvp`` whose rule is ``op.fwd`` then ``op.jvp(res, tangents)``.
+
+    ``jax.jvp``, ``jax.jacfwd``, ``jax.linearize`` and ``jax.hessian`` through it run the
+    hand-written ``op.jvp`` (and JAX's derivatives of ``op.fwd``/``op.jvp`` for a second
+    order); ``jax.grad`` through it runs JAX's transpose of ``op.jvp``, not ``op.bwd`` (the
+    op itself is the one whose ``jax.grad`` runs ``op.bwd``). Integer and bool arguments
+    get ``float0`` tangents, as ``jax.jvp`` gives them; a tangent through a traced option
+    (``label_smoothing``) makes the output's tangent NaN, as the op's gradient through it.
+    ``TypeError`` naming the op when it has no jvp rule.
+    """
+    rules_of(op)
+
+    @functools.wraps(op)
+    def twin(*args, **options):
+        _jvp_rule(op)
+        token = _FORWARD.set(op)
+        try:
+            return op(*args, **options)
+        finally:
+            _FORWARD.reset(token)
+
+    twin.op = op
+    return twin
 
 
 def custom_vjp_op(fwd: Callable, bwd: Callable) -> Callable:
@@ -144,72 +212,12 @@ def custom_vjp_op(fwd: Callable, bwd: Callable) -> Callable:
     keywords (static). The low-level builder for rules that are not bound to an op object;
     jaxbp's own ops use :func:`op_vjp`, which reads the rules from the op.
     """
-    call = _vjp(lambda: (fwd, bwd), ())
+    call = by_vjp(lambda: (fwd, bwd), ())
 
     def op(options, *args):
         return call(*args, **dict(options))
 
     return op
-
-
-def _vjp(
-    get: Callable,
-    traced: tuple[str, ...],
-    primal: Callable | None = None,
-    described: tuple[str, tuple[str, ...]] = ("op", ()),
-):
-    """The ``custom_vjp`` of :func:`op_vjp` and :func:`custom_vjp_op`; ``get()`` gives the
-    rules ``(fwd, bwd)`` at trace time. ``described``: the op's name and argument names, for
-    the errors of a rule that breaks the contract (:mod:`jaxbp._contract`)."""
-    name, arg_names = described
-
-    def fwd_rule(*args, **options):
-        return _contract.check_fwd_output(name, get()[0](*args, **options))
-
-    def bwd_rule(primal_avals, res, g, **options):
-        cts = get()[1](res, g, **options)
-        return _contract.check_cotangents(name, cts, primal_avals, arg_names)
-
-    # On Explicit mesh axes every rule runs under auto_axes (jaxbp._sharding): the results
-    # typed like the arguments, the cotangents exactly like their primals.
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-    def core(static, dynamic, *args):
-        if primal is not None:
-            return _sharding.run(lambda d, *a: primal(*a, **dict(static), **d), (dynamic, *args))
-        return _sharding.run(lambda d, *a: fwd_rule(*a, **dict(static), **d)[0], (dynamic, *args))
-
-    def core_fwd(static, dynamic, *args):
-        out, res = _sharding.run(lambda d, *a: fwd_rule(*a, **dict(static), **d), (dynamic, *args))
-        # Each argument's varying axes (inside a shard_map), sharding (on Explicit axes), shape
-        # and dtype, static, for the cotangents.
-        types = (tuple(_vma.of(a) for a in args), _sharding.specs_of(args), _contract.avals(args))
-        return out, (res, dynamic, _vma.Static(types))
-
-    def core_bwd(static, saved, g):
-        res, dynamic, types = saved
-        vmas, specs, primal_avals = types.value
-
-        def cotangent_specs(shapes):
-            return tuple(None if c is None else s for c, s in zip(shapes, specs, strict=True))
-
-        cts = _sharding.run(
-            lambda r, g, d: bwd_rule(primal_avals, r, g, **dict(static), **d),
-            (res, g, dynamic),
-            cotangent_specs,
-        )
-        # The rules do not differentiate their traced options: a gradient taken through one
-        # is NaN (never a silent 0); a gradient not asked for through it is dropped unseen.
-        nan = jax.tree.map(lambda v: jnp.full(jnp.shape(v), jnp.nan, jnp.result_type(v)), dynamic)
-        return (nan, *_vma.fit_cotangents(cts, vmas))
-
-    core.defvjp(core_fwd, core_bwd)
-
-    def call(*args, **options):
-        static = tuple(sorted((k, v) for k, v in options.items() if k not in traced))
-        dynamic = {k: options[k] for k in traced if k in options}
-        return core(static, dynamic, *args)
-
-    return call
 
 
 def _check_per_example(name: str, names: tuple[str, ...], per_example: tuple[str, ...]) -> None:
@@ -235,6 +243,7 @@ def declare(
     example_ndim: int = 1,
     traced: Sequence[str] = (),
     example_grads: Callable | None = None,
+    jvp: Callable | None = None,
 ) -> Callable:
     """Decorator of a built-in op: bind its rules and its signature's meaning to it.
 
@@ -245,7 +254,8 @@ def declare(
     ``(n..., k...)`` with ``example_ndim`` trailing axes ``k...`` per example (default 1:
     ``(n..., k)``; 0 for integer ids ``(n...)``; 3 for attention's ``(n..., h, t, e)``): its
     leading axes are the batch. ``traced`` names the options the rules take as traced
-    values; ``example_grads`` is the per-example rule of an op with parameters. Sets the
+    values; ``example_grads`` is the per-example rule of an op with parameters; ``jvp`` its
+    forward-mode rule (``op.jvp``, ``None`` without). Sets the
     attributes of :data:`OP_ATTRIBUTES` (``reference`` is ``None`` until
     ``jaxbp/__init__.py`` binds it)::
 
@@ -257,12 +267,14 @@ def declare(
     for what, fn in (("fwd", fwd), ("bwd", bwd)):
         if not callable(fn):
             raise TypeError(f"{what}: expected a callable rule, got {fn!r}")
+    if jvp is not None and not callable(jvp):
+        raise TypeError(f"jvp: expected a callable rule or None, got {jvp!r}")
 
     def decorate(op: Callable) -> Callable:
         names = positional_names(op)
         _check_per_example(op.__name__, names, per_example)
         op.name = op.__name__
-        op.fwd, op.bwd = fwd, bwd
+        op.fwd, op.bwd, op.jvp = fwd, bwd, jvp
         op.reference = None
         op.per_example_args = per_example
         op.example_ndim = example_ndim
@@ -327,12 +339,19 @@ class Op:
       traced_options: the options the rules take as traced values (numbers that only scale
         values, as the built-in ops' ``label_smoothing``): a new value compiles nothing new,
         and a value traced under ``jit`` is accepted (a static option refuses one).
+      jvp: the forward-mode rule ``jvp(res, tangents, **options) -> tangent``: from ``fwd``'s
+        residuals and one tangent per positional argument (``None`` for an integer one), the
+        output's tangent, linear in the tangents. With it, ``jaxbp.forward_mode.of(op)`` runs
+        under ``jax.jvp``/``jacfwd``/``hessian``, :func:`jaxbp.check` checks it and
+        ``jaxbp.jacobian(op, ..., mode="fwd")`` builds Jacobians from it; without it
+        ``op.jvp`` is ``None``.
 
     A rule that breaks the contract is an error naming the op, the rule, what was expected
     and what came (:mod:`jaxbp._contract`): a signature that cannot take the op's arguments
     and options, here; a traced value for a static option, at the call; a ``fwd`` that does
     not return ``(out, res)``, a ``bwd`` that does not return one cotangent per positional
-    argument of that argument's shape and dtype, when JAX first traces them.
+    argument of that argument's shape and dtype, a ``jvp`` that does not return one array of
+    the output's shape and dtype, when JAX first traces them.
 
     Calling ``op(*args, **options)`` runs a ``jax.custom_vjp``: ``jax.grad``, ``jax.vjp`` and
     everything built on them run your ``bwd``; ``jax.jit`` and ``jax.vmap`` compose.
@@ -365,14 +384,14 @@ class Op:
         example_ndim: int = 1,
         example_grads: Callable | None = None,
         traced_options: Sequence[str] = (),
+        jvp: Callable | None = None,
     ):
         for what, fn in (("fwd", fwd), ("bwd", bwd), ("reference", reference)):
             if not callable(fn):
                 raise TypeError(f"{what}: expected a callable, got {fn!r}")
-        if example_grads is not None and not callable(example_grads):
-            raise TypeError(
-                f"example_grads: expected a callable rule or None, got {example_grads!r}"
-            )
+        for what, fn in (("example_grads", example_grads), ("jvp", jvp)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{what}: expected a callable rule or None, got {fn!r}")
         self.name = str(name or getattr(reference, "__name__", "op"))
         self.__name__ = self.__qualname__ = self.name
         self.__doc__ = getattr(reference, "__doc__", None) or f"The user op {self.name!r}."
@@ -398,13 +417,16 @@ class Op:
                 ) from None
         self.traced_options = tuple(traced_options)
         _contract.check_signatures(
-            self.name, fwd, bwd, reference, names, self.defaults, self.traced_options
+            self.name, fwd, bwd, reference, names, self.defaults, self.traced_options, jvp
         )
         static = tuple(k for k in self.defaults if k not in self.traced_options)
         self._fwd = jax.jit(_named(fwd, self.name + "_fwd"), static_argnames=static)
         self._bwd = jax.jit(_named(bwd, self.name + "_bwd"), static_argnames=static)
+        self._jvp = None if jvp is None else jax.jit(_named(jvp, self.name + "_jvp"),
+                                                     static_argnames=static)  # fmt: skip
+        self.jvp = None if jvp is None else self._jvp_rule
         self.reference = reference
-        self._core = op_vjp(self)  # reads self.fwd / self.bwd when traced
+        self._core = op_vjp(self)  # reads self.fwd / self.bwd (self.jvp) when traced
         _USER_OPS[next(_user_count)] = self  # its rules key the transforms' compiled steps
 
     def _options(self, options: dict) -> dict:
@@ -434,6 +456,11 @@ class Op:
         """The jitted backward rule: one cotangent per positional argument."""
         cts = self._bwd(res, g, **self._options(options))
         return _contract.check_count(self.name, cts, self.arg_names)
+
+    def _jvp_rule(self, res, tangents, **options):
+        """The jitted forward-mode rule (``op.jvp``): the output's tangent."""
+        tangents = _contract.check_tangent_count(self.name, tangents, self.arg_names)
+        return self._jvp(res, tangents, **self._options(options))
 
     @property
     def batched(self) -> tuple[bool, ...]:
