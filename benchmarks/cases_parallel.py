@@ -20,8 +20,8 @@ P15/gpt   ``jaxbp.parallel.value_and_grad(gpt, mesh, axis="data", model_axis="mo
           gradient error (float32 tolerance); per device, the split parameters' bytes ÷ their
           whole (≤ 1/P + 10%) and the compiled memory (arguments, outputs, temporaries) ÷ one
           device's; the bytes of every collective of the compiled HLO, per op and mesh axis
-          (:func:`collective_bytes`), against Megatron-LM's count plus the [q|k|v]
-          re-layout (:func:`megatron_bytes`): not more, and no other collective.
+          (:func:`collective_bytes`), against Megatron-LM's count
+          (:func:`megatron_bytes`): equal, and no other collective.
 
 Eight devices are needed. When the harness process has at least 8 (a multi-GPU machine, or
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` set before ``python -m
@@ -264,12 +264,11 @@ def megatron_bytes(model, mesh_shape: dict[str, int], n: int, t: int, dtype) -> 
     Model axis (P devices), all-reduces: per block two of ``n_D·t·d`` forward and two
     backward (Megatron-LM's count), the embedding's forward and the head's backward
     (``n_D·t·d`` each), the head's row statistics (``n_D·t`` for the max, ``3·n_D·t`` for
-    the sums); the [q|k|v] re-layout, six permutes of ``(d+1)·d/P`` per block. Data axis
+    the sums); nothing else (the qkv columns are stored per head). Data axis
     (D devices): the gradient all-reduce, every parameter this device holds, and two
     scalars (the valid-token count, the loss).
     """
     from jaxbp import parallel
-    from jaxbp.parallel import _layout
 
     D, Pm = mesh_shape["data"], mesh_shape["model"]
     s = jnp.dtype(dtype).itemsize
@@ -280,8 +279,6 @@ def megatron_bytes(model, mesh_shape: dict[str, int], n: int, t: int, dtype) -> 
         ntd = nd * t * d
         out["all-reduce model"] = (2 * L + 1) * ntd * s + ntd * acc + (2 * L) * ntd * s
         out["all-reduce model"] += 4 * nd * t * acc
-        moved = sum(src != dst for rnd in _layout.rounds(Pm) for src, dst, _, _ in rnd) / Pm
-        out["collective-permute model"] = int(round(2 * L * moved * (d + 1) * (d // Pm) * s))
     if D > 1:
         shapes = jax.eval_shape(
             functools.partial(model.init, dtype=jnp.dtype(dtype)), jax.random.PRNGKey(0)
@@ -427,7 +424,7 @@ _BYTES_OK = Target(
     "bytes_equal_formula",
     ">=",
     1.0,
-    note="collective bytes from the HLO = Megatron-LM's count + the qkv re-layout",
+    note="collective bytes from the HLO = Megatron-LM's count",
 )
 _SPLIT = Target("split_within_target", ">=", 1.0, note="split parts ≤ 1/P + 10% per device")
 for n, t, d, heads, layers, vocab, data in [(8, 128, 256, 8, 2, 4096, 2)]:

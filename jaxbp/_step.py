@@ -4,9 +4,9 @@ Every transform of a model returns a function ``f`` that checks its inputs (clea
 before anything is traced; label values when they are concrete) and then runs one compiled
 step: :func:`jaxbp.value_and_grad` (of an :class:`~jaxbp.MLP` and of a :class:`~jaxbp.GPT`),
 :func:`jaxbp.per_example_grads`, :func:`jaxbp.per_example_grad_norms`,
-:func:`jaxbp.clipped_grad`, their twins under :mod:`jaxbp.reference`, and
-:func:`jaxbp.parallel.value_and_grad`. ``f.jitted`` is that step, and it means the same for
-all of them:
+:func:`jaxbp.clipped_grad`, their twins under :mod:`jaxbp.reference`,
+:func:`jaxbp.parallel.value_and_grad` and :func:`jaxbp.parallel.clipped_grad`. ``f.jitted``
+is that step, and it means the same for all of them:
 
 * a ``jax.jit`` function (``.lower``, ``.trace``, ``.eval_shape`` work) of the core without
   the input checks;

@@ -11,7 +11,7 @@ The model (pre-norm blocks, as GPT-2)::
     x₀   = tok[ids] + pos[:t]                              (n,t,d)   embedding, position_embedding
     per block:
       a    = layer_norm(x)                                  (n,t,d)
-      q,k,v= split(a·W_qkv + b_qkv)                         (n,h,t,e) each
+      q,k,v= split(a·W_qkv + b_qkv)                         (n,h,t,e) each; W_qkv [q₀ k₀ v₀ | q₁ …]
       o    = attention(q, k, v, causal)                     (n,h,t,e)
       x    = x + merge(o)·W_o + b_o                         (n,t,d)   residual
       m    = layer_norm(x)
@@ -58,6 +58,7 @@ from .activations import gelu
 from .attention import STRATEGIES as ATTENTION_STRATEGIES
 from .attention import attention
 from .dense import dense
+from .dropout import dropout
 from .embedding import embedding, position_embedding
 from .fused import linear_softmax_cross_entropy
 from .losses import valid_rows
@@ -85,10 +86,17 @@ class GPT:
         ``"recompute"`` (keep the log-sum-exp ``(t,)`` and recompute them, flash-style).
       head_strategy: the fused head's strategy (``"forward"``: gradients during the forward
         pass, no logit computed twice; ``"recompute"``: the least memory).
+      dropout: the rate of :func:`jaxbp.dropout` in training, as GPT-2 places it: on the
+        embeddings' sum and on each block's two branches before they join the residual
+        stream (``1 + 2·layers`` masks, each from ``jax.random.fold_in(key, site)``; not on
+        the attention probabilities). A training step (``jaxbp.value_and_grad`` and the other
+        transforms) then needs ``dropout_key=``; :meth:`apply`, :meth:`mean_loss` and
+        :meth:`generate` evaluate without dropout.
 
     The model is hashable and holds no arrays: parameters are a separate pytree
     (:meth:`init`), a dict ``{"tok": (v, d), "pos": (context, d), "blocks": [...],
-    "ln_f": {...}, "head": {"w": (d, v)}}`` whose blocks hold ``ln1``, ``attn.qkv (d, 3d)``,
+    "ln_f": {...}, "head": {"w": (d, v)}}`` whose blocks hold ``ln1``, ``attn.qkv (d, 3d)``
+    (its columns per head: ``[q₀ k₀ v₀ | q₁ k₁ v₁ | …]``, ``e`` each, as Megatron-LM),
     ``attn.proj (d, d)``, ``ln2``, ``mlp.fc (d, f)``, ``mlp.out (f, d)``. optax takes the
     gradients as they are.
 
@@ -111,6 +119,7 @@ class GPT:
     eps: float = 1e-5
     attention: str = "store"
     head_strategy: str = "forward"
+    dropout: float = 0.0
 
     def __post_init__(self):
         for name in ("vocab", "d", "heads", "layers", "context", "mlp_ratio"):
@@ -134,6 +143,10 @@ class GPT:
         if not eps > 0:
             raise ValueError(f"eps: expected a positive number, got {self.eps!r}")
         object.__setattr__(self, "eps", eps)
+        rate = _checks.static_number("dropout", self.dropout)
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"dropout: expected a rate in [0, 1), got {self.dropout!r}")
+        object.__setattr__(self, "dropout", rate)
 
     @property
     def head_dim(self) -> int:
@@ -205,7 +218,7 @@ class GPT:
     def per_token_loss(self, params: GPTParams, ids, targets, *, where=None) -> jax.Array:
         """Cross-entropy of each next-id prediction ``(n, t)`` (0 where ``where`` is False),
         through the fused head: the ``(n·t, v)`` logits are never stored."""
-        _, ids, targets, where = self.check_inputs(params, ids, targets, where)
+        ids, targets, where = self.check_inputs(params, ids, targets, where, _EVAL)[1:4]
         n, t = ids.shape
         xf = self.hidden(params, ids).reshape(n * t, self.d)
         loss = linear_softmax_cross_entropy(
@@ -253,9 +266,9 @@ class GPT:
 
     # -- the explicit loops (jaxbp.model's interface) ------------------------------------
 
-    def forward(self, t, params, ids, targets, where=None):
+    def forward(self, t, params, ids, targets, where=None, key=None):
         """:func:`jaxbp.gpt.forward`: ``(per-token losses (n, t), valid (n, t), state)``."""
-        return forward(self, t, params, ids, targets, where)
+        return forward(self, t, params, ids, targets, where, key)
 
     def backward(self, t, state, seed) -> None:
         """:func:`jaxbp.gpt.backward`: the reverse loop from the per-token ``seed (n, t)``."""
@@ -290,8 +303,10 @@ class GPT:
             if shape != ref:
                 raise ValueError(f"params{path}: expected shape {ref}, got {shape}")
 
-    def check_inputs(self, params, ids, targets, where=None):
-        """Validate and convert: ``(params, ids (n, t), targets (n, t), where (n, t) or None)``.
+    def check_inputs(self, params, ids, targets, where=None, dropout_key=None):
+        """Validate and convert: ``(params, ids (n, t), targets (n, t), where (n, t) or None,
+        dropout_key)``; ``dropout_key`` is the PRNG key of the dropout masks (needed when
+        ``dropout > 0``, unused otherwise).
 
         Integer ids and targets must lie in ``[0, v)``: checked here when they are concrete
         (``ValueError``); under ``jit`` an out-of-range id makes its position NaN.
@@ -309,7 +324,13 @@ class GPT:
                 )
         check_label_range(ids, self.vocab, name="ids")
         check_label_range(targets, self.vocab, where=where, name="targets")
-        return params, ids, targets, where
+        if self.dropout > 0.0 and dropout_key is None:
+            raise ValueError(
+                f"dropout_key: GPT(dropout={self.dropout}) needs a PRNG key for its dropout "
+                "masks in a training step (dropout_key=jax.random.key(0)); apply, mean_loss and "
+                "generate evaluate without dropout"
+            )
+        return params, ids, targets, where, dropout_key if self.dropout > 0.0 else None
 
 
 @functools.lru_cache(maxsize=64)
@@ -340,18 +361,19 @@ def _sampler(model: GPT, temperature: float) -> Callable:
 
 
 def _split_qkv(qkv: jax.Array, heads: int):
-    """``(n, t, 3d) → q, k, v (n, h, t, e)``: ``[q | k | v]`` along the last axis, each
-    split into ``h`` heads of ``e``."""
+    """``(n, t, 3d) → q, k, v (n, h, t, e)``. The columns are per head, as Megatron-LM
+    stores them: ``[q₀ k₀ v₀ | q₁ k₁ v₁ | …]`` (head, then q/k/v, then ``e``), so a
+    contiguous block of ``3d/P`` columns holds ``h/P`` whole heads."""
     n, t, d3 = qkv.shape
     e = d3 // (3 * heads)
-    y = qkv.reshape(n, t, 3, heads, e).transpose(2, 0, 3, 1, 4)  # (3, n, h, t, e)
+    y = qkv.reshape(n, t, heads, 3, e).transpose(3, 0, 2, 1, 4)  # (3, n, h, t, e)
     return y[0], y[1], y[2]
 
 
 def _join_qkv(dq, dk, dv) -> jax.Array:
     """The backward of :func:`_split_qkv`: ``dq, dk, dv (n, h, t, e) → (n, t, 3d)``."""
     n, h, t, e = dq.shape
-    return jnp.stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4).reshape(n, t, 3 * h * e)
+    return jnp.stack([dq, dk, dv]).transpose(1, 3, 2, 0, 4).reshape(n, t, 3 * h * e)
 
 
 def _merge_heads(o: jax.Array) -> jax.Array:
@@ -368,8 +390,36 @@ def _split_heads(g: jax.Array, heads: int) -> jax.Array:
 
 # ------------------------------------------------------------ the explicit forward/backward
 
+_EVAL = object()  # check_inputs' dropout_key when evaluating: no dropout, no key needed
 
-def forward(model: GPT, t: Tape, params: GPTParams, ids, targets, where):
+
+class _Dropout:
+    """The dropout sites of one forward: site ``j`` (0 the embeddings, ``1 + 2i`` and
+    ``2 + 2i`` block ``i``'s attention and MLP branches) draws its mask from
+    ``fold_in(key, j)``; ``saved`` holds each site's residuals (a plain list: the state stays
+    a pytree). No-ops at rate 0."""
+
+    def __init__(self, rate: float, key):
+        self.rate, self.key, self.saved = rate, key, []
+
+    def fwd(self, t: Tape, x):
+        if self.rate == 0.0:
+            return x
+        k = jax.random.fold_in(self.key, len(self.saved))
+        y, res = t.fwd(dropout, x, k, rate=self.rate)
+        self.saved.append(res)
+        return y
+
+
+def _dropout_bwd(model: GPT, t: Tape, saved: list, g, site: int):
+    """The gradient through dropout site ``site`` (``g`` itself at rate 0)."""
+    if model.dropout == 0.0:
+        return g
+    (dx,) = t.bwd(dropout, saved[site], g, rate=model.dropout)
+    return dx
+
+
+def forward(model: GPT, t: Tape, params: GPTParams, ids, targets, where, key=None):
     """Forward through the ops' ``fwd`` rules: ``(per-token loss (n, t), valid (n, t),
     state)``; ``state`` holds every rule's residuals, in the order :func:`backward` consumes
     them. The rules are read from the op objects (``jaxbp.dense.fwd``, ...) when traced."""
@@ -377,6 +427,8 @@ def forward(model: GPT, t: Tape, params: GPTParams, ids, targets, where):
     eps, heads, strategy = model.eps, model.heads, model.attention
     x, tok_res = t.fwd(embedding, ids, params["tok"])  # (n, t, d)
     x, pos_res = t.fwd(position_embedding, x, params["pos"])  # + pos[:t]
+    drop = _Dropout(model.dropout, key)
+    x = drop.fwd(t, x)
     blocks = []
     for blk in params["blocks"]:
         a, ln1 = t.fwd(layer_norm, x, blk["ln1"]["gamma"], blk["ln1"]["beta"], eps=eps)
@@ -384,12 +436,12 @@ def forward(model: GPT, t: Tape, params: GPTParams, ids, targets, where):
         q, k, v = _split_qkv(qkv, heads)
         o, att = t.fwd(attention, q, k, v, None, causal=True, strategy=strategy)
         y, proj = t.fwd(dense, _merge_heads(o), blk["attn"]["proj"]["w"], blk["attn"]["proj"]["b"])
-        x = x + y
+        x = x + drop.fwd(t, y)
         m, ln2 = t.fwd(layer_norm, x, blk["ln2"]["gamma"], blk["ln2"]["beta"], eps=eps)
         hid, fc = t.fwd(dense, m, blk["mlp"]["fc"]["w"], blk["mlp"]["fc"]["b"])
         act, act_res = t.fwd(gelu, hid)
         y, out = t.fwd(dense, act, blk["mlp"]["out"]["w"], blk["mlp"]["out"]["b"])
-        x = x + y
+        x = x + drop.fwd(t, y)
         blocks.append((ln1, qkv_res, att, proj, ln2, fc, act_res, out))
     xf, lnf = t.fwd(layer_norm, x, params["ln_f"]["gamma"], params["ln_f"]["beta"], eps=eps)
     flat_where = None if where is None else where.reshape(-1)
@@ -398,13 +450,13 @@ def forward(model: GPT, t: Tape, params: GPTParams, ids, targets, where):
         targets.reshape(-1), None, flat_where, strategy=model.head_strategy,
     )  # fmt: skip
     valid = valid_rows(targets, where, batch_shape=(n, tt))
-    return loss.reshape(n, tt), valid, (tok_res, pos_res, blocks, lnf, head, (n, tt))
+    return loss.reshape(n, tt), valid, (tok_res, pos_res, blocks, lnf, head, (n, tt), drop.saved)
 
 
 def backward(model: GPT, t: Tape, state, seed: jax.Array) -> None:
     """Reverse loop from a per-token seed ``(n, t) = ∂L/∂loss``; every parameter's gradient
     goes to its leaf through the tape (the tied head's ``dW_headᵀ`` adds to ``tok``'s)."""
-    tok_res, pos_res, blocks, lnf, head, (n, tt) = state
+    tok_res, pos_res, blocks, lnf, head, (n, tt), dropped = state
     eps, heads, strategy = model.eps, model.heads, model.attention
     to_head = {"w": transposed(("tok",))} if model.tied else {"w": ("head", "w")}
     dxf, _ = t.bwd(linear_softmax_cross_entropy, head, seed.reshape(-1), params=to_head,
@@ -413,18 +465,21 @@ def backward(model: GPT, t: Tape, state, seed: jax.Array) -> None:
     for i, (ln1, qkv_res, att, proj, ln2, fc, act_res, out) in reversed(list(enumerate(blocks))):
         blk = ("blocks", i)
         # MLP branch: x_out = x_mid + dense(gelu(dense(layer_norm(x_mid))))
-        (dact,) = t.bwd(dense, out, dx, params=(*blk, "mlp", "out"))  # "ntd,fd->ntf"
+        dy = _dropout_bwd(model, t, dropped, dx, 2 + 2 * i)
+        (dact,) = t.bwd(dense, out, dy, params=(*blk, "mlp", "out"))  # "ntd,fd->ntf"
         (dhid,) = t.bwd(gelu, act_res, dact)
         (dm,) = t.bwd(dense, fc, dhid, params=(*blk, "mlp", "fc"))
         (dxm,) = t.bwd(layer_norm, ln2, dm, params=(*blk, "ln2"), eps=eps)
         dx = dx + dxm  # the residual: both paths' gradients add
         # attention branch: x_mid = x_in + dense(merge(attention(split(dense(layer_norm(x_in))))))
-        (do,) = t.bwd(dense, proj, dx, params=(*blk, "attn", "proj"))
+        dy = _dropout_bwd(model, t, dropped, dx, 1 + 2 * i)
+        (do,) = t.bwd(dense, proj, dy, params=(*blk, "attn", "proj"))
         dq, dk, dv = t.bwd(
             attention, att, _split_heads(do, heads), causal=True, strategy=strategy
         )  # (n, h, t, e) each, dS = P ⊙ (dP − rowsum(dP ⊙ P))
         (da,) = t.bwd(dense, qkv_res, _join_qkv(dq, dk, dv), params=(*blk, "attn", "qkv"))
         (dxa,) = t.bwd(layer_norm, ln1, da, params=(*blk, "ln1"), eps=eps)
         dx = dx + dxa
+    dx = _dropout_bwd(model, t, dropped, dx, 0)
     (dx,) = t.bwd(position_embedding, pos_res, dx, params={"table": ("pos",)})  # Σₙ δ "ntd->td"
     t.bwd(embedding, tok_res, dx, params={"table": ("tok",)})  # a scatter-add into tok

@@ -15,7 +15,7 @@ of ``params`` (``[0]['w'] (i, o)``, …), with the error measures and tolerances
 * ``jax.grad``     ``grad_fn`` against ``jax.grad(loss_fn)``, in the dtype of ``params``;
 * ``finite diff``  ``grad_fn`` again in float64 against central differences
   ``(L(θ + h·d) − L(θ − h·d)) / 2h`` of ``loss_fn`` in float64, along ``k`` random unit
-  directions ``d`` of each leaf (``h = 1e-6·max(1, max|leaf|)``), as ``⟨∇L, d⟩ (k,)``.
+  directions ``d`` of each leaf (``h = 1e-5·max(1, max|leaf|)``), as ``⟨∇L, d⟩ (k,)``.
 
 A leaf that is wrong against ``jax.grad`` gets a diagnosis: the classic mistake it matches
 (transposed, wrong sign, a sum for a mean or a mean for a sum, softmax's elementwise

@@ -19,7 +19,11 @@ through a :class:`jaxbp.Tape` ``t``::
 
 Optionally ``check_inputs(params, *args, **kwargs) -> (params, *batch)``: validate and
 convert the inputs (clear errors before tracing) and return the step's arguments
-positionally; without it the transforms take ``f(params, *batch)`` as given.
+positionally; without it the transforms take ``f(params, *batch)`` as given. And
+optionally ``batch_axes``: one entry per argument of the batch, ``0`` where its leading axis
+holds the examples, ``None`` where it is the same for every example (an MLP's
+``class_weights``); without it every argument is per example. The mesh transforms
+(:mod:`jaxbp.parallel`) split the first kind over the data axis and copy the second.
 
 Every transform is written once against this interface and never looks at a model's
 type (:class:`jaxbp.MLP` and :class:`jaxbp.GPT` implement it like any model):
@@ -30,6 +34,9 @@ type (:class:`jaxbp.MLP` and :class:`jaxbp.GPT` implement it like any model):
   :func:`~jaxbp.clipped_grad` seed each example's units with ``1/n_valid(k)``, so that the
   per-example gradient is that of the example's own mean loss (what ``value_and_grad``
   gives on a batch of that example alone), and ask each op for its per-example rule;
+* :func:`jaxbp.parallel.value_and_grad` and :func:`jaxbp.parallel.clipped_grad` run the
+  same on each device of a mesh, on its rows, with the counts and sums over the data axis
+  (:func:`value_and_grad_step`, :func:`jaxbp.per_example.clip_step` with a ``Reduce``);
 * :func:`jaxbp.compare` checks the result against ``jax.grad`` of the same forward loop
   run through the ops' plain twins (``Tape("reference")``), or of the model's own
   independent twin where it has one, and against finite differences.
@@ -45,13 +52,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from . import _step
+from . import _checks, _step
 from ._op import all_rules
 from ._tape import Tape
+from ._vma import LOCAL, Reduce
 
 __all__ = [
-    "INTERFACE", "check_model", "checker", "entry", "example_seed", "examples_valid",
-    "mean_and_seed", "reference_loss", "run", "value_and_grad",
+    "INTERFACE", "batch_axes", "check_model", "checker", "entry", "example_seed",
+    "examples_valid", "mean_and_seed", "reference_loss", "run", "sum_over", "value_and_grad",
+    "value_and_grad_step",
 ]  # fmt: skip
 
 INTERFACE = ("forward", "backward")
@@ -88,15 +97,50 @@ def checker(model: Any) -> Callable:
     return as_given
 
 
+def batch_axes(model: Any, batch) -> tuple:
+    """``model.batch_axes`` (module docstring) for the arguments of ``batch`` (those left off
+    at the end need no entry), or ``0`` for every one; ``TypeError`` naming what is wrong
+    with a declared one."""
+    declared = getattr(model, "batch_axes", None)
+    if declared is None:
+        return (0,) * len(batch)
+    axes = tuple(declared) if isinstance(declared, tuple | list) else ()
+    if len(axes) < len(batch) or any(
+        a is not None and (isinstance(a, bool) or a != 0) for a in axes
+    ):  # fmt: skip
+        raise TypeError(
+            f"batch_axes: expected a tuple of one entry per argument of the batch ({len(batch)} "
+            f"here), each 0 (the examples on its leading axis) or None (the same for every "
+            f"example), got {declared!r} on {type(model).__name__}"
+        )
+    return axes[: len(batch)]
+
+
 def _count(valid, axes):
     return jnp.maximum(jnp.sum(valid, axis=axes), 1)
 
 
-def mean_and_seed(losses: jax.Array, valid: jax.Array):
-    """The mean loss over valid units and its seed ``∂mean/∂loss = valid/n_valid``."""
-    count = _count(valid, None).astype(losses.dtype)
-    mean = jnp.sum(jnp.where(valid, losses, 0.0)) / count
+def mean_and_seed(losses: jax.Array, valid: jax.Array, red: Reduce = LOCAL):
+    """The mean loss over valid units and its seed ``∂mean/∂loss = valid/n_valid``.
+
+    ``red`` sums the loss and the count over a mesh's data axis (``psum``: one scalar each),
+    so that on each device's rows the seed is that of the mean over the whole batch."""
+    count = jnp.maximum(red.sum(jnp.sum(valid)), 1).astype(losses.dtype)
+    mean = red.sum(jnp.sum(jnp.where(valid, losses, 0.0))) / count
     return mean, jnp.where(valid, 1.0 / count, 0.0).astype(losses.dtype)
+
+
+def sum_over(red: Reduce, tree):
+    """Every leaf of ``tree`` summed over ``red``'s axis in its accumulation dtype (one
+    ``psum`` per leaf: the data-parallel all-reduce of the gradients); as it is on one
+    device."""
+    if red.axis is None:
+        return tree
+
+    def one(g):
+        return red.sum(g.astype(_checks.accum_dtype(g.dtype))).astype(g.dtype)
+
+    return jax.tree.map(one, tree)
 
 
 def example_seed(losses: jax.Array, valid: jax.Array) -> jax.Array:
@@ -129,13 +173,20 @@ def reference_loss(model: Any, params, *batch, mode: str = "reference") -> jax.A
     return mean_and_seed(losses, valid)[0]
 
 
-def _value_and_grad_core(model, rules, params, *batch):
-    del rules  # the cache key only: the tape reads the rules from the ops when traced
+def value_and_grad_step(model: Any, params, batch, red: Reduce = LOCAL):
+    """``(mean loss, grads)`` from the model's loops, seeded with ``valid/n_valid``; with a
+    mesh's data axis in ``red``, the count, the loss and the gradients summed over it (each
+    device its own rows: the mean over the whole batch however unevenly it is masked)."""
     t = Tape()
     losses, valid, state = model.forward(t, params, *batch)
-    mean, seed = mean_and_seed(losses, valid)
+    mean, seed = mean_and_seed(losses, valid, red)
     model.backward(t, state, seed)
-    return mean, t.gradients(params)
+    return mean, sum_over(red, t.gradients(params))
+
+
+def _value_and_grad_core(model, rules, params, *batch):
+    del rules  # the cache key only: the tape reads the rules from the ops when traced
+    return value_and_grad_step(model, params, batch)
 
 
 def entry(model, core, name, doc, *config):

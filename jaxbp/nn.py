@@ -31,7 +31,7 @@ import inspect
 import math
 import types
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -109,6 +109,8 @@ class MLP:
     loss: str = "softmax_cross_entropy"
     activation_options: tuple[tuple[str, Any], ...] | Mapping[str, Any] = ()
     loss_options: tuple[tuple[str, Any], ...] | Mapping[str, Any] = ()
+    # x, labels, where: per example; class_weights (c,): the same for every example
+    batch_axes: ClassVar[tuple] = (0, 0, 0, None)
 
     def __post_init__(self):
         sizes = tuple(int(s) for s in self.sizes)

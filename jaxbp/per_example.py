@@ -64,6 +64,7 @@ from ._contrib import (
 )
 from ._op import all_rules, bwd_options
 from ._tape import Tape, assemble
+from ._vma import LOCAL, Reduce
 from .dense import dense
 from .model import (
     check_model,
@@ -73,6 +74,7 @@ from .model import (
     examples_valid,
     mean_and_seed,
     run,
+    sum_over,
 )
 
 __all__ = [
@@ -243,21 +245,26 @@ def _check_key(key, noise_multiplier):
         )
 
 
-def _denominator(valid, batch_size, dtype):
+def _denominator(count, batch_size, dtype):
     if batch_size is not None:
         return jnp.asarray(batch_size, dtype)
-    return jnp.maximum(jnp.sum(valid), 1).astype(dtype)
+    return jnp.maximum(count, 1).astype(dtype)
 
 
 def _divide(tree, m):
     return jax.tree.map(lambda g: (_acc(g) / m.astype(_acc(g).dtype)).astype(g.dtype), tree)
 
 
-def _clipped_grad_core(
-    model, rules, method, batch_size, l2_clip, noise_multiplier, return_loss, params, *args
-):  # fmt: skip
-    del rules  # the cache key only: the tape reads the rules from the ops when traced
-    *batch, key = args
+def clip_step(model, config, params, batch, key, red: Reduce = LOCAL):
+    """One DP-SGD step on this device's examples: ``(grads, norms)`` (``(loss, grads,
+    norms)`` with ``return_loss``); ``config = (method, batch_size, l2_clip,
+    noise_multiplier, return_loss)``.
+
+    Each example's norm and clip factor are its own, computed where its rows are; with a
+    mesh's data axis in ``red`` (:func:`jaxbp.parallel.clipped_grad`), the number of valid
+    examples and the clipped sum are summed over it (one ``psum`` each) before the noise,
+    which every device draws from the same ``key``: the same draws as on one device."""
+    method, batch_size, l2_clip, noise_multiplier, return_loss = config
     noisy = noise_multiplier > 0.0
     t = Tape()
     losses, valid, state = model.forward(t, params, *batch)
@@ -266,7 +273,7 @@ def _clipped_grad_core(
     n = _n(losses)
     norms = _norms(contributions(t, n), n, params)  # ‖g_k‖ (n,)
     clip = jnp.asarray(l2_clip).astype(norms.dtype)
-    m = _denominator(examples_valid(valid), batch_size, norms.dtype)
+    m = _denominator(red.sum(jnp.sum(examples_valid(valid))), batch_size, norms.dtype)
     factors = _clip_factors(norms, clip)  # c_k (n,)
     # With noise, the clipped *sum* is formed, noised, then divided; without, scale by c_k/m.
     scale = factors if noisy else factors / m
@@ -282,12 +289,19 @@ def _clipped_grad_core(
             return tuple(rec.op.bwd(rec.res, g, **bwd_options(rec.op.bwd, rec.options)))
 
         grads = t.gradients(params, rescaled)
+    grads = sum_over(red, grads)  # the clipped sum over the data axis: one psum per leaf
     if noisy:
         std = jnp.asarray(noise_multiplier).astype(norms.dtype) * clip
         grads = _divide(_add_noise(grads, key, std), m)
     if return_loss:
-        return mean_and_seed(losses, valid)[0], grads, norms
+        return mean_and_seed(losses, valid, red)[0], grads, norms
     return grads, norms
+
+
+def _clipped_grad_core(model, rules, config, params, *args):
+    del rules  # the cache key only: the tape reads the rules from the ops when traced
+    *batch, key = args
+    return clip_step(model, config, params, batch, key)
 
 
 def clipped_grad(
@@ -333,10 +347,8 @@ def clipped_grad(
     """
     check_model(model, "clipped_grad")
     l2_clip, noise_multiplier = check_clip_options(l2_clip, noise_multiplier, batch_size, method)
-    step = _step.compiled(
-        _clipped_grad_core, model, all_rules(), method, batch_size, l2_clip, noise_multiplier,
-        bool(return_loss),
-    )  # fmt: skip
+    config = (method, batch_size, l2_clip, noise_multiplier, bool(return_loss))
+    step = _step.compiled(_clipped_grad_core, model, all_rules(), config)
     check_batch = checker(model)
 
     def check(params, *args, key=None, **kwargs):

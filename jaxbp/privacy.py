@@ -120,7 +120,9 @@ def dp_setting(model, cfg: dict[str, Any], text) -> dict[str, Any]:
                            batch_size=cfg["batch_size"], return_loss=True).jitted  # fmt: skip
 
     def step(params, x, y, where, key):
-        loss, grads, _ = clipped(params, x, y, where, key if cfg["noise"] > 0 else None)
+        # GPT(dropout>0): the masks from their own key, derived from the step's noise key
+        drop = jax.random.fold_in(key, 1) if cfg.get("dropout") else None
+        loss, grads, _ = clipped(params, x, y, where, drop, key if cfg["noise"] > 0 else None)
         return loss, grads
 
     setting = describe(rate, cfg["noise"], cfg["dp_clip"], delta, cfg["batch_size"], windows)

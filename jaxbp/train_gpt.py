@@ -86,6 +86,7 @@ GPT_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "sample_chars": 300,
     "temperature": 0.8,
+    "dropout": 0.0,  # GPT(dropout=...): embeddings and each block's two branches
     "dp_clip": None,  # DP-SGD: clip each sequence's gradient to this L2 norm (jaxbp.privacy)
     "noise": 0.0,  # DP-SGD: the noise multiplier σ
     "delta": None,  # DP-SGD: δ of the (ε, δ) reported; default 10^⌊log₁₀(1/N)⌋
@@ -95,7 +96,7 @@ GRAD_CHECK_TOLERANCE = 1e-5
 # What a resumed run must share with its checkpoint (all that changes the numbers).
 RESUME_FIELDS = ("model", "vocab", "d", "heads", "layers", "context", "batch_size", "steps",
                  "lr", "warmup", "weight_decay", "log_every", "eval_batches", "seed",
-                 "dp_clip", "noise")  # fmt: skip
+                 "dropout", "dp_clip", "noise")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +166,12 @@ def check_config(cfg: dict[str, Any], mesh: dict[str, int] | None = None) -> GPT
             raise ValueError("noise: needs dp_clip (DP-SGD clips each sequence's gradient)")
         if mesh is not None:
             raise ValueError("dp_clip: DP-SGD training runs on one device (no mesh)")
+    rate = cfg["dropout"]
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0.0 <= rate < 1.0:
+        raise ValueError(f"dropout: expected a rate in [0, 1), got {rate!r}")
+    if rate > 0.0 and mesh is not None:
+        raise ValueError("dropout: the mesh step draws no dropout masks; train with dropout on one "
+                         "device (no mesh)")  # fmt: skip
     delta = cfg["delta"]
     if delta is not None and not (isinstance(delta, float) and 0.0 < delta < 1.0):
         raise ValueError(f"delta: expected a number in (0, 1), got {delta!r}")
@@ -183,9 +190,8 @@ def check_config(cfg: dict[str, Any], mesh: dict[str, int] | None = None) -> GPT
             f"axis, got {cfg['heads']}"
         )
     vocab = -(-cfg["vocab"] // model_parts) * model_parts  # padded: ids that never occur
-    return GPT(
-        vocab=vocab, d=cfg["d"], heads=cfg["heads"], layers=cfg["layers"], context=cfg["context"]
-    )
+    return GPT(vocab=vocab, d=cfg["d"], heads=cfg["heads"], layers=cfg["layers"],
+               context=cfg["context"], dropout=float(rate))  # fmt: skip
 
 
 def _optimizer(cfg) -> optax.GradientTransformation:
@@ -226,8 +232,9 @@ def _stretch_fn(core: Callable, opt: optax.GradientTransformation, max_nonfinite
 def check_gradients(model: GPT, params, x, y) -> dict[str, Any]:
     """Hand-written vs ``jax.grad`` of the plain twin on one batch: per-leaf relative error
     (max-abs difference over the reference leaf's max-abs), and the loss difference."""
-    loss, grads = value_and_grad(model)(params, x, y)
-    ref_loss, ref_grads = reference.value_and_grad(model)(params, x, y)
+    key = jax.random.PRNGKey(0) if model.dropout else None  # the same masks in both
+    loss, grads = value_and_grad(model)(params, x, y, dropout_key=key)
+    ref_loss, ref_grads = reference.value_and_grad(model)(params, x, y, dropout_key=key)
     rows = []
     for (path, a), b in zip(
         jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(ref_grads), strict=True
@@ -362,13 +369,15 @@ def _train(model, cfg, check, log, progress, ckpt, every, limit, mesh, devices) 
     n, t = cfg["batch_size"], cfg["context"]
     rng = np.random.default_rng(cfg["seed"])
     k_init, k_sample = jax.random.split(jax.random.PRNGKey(cfg["seed"]))
+    drop_key = jax.random.fold_in(jax.random.PRNGKey(cfg["seed"]), 0xD0)  # step i: fold_in i
     params = model.init(k_init)
     plain = value_and_grad(model).jitted
-    step, everywhere = (lambda p, x, y: plain(p, x, y, None)), (lambda p: p)
+    # step(params, x, y, key): key draws the dropout masks (unused at dropout 0)
+    step, everywhere = (lambda p, x, y, k: plain(p, x, y, None, k)), (lambda p: p)
     put = lambda a, spec: jnp.asarray(a)  # noqa: E731 - one device: where JAX puts it
     if mesh is not None:  # the parameters split over the mesh, the step on every device
         on, params, everywhere, put = on_mesh(model, params, mesh, devices)
-        step = lambda p, x, y: on(p, x, y, None)  # noqa: E731
+        step = lambda p, x, y, k: on(p, x, y, None)  # noqa: E731 - no dropout on a mesh
     dp = dp_setting(model, cfg, text) if cfg["dp_clip"] is not None else None
     if dp is not None:
         step = dp["step"]
@@ -416,7 +425,8 @@ def _train(model, cfg, check, log, progress, ckpt, every, limit, mesh, devices) 
                 xs, ys = text.batch(rng, s * n, t)
                 xs, ys = xs.reshape(s, n, t), ys.reshape(s, n, t)
                 rows = parallel.P(None, "data")  # (s, n, t): the sequences split over data
-                batches = (put(xs, rows), put(ys, rows))
+                keys = jax.vmap(lambda k: jax.random.fold_in(drop_key, k))(jnp.arange(s) + done)
+                batches = (put(xs, rows), put(ys, rows), put(keys, parallel.P()))
             else:  # Poisson-sampled windows, padded rows masked; a noise key per step
                 xs, ys, where, _ = poisson_windows(text.train, rng, dp["rate"], t, s)
                 keys = jax.vmap(lambda k: jax.random.fold_in(dp["key"], k))(jnp.arange(s) + done)

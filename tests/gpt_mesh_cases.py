@@ -135,7 +135,7 @@ def case_gpt_placed_jitted_and_optax(out, summary):
 
 def case_gpt_collectives(out, summary):
     """The bytes of every collective of the compiled 2×4 and 4×2 steps (float32), read from
-    the HLO, against Megatron-LM's count plus the [q|k|v] re-layout (benchmarks P15)."""
+    the HLO, against Megatron-LM's count (benchmarks P15)."""
     import jax
     import jax.numpy as jnp
     import numpy as np

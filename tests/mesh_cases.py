@@ -178,6 +178,8 @@ def _op_inputs():
         "swish": [("swish", z(), ("z",), {})],
         "embedding": [("embedding", {"ids": rng.integers(0, 7, n).astype(np.int32),
                                      "table": arr(7, 4)}, ("ids",), {})],
+        "position_embedding": [("position_embedding", {"x": arr(n, 4, 3), "table": arr(6, 3)},
+                                ("x",), {})],
         "layer_norm": [("layer_norm", {"x": arr(n, 5), "gamma": arr(5), "beta": arr(5)},
                         ("x",), {})],
         "rms_norm": [("rms_norm", {"x": arr(n, 5), "gamma": arr(5)}, ("x",), {})],
@@ -483,9 +485,10 @@ def case_ops_on_explicit_axes_under_jit(out, summary):
 
 def case_models_on_explicit_axes_under_jit(out, summary):
     """The explicit reverse loops (``value_and_grad`` of an MLP and of a GPT, per-example
-    gradients and norms, ``clipped_grad``) and their references, called and jitted with the
-    batch placed on an Explicit ``data`` axis: the one-device results, gradients typed like
-    the (replicated) parameters."""
+    gradients and norms, ``clipped_grad`` of an MLP, of a tied and masked GPT and of a
+    user's model, with noise) and their references, called and jitted with the batch placed
+    on an Explicit ``data`` axis: the one-device results, gradients typed like the
+    (replicated) parameters."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -500,6 +503,8 @@ def case_models_on_explicit_axes_under_jit(out, summary):
         summary["models_on_explicit_axes_under_jit"] = {"ok": True, "dtype": None,
                                                         "info": {"skipped": True}}  # fmt: skip
         return
+    from tests.model_mesh_cases import TokenTagger
+
     rng = np.random.default_rng(26)
     mlp = jaxbp.MLP((6, 12, 5), activation="gelu")
     pm = mlp.init(jax.random.PRNGKey(1), jnp.float64)
@@ -508,34 +513,51 @@ def case_models_on_explicit_axes_under_jit(out, summary):
     pg = gpt.init(jax.random.PRNGKey(2), jnp.float64)
     ids = jnp.asarray(rng.integers(0, 11, (16, 8)), jnp.int32)
     targets = jnp.asarray(rng.integers(0, 11, (16, 8)), jnp.int32)
-    # name: (transform, inputs, which output holds the (replicated) gradients, or None):
-    # (loss, grads) and (grads, per-example norms); the norms alone are split like the batch.
+    tied = jaxbp.GPT(vocab=11, d=8, heads=2, layers=1, context=8, tied=True)
+    pt = tied.init(jax.random.PRNGKey(3), jnp.float64)
+    mask = rng.uniform(size=(16, 8)) < 0.6
+    mask[:2] = False  # the first data shard: nothing valid
+    tagger = TokenTagger()
+    pu = tagger.init(jax.random.PRNGKey(4), jnp.float64)
+    xu, yu = jnp.asarray(rng.normal(size=(16, 3, 3))), jnp.asarray(rng.integers(0, 4, (16, 3)))
+    noisy = {"l2_clip": 0.1, "noise_multiplier": 1.1}
+    # name: (transform, inputs, which output holds the (replicated) gradients, or None, and
+    # keyword arguments placed on the data axis): (loss, grads) and (grads, per-example
+    # norms); the norms alone are split like the batch.
     transforms = {
-        "mlp/value_and_grad": (jaxbp.value_and_grad(mlp), (pm, x, y), 1),
-        "mlp/reference.value_and_grad": (jaxbp.reference.value_and_grad(mlp), (pm, x, y), 1),
-        "mlp/per_example_grad_norms": (jaxbp.per_example_grad_norms(mlp), (pm, x, y), None),
-        "mlp/clipped_grad": (jaxbp.clipped_grad(mlp, l2_clip=0.5), (pm, x, y), 0),
-        "gpt/value_and_grad": (jaxbp.value_and_grad(gpt), (pg, ids, targets), 1),
+        "mlp/value_and_grad": (jaxbp.value_and_grad(mlp), (pm, x, y), 1, {}),
+        "mlp/reference.value_and_grad": (jaxbp.reference.value_and_grad(mlp), (pm, x, y), 1, {}),
+        "mlp/per_example_grad_norms": (jaxbp.per_example_grad_norms(mlp), (pm, x, y), None, {}),
+        "mlp/clipped_grad": (jaxbp.clipped_grad(mlp, l2_clip=0.5), (pm, x, y), 0, {}),
+        "gpt/value_and_grad": (jaxbp.value_and_grad(gpt), (pg, ids, targets), 1, {}),
         "gpt/reference.value_and_grad": (
-            jaxbp.reference.value_and_grad(gpt), (pg, ids, targets), 1),
+            jaxbp.reference.value_and_grad(gpt), (pg, ids, targets), 1, {}),
+        "tied_gpt/clipped_grad/noise": (
+            jaxbp.clipped_grad(tied, **noisy), (pt, ids, targets), 0, {"where": mask}),
+        "user/clipped_grad/noise": (
+            jaxbp.clipped_grad(tagger, **noisy), (pu, xu, yu), 0, {}),
     }  # fmt: skip
     actual, expected, errors, wrong_types = {}, {}, {}, {}
     for ctx_name, ctx in _explicit_contexts(mesh).items():
-        for name, (f, (params, a, b), grads_at) in transforms.items():
+        for name, (f, (params, a, b), grads_at, kw) in transforms.items():
             key = f"{ctx_name}/{name}"
+            rows = NamedSharding(mesh, P("data"))
             placed = (jax.device_put(params, NamedSharding(mesh, P())),
-                      jax.device_put(a, NamedSharding(mesh, P("data"))),
-                      jax.device_put(b, NamedSharding(mesh, P("data"))))  # fmt: skip
+                      jax.device_put(a, rows), jax.device_put(b, rows))  # fmt: skip
+            kw_placed = {k: jax.device_put(v, rows) for k, v in kw.items()}
+            if "noise" in name:  # the same key, replicated
+                kw, kw_placed = (dict(d, key=jax.random.key(6)) for d in (kw, kw_placed))
             try:
                 with ctx():
-                    eager, jitted = f(*placed), jax.jit(f)(*placed)
+                    eager = f(*placed, **kw_placed)
+                    jitted = jax.jit(lambda *a, f=f, kw=kw_placed: f(*a, **kw))(*placed)
                 if grads_at is not None:
                     for path, g in jax.tree_util.tree_leaves_with_path(jitted[grads_at]):
                         if any(e is not None for e in jax.typeof(g).sharding.spec):
                             wrong_types[f"{key}{jax.tree_util.keystr(path)}"] = str(
                                 jax.typeof(g).sharding.spec
                             )
-                one = f(params, a, b)
+                one = f(params, a, b, **kw)
                 actual[key + "/call"], expected[key + "/call"] = eager, one
                 actual[key + "/jit"], expected[key + "/jit"] = jitted, one
             except Exception as e:  # noqa: BLE001 - reported by the test

@@ -443,7 +443,8 @@ def _configure():
 
 
 def run_single(out, which="single"):
-    """``single``: the cases above and tests/mesh_cases.py; ``gpt``: tests/gpt_mesh_cases.py."""
+    """``single``: the cases above, tests/mesh_cases.py and tests/model_mesh_cases.py;
+    ``gpt``: tests/gpt_mesh_cases.py."""
     _set_device_count(8)
     import jax
 
@@ -451,9 +452,10 @@ def run_single(out, which="single"):
     if which == "gpt":
         from tests.gpt_mesh_cases import CASES as cases
     else:
-        from tests import mesh_cases  # jax.make_mesh meshes, ops inside a user's shard_map
+        # jax.make_mesh meshes, ops inside a user's shard_map; any model, DP-SGD
+        from tests import mesh_cases, model_mesh_cases
 
-        cases = SINGLE + mesh_cases.CASES
+        cases = SINGLE + mesh_cases.CASES + model_mesh_cases.CASES
     summary = {"_devices": jax.device_count()}
     for case in cases:
         name = case.__name__.removeprefix("case_")
@@ -537,12 +539,23 @@ def run_multiprocess(out, process_id, num_processes, coordinator):
         lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True)), (loss3, grads3)
     )
 
+    # DP-SGD of the MLP over all 8 devices of both processes: the same key in both.
+    dp_opts = {"l2_clip": 0.5, "noise_multiplier": 1.1}
+    dp_key = {"key": jax.random.key(2)}
+    grads4, norms4 = parallel.clipped_grad(model, mesh, **dp_opts)(
+        *args, where=parallel.shard(where, mesh, row), **dp_key
+    )
+    actual4 = (jax.tree.map(np.asarray, grads4),
+               np.asarray(multihost_utils.process_allgather(norms4, tiled=True)))  # fmt: skip
+
     if process_id == 0:  # one process's, one device's answer, on its first local device
         expected = jaxbp.value_and_grad(model)(params, x, labels, where=where)
         _save(out, "multiprocess_data_parallel", actual, expected, "float32", None, summary)
         _save(out, "multiprocess_2x4_last_layer", actual2, expected, "float32", None, summary)
         expected3 = jaxbp.reference.value_and_grad(gpt)(gpt_params, ids, targets, where=gpt_where)
         _save(out, "multiprocess_gpt_2x4", actual3, expected3, "float64", None, summary)
+        expected4 = jaxbp.clipped_grad(model, **dp_opts)(params, x, labels, where=where, **dp_key)
+        _save(out, "multiprocess_dp_sgd", actual4, expected4, "float32", None, summary)
         with open(os.path.join(out, "summary-0.json"), "w") as f:
             json.dump(summary, f, indent=1)
     jax.distributed.shutdown()

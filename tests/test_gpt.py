@@ -10,6 +10,8 @@ import optax
 import pytest
 
 import jaxbp
+from jaxbp.gpt import _join_qkv, _split_qkv
+from tests import helpers
 from tests.helpers import assert_close
 from tests.test_nn import _primitives
 
@@ -130,6 +132,36 @@ def test_tied_head_gradient_is_the_sum_of_both_uses_of_the_token_table():
     _, grads = VG(model)(params, ids, targets)
     _, ref = REF(model)(params, ids, targets)
     assert_close(grads["tok"], ref["tok"], jnp.float64)
+
+
+def test_qkv_columns_are_stored_per_head_as_megatron_stores_them():
+    """``attn.qkv.w = [q₀ k₀ v₀ | q₁ k₁ v₁ | …]``: the block built from separate ``W_q, W_k,
+    W_v (d, d)`` interleaved head by head equals multi-head attention written with them
+    (tests/helpers.py), and a contiguous third of the columns is a third of the heads."""
+    d, h = 12, 3
+    e = d // h
+    model = jaxbp.GPT(vocab=V, d=d, heads=h, layers=1, context=5)
+    params = model.init(jax.random.PRNGKey(0), jnp.float64)
+    rng = np.random.default_rng(0)
+    sep = {c: (rng.normal(size=(d, d)), rng.normal(size=d)) for c in "qkvo"}
+    w = np.stack([sep[c][0].reshape(d, h, e) for c in "qkv"], axis=2)  # (d, h, 3, e)
+    b = np.stack([sep[c][1].reshape(h, e) for c in "qkv"], axis=1)  # (h, 3, e)
+    blk = params["blocks"][0]
+    blk["attn"]["qkv"] = {"w": jnp.asarray(w.reshape(d, 3 * d)), "b": jnp.asarray(b.reshape(-1))}
+    blk["attn"]["proj"] = {"w": jnp.asarray(sep["o"][0]), "b": jnp.asarray(sep["o"][1])}
+    blk["mlp"]["out"]["w"] = jnp.zeros_like(blk["mlp"]["out"]["w"])  # the MLP branch adds 0
+    ids = jnp.asarray(rng.integers(0, V, (2, 5)), jnp.int32)
+    x0 = params["tok"][ids] + params["pos"][:5]
+    a = helpers.layer_norm(x0, blk["ln1"]["gamma"], blk["ln1"]["beta"], model.eps)
+    x = x0 + helpers.attention(a, sep, h, causal=True)
+    want = helpers.layer_norm(x, params["ln_f"]["gamma"], params["ln_f"]["beta"], model.eps)
+    assert_close(model.hidden(params, ids), want, jnp.float64)
+    q, k, v = _split_qkv(jnp.arange(3.0 * d)[None, None], h)  # column indices
+    for head in range(h):
+        for j, part in enumerate((q, k, v)):
+            first = 3 * e * head + j * e  # head, then q/k/v, then e
+            assert part[0, head, 0].tolist() == list(range(first, first + e))
+    assert _join_qkv(q, k, v)[0, 0].tolist() == list(range(3 * d))
 
 
 def test_mean_loss_through_the_ops_equals_the_twin_and_its_jax_grad_runs_the_rules():
@@ -298,3 +330,90 @@ def test_value_and_grad_of_something_else_is_a_type_error():
         jaxbp.value_and_grad(object())
     with pytest.raises(TypeError, match="model"):
         jaxbp.reference.value_and_grad(object())
+
+
+# ------------------------------------------------------------------------------- dropout
+
+
+def _dropout_problem(rate=0.3, **kw):
+    model, params, ids, targets = _problem(dropout=rate, **kw)
+    return model, params, ids, targets, jax.random.key(7)
+
+
+@pytest.mark.parametrize("options", [{}, {"tied": True, "attention": "recompute"}],
+                         ids=["default", "tied-recompute"])  # fmt: skip
+def test_dropout_gradient_matches_jax_grad_of_the_twin_with_the_same_masks(options):
+    model, params, ids, targets, key = _dropout_problem(**options)
+    where = jnp.arange(ids.shape[1]) < 4
+    where = jnp.broadcast_to(where, ids.shape)
+    loss, grads = VG(model)(params, ids, targets, where=where, dropout_key=key)
+    # The oracle draws its masks with jax.random.bernoulli on fold_in(key, site) alone.
+    ref_loss, ref_grads = REF(model)(params, ids, targets, where=where, dropout_key=key)
+    assert_close((loss, grads), (ref_loss, ref_grads), jnp.float64)
+    # ... and finite differences of the twin at those masks.
+    report = jaxbp.compare(model, params, ids, targets, where=where, dropout_key=key)
+    assert report.passed, report
+
+
+def test_dropout_masks_change_with_the_key_and_vanish_at_evaluation():
+    model, params, ids, targets, key = _dropout_problem()
+    plain = jaxbp.GPT(**{**model.__dict__, "dropout": 0.0})
+    l1, _ = VG(model)(params, ids, targets, dropout_key=key)
+    l2, _ = VG(model)(params, ids, targets, dropout_key=jax.random.key(8))
+    l0, _ = VG(plain)(params, ids, targets)
+    assert len({float(l0), float(l1), float(l2)}) == 3
+    # apply / mean_loss evaluate: no mask, the dropout-free model's numbers.
+    np.testing.assert_array_equal(model.apply(params, ids), plain.apply(params, ids))
+    assert float(model.mean_loss(params, ids, targets)) == float(
+        plain.mean_loss(params, ids, targets)
+    )
+
+
+def test_dropout_keeps_expected_fraction_and_inverted_scale():
+    # One site's mask, read from the tape: about 1 − rate kept, kept entries scaled 1/(1−rate).
+    model, params, ids, targets, key = _dropout_problem(rate=0.25, n=8, t=6)
+    t = jaxbp._tape.Tape("rules")
+    _, _, state = model.forward(t, params, ids, targets, None, key)
+    saved = state[-1]
+    assert len(saved) == 1 + 2 * model.layers
+    x = jnp.ones((8, 6, model.d), jnp.float64)
+    kept = jaxbp.dropout(x, jax.random.fold_in(key, 0), rate=0.25)
+    frac = float(jnp.mean(kept != 0))
+    assert 0.65 < frac < 0.85
+    np.testing.assert_allclose(np.unique(np.asarray(kept)), [0.0, 1 / 0.75])
+
+
+def test_dropout_per_example_gradients_match_jacrev_of_the_twin():
+    model, params, ids, targets, key = _dropout_problem(layers=1)
+    grads = jaxbp.per_example_grads(model)(params, ids, targets, dropout_key=key)
+    ref = jaxbp.reference.per_example_grads(model)(params, ids, targets, dropout_key=key)
+    assert_close(grads, ref, jnp.float64)
+    norms = jaxbp.per_example_grad_norms(model)(params, ids, targets, dropout_key=key)
+    flat = jnp.concatenate([g.reshape(ids.shape[0], -1) for g in jax.tree.leaves(ref)], 1)
+    assert_close(norms, jnp.linalg.norm(flat, axis=1), jnp.float64)
+
+
+def test_dropout_planted_wrong_site_in_the_backward_is_caught(monkeypatch):
+    from jaxbp import gpt as gpt_module
+
+    model, params, ids, targets, key = _dropout_problem(layers=1)
+    real = gpt_module._dropout_bwd
+
+    # the attention branch's gradient through the MLP branch's mask
+    def wrong(m, t, saved, g, site):
+        return real(m, t, saved, g, 2 if site == 1 else site)
+
+    monkeypatch.setattr(gpt_module, "_dropout_bwd", wrong)
+    _, grads = jaxbp.value_and_grad(model)(params, ids, targets, dropout_key=key)
+    _, ref = REF(model)(params, ids, targets, dropout_key=key)
+    with pytest.raises(AssertionError):
+        assert_close(grads, ref, jnp.float64)
+
+
+def test_dropout_without_a_key_and_bad_rates_are_clear_errors():
+    model, params, ids, targets, _ = _dropout_problem()
+    with pytest.raises(ValueError, match="dropout_key"):
+        VG(model)(params, ids, targets)
+    for rate in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="dropout"):
+            jaxbp.GPT(vocab=V, d=8, heads=2, layers=1, context=6, dropout=rate)

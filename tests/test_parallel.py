@@ -267,8 +267,12 @@ def test_every_public_op_under_jit_grad_on_explicit_axes_matches_reference_and_t
 
 
 def test_explicit_loops_and_references_on_explicit_axes_give_one_device_results(single):
+    """Plain ``jax.jit`` of the transforms, the batch on Explicit axes (no shard_map): one
+    device's results; DP-SGD of a tied, masked GPT and of a user's model with the same
+    noise draws."""
     info = _explicit_entry(single, "models_on_explicit_axes_under_jit")
-    assert any("gpt/value_and_grad/jit" in k for k in info["variants"]), info["variants"]
+    for name in ("gpt/value_and_grad", "tied_gpt/clipped_grad/noise", "user/clipped_grad/noise"):
+        assert any(f"{name}/jit" in k for k in info["variants"]), (name, info["variants"])
     _compare(single, "models_on_explicit_axes_under_jit")
 
 
@@ -283,6 +287,60 @@ def test_checked_reports_an_out_of_range_id_on_one_device_of_a_user_shard_map(si
     assert info["bad"] is not None and "got 7" in info["bad"], info
     assert info["good"] is None
     assert info["plain_nan_rows"] == [13]  # the plain call: that row is NaN, no error
+
+
+# -- any model on a mesh: data parallelism and DP-SGD (model_mesh_cases.py) ---------------
+
+
+def test_a_users_model_data_parallel_equals_autodiff_on_one_device(single):
+    """float64 within 1e-12 of ``jax.grad`` through the ops' plain twins on one device, on
+    1×8 and 2×4 meshes, a data shard with nothing valid, ``class_weights`` copied to every
+    device (``batch_axes``), and docs/models.md's residual MLP."""
+    entry = _compare(single, "model_value_and_grad_on_meshes")
+    assert {"8/tagger", "2x4/tagger", "8/residual_mlp"} <= set(entry["info"]["variants"])
+
+
+def test_dp_sgd_on_1x8_and_2x4_meshes_equals_one_devices_clipped_grad(single):
+    """float64 within 1e-12, the noise included (the same key: the same draws): the MLP
+    (mask, class weights), a tied GPT with a masked data shard, a user's model; both
+    methods, ``batch_size`` and ``return_loss`` among them; the norms split like the batch."""
+    entry = _compare(single, "dp_sgd_on_meshes")
+    variants = set(entry["info"]["variants"])
+    for shape in ("8", "2x4"):
+        for model in ("mlp", "gpt", "tagger"):
+            for sigma in ("0.0", "1.3"):
+                assert f"{shape}/{model}/sigma={sigma}" in variants
+    assert set(entry["info"]["norm_specs"].values()) == {"P('data',)"}
+
+
+def test_dp_sgd_on_a_mesh_sums_the_clipped_gradient_once_and_nothing_else(single):
+    """From the compiled HLO: one all-reduce over ``data`` of every parameter (float64) and
+    of the valid-example count (int64), and no other collective; the noise moves nothing."""
+    info = single[1]["dp_sgd_collectives"]["info"]
+    for shape in ("8", "2x4"):
+        assert info[shape] == {"all-reduce data": 8 * info["parameters"] + 8}, info[shape]
+
+
+def test_any_model_on_a_mesh_refuses_bad_input_by_name_before_compiling(single):
+    msgs = single[1]["model_mesh_errors"]["info"]
+    assert msgs["no_axis"].startswith("ValueError: axis: expected one of the mesh axes")
+    for key, name, n, fix in (("batch", "x", 12, 16), ("batch_value_and_grad", "x", 12, 16),
+                              ("gpt_batch", "ids", 6, 8), ("mlp_batch", "x", 4, 8)):  # fmt: skip
+        assert msgs[key].startswith(
+            f"ValueError: {name}: expected the batch size n ({n}) divisible by the 8 devices "
+            "of mesh axis 'data'"
+        ), msgs[key]
+        assert f"pad the batch to n = {fix}" in msgs[key]
+    assert "axis of 1, 2, 3, 4, 6 or 12 devices divides it" in msgs["batch"]
+    assert msgs["leading_axis"].startswith(
+        "ValueError: class_weights: expected the examples on its leading axis (n = 16, as x), "
+        "got shape (4,)"
+    ) and "NoAxes.batch_axes" in msgs["leading_axis"]  # fmt: skip
+    assert msgs["model_axis"].startswith("ValueError: model_axis: tensor parallelism")
+    assert msgs["not_a_model"].startswith("TypeError: model: parallel.clipped_grad needs")
+    assert msgs["clip"].startswith("ValueError: l2_clip:")
+    assert msgs["no_key"].startswith("ValueError: key:")
+    assert msgs["compiled_after_errors"] == 0
 
 
 def test_two_processes_give_one_process_gradients(multiprocess):
@@ -300,6 +358,12 @@ def test_two_processes_gpt_tensor_parallel_within_data_parallel_across(multiproc
     """(2, 4): the batch split over the two processes (one of them with every token
     masked), heads, MLP and vocabulary over each process's 4 devices; float64."""
     _compare(multiprocess, "multiprocess_gpt_2x4")
+
+
+def test_two_processes_dp_sgd_equals_one_devices_clipped_grad_noise_included(multiprocess):
+    """``parallel.clipped_grad`` of the MLP on the 8 devices of both processes, the batch
+    (masked) over all of them, the same key in both: one device's result, the same draws."""
+    _compare(multiprocess, "multiprocess_dp_sgd")
 
 
 # -- in this process: one CPU device, a 1-device mesh ------------------------------------
@@ -333,7 +397,7 @@ def test_parallel_value_and_grad_rejects_bad_models_and_axes():
     from jaxbp import parallel
 
     mesh = parallel.make_mesh((1, 1), ("data", "model"), devices=jax.devices()[:1])
-    with pytest.raises(TypeError, match="model: expected a jaxbp.MLP"):
+    with pytest.raises(TypeError, match="model: parallel.value_and_grad needs a model with"):
         parallel.value_and_grad("mlp", mesh)
     with pytest.raises(ValueError, match="model_axis: the vocab-parallel last layer needs"):
         parallel.value_and_grad(jaxbp.MLP((3, 2), loss="mse"), mesh, model_axis="model")
@@ -366,3 +430,29 @@ def test_parallel_make_mesh_is_jax_make_mesh_with_its_axis_types():
     if axis_type is not None:
         auto = parallel.make_mesh((1,), ("data",), devices=devices, axis_types=(axis_type.Auto,))
         assert auto.axis_types == (axis_type.Auto,)
+
+
+def test_a_batch_axes_that_is_not_0_or_none_per_argument_is_a_type_error_naming_it():
+    import dataclasses
+    from typing import ClassVar
+
+    import jax
+    import jax.numpy as jnp
+
+    from jaxbp import parallel
+    from tests.model_mesh_cases import TokenTagger
+
+    @dataclasses.dataclass(frozen=True)
+    class Bad(TokenTagger):
+        batch_axes: ClassVar[tuple] = (0, 1)  # too short, and 1 is no choice
+
+    mesh = parallel.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+    params = Bad().init(jax.random.PRNGKey(0), jnp.float32)
+    x, labels = np.zeros((2, 3, 3), np.float32), np.zeros((2, 3), np.int32)
+    for f in (
+        parallel.clipped_grad(Bad(), mesh, l2_clip=1.0),
+        parallel.value_and_grad(Bad(), mesh),
+    ):
+        with pytest.raises(TypeError, match=r"batch_axes: expected a tuple of one entry per"):
+            f(params, x, labels, None, None)
+        assert f.jitted._cache_size() == 0

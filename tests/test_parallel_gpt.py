@@ -1,7 +1,7 @@
 """``jaxbp.parallel.value_and_grad`` of a :class:`jaxbp.GPT`: data, tensor and vocabulary
 parallelism on 8 simulated CPU devices (tests/gpt_mesh_cases.py, run by
-tests/parallel_worker.py in its own process beside tests/test_parallel.py's), the re-layout
-of the [q|k|v] projection, and the command line's ``--mesh``."""
+tests/parallel_worker.py in its own process beside tests/test_parallel.py's), the layout of
+the parameters, and the command line's ``--mesh``."""
 
 from __future__ import annotations
 
@@ -60,16 +60,15 @@ def test_gpt_collective_bytes_in_the_hlo_are_megatrons_count_and_nothing_more(gp
     benchmarks/cases_parallel.megatron_bytes, which the HLO must also match."""
     info = gpt[1]["gpt_collectives"]["info"]
     n, t, d, layers, f32 = 8, 6, 16, 2, 4
-    for shape, (data, model) in (("2x4", (2, 4)), ("4x2", (4, 2))):
+    for shape, data in (("2x4", 2), ("4x2", 4)):
         got, formula = info[shape]["measured"], info[shape]["formula"]
         assert got == formula, (shape, got, formula)
         ntd = n // data * t * d * f32
         # per block 2 forward + 2 backward, the embedding's forward, the head's backward;
         # the head's row statistics: max (n·t) and three sums (3·n·t)
         assert got["all-reduce model"] == (4 * layers + 2) * ntd + 4 * (n // data) * t * f32
-        moved = got["collective-permute model"]  # the [q|k|v] re-layout
-        assert 0 < moved <= 6 * layers * (d + 1) * (d // model) * f32
-        assert set(got) == {"all-reduce model", "all-reduce data", "collective-permute model"}
+        # the qkv columns are per head: no collective-permute, no other collective at all
+        assert set(got) == {"all-reduce model", "all-reduce data"}, got
 
 
 def test_gpt_bad_meshes_and_shapes_raise_naming_sizes_before_compiling(gpt):
@@ -86,21 +85,6 @@ def test_gpt_bad_meshes_and_shapes_raise_naming_sizes_before_compiling(gpt):
 
 
 # -- in this process: the layout, one device --------------------------------------------
-
-
-@pytest.mark.parametrize("p", range(1, 13))
-def test_qkv_relayout_rounds_are_perfect_matchings_covering_every_group(p):
-    from jaxbp.parallel._layout import rounds
-
-    seen = []
-    for rnd in rounds(p):
-        assert sorted(e[0] for e in rnd) == list(range(p))  # each device sends one group
-        assert sorted(e[1] for e in rnd) == list(range(p))  # and receives one
-        for src, dst, u, j in rnd:
-            q = 3 * src + u  # global group: part j (q, k or v) of head group dst
-            assert (dst, j) == (q % p, q // p)
-            seen.append(q)
-    assert sorted(seen) == list(range(3 * p))
 
 
 def test_gpt_param_specs_split_what_megatron_splits():
@@ -169,6 +153,21 @@ def test_parallel_value_and_grad_rejects_an_out_of_range_id_like_one_device():
     assert math.isnan(float(loss))  # under jit: NaN, never a silently wrong number
 
 
+@pytest.mark.parametrize("model_axis", [None, "model"])
+def test_a_gpt_with_dropout_on_a_mesh_is_refused_naming_the_rate(model_axis):
+    import jax
+
+    import jaxbp
+    from jaxbp import parallel
+
+    gpt = jaxbp.GPT(vocab=5, d=4, heads=1, layers=1, context=3, dropout=0.1)
+    mesh = parallel.make_mesh((1, 1), ("data", "model"), devices=jax.devices()[:1])
+    with pytest.raises(ValueError, match=r"GPT\(dropout=0.1\) on a mesh"):
+        parallel.value_and_grad(gpt, mesh, model_axis=model_axis)
+    with pytest.raises(ValueError, match=r"GPT\(dropout=0.1\) on a mesh"):
+        parallel.clipped_grad(gpt, mesh, l2_clip=1.0)
+
+
 # -- the command line: jaxbp train --model gpt --mesh data=2,model=4 ---------------------
 
 TINY = ["--d", "16", "--heads", "4", "--layers", "1", "--context", "8", "--batch-size", "4",
@@ -208,7 +207,6 @@ def test_train_gpt_on_a_simulated_2x4_mesh_has_one_devices_loss_curve(tmp_path):
 def test_train_gpt_mesh_usage_errors_before_any_work(argv, needle, capsys, monkeypatch):
     import jax
 
-    from jaxbp import train_gpt
     from jaxbp.cli import main
 
     jax.devices()  # this process's backend has started: it keeps its one CPU device
@@ -216,7 +214,7 @@ def test_train_gpt_mesh_usage_errors_before_any_work(argv, needle, capsys, monke
     def forbidden(*args, **kwargs):
         raise AssertionError("the work started before the arguments were checked")
 
-    monkeypatch.setattr(train_gpt, "train_gpt", forbidden)
+    monkeypatch.setattr("jaxbp.cli.train.train_gpt", forbidden)
     with pytest.raises(SystemExit) as e:
         main(["train", "--model", "gpt", *argv])
     assert e.value.code == 2

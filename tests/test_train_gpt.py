@@ -45,8 +45,9 @@ def _no_work(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("the work started before the arguments were checked")
 
-    monkeypatch.setattr(train_gpt, "train_gpt", forbidden)
-    monkeypatch.setattr("jaxbp.train.train", forbidden)
+    # The CLI imported both by name: patch them where it looks them up.
+    monkeypatch.setattr("jaxbp.cli.train.train_gpt", forbidden)
+    monkeypatch.setattr("jaxbp.cli.train.train", forbidden)
 
 
 @pytest.mark.parametrize(
@@ -54,7 +55,7 @@ def _no_work(monkeypatch):
     [
         (["--model", "gpt", "--sizes", "64,10"], "--sizes: only for --model mlp"),
         (["--model", "gpt", "--epochs", "3"], "--epochs: only for --model mlp"),
-        (["--model", "gpt", "--dp-clip", "1"], "--dp-clip: only for --model mlp"),
+        (["--model", "gpt", "--noise", "1"], "--noise"),
         (["--steps", "3"], "--steps: only for --model gpt"),
         (["--model", "mlp", "--context", "8"], "--context: only for --model gpt"),
         (["--model", "gpt", "--steps", "0"], "--steps"),
@@ -85,3 +86,24 @@ def test_explain_gpt_walks_one_head_and_refuses_mlp_flags(capsys):
     with pytest.raises(SystemExit):
         main(["explain", "--positions", "3"])
     assert "--positions: not for --model mlp" in capsys.readouterr().err
+
+
+def test_train_gpt_with_dropout_runs_checks_and_records_the_rate(capsys):
+    status = main(["train", "--model", "gpt", *TINY, "--steps", "2", "--log-every", "2",
+                   "--sample-chars", "0", "--dropout", "0.2", "--check",
+                   "--json", "-"])  # fmt: skip
+    data = json.loads(capsys.readouterr().out)
+    assert status == 0 and data["check"]["passed"]
+    assert data["config"]["dropout"] == 0.2
+
+
+def test_dropout_on_a_mesh_and_bad_rates_are_errors_before_any_work(capsys, monkeypatch):
+    _no_work(monkeypatch)
+    with pytest.raises(ValueError, match="dropout: the mesh step"):
+        train_gpt.check_config({**train_gpt.GPT_DEFAULTS, "dropout": 0.1}, {"data": 2})
+    with pytest.raises(ValueError, match=r"dropout: expected a rate in \[0, 1\)"):
+        train_gpt.check_config({**train_gpt.GPT_DEFAULTS, "dropout": 1.0})
+    for bad in ("1", "-0.1", "nan"):
+        with pytest.raises(SystemExit):
+            main(["train", "--model", "gpt", "--dropout", bad])
+        assert "--dropout" in capsys.readouterr().err

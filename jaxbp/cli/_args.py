@@ -36,6 +36,14 @@ def unit_float(value: str) -> float:
     return x
 
 
+def rate(value: str) -> float:
+    """A probability in ``[0, 1)`` (``--dropout``)."""
+    x = _float(value)
+    if not 0.0 <= x < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a rate in [0, 1), got {value!r}")
+    return x
+
+
 def nonnegative_float(value: str) -> float:
     """A finite number ``≥ 0`` (``--z-loss``, ``--noise``)."""
     x = _float(value)

@@ -32,6 +32,7 @@ from ._args import (
     plot_path,
     positive_float,
     positive_int,
+    rate,
     sizes,
     text_stream,
     write_json,
@@ -44,6 +45,7 @@ _KINDS = {
     "nonnegative_int": nonnegative_int,
     "nonnegative_float": nonnegative_float,
     "positive_float": positive_float,
+    "rate": rate,
 }
 
 
@@ -212,6 +214,7 @@ GPT_FLAGS: dict[str, tuple[str, str]] = {
     "eval_batches": ("positive_int", "validation windows, in batches"),
     "sample_chars": ("nonnegative_int", "characters to generate at the end (0: none)"),
     "temperature": ("positive_float", "sampling temperature"),
+    "dropout": ("rate", "dropout rate on the embeddings and each block's two branches"),
     "delta": ("positive_float", "DP-SGD: δ of the (ε, δ) reported, in (0, 1)"),
 }
 
@@ -267,6 +270,7 @@ def _run_gpt(args) -> int:
         f"({text.train.size:,} train / {text.validation.size:,} validation characters) with "
         f"hand-written gradients: {cfg['steps']} steps of {cfg['batch_size']}×{cfg['context']} "
         f"characters, AdamW peak lr {cfg['lr']}"
+        + (f", dropout {model.dropout}" if model.dropout else "")
         + ("" if args.mesh is None else f", on a {_mesh_text(args.mesh)} mesh of "
            f"{mesh_devices(args.mesh)[0].platform} devices (vocabulary {model.vocab})"),
         file=out,

@@ -14,13 +14,16 @@ This is the public face; the code lives in private modules:
   :mod:`jaxbp.losses` with the row reductions over the mesh axis) and
   :func:`vocab_parallel_linear_softmax_cross_entropy` (the chunked kernel of
   :mod:`jaxbp._xent`, likewise);
+* ``_model``  any model of :mod:`jaxbp.model`'s interface on a mesh: data parallelism
+  (:func:`value_and_grad` of a model of yours) and DP-SGD (:func:`clipped_grad`, every
+  model), the model's own loops on each device's rows;
 * ``_data``   :func:`value_and_grad`: the explicit loop of :mod:`jaxbp.nn` on each data
   shard, optionally with the last layer split over a second axis; for a
   :class:`jaxbp.GPT`, the loop of
 * ``_gpt``    the GPT's explicit loop per device, with data, tensor (Megatron-LM) and
   vocabulary parallelism and every collective written beside its matrix product, on
-* ``_layout`` :func:`gpt_param_specs` (where each parameter lives) and the re-layout of
-  the ``[q | k | v]`` projection to heads split across devices.
+* ``_layout`` :func:`gpt_param_specs`: where each parameter lives (a column split of the
+  per-head qkv projection is a split by heads).
 
 See ``docs/parallel.md``.
 """
@@ -31,6 +34,7 @@ from ._mesh import P as P
 from ._mesh import make_mesh as make_mesh
 from ._mesh import shard as shard
 from ._mesh import shard_map as shard_map
+from ._model import clipped_grad as clipped_grad
 from ._vocab import (
     vocab_parallel_linear_softmax_cross_entropy as vocab_parallel_linear_softmax_cross_entropy,
 )
@@ -53,6 +57,7 @@ __all__ = [
     "make_mesh",
     "shard",
     "value_and_grad",
+    "clipped_grad",
     "gpt_param_specs",
     "vocab_parallel_softmax_cross_entropy",
     "vocab_parallel_softmax_cross_entropy_fwd",

@@ -41,6 +41,7 @@ from ..losses import _validate_ce
 from ..nn import MLP, LoopOps, forward_backward, loop_ops
 from ._gpt import value_and_grad as gpt_value_and_grad
 from ._mesh import PAD_CLASSES, PAD_ROWS, P, axis_size, call, divisible, host_readable
+from ._model import value_and_grad as model_value_and_grad
 from ._vocab import ShardedLoss
 
 __all__ = ["ShardedHead", "value_and_grad"]
@@ -132,12 +133,18 @@ def value_and_grad(
     For a :class:`jaxbp.GPT` the function is ``f(params, ids (n, t), targets (n, t), *,
     where=None)`` and ``model_axis`` splits every block, the token table and the head over
     that axis (Megatron-LM's tensor and vocabulary parallelism, the collectives written
-    into the GPT's explicit loop; ``model_axis=None``: data parallelism alone), the
-    parameters laid out as :func:`jaxbp.parallel.gpt_param_specs` says: see
-    ``jaxbp.parallel._gpt`` and ``docs/parallel.md``.
+    into the GPT's explicit loop), the parameters laid out as
+    :func:`jaxbp.parallel.gpt_param_specs` says: see ``jaxbp.parallel._gpt`` and
+    ``docs/parallel.md``. With ``model_axis=None`` a GPT runs data parallel as any model.
+
+    Any other model of :mod:`jaxbp.model`'s interface (yours, or a GPT without
+    ``model_axis``) runs data parallel: ``f(params, *batch)`` as its ``check_inputs`` takes
+    it, each device running the model's own loops on its rows, the mean over valid units
+    exact however unevenly they split (``jaxbp.parallel._model``).
 
     Args:
-      model: a :class:`jaxbp.MLP` (any loss) or a :class:`jaxbp.GPT`.
+      model: a :class:`jaxbp.MLP` (any loss), a :class:`jaxbp.GPT`, or any model of
+        :mod:`jaxbp.model`'s interface.
       mesh: a :class:`jax.sharding.Mesh`, e.g. from ``jax.make_mesh`` (Explicit or Auto
         axes; one process, or every process's devices after ``jax.distributed.initialize``).
         Mesh axes other than ``axis`` and ``model_axis`` hold replicas. Inputs may come
@@ -155,10 +162,10 @@ def value_and_grad(
     when this process can read them); across processes pass global arrays
     (:func:`jaxbp.parallel.shard`).
     """
-    if isinstance(model, GPT):
+    if isinstance(model, GPT) and model_axis is not None:
         return gpt_value_and_grad(model, mesh, axis=axis, model_axis=model_axis)
-    if not isinstance(model, MLP):
-        raise TypeError(f"model: expected a jaxbp.MLP or jaxbp.GPT, got {type(model).__name__}")
+    if not isinstance(model, MLP):  # yours, or a GPT data parallel: its own loops per device
+        return model_value_and_grad(model, mesh, axis=axis, model_axis=model_axis)
     axis_size(mesh, axis, "axis")
     if model_axis is not None:
         if model.loss != "softmax_cross_entropy":

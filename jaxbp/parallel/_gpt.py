@@ -40,10 +40,10 @@ part ``1/P``). Per device and step, in elements (``L`` blocks)::
     model axis   forward  (2L + 1)·ntd + 4nt       backward (2L + 1)·ntd
     data axis    the gradient: |θ|/P of the split parts + all of the replicated ones, and
                  two scalars (the valid-token count and the loss)
-    model axis   the [q|k|v] re-layout (_layout.py): 6L·(d+1)·g by ppermute
 
-Megatron-LM's count is the first line: two all-reduces of ``n·t·d`` per block forward and
-two backward, plus the embedding's and the head's.
+which is Megatron-LM's count: two all-reduces of ``n·t·d`` per block forward and two
+backward, the embedding's and the head's, and nothing else (the qkv columns are stored per
+head, so a device's contiguous block of them is its heads: nothing is re-laid out).
 
 The head runs the kernel's ``"recompute"`` strategy (the single-device GPT's default
 ``head_strategy="forward"`` needs whole vocabulary rows on one device): the same values,
@@ -78,7 +78,7 @@ from ..gpt import GPT, _join_qkv, _merge_heads, _split_heads, _split_qkv
 from ..losses import valid_rows
 from ..norms import layer_norm
 from . import _layout
-from ._mesh import P, axis_size, call, host_readable
+from ._mesh import P, axis_size, call, host_readable, no_dropout, not_divisible, round_up
 
 __all__ = ["value_and_grad"]
 
@@ -118,9 +118,8 @@ def _forward(model: GPT, axes, params, ids, targets, where):
     blocks = []
     for blk in params["blocks"]:
         a, ln1 = layer_norm.fwd(x, blk["ln1"]["gamma"], blk["ln1"]["beta"], eps=eps)
-        # f: identity forward. This device's heads' columns of [q | k | v]: (d, 3g), (3g,).
-        w_qkv, b_qkv = _qkv_heads(blk["attn"]["qkv"], m, p)
-        qkv, qkv_res = dense.fwd(a, w_qkv, b_qkv)  # "ntd,dc->ntc", c = 3g: column-split
+        # f: identity forward. This device's block of [q₀ k₀ v₀ | q₁ …]: its h heads' columns.
+        qkv, qkv_res = dense.fwd(a, blk["attn"]["qkv"]["w"], blk["attn"]["qkv"]["b"])  # c = 3g
         q, k, v = _split_qkv(qkv, h)  # (n, h, t, e) each
         o, att = attention.fwd(q, k, v, None, causal=True, strategy=model.attention)
         y_k, proj = dense.fwd(_merge_heads(o), blk["attn"]["proj"]["w"])  # "ntg,gd->ntd"
@@ -182,8 +181,7 @@ def _backward(model: GPT, axes, state, seed):
         dx = dx + dxa
         grads_blocks.append({
             "ln1": {"gamma": dg1, "beta": db1},
-            "attn": {"qkv": _qkv_blocks(dw_qkv, db_qkv, m, p),
-                     "proj": {"w": dw_proj, "b": db_proj}},
+            "attn": {"qkv": {"w": dw_qkv, "b": db_qkv}, "proj": {"w": dw_proj, "b": db_proj}},
             "ln2": {"gamma": dg2, "beta": db2},
             "mlp": {"fc": {"w": dw_fc, "b": db_fc}, "out": {"w": dw_out, "b": db_out}},
         })  # fmt: skip
@@ -205,25 +203,6 @@ def _head_options(model: GPT, dtype, red: Reduce) -> dict[str, Any]:
         v=model.vocab, ignore_index=None, label_smoothing=0.0, z_loss=0.0, softcap=None,
         chunk_size=None, acc=_xent.acc_dtype(None, dtype), default_chunk=DEFAULT_CHUNK, red=red,
     )  # fmt: skip
-
-
-def _qkv_heads(qkv, m, p):
-    """This device's contiguous block of ``qkv.w (d, 3g)``, ``qkv.b (3g,)`` → its heads'
-    ``[q | k | v]`` columns ``(d, 3g)``, ``(3g,)`` (``_layout.to_heads``: 3 ppermutes of
-    ``(d+1)·g``); the bias rides along as one more row."""
-    w, b = qkv["w"], qkv["b"]
-    d, c = w.shape
-    both = jnp.concatenate([w, b[None, :]]).reshape(d + 1, 3, c // 3)
-    both = _layout.to_heads(both, m, p).reshape(d + 1, c)
-    return both[:d], both[d]
-
-
-def _qkv_blocks(dw, db, m, p):
-    """The inverse of :func:`_qkv_heads` for the gradients (3 ppermutes of ``(d+1)·g``)."""
-    d, c = dw.shape
-    both = jnp.concatenate([dw, db[None, :].astype(dw.dtype)]).reshape(d + 1, 3, c // 3)
-    both = _layout.to_blocks(both, m, p).reshape(d + 1, c)
-    return {"w": both[:d], "b": both[d].astype(db.dtype)}
 
 
 def _local(model, axis, axes, params, ids, targets, where):
@@ -254,28 +233,12 @@ def _core(model, mesh, axis, model_axis, rules, params, ids, targets, where):
 # ------------------------------------------------------------------------ checks
 
 
-def _divisors(k: int) -> str:
-    ds = [q for q in range(1, k + 1) if k % q == 0]
-    return ", ".join(map(str, ds[:-1])) + (" or " if len(ds) > 1 else "") + str(ds[-1])
-
-
-def _not_divisible(name: str, what: str, size: int, parts: int, axis: str, fix: str):
-    return ValueError(
-        f"{name}: expected {what} ({size}) divisible by the {parts} devices of mesh axis "
-        f"{axis!r}; a {axis!r} axis of {_divisors(size)} devices divides it, or {fix}"
-    )
-
-
-def _up(size: int, parts: int) -> int:
-    return -(-size // parts) * parts
-
-
 def _check_batch(mesh, axis, n):
     parts = axis_size(mesh, axis, "axis")
     if n % parts:
-        raise _not_divisible(
+        raise not_divisible(
             "ids", "the batch size n", n, parts, axis,
-            f"pad the batch to n = {_up(n, parts)} with where=False sequences (they change "
+            f"pad the batch to n = {round_up(n, parts)} with where=False sequences (they change "
             "nothing)",
         )  # fmt: skip
 
@@ -283,6 +246,7 @@ def _check_batch(mesh, axis, n):
 def _check_model(model, mesh, axis, model_axis):
     if not isinstance(model, GPT):
         raise TypeError(f"model: expected a jaxbp.GPT, got {type(model).__name__}")
+    no_dropout(model)
     axis_size(mesh, axis, "axis")
     if model_axis is None:
         return
@@ -298,13 +262,14 @@ def _check_model(model, mesh, axis, model_axis):
             if near
             else (f"heads a multiple of {parts} that divides d = {model.d}")
         )
-        raise _not_divisible(
+        raise not_divisible(
             "model", "the number of heads", h, parts, model_axis, f"a GPT with {fix}"
         )
     if model.vocab % parts:
-        raise _not_divisible(
+        raise not_divisible(
             "model", "the vocabulary size", model.vocab, parts, model_axis,
-            f"pad the vocabulary to vocab = {_up(model.vocab, parts)} with ids that never occur",
+            f"pad the vocabulary to vocab = {round_up(model.vocab, parts)} with ids that never "
+            "occur",
         )  # fmt: skip
 
 
@@ -333,7 +298,7 @@ def value_and_grad(
 
     def check(params, ids, targets, *, where=None):
         if host_readable(params, ids, targets, where):
-            _, ids, targets, where = model.check_inputs(params, ids, targets, where)
+            params, ids, targets, where = model.check_inputs(params, ids, targets, where)[:4]
         else:  # global arrays spanning other processes: shapes only
             model.check_params(params)
         _check_batch(mesh, axis, jnp.shape(ids)[0])

@@ -1,5 +1,4 @@
-"""Where the GPT's parameters live on a ``(data, model)`` mesh, and the one re-layout its
-``[q | k | v]`` projection needs for heads split across devices.
+"""Where the GPT's parameters live on a ``(data, model)`` mesh.
 
 Index letters::
 
@@ -15,30 +14,20 @@ replicated); the token table by vocabulary rows (``tok (V, d)``: ``P(model, None
 untied head by vocabulary columns (``head.w (d, V)``: ``P(None, model)``); layer norms and
 position embeddings replicated (``P()``). Every split part is ``1/P`` per device.
 
-**The re-layout** (:func:`to_heads`, :func:`to_blocks`). The GPT stores ``qkv.w`` as
-``[q | k | v]``, each ``d`` columns of ``H`` heads, so the columns of this device's heads
-are three slices ``q[k·g:(k+1)·g]``, ``k[…]``, ``v[…]``, which no sharding of a ``(d, 3d)``
-array holds on one device (a sharding gives each device one contiguous block). The
-parameter is therefore kept in contiguous blocks of ``3g`` columns (``P(None, model)``, the
-memory of a column split) and each step moves, per device, the three ``(d+1, g)`` groups of
-weights and bias to the device whose heads they are: three ``ppermute`` rounds forward, and
-the same three backward for the gradient — ``6·(d+1)·g`` elements per block per device.
-Megatron stores its fused projection per head (``[q₀ k₀ v₀ | q₁ k₁ v₁ | …]``) and moves
-nothing; with one device on the model axis nothing moves here either.
+The GPT stores ``qkv.w``'s columns per head, ``[q₀ k₀ v₀ | q₁ k₁ v₁ | …]``, as Megatron-LM
+stores its fused projection, so device ``k``'s contiguous block of ``3g`` columns holds the
+``q``, ``k`` and ``v`` of its heads ``[k·h, (k+1)·h)`` and a column split is a split by heads:
+nothing moves between devices to put a head together.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
-
-import jax.numpy as jnp
-from jax import lax
 
 from ..gpt import GPT
 from ._mesh import P
 
-__all__ = ["param_specs", "rounds", "to_blocks", "to_heads"]
+__all__ = ["param_specs"]
 
 
 def param_specs(model: GPT, model_axis: str | None = "model") -> dict[str, Any]:
@@ -60,84 +49,3 @@ def param_specs(model: GPT, model_axis: str | None = "model") -> dict[str, Any]:
     if not model.tied:
         specs["head"] = {"w": P(None, m)}
     return specs
-
-
-# ------------------------------------------------------------------- the qkv re-layout
-
-
-@functools.lru_cache(maxsize=32)
-def rounds(p: int) -> tuple[tuple[tuple[int, int, int, int], ...], ...]:
-    """Three rounds of ``(source, destination, u, j)``: device ``source`` sends its ``u``-th
-    group of ``g`` columns (global group ``q = 3·source + u``) to device ``destination =
-    q mod P``, which keeps it as part ``j = q div P`` (0: q, 1: k, 2: v) of its heads.
-
-    Every device sends three groups and receives three: a 3-regular bipartite graph, which
-    splits into three perfect matchings (König), so each round is one ``ppermute`` in which
-    every device sends exactly one group and receives exactly one."""
-    edges = [(k, (3 * k + u) % p, u, (3 * k + u) // p) for k in range(p) for u in range(3)]
-    out = []
-    for _ in range(3):
-        chosen = _perfect_matching(edges, p)
-        edges = [e for e in edges if e not in chosen]
-        out.append(chosen)
-    return tuple(out)
-
-
-def _perfect_matching(edges, p):
-    """Edges ``(source, destination, ...)`` matching every source to a distinct destination
-    (Kuhn's augmenting paths; a regular bipartite graph always has such a matching)."""
-    match: dict[int, tuple] = {}  # destination -> edge
-
-    def augment(src, seen):
-        for e in edges:
-            if e[0] == src and e[1] not in seen:
-                seen.add(e[1])
-                if e[1] not in match or augment(match[e[1]][0], seen):
-                    match[e[1]] = e
-                    return True
-        return False
-
-    for src in range(p):
-        if not augment(src, set()):  # pragma: no cover - a regular graph always matches
-            raise AssertionError(f"no perfect matching of the qkv groups for P = {p}")
-    return tuple(sorted(match.values()))
-
-
-def _tables(rnd, p):
-    send, recv = [0] * p, [0] * p
-    for src, dst, u, j in rnd:
-        send[src], recv[dst] = u, j
-    return jnp.asarray(send, jnp.int32), jnp.asarray(recv, jnp.int32)
-
-
-def to_heads(blocks: Any, axis: str | None, p: int) -> Any:
-    """``(..., 3, g)``: this device's contiguous ``3g`` columns of ``[q | k | v]`` as three
-    groups → ``(..., 3, g)``: the ``q``, ``k`` and ``v`` columns of this device's heads.
-
-    Three ``ppermute`` rounds over ``axis``, each moving one ``(..., g)`` group per device
-    (:func:`rounds`). With ``P = 1`` the two layouts are the same."""
-    if p == 1:
-        return blocks
-    k = lax.axis_index(axis)
-    out = jnp.zeros_like(blocks)
-    for rnd in rounds(p):
-        send, recv = _tables(rnd, p)
-        piece = lax.dynamic_index_in_dim(blocks, send[k], axis=-2, keepdims=False)
-        got = lax.ppermute(piece, axis, [(src, dst) for src, dst, _, _ in rnd])  # (d+1)·g
-        out = lax.dynamic_update_index_in_dim(out, got, recv[k], axis=-2)
-    return out
-
-
-def to_blocks(heads: Any, axis: str | None, p: int) -> Any:
-    """The inverse of :func:`to_heads` (the same rounds, reversed): the gradient of this
-    device's heads' ``q, k, v`` columns back to its contiguous block of ``[q | k | v]``."""
-    if p == 1:
-        return heads
-    k = lax.axis_index(axis)
-    out = jnp.zeros_like(heads)
-    for rnd in rounds(p):
-        send, recv = _tables(rnd, p)
-        piece = lax.dynamic_index_in_dim(heads, recv[k], axis=-2, keepdims=False)
-        got = lax.ppermute(piece, axis, [(dst, src) for src, dst, _, _ in rnd])  # (d+1)·g
-        out = lax.dynamic_update_index_in_dim(out, got, send[k], axis=-2)
-    return out

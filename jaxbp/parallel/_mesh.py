@@ -118,12 +118,44 @@ def axis_size(mesh: Mesh, axis: str | None, name: str) -> int:
     return int(mesh.shape[axis])
 
 
+def no_dropout(model: Any) -> None:
+    """``ValueError`` for a model whose training step draws dropout masks (``model.dropout >
+    0``): a step on a mesh would draw each device's rows' masks from the same key, the same
+    mask on every shard, not one device's draws."""
+    rate = getattr(model, "dropout", 0.0)
+    if isinstance(rate, int | float) and rate > 0.0:
+        raise ValueError(
+            f"model: {type(model).__name__}(dropout={rate}) on a mesh: jaxbp.parallel draws no "
+            "dropout masks (every device would draw the same mask for its rows); train it on "
+            "one device, or with dropout=0"
+        )
+
+
 def divisible(name: str, size: int, parts: int, axis: str, what: str, hint: str) -> None:
     if size % parts:
         raise ValueError(
             f"{name}: expected {what} ({size}) divisible by the {parts} devices of mesh axis "
             f"{axis!r}; {hint}"
         )
+
+
+def _divisors(k: int) -> str:
+    ds = [q for q in range(1, k + 1) if k % q == 0]
+    return ", ".join(map(str, ds[:-1])) + (" or " if len(ds) > 1 else "") + str(ds[-1])
+
+
+def not_divisible(name: str, what: str, size: int, parts: int, axis: str, fix: str):
+    """The ``ValueError`` for ``size`` not divisible by the ``parts`` devices of ``axis``:
+    the sizes, the axis sizes that would divide it, and ``fix``."""
+    return ValueError(
+        f"{name}: expected {what} ({size}) divisible by the {parts} devices of mesh axis "
+        f"{axis!r}; a {axis!r} axis of {_divisors(size)} devices divides it, or {fix}"
+    )
+
+
+def round_up(size: int, parts: int) -> int:
+    """The least multiple of ``parts`` that is ``≥ size``."""
+    return -(-size // parts) * parts
 
 
 PAD_ROWS = "pad the batch with where=False rows (they change nothing) or use another mesh"

@@ -45,8 +45,10 @@ def _linear(x, p):
 def _attention(a, p, heads):
     n, t, d = a.shape
     e = d // heads
-    qkv = _linear(a, p["qkv"]).reshape(n, t, 3, heads, e)
-    q, k, v = (qkv[:, :, j].transpose(0, 2, 1, 3) for j in range(3))  # (n, h, t, e)
+    # columns per head, [q₀ k₀ v₀ | q₁ k₁ v₁ | …]: head h's q, k, v at 3e·h + (0, e, 2e)
+    cols = jnp.arange(heads)[:, None] * 3 * e + jnp.arange(e)[None, :]  # (h, e)
+    qkv = _linear(a, p["qkv"])  # (n, t, 3d)
+    q, k, v = (qkv[:, :, cols + j * e].transpose(0, 2, 1, 3) for j in range(3))  # (n, h, t, e)
     s = jnp.einsum("nhte,nhse->nhts", _acc(q), _acc(k)) / math.sqrt(e)
     causal = jnp.tril(jnp.ones((t, t), bool))
     probs = jax.nn.softmax(s, axis=-1, where=causal)
@@ -58,36 +60,48 @@ def _gelu(z):
     return jax.nn.gelu(_acc(z), approximate=True).astype(z.dtype)
 
 
-def gpt_logits(model, params, ids):
-    """Logits ``(n, t, v)`` of the plain twin for ids ``(n, t)``."""
+def _dropout(x, key, site, rate):
+    """Inverted dropout with site ``site``'s mask, ``bernoulli(fold_in(key, site), 1 − rate)``:
+    the same draws as :class:`jaxbp.GPT`'s, written here with ``jax.random`` alone."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(jax.random.fold_in(key, site), 1.0 - rate, x.shape)
+    return jnp.where(keep, x * (1.0 / (1.0 - rate)), x * 0)
+
+
+def gpt_logits(model, params, ids, key=None):
+    """Logits ``(n, t, v)`` of the plain twin for ids ``(n, t)``; with ``key``, the
+    dropout of a training step (``model.dropout``)."""
     t = ids.shape[-1]
-    x = params["tok"][ids] + params["pos"][:t]
-    for blk in params["blocks"]:
-        x = x + _attention(_layer_norm(x, blk["ln1"], model.eps), blk["attn"], model.heads)
+    x = _dropout(params["tok"][ids] + params["pos"][:t], key, 0, model.dropout)
+    for i, blk in enumerate(params["blocks"]):
+        y = _attention(_layer_norm(x, blk["ln1"], model.eps), blk["attn"], model.heads)
+        x = x + _dropout(y, key, 1 + 2 * i, model.dropout)
         m = _layer_norm(x, blk["ln2"], model.eps)
-        x = x + _linear(_gelu(_linear(m, blk["mlp"]["fc"])), blk["mlp"]["out"])
+        y = _linear(_gelu(_linear(m, blk["mlp"]["fc"])), blk["mlp"]["out"])
+        x = x + _dropout(y, key, 2 + 2 * i, model.dropout)
     x = _layer_norm(x, params["ln_f"], model.eps)
     w = params["tok"].T if model.tied else params["head"]["w"]
     return jnp.einsum("ntd,dv->ntv", x, w, preferred_element_type=_acc(x).dtype)
 
 
-def gpt_token_losses(model, params, ids, targets, where=None):
+def gpt_token_losses(model, params, ids, targets, where=None, key=None):
     """Per-token cross-entropy ``(n, t)`` of the plain twin and the valid positions."""
-    logits = gpt_logits(model, params, ids)
+    logits = gpt_logits(model, params, ids, key)
     per_tok = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # (n, t)
     valid = jnp.ones(ids.shape, bool) if where is None else where
     return jnp.where(valid, per_tok, 0.0), valid
 
 
-def gpt_mean_loss(model, params, ids, targets, where=None):
+def gpt_mean_loss(model, params, ids, targets, where=None, key=None):
     """Mean next-id cross-entropy over valid positions; 0 when none is valid."""
-    per_tok, valid = gpt_token_losses(model, params, ids, targets, where)
+    per_tok, valid = gpt_token_losses(model, params, ids, targets, where, key)
     total = jnp.sum(per_tok)
     return total / jnp.maximum(jnp.sum(valid), 1).astype(total.dtype)
 
 
-def _run(model, params, ids, targets, where):
-    return jax.value_and_grad(lambda p: gpt_mean_loss(model, p, ids, targets, where))(params)
+def _run(model, params, ids, targets, where=None, key=None):
+    return jax.value_and_grad(lambda p: gpt_mean_loss(model, p, ids, targets, where, key))(params)
 
 
 def gpt_value_and_grad(model) -> Callable:

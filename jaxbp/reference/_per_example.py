@@ -12,8 +12,9 @@ clipping and noise are computed from them here:
   row (:mod:`jaxbp.reference._nn`);
 * :class:`jaxbp.GPT`: ``vmap`` over sequences of ``grad`` of the plain twin's mean loss on
   one sequence (:mod:`jaxbp.reference._gpt`);
-* any other model: ``jax.jacrev`` of the vector of the examples' own mean losses, its
-  forward loop run through the ops' plain twins (``Tape("reference")``).
+* any other model (and a GPT with dropout, whose masks are drawn for the whole batch):
+  ``jax.jacrev`` of the vector of the examples' own mean losses, its forward loop run
+  through the ops' plain twins (``Tape("reference")``).
 
 Only validation is shared with :mod:`jaxbp.per_example` (options, key, inputs).
 """
@@ -49,7 +50,9 @@ def _mlp_grads(model, params, x, labels, where=None, class_weights=None):
     return grads, valid(model, labels, where, x.shape[0])
 
 
-def _gpt_grads(model, params, ids, targets, where=None):
+def _gpt_grads(model, params, ids, targets, where=None, key=None):
+    del key  # no dropout here (a GPT with dropout takes _tape_grads: the batch's own masks)
+
     def loss_one(p, ids_k, targets_k, where_k):
         wk = None if where_k is None else where_k[None]
         return gpt_mean_loss(model, p, ids_k[None], targets_k[None], wk)
@@ -76,7 +79,7 @@ def _grads(model, params, *batch):
     examples that do not count (``keep (n,)`` False)."""
     if isinstance(model, MLP):
         grads, keep = _mlp_grads(model, params, *batch)
-    elif isinstance(model, GPT):
+    elif isinstance(model, GPT) and model.dropout == 0.0:
         grads, keep = _gpt_grads(model, params, *batch)
     else:
         grads, keep = _tape_grads(model, params, *batch)
