@@ -294,7 +294,6 @@ def check_tangent(name: str, tangent: Any, out: Any) -> Any:
         )
     if got_shape != shape:
         raise ValueError(
-            f"{name}: the jvp rule's tangent must have the output's shape {shape}, got "
-            f"{got_shape}"
+            f"{name}: the jvp rule's tangent must have the output's shape {shape}, got {got_shape}"
         )
     return tangent

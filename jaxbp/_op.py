@@ -1,8 +1,9 @@
 """The one contract, as code: an op carries its rules; a ``jax.custom_vjp`` reads them from it.
 
 ``fwd(*args, **options) -> (out, res)``, ``bwd(res, g, **options) -> cotangents`` and
-``jvp(res, tangents, **options) -> tangent`` are the hand-written rules. ``op_fwd`` takes exactly the op's positional arguments in the op's order
-(array options such as ``where`` may follow), and ``op_bwd`` returns one cotangent per
+``jvp(res, tangents, **options) -> tangent`` are the hand-written rules. ``op_fwd`` takes
+exactly the op's positional arguments in the op's order (array options such as ``where`` may
+follow), and ``op_bwd`` returns one cotangent per
 positional argument of ``op_fwd``, in that order (``None`` for integer labels and masks);
 ``op_jvp`` takes ``fwd``'s residuals and one tangent per positional argument of ``op_fwd``
 (the same convention: ``None`` for integer and bool arguments and absent ones, an array of
@@ -65,7 +66,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from . import _contract
 from ._autodiff import by_jvp, by_vjp

@@ -38,9 +38,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import _checks, _vma
+from ._ce import _bad_labels, valid_rows
 from ._contrib import Factor, OneHot, Rows
 from ._vma import LOCAL, Reduce
-from .losses import _bad_labels, valid_rows
 
 __all__ = [
     "LOCAL", "LogitGrads", "Reduce", "dlogits", "forward_with_grads", "grads_recompute",

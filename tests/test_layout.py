@@ -13,19 +13,20 @@ ROOT = pathlib.Path(jaxbp.__file__).parent
 # Layers, lowest first: a module may import from its own layer or below, never above.
 LAYERS = [
     {"_checks", "_vma", "_sharding", "_step", "_text", "datasets"},
-    {"_op", "_tape", "_contrib", "_contract"},
+    {"_op", "_autodiff", "_tape", "_contrib", "_contract"},
     {
         "dense",
         "activations",
         "softmax",
         "losses",
+        "_ce",
         "norms",
         "embedding",
         "attention",
         "dropout",
         "jacobian",
     },
-    {"_xent", "fused"},
+    {"_xent", "fused", "forward_mode"},
     {"model", "nn", "gpt", "per_example", "_modules", "eqx", "nnx"},
     {"parallel"},
     {"reference"},
