@@ -72,7 +72,8 @@ from ._autodiff import by_jvp, by_vjp
 
 __all__ = [
     "OP_ATTRIBUTES", "Op", "all_rules", "bind_references", "bwd_options", "custom_vjp_op",
-    "declare", "declare_op", "forward_mode", "op_vjp", "positional_names", "rules", "rules_of",
+    "declare", "declare_op", "forward_mode", "jvp_rule", "op_vjp",
+    "positional_names", "rules", "rules_of",
 ]  # fmt: skip
 
 # What every op carries (tests/test_op.py checks the built-in ops and Op instances alike).
@@ -155,7 +156,7 @@ def op_vjp(op: Any, *, traced: Sequence[str] | None = None, primal: Callable | N
     traced = tuple(getattr(op, "traced_options", ()) if traced is None else traced)
     described = (getattr(op, "name", "op"), tuple(getattr(op, "arg_names", ())))
     vjp_call = by_vjp(lambda: rules_of(op), traced, primal, described)
-    jvp_call = by_jvp(lambda: (rules_of(op)[0], _jvp_rule(op)), traced, primal, described)
+    jvp_call = by_jvp(lambda: (rules_of(op)[0], jvp_rule(op)), traced, primal, described)
 
     def call(*args, **options):
         return (jvp_call if _FORWARD.get() is op else vjp_call)(*args, **options)
@@ -167,7 +168,7 @@ def op_vjp(op: Any, *, traced: Sequence[str] | None = None, primal: Callable | N
 _FORWARD: contextvars.ContextVar = contextvars.ContextVar("jaxbp_forward_mode", default=None)
 
 
-def _jvp_rule(op: Any) -> Callable:
+def jvp_rule(op: Any) -> Callable:
     jvp = getattr(op, "jvp", None)
     if not callable(jvp):
         raise TypeError(
@@ -194,7 +195,7 @@ def forward_mode(op: Any) -> Callable:
 
     @functools.wraps(op)
     def twin(*args, **options):
-        _jvp_rule(op)
+        jvp_rule(op)
         token = _FORWARD.set(op)
         try:
             return op(*args, **options)
