@@ -178,8 +178,9 @@ def test_hessian_of_a_small_network_built_from_twins_matches_the_reference():
     flat = jnp.concatenate([p.ravel() for p in params])
 
     def loss(ops, flat):
-        w1, b1, w2, b2 = (flat[o:o + p.size].reshape(p.shape) for p, o in
-                          zip(params, np.cumsum([0] + [p.size for p in params[:-1]])))  # fmt: skip
+        offsets = np.cumsum([0] + [p.size for p in params[:-1]])
+        w1, b1, w2, b2 = (flat[o : o + p.size].reshape(p.shape)
+                          for p, o in zip(params, offsets, strict=True))  # fmt: skip
         h = ops.layer_norm(ops.tanh(ops.dense(x, w1, b1)), jnp.ones(4), jnp.zeros(4))
         return jnp.mean(ops.softmax_cross_entropy(ops.dense(h, w2, b2), ids, z_loss=1e-2))
 
@@ -377,7 +378,8 @@ def test_bad_jvp_signature_is_refused_at_construction():
     "rule, error, message",
     [
         (lambda res, t: res[2][0], ValueError, r"output's shape \(3, 4\), got \(4,\)"),
-        (lambda res, t: res[2].astype(jnp.float32), TypeError, "output's dtype float64, got float32"),
+        (lambda res, t: res[2].astype(jnp.float32), TypeError,
+         "output's dtype float64, got float32"),
         (lambda res, t: (res[2],), TypeError, "must return the output's tangent"),
     ],
     ids=["shape", "dtype", "tuple"],
