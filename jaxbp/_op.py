@@ -193,7 +193,7 @@ def forward_mode(op: Any) -> Callable:
     """
     rules_of(op)
 
-    @functools.wraps(op)
+    @functools.wraps(op, updated=())  # name, doc, signature; not a snapshot of op's rules
     def twin(*args, **options):
         jvp_rule(op)
         token = _FORWARD.set(op)

@@ -243,7 +243,7 @@ def test_jaxprs_name_the_rule_each_transform_runs():
 # ------------------------------------------------------------- property test
 
 
-@settings(max_examples=12)
+@settings(max_examples=10)
 @given(
     n=st.integers(1, 4), c=st.integers(1, 6), probs=st.booleans(), smooth=st.booleans(),
     weights=st.booleans(), masked=st.booleans(), zl=st.sampled_from([0.0, 1e-2]),
@@ -270,7 +270,53 @@ def test_property_ce_jvp_matches_the_reference_over_shapes_and_options(
     def run(fn):
         return jax.jvp(lambda d: fn(**d, **fixed, **kw), (d,), (t,))[1]
 
-    assert_close(run(fm.softmax_cross_entropy), run(jaxbp.reference.softmax_cross_entropy))
+    both = jax.jit(lambda: (run(fm.softmax_cross_entropy),
+                            run(jaxbp.reference.softmax_cross_entropy)))  # fmt: skip
+    assert_close(*both())
+
+
+@settings(max_examples=6)
+@given(
+    n=st.integers(1, 5), d=st.integers(1, 4), v=st.integers(1, 9), chunk=st.integers(1, 9),
+    forward=st.booleans(), cap=st.sampled_from([None, 2.0]), seed=st.integers(0, 2**16),
+)  # fmt: skip
+def test_property_fused_jvp_matches_the_reference_over_shapes_chunks_and_strategies(
+    n, d, v, chunk, forward, cap, seed
+):  # fmt: skip
+    rng = np.random.default_rng(seed)
+    x, w, b = (jnp.asarray(rng.normal(size=s)) for s in ((n, d), (d, v), (v,)))
+    lab = jnp.asarray(rng.integers(0, v, n), jnp.int32)
+    t = tuple(jnp.asarray(rng.normal(size=a.shape)) for a in (x, w, b))
+    kw = {"softcap": cap, "label_smoothing": 0.1, "z_loss": 1e-3}
+    strategy = {"strategy": "forward"} if forward else {"chunk_size": chunk}
+
+    def run(fn, **more):
+        return jax.jvp(lambda x, w, b: fn(x, w, lab, b, **kw, **more), (x, w, b), t)[1]
+
+    both = jax.jit(lambda: (run(fm.linear_softmax_cross_entropy, **strategy),
+                            run(jaxbp.reference.linear_softmax_cross_entropy)))  # fmt: skip
+    assert_close(*both())
+
+
+@settings(max_examples=6)
+@given(
+    t=st.integers(1, 5), s=st.integers(1, 5), e=st.integers(1, 3), causal=st.booleans(),
+    recompute=st.booleans(), seed=st.integers(0, 2**16),
+)  # fmt: skip
+def test_property_attention_jvp_matches_the_reference_over_shapes(t, s, e, causal, recompute,
+                                                                   seed):  # fmt: skip
+    s = t if causal else s
+    rng = np.random.default_rng(seed)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 1, m, e))) for m in (t, s, s))
+    tq = tuple(jnp.asarray(rng.normal(size=a.shape)) for a in (q, k, v))
+    kw = {"causal": causal}
+
+    def run(fn, **more):
+        return jax.jvp(lambda q, k, v: fn(q, k, v, **kw, **more), (q, k, v), tq)[1]
+
+    strategy = "recompute" if recompute else "store"
+    both = jax.jit(lambda: (run(fm.attention, strategy=strategy), run(jaxbp.reference.attention)))
+    assert_close(*both())
 
 
 # ------------------------------------------------------------ integer arguments
