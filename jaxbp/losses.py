@@ -24,6 +24,10 @@ Only ``lse − m (n,)`` is saved besides the inputs (``m = max_c z``, recomputed
 the backward). Working with the shifted logits ``z − m`` keeps ``−log p = (lse − m) − (z − m)``
 accurate for large, confident logits, where ``lse − z`` would cancel.
 
+Forward mode (each ``*_jvp``): a row of a loss's Jacobian is its backward for ``g = 1``, so
+``loṡs = ⟨dz|_{g=1}, ż⟩`` plus the labels' part (probability labels and ``mse``'s target are
+floating inputs and have tangents: ``⟨u̇, lse − z⟩`` with ``u̇ = (1 − ε)·w ⊙ ẏ + ẇ ⊙ y'``).
+
 Rows with ``where=False`` or ``labels == ignore_index`` have loss 0 and gradient exactly 0
 (the backward writes 0 there, so huge or infinite masked logits cannot leak NaN).
 Out-of-range integer labels raise ``ValueError`` when the labels are concrete; under ``jit``
