@@ -411,6 +411,8 @@ def test_op_without_a_jvp_rule_is_an_error_naming_the_op():
     with pytest.raises(TypeError, match="square: has no forward-mode rule"):
         jaxbp.jacobian(op, jnp.ones((2, 3)), mode="fwd")
     assert {r.check for r in jaxbp.check(op, jnp.ones((2, 3))).rows}.isdisjoint({"jvp"})
+    with pytest.raises(TypeError, match="op: expected a jaxbp op"):
+        fm.of(lambda x: x)
 
 
 def test_bad_jvp_signature_is_refused_at_construction():
