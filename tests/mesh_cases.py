@@ -546,6 +546,63 @@ def case_ops_on_explicit_axes_under_jit(out, summary):
            "wrong_types": wrong_types}, summary)  # fmt: skip
 
 
+def case_twins_jvp_on_explicit_axes_under_jit(out, summary):
+    """Every forward-mode twin (and a user's ``jaxbp.Op`` with a jvp rule) under
+    ``jax.jit(jax.jvp)`` with the batch split over an Explicit ``data`` axis (typed inputs,
+    no ``shard_map``): the tangent against ``jax.jvp`` of the reference on one device, and
+    its sharding against the output's."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import jaxbp.forward_mode as fm
+    from tests.parallel_worker import _save
+
+    mesh = _explicit_mesh()
+    if mesh is None:
+        summary["twins_jvp_on_explicit_axes_under_jit"] = {"ok": True, "dtype": None,
+                                                           "info": {"skipped": True}}  # fmt: skip
+        return
+    rng = np.random.default_rng(26)
+    user = fm.of(_user_op())
+    actual, expected, errors, wrong_types = {}, {}, {}, {}
+    for name, cid, raw, per_ex, opts, _, ref in _all_op_cases(rng):
+        twin = (lambda x, w, b: user(x, w, b)) if name == "jaxbp.Op" else getattr(fm, name)
+        arrays = {k: jnp.asarray(v) for k, v in raw.items()}
+        diff = sorted(k for k, v in arrays.items() if jnp.issubdtype(v.dtype, jnp.floating))
+        t = {k: jnp.asarray(rng.normal(size=arrays[k].shape)) for k in diff}
+
+        def jvp(fn, d, rest, t, opts=opts):
+            return jax.jvp(lambda d: fn(**d, **rest, **opts), (d,), (t,))
+
+        def put(a, k, per_ex=per_ex):
+            return jax.device_put(a, NamedSharding(mesh, P("data") if k in per_ex else P()))
+
+        try:
+            d = {k: put(arrays[k], k) for k in diff}
+            rest = {k: put(v, k) for k, v in arrays.items() if k not in diff}
+            out_, tangent = jax.jit(lambda d, r, t, twin=twin: jvp(twin, d, r, t))(
+                d, rest, {k: put(v, k) for k, v in t.items()}
+            )
+            got, want = jax.typeof(tangent).sharding.spec, jax.typeof(out_).sharding.spec
+            if tuple(got) != tuple(want):
+                wrong_types[cid] = f"{got} for an output of {want}"
+            actual[cid] = tangent
+            expected[cid] = jvp(
+                ref,
+                {k: arrays[k] for k in diff},
+                {k: v for k, v in arrays.items() if k not in diff},
+                t,
+            )[1]
+        except Exception as e:  # noqa: BLE001 - reported per op by the test
+            errors[cid] = f"{type(e).__name__}: {str(e).splitlines()[0][:400]}"
+    _save(out, "twins_jvp_on_explicit_axes_under_jit", actual, expected, "float64",
+          {"examples": sorted(actual), "errors": errors, "wrong_types": wrong_types},
+          summary)  # fmt: skip
+
+
 def case_models_on_explicit_axes_under_jit(out, summary):
     """The explicit reverse loops (``value_and_grad`` of an MLP and of a GPT, per-example
     gradients and norms, ``clipped_grad`` of an MLP, of a tied and masked GPT and of a
@@ -635,6 +692,7 @@ CASES = [
     case_jax_make_mesh_vocab_parallel,
     case_ops_in_user_shard_map,
     case_twins_jvp_in_user_shard_map,
+    case_twins_jvp_on_explicit_axes_under_jit,
     case_tensor_parallel_dense_in_user_shard_map,
     case_checked_inside_user_shard_map,
     case_ops_on_explicit_axes_under_jit,

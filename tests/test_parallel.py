@@ -269,6 +269,15 @@ def _explicit_entry(single, name):
     return info
 
 
+def test_every_forward_mode_twin_under_jit_jvp_on_explicit_axes_matches_reference_and_types(
+    single,
+):  # fmt: skip
+    """No shard_map: each twin's ``jax.jvp`` on inputs typed on Explicit axes; each tangent
+    has its output's sharding."""
+    _explicit_entry(single, "twins_jvp_on_explicit_axes_under_jit")
+    _compare(single, "twins_jvp_on_explicit_axes_under_jit")
+
+
 def test_every_public_op_under_jit_grad_on_explicit_axes_matches_reference_and_types(single):
     """No shard_map: inputs on jax.make_mesh's Explicit axes, with jax.set_mesh and with
     typed inputs alone; each cotangent has its primal's sharding."""
