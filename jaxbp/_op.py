@@ -3,8 +3,8 @@
 ``fwd(*args, **options) -> (out, res)``, ``bwd(res, g, **options) -> cotangents`` and
 ``jvp(res, tangents, **options) -> tangent`` are the hand-written rules. ``op_fwd`` takes
 exactly the op's positional arguments in the op's order (array options such as ``where`` may
-follow), and ``op_bwd`` returns one cotangent per
-positional argument of ``op_fwd``, in that order (``None`` for integer labels and masks);
+follow), and ``op_bwd`` returns one cotangent per positional argument of ``op_fwd``, in that
+order (``None`` for integer labels and masks);
 ``op_jvp`` takes ``fwd``'s residuals and one tangent per positional argument of ``op_fwd``
 (the same convention: ``None`` for integer and bool arguments and absent ones, an array of
 the argument's shape and dtype for every floating one) and returns the output's tangent, of
@@ -23,7 +23,7 @@ import (nothing looks a rule up by its name):
 ``op.per_example_args``   the positional parameters that carry the batch (``x``, ``logits``)
 ``op.example_ndim``       trailing axes per example of the first of them (1 unless declared)
 ``op.arg_names``          the positional parameter names, in order
-``op.name``               the name JAX shows in jaxprs (``{name}_fwd``, ``{name}_bwd``)
+``op.name``               the name JAX shows in jaxprs (``{name}_fwd``, ``_bwd``, ``_jvp``)
 ``op.traced_options``     keyword options passed to the rules as traced values
 ``op.example_grads``      the per-example rule of an op with parameters (``None`` without):
                           ``example_grads(res, g, *, examples, **options)`` → ``{parameter
@@ -169,6 +169,8 @@ _FORWARD: contextvars.ContextVar = contextvars.ContextVar("jaxbp_forward_mode", 
 
 
 def jvp_rule(op: Any) -> Callable:
+    """``op.jvp``; ``TypeError`` naming the op when it has none (what every forward-mode
+    path meets first: the twin, ``jaxbp.jacobian(..., mode="fwd")``, the transforms)."""
     jvp = getattr(op, "jvp", None)
     if not callable(jvp):
         raise TypeError(

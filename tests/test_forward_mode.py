@@ -190,6 +190,19 @@ def test_hessian_of_a_small_network_built_from_twins_matches_the_reference():
     assert_close(H, H.T, tol=1e-10, name="symmetry")
 
 
+@pytest.mark.parametrize("case", BY_OP, ids=str)
+def test_jvp_of_every_twin_runs_its_named_jvp_rule_and_grad_of_the_op_its_bwd(case):
+    arrays = case.arrays(jnp.float64)
+    d = _floating(arrays)
+    twin = getattr(fm, case.name)
+    forward = str(jax.make_jaxpr(
+        lambda d: jax.jvp(lambda d: _call(twin, case, arrays, d), (d,), (d,)))(d))  # fmt: skip
+    reverse = str(jax.make_jaxpr(
+        jax.grad(lambda d: jnp.sum(_call(case.op, case, arrays, d))))(d))  # fmt: skip
+    assert f"name={case.name}_jvp" in forward and f"name={case.name}_bwd" not in forward
+    assert f"name={case.name}_bwd" in reverse and f"name={case.name}_jvp" not in reverse
+
+
 # ---------------------------------------------------------------- planted bugs
 
 
