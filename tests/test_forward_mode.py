@@ -137,6 +137,29 @@ def test_twin_composes_with_vmap_of_jvp_vmap_of_grad_and_jit(case):
     assert_close(grad_op, grad_ref, name="vmap of jax.grad of the op")
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: d.__name__)
+@pytest.mark.parametrize("case", BY_OP, ids=str)
+def test_twin_jvp_in_low_precision_keeps_the_output_dtype_and_the_tolerance(case, dtype):
+    """The tangent has the output's dtype (float32 for a half-precision loss) and agrees with
+    ``jax.jvp`` of the reference computed in float64 from the same inputs."""
+    arrays = case.arrays(dtype)
+    tangents = _tangents(arrays)
+    twin = getattr(fm, case.name)
+    wide = {k: v.astype(jnp.float64) for k, v in arrays.items() if k in tangents}
+    t64 = {k: v.astype(jnp.float64) for k, v in tangents.items()}
+
+    @jax.jit
+    def run(arrays, tangents, wide, t64):
+        out, got = jax.jvp(lambda d: _call(twin, case, arrays, d), (_floating(arrays),),
+                           (tangents,))  # fmt: skip
+        want = jax.jvp(lambda d: _call(case.ref, case, arrays, d), (wide,), (t64,))[1]
+        return out, got, want
+
+    out, got, want = run(arrays, tangents, wide, t64)
+    assert got.dtype == out.dtype, (got.dtype, out.dtype)
+    assert_close(got, want, dtype)
+
+
 # ------------------------------------------------------- jacfwd, linearize, hessian
 
 
