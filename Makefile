@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(PY) -m jaxbp train
 
 test: $(STAMP)
-	$(PY) -m pytest -n auto
+	$(PY) -m pytest -n auto --durations=15
 
 bench: $(STAMP)
 	$(PY) -m benchmarks $(BENCH_ARGS)

@@ -6,9 +6,11 @@ Index letters: n sequences, t positions, d width, h heads, l layers, v vocabular
 A = ``jaxbp.value_and_grad(gpt).jitted`` (forward through the ``_fwd`` rules, then their
 ``_bwd`` rules in reverse, the head through the fused loss), B =
 ``jaxbp.reference.value_and_grad(gpt).jitted`` (``jax.jit(jax.value_and_grad)`` of the
-plain-jnp twin: full logits and optax's integer-label cross-entropy). Character vocabulary
-v = 65 as in ``jaxbp train --model gpt``; 4 layers; two sizes on CPU, a larger one in
-bfloat16 on a GPU.
+plain-jnp twin: full logits and optax's integer-label cross-entropy), and beside them the
+GPT a Flax user writes from NNX modules (benchmarks/peer_nnx.py; when flax is installed),
+judged by ``ratio_vs_nnx`` (A ÷ it, medians) and ``memory_ratio_vs_nnx``. Character
+vocabulary v = 65 as in ``jaxbp train --model gpt``; 4 layers; two sizes on CPU, one with a
+32768-word vocabulary, a larger one in bfloat16 on a GPU.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxbp
+from benchmarks import peer_nnx
 from benchmarks.harness import (
     AgreementError,
     Case,
@@ -43,13 +46,34 @@ def gpt_flops(model: jaxbp.GPT, n: int, t: int) -> float:
     return float(n * (6 * t * weights + 3 * attn))
 
 
-def build_gpt(ctx, n: int, t: int, d: int, heads: int, layers: int = 4, gpu_only=False):
+def _nnx_side(model, params, x, y):
+    """The Flax NNX GPT (benchmarks/peer_nnx.py) as an extra side, or why it is skipped."""
+    if not peer_nnx.available():
+        return Skip("flax is not installed (pip install 'jaxbp[modules]')")
+    step, state = peer_nnx.step_for(model, params)
+    return step, (state, x, y)
+
+
+def _vs_nnx(rec) -> dict:
+    """A ÷ the Flax NNX step: time (medians) and compiled temporary memory."""
+    m, mem = rec["metrics"], rec.get("memory", {})
+    if "time_flax.nnx" not in m:
+        return {}
+    out = {"ratio_vs_nnx": m["time_a"] / m["time_flax.nnx"]}
+    a, b = mem.get("A") or {}, mem.get("flax.nnx") or {}
+    if a.get("temp_size_in_bytes") and b.get("temp_size_in_bytes"):
+        out["memory_ratio_vs_nnx"] = a["temp_size_in_bytes"] / b["temp_size_in_bytes"]
+    return out
+
+
+def build_gpt(ctx, n: int, t: int, d: int, heads: int, layers: int = 4, gpu_only=False,
+              vocab: int = VOCAB):  # fmt: skip
     if gpu_only and ctx.backend != "gpu":
         return Skip(f"GPU-only size (n {n}, t {t}, d {d}): minutes per step on a CPU")
-    model = jaxbp.GPT(vocab=VOCAB, d=d, heads=heads, layers=layers, context=t)
+    model = jaxbp.GPT(vocab=vocab, d=d, heads=heads, layers=layers, context=t)
     kp, ki = jax.random.split(ctx.key(n * 31 + t + d))
     params = model.init(kp, ctx.dtype)
-    ids = jax.random.randint(ki, (n, t + 1), 0, VOCAB, jnp.int32)
+    ids = jax.random.randint(ki, (n, t + 1), 0, vocab, jnp.int32)
     x, y = ids[:, :-1], ids[:, 1:]
     flops = gpt_flops(model, n, t)
     return Pair(
@@ -58,8 +82,11 @@ def build_gpt(ctx, n: int, t: int, d: int, heads: int, layers: int = 4, gpu_only
         args=(params, x, y, None),
         flops=flops,
         baseline_flops=flops,
-        shapes={"n": n, "t": t, "d": d, "h": heads, "layers": layers, "v": VOCAB},
+        shapes={"n": n, "t": t, "d": d, "h": heads, "layers": layers, "v": vocab},
         labels=("manual", "jit(value_and_grad)"),
+        sides={"flax.nnx": _nnx_side(model, params, x, y)},
+        metrics=_vs_nnx,
+        notes="beside B, a Flax NNX GPT (benchmarks/peer_nnx.py) when flax is installed",
     )
 
 
@@ -73,10 +100,21 @@ for _n, _t, _d, _h in P10_CPU:
             group="P10",
             title="GPT step: manual ÷ jit(value_and_grad) of the plain twin",
             build=functools.partial(build_gpt, n=_n, t=_t, d=_d, heads=_h),
-            targets=(Target("ratio", "<=", 1.00),),
+            targets=(Target("ratio", "<=", 1.00), Target("ratio_vs_nnx", "<=", 1.00)),
             quick=(_t == 128),
         )
     )
+
+register(
+    Case(
+        id="P10/n16-t128-d128-v32768",
+        group="P10",
+        title="GPT step, a word-piece vocabulary: manual ÷ jit(value_and_grad) of the twin",
+        build=functools.partial(build_gpt, n=16, t=128, d=128, heads=4, vocab=32768),
+        targets=(Target("ratio", "<=", 1.00), Target("ratio_vs_nnx", "<=", 1.00)),
+        quick=False,
+    )
+)
 
 for _n, _t, _d, _h in P10_GPU:
     register(

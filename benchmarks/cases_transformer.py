@@ -7,9 +7,10 @@ unless ``--dtype`` says otherwise.
 ``P11/step-{strategy}-t{t}``  forward + backward, what a training step pays: A is
     ``jit(q, k, v, g ↦ jax.vjp(jaxbp.attention, q, k, v)[1](g))`` with that ``strategy``, B
     the same of ``jaxbp.reference.attention`` (``jax.nn.softmax`` with the causal mask,
-    JAX's autodiff). Time ratio and compiled temporary memory ratio (``memory_ratio``): the
-    residuals (``P (n, h, t, s)`` for store and autodiff, ``L (n, h, t)`` for recompute) are
-    temporaries of the step.
+    JAX's autodiff), and the same of ``jax.nn.dot_product_attention(..., is_causal=True)``
+    timed beside them (the peer a user would call). Time ratio and compiled temporary
+    memory ratio (``memory_ratio``): the residuals (``P (n, h, t, s)`` for store and
+    autodiff, ``L (n, h, t)`` for recompute) are temporaries of the step.
 ``P11/bwd-{strategy}-t{t}``  the backward alone: A ``attention_bwd(res, g)`` with the
     residuals of ``attention_fwd`` passed in, B the backward of ``jax.vjp`` of the plain
     attention (its residuals passed in as a ``Partial``), as P4 does for softmax.
@@ -47,6 +48,13 @@ def _plain(q, k, v):
     return jaxbp.reference.attention(q, k, v, causal=True)
 
 
+def _jax_nn(q, k, v):
+    """``jax.nn.dot_product_attention`` (its layout ``(n, t, h, e)``; the transposes in and out
+    are part of this side, and XLA folds them into the products)."""
+    swap = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731
+    return swap(jax.nn.dot_product_attention(swap(q), swap(k), swap(v), is_causal=True))
+
+
 def _step(att):
     """``jit`` of forward + backward: ``(q, k, v, g) ↦ (dq, dk, dv)`` via ``jax.vjp``."""
 
@@ -81,6 +89,7 @@ def build_step(ctx, t: int, strategy: str) -> Pair:
         baseline_flops=_flops(t, "store"),
         shapes={"n": N, "h": H, "t": t, "e": E, "strategy": strategy},
         labels=(f"jaxbp.attention ({strategy})", "jax.vjp(plain attention)"),
+        sides={"jax.nn.dot_product_attention": (_step(_jax_nn), _arrays(ctx, t))},
         notes="forward + backward under one jit; causal self-attention",
     )
 

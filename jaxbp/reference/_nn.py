@@ -84,6 +84,8 @@ def valid(model: MLP, labels, where, n):
 def mean_loss(model: MLP, params, x, labels, where=None, class_weights=None):
     """Mean of the per-example losses over valid rows; 0 when no row is valid."""
     per_ex = per_example_loss(model, params, x, labels, class_weights)
+    if where is None and dict(model.loss_options).get("ignore_index") is None:
+        return jnp.mean(per_ex)  # every row counts: no mask in the program (as a user writes)
     keep = valid(model, labels, where, x.shape[0])
     total = jnp.sum(jnp.where(keep, per_ex, 0.0))
     return total / jnp.maximum(jnp.sum(keep), 1).astype(total.dtype)

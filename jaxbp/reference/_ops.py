@@ -138,10 +138,12 @@ def softmax_cross_entropy(
     _checks.check_label_range(labels, c, ignore_index, where=where)
     z = _acc(logits)
     integer = jnp.issubdtype(labels.dtype, jnp.integer)
+    masked = where is not None or (integer and ignore_index is not None)
     valid = jnp.ones(z.shape[:-1], bool) if where is None else where
     if integer and ignore_index is not None:
         valid = valid & (labels != ignore_index)
-    z = jnp.where(valid[..., None], z, 0.0)  # the first "where": masked rows never reach exp
+    if masked:  # (no mask given: none in the program, as a user writes it)
+        z = jnp.where(valid[..., None], z, 0.0)  # the first "where": masked rows never reach exp
     if integer:  # jax.nn.one_hot: an id outside [0, c) gives a row of zeros
         y = jax.nn.one_hot(labels, c, dtype=z.dtype)
         # An out-of-range id (only possible under jit) poisons its row: NaN loss and gradient.
@@ -158,7 +160,8 @@ def softmax_cross_entropy(
     if z_loss:
         lse = jax.nn.logsumexp(z, axis=-1)
         loss = loss + z_loss * lse**2
-    loss = jnp.where(valid, loss, 0.0)  # the second "where"
+    if masked:
+        loss = jnp.where(valid, loss, 0.0)  # the second "where"
     if integer:
         loss = jnp.where(out_of_range, jnp.nan, loss)
     return loss
