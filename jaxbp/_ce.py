@@ -1,10 +1,22 @@
-"""What every softmax cross-entropy rule shares: the labels, the rows that count, the pieces
-at the logits (the loss's backward, its curvature rules, the vocabulary-parallel loss).
+"""The softmax cross-entropy kernel shared by :func:`jaxbp.softmax_cross_entropy` and the
+vocabulary-parallel loss (:mod:`jaxbp.parallel`): its forward, its hand-written backward and
+its forward-mode rule, on one device or on a shard of the classes.
 
 Index letters::
 
     n  batch (any leading axes)
-    c  classes (the last axis; this shard's columns on a class shard)
+    c  classes (this shard's, ``c_local``, on a mesh)
+
+With ``p = softmax(z)``, ``u = w ⊙ y'`` (class weights times the smoothed labels) and
+``lse = log Σ_c e^{z_c}`` (:mod:`jaxbp.losses` derives them)::
+
+    loss = Σ_c u_c (lse − z_c) + λ·lse²                              (n,)
+    dz   = g[:,None] · (p·(Σ_c u + 2λ·lse)[:,None] − u)              "n,nc->nc"
+    loṡs = ⟨p·(Σ_c u + 2λ·lse) − u, ż⟩ + ⟨u̇, lse − z⟩                "nc,nc->n"
+
+The forward-mode rule is the backward's ``dz`` for ``g = 1`` against the logits' tangent
+``ż (n,c)`` (a row of the ``(n, c)`` Jacobian of the loss is that ``dz``), plus the labels'
+and class weights' part through ``u̇ = (1 − ε)·w ⊙ ẏ + ẇ ⊙ y'``.
 """
 
 from __future__ import annotations
@@ -14,11 +26,16 @@ import jax.numpy as jnp
 from . import _checks
 from ._vma import LOCAL
 
-__all__ = ["valid_rows"]  # and _labels_matrix, _bad_labels, _ce_parts for the rules
+__all__ = ["ce_backward", "ce_forward", "ce_tangent", "valid_rows"]
 
 
 def _acc(x):
     return x.astype(_checks.accum_dtype(x.dtype))
+
+
+def _safe_mul(u, v):
+    """``u·v`` with ``0·∞ = 0``: a label weight of 0 ignores that class entirely."""
+    return jnp.where(u == 0, jnp.zeros_like(u), u * v)
 
 
 def _labels_matrix(labels, c_local, dtype, label_smoothing, *, c=None, first=None):
@@ -90,3 +107,94 @@ def _ce_parts(logits, labels, where, class_weights, label_smoothing, ignore_inde
     else:
         bad = jnp.zeros(z.shape[:-1], bool)
     return zs, m, u, valid, bad
+
+
+def ce_forward(logits, labels, where, class_weights, *, label_smoothing, ignore_index, z_loss,
+               c=None, red=LOCAL):  # fmt: skip
+    """The forward of softmax cross-entropy: ``(loss, m, lse_s, Σ_c u)``, each ``(n,)``.
+
+    ``lse_s = lse − m = log Σ_c e^{z_c − m}``. On one device (``red`` = :data:`LOCAL`)
+    ``Σ_c u`` is ``None`` (the backward recomputes it); over class shards it is reduced here,
+    with the loss terms, in one ``psum``, and saved for the backward.
+    """
+    zs, m, u, valid, bad = _ce_parts(
+        logits, labels, where, class_weights, label_smoothing, ignore_index, c=c, red=red
+    )
+    lse_s = jnp.log(red.sum(jnp.sum(jnp.exp(zs), axis=-1)))  # in [0, log c] for finite rows
+    loss = jnp.sum(_safe_mul(u, lse_s[..., None] - zs), axis=-1)  # −Σ u log p
+    su = None
+    if red.axis is not None:  # Σ_c u·(lse − z) and Σ_c u over every shard: one all-reduce
+        loss, su = red.sum(jnp.stack([loss, jnp.sum(u, axis=-1)]))
+    if not _checks.is_static_zero(z_loss):
+        lse = lse_s + m  # log Σ e^z  (n,)
+        loss = loss + _checks.scaled(_checks.as_scalar(z_loss, lse.dtype), lse * lse)
+    loss = jnp.where(valid, loss, 0.0)
+    return jnp.where(bad, jnp.nan, loss), m, lse_s, su
+
+
+def ce_backward(logits, labels, where, class_weights, lse_s, g, *, label_smoothing,
+                ignore_index, z_loss, c=None, m=None, su=None, red=LOCAL):  # fmt: skip
+    """The backward: ``(dlogits, dlabels, dclass_weights)`` of this shard's classes.
+
+    ``dz = g[:,None]·(p·(Σu + 2λ·lse)[:,None] − u)``; no communication when ``m`` and ``su``
+    are given. ``dclass_weights`` is summed over this device's rows only.
+    """
+    zs, m, u, valid, bad = _ce_parts(
+        logits, labels, where, class_weights, label_smoothing, ignore_index, c=c, m=m, red=red
+    )
+    gv = jnp.where(valid, g.astype(zs.dtype), 0.0)[..., None]  # (n,1); masked rows: exactly 0
+    nll = lse_s[..., None] - zs  # −log p (n,c)
+    p = jnp.exp(-nll)  # (n,c), recomputed
+    scale = jnp.sum(u, axis=-1) if su is None else su  # Σ_c u_c  (n,)
+    if not _checks.is_static_zero(z_loss):  # Σ_c u_c + 2λ·lse
+        scale = scale + _checks.scaled(_checks.as_scalar(z_loss, scale.dtype), 2.0 * (lse_s + m))
+    dz = gv * (p * scale[..., None] - u)  # "n,nc->nc"
+    dz = jnp.where(valid[..., None], dz, 0.0)
+    dz = jnp.where(bad[..., None], jnp.nan, dz).astype(logits.dtype)
+
+    dlabels = None
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        w = 1.0 if class_weights is None else _acc(class_weights).astype(zs.dtype)
+        dy = (1.0 - _checks.as_scalar(label_smoothing, zs.dtype)) * gv * w * nll
+        dlabels = jnp.where(valid[..., None], dy, 0.0).astype(labels.dtype)
+    dweights = None
+    if class_weights is not None:
+        first = None if red.axis is None else red.first_column(zs.shape[-1], labels.dtype)
+        y = _labels_matrix(labels, zs.shape[-1], zs.dtype, label_smoothing, c=c, first=first)
+        per_row = jnp.where(valid[..., None], _safe_mul(y, gv * nll), 0.0)
+        dweights = per_row.reshape(-1, zs.shape[-1]).sum(0)  # "nc->c"
+    return dz, dlabels, dweights
+
+
+def ce_tangent(logits, labels, where, class_weights, lse_s, tangents, *, label_smoothing,
+               ignore_index, z_loss):  # fmt: skip
+    """The forward-mode rule: the loss's tangent ``(n,)`` for the tangents ``(ż (n,c), ẏ
+    (n,c) or None, None, ẇ (c,) or None)`` (``None``: integer labels, the mask, an absent
+    or zero tangent), linear in them; 0 on masked rows, NaN on bad ones (as the loss)::
+
+        loṡs = Σ_c (p·(Σu + 2λ·lse) − u)_c ż_c + Σ_c ((1 − ε)·w ⊙ ẏ + ẇ ⊙ y')_c (lse − z_c)
+    """
+    dz, dy, _, dw = tangents
+    zs, m, u, valid, bad = _ce_parts(
+        logits, labels, where, class_weights, label_smoothing, ignore_index
+    )
+    nll = lse_s[..., None] - zs  # −log p = lse − z  (n,c)
+    out = jnp.zeros(zs.shape[:-1], zs.dtype)
+    if dz is not None:
+        scale = jnp.sum(u, axis=-1)  # Σ_c u_c + 2λ·lse   (n,)
+        if not _checks.is_static_zero(z_loss):
+            scale = scale + _checks.scaled(_checks.as_scalar(z_loss, scale.dtype),
+                                           2.0 * (lse_s + m))  # fmt: skip
+        dz1 = jnp.exp(-nll) * scale[..., None] - u  # the backward's dz for g = 1
+        out = out + jnp.sum(dz1 * _acc(dz), axis=-1)  # "nc,nc->n"
+    du = 0.0  # u̇ = (1 − ε)·w ⊙ ẏ + ẇ ⊙ y'   (n,c)
+    if dy is not None and not jnp.issubdtype(labels.dtype, jnp.integer):
+        w = 1.0 if class_weights is None else _acc(class_weights).astype(zs.dtype)
+        du = du + (1.0 - _checks.as_scalar(label_smoothing, zs.dtype)) * w * _acc(dy)
+    if dw is not None and class_weights is not None:
+        y = _labels_matrix(labels, zs.shape[-1], zs.dtype, label_smoothing)
+        du = du + y * _acc(dw).astype(zs.dtype)
+    if not isinstance(du, float):
+        out = out + jnp.sum(_safe_mul(du, nll), axis=-1)  # "nc,nc->n"
+    out = jnp.where(valid, out, 0.0)
+    return jnp.where(bad, jnp.nan, out)

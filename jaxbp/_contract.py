@@ -6,14 +6,16 @@ when                      what
 ========================  ==================================================================
 construction (``Op``)     :func:`check_signatures`: ``fwd`` and ``reference`` take the op's
                           positional arguments and every option, ``bwd`` takes ``(res, g)``
-                          and every option, the traced options are options with numbers
-                          for defaults
+                          and ``jvp`` ``(res, tangents)`` and every option, the traced
+                          options are options with numbers for defaults
 each call (``Op``)        :func:`check_options`: a static option holds a concrete, hashable
                           value (a traced one would be compiled in, and cannot be)
 first trace (every op)    :func:`check_fwd_output`: ``fwd`` returns ``(out, res)``;
                           :func:`check_cotangents`: ``bwd`` returns a tuple of one cotangent
                           per positional argument, each ``None`` or of its argument's shape
-                          and dtype (``None`` or ``float0`` for integer arguments)
+                          and dtype (``None`` or ``float0`` for integer arguments);
+                          :func:`check_tangent`: ``jvp`` returns one array of the output's
+                          shape and dtype
 ========================  ==================================================================
 
 The checks read only shapes, dtypes and signatures: they cost nothing once compiled.
@@ -33,7 +35,7 @@ from . import _checks
 
 __all__ = [
     "avals", "check_cotangents", "check_count", "check_curvature", "check_fwd_output",
-    "check_options", "check_signatures",
+    "check_options", "check_signatures", "check_tangent", "check_tangent_count",
 ]  # fmt: skip
 
 
@@ -89,8 +91,10 @@ def check_signatures(
     arg_names: Sequence[str],
     options: Mapping[str, Any],
     traced: Sequence[str],
+    jvp: Callable | None = None,
 ) -> None:
-    """At construction: each rule can be called the way the op will call it.
+    """At construction: each rule can be called the way the op will call it (``jvp``, the
+    forward-mode rule, only when given).
 
     ``TypeError`` naming the op, the rule, the call it must accept and its signature;
     ``ValueError`` for ``traced`` options that are not options. Also refused: ``fwd``
@@ -114,11 +118,15 @@ def check_signatures(
         ("bwd", bwd, ["res", "g"], 2),
         ("reference", reference, list(arg_names), len(arg_names)),
     )
+    if jvp is not None:
+        calls += (("jvp", jvp, ["res", "tangents"], 2),)
     for rule, fn, names, positional in calls:
         sig = _signature(fn)
         why = None if sig is None else _takes(sig, positional, opts)
         if why is not None:
-            what = "(res, g)" if rule == "bwd" else f"the op's arguments {tuple(arg_names)}"
+            what = {"bwd": "(res, g)", "jvp": "(res, tangents)"}.get(
+                rule, f"the op's arguments {tuple(arg_names)}"
+            )
             raise TypeError(
                 f"{name}: the {rule} rule must take {what} and the options {opts}, as "
                 f"{rule}{_wanted(names, opts)}; got {rule}{sig} ({why})"
@@ -266,3 +274,45 @@ def _check_leaf(name: str, arg: str, ct: Any, want: Any) -> None:
             f"{name}: the bwd rule's cotangent for {arg} must have the argument's shape "
             f"{shape}, got {got_shape}"
         )
+
+
+def check_tangent_count(name: str, tangents: Any, names: Sequence[str]) -> tuple:
+    """``tangents`` as a tuple of one tangent per argument in ``names`` (what a ``jvp`` rule
+    is given): ``TypeError`` for anything but a tuple or list, ``ValueError`` for another
+    count."""
+    if not isinstance(tangents, tuple | list) or len(tangents) != len(names):
+        got = (
+            f"{len(tangents)}" if isinstance(tangents, tuple | list)
+            else f"a value of type {type(tangents).__name__}"
+        )  # fmt: skip
+        error = ValueError if isinstance(tangents, tuple | list) else TypeError
+        raise error(
+            f"{name}: the jvp rule takes a tuple of {len(names)} tangent(s), one per positional "
+            f"argument {tuple(names)} (None for an integer one), got {got}"
+        )
+    return tuple(tangents)
+
+
+def check_tangent(name: str, tangent: Any, out: Any) -> Any:
+    """``jvp``'s result against the output ``out``: one array of ``out``'s shape and dtype.
+
+    ``TypeError`` for anything but an array and for a wrong dtype, ``ValueError`` for a wrong
+    shape; each message names the op, the ``jvp`` rule, what was expected and what came."""
+    shape, dtype = tuple(np.shape(out)), _dtype(out)
+    if tangent is None or isinstance(tangent, tuple | list | dict):
+        got = "None" if tangent is None else f"a {type(tangent).__name__}"
+        raise TypeError(
+            f"{name}: the jvp rule must return the output's tangent, one array of shape {shape} "
+            f"and dtype {dtype}, got {got}"
+        )
+    got_shape, got_dtype = tuple(np.shape(tangent)), _dtype(tangent)
+    if got_dtype != dtype:
+        raise TypeError(
+            f"{name}: the jvp rule's tangent must have the output's dtype {dtype}, got "
+            f"{got_dtype} (shape {got_shape})"
+        )
+    if got_shape != shape:
+        raise ValueError(
+            f"{name}: the jvp rule's tangent must have the output's shape {shape}, got {got_shape}"
+        )
+    return tangent

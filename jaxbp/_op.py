@@ -1,9 +1,14 @@
 """The one contract, as code: an op carries its rules; a ``jax.custom_vjp`` reads them from it.
 
-``fwd(*args, **options) -> (out, res)`` and ``bwd(res, g, **options) -> cotangents`` are the
-hand-written rules. ``op_fwd`` takes exactly the op's positional arguments in the op's order
-(array options such as ``where`` may follow), and ``op_bwd`` returns one cotangent per
-positional argument of ``op_fwd``, in that order (``None`` for integer labels and masks).
+``fwd(*args, **options) -> (out, res)``, ``bwd(res, g, **options) -> cotangents`` and
+``jvp(res, tangents, **options) -> tangent`` are the hand-written rules. ``op_fwd`` takes
+exactly the op's positional arguments in the op's order (array options such as ``where`` may
+follow), and ``op_bwd`` returns one cotangent per positional argument of ``op_fwd``, in that
+order (``None`` for integer labels and masks);
+``op_jvp`` takes ``fwd``'s residuals and one tangent per positional argument of ``op_fwd``
+(the same convention: ``None`` for integer and bool arguments and absent ones, an array of
+the argument's shape and dtype for every floating one) and returns the output's tangent, of
+the output's shape and dtype; it is linear in the tangents, in plain ``jax.numpy``.
 Arrays (labels, masks, class weights) are always ordinary positional arguments, never
 ``nondiff_argnums`` (jax#20889).
 
@@ -12,12 +17,13 @@ import (nothing looks a rule up by its name):
 
 ========================  ==================================================================
 ``op.fwd``, ``op.bwd``    the hand-written rules (jitted)
+``op.jvp``                the hand-written forward-mode rule (jitted), or ``None``
 ``op.reference``          the plain-``jax.numpy`` twin (the built-in ops get theirs bound in
                           ``jaxbp/__init__.py``, after :mod:`jaxbp.reference` is imported)
 ``op.per_example_args``   the positional parameters that carry the batch (``x``, ``logits``)
 ``op.example_ndim``       trailing axes per example of the first of them (1 unless declared)
 ``op.arg_names``          the positional parameter names, in order
-``op.name``               the name JAX shows in jaxprs (``{name}_fwd``, ``{name}_bwd``)
+``op.name``               the name JAX shows in jaxprs (``{name}_fwd``, ``_bwd``, ``_jvp``)
 ``op.traced_options``     keyword options passed to the rules as traced values
 ``op.example_grads``      the per-example rule of an op with parameters (``None`` without):
                           ``example_grads(res, g, *, examples, **options)`` → ``{parameter
@@ -30,6 +36,13 @@ import (nothing looks a rule up by its name):
                           ``Jᵀ·s`` for one Monte-Carlo column ``s``, ``E[s·sᵀ] = g·H``
                           (:mod:`jaxbp._losscurv`, :data:`CURVATURE_RULES`)
 ========================  ==================================================================
+
+Forward mode. The public op is a ``jax.custom_vjp`` (``jax.grad`` runs ``op.bwd``), and JAX
+has no forward mode through one (docs/forward_mode.md has the evidence that no public JAX
+design gives both). :func:`forward_mode` builds the op's forward-mode twin from the same op
+object: the same call, validation included, through a ``jax.custom_jvp`` whose rule runs
+``op.fwd`` then ``op.jvp`` (``jax.jvp``, ``jacfwd``, ``linearize``, ``hessian`` run the
+hand-written jvp; ``jax.grad`` of the twin transposes it). They are :mod:`jaxbp.forward_mode`.
 
 Everything that runs the rules (``jax.grad`` through the ``custom_vjp``, the explicit loops
 of :mod:`jaxbp.nn`, :mod:`jaxbp.gpt` and :mod:`jaxbp.per_example`, :func:`jaxbp.jacobian`,
@@ -49,6 +62,7 @@ static and hashable, and travels to the rules as one ``nondiff_argnums`` tuple.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import itertools
@@ -57,15 +71,13 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-
-from . import _contract, _sharding, _vma
+from . import _contract
+from ._autodiff import by_jvp, by_vjp
 
 __all__ = [
-    "CURVATURE_RULES", "OP_ATTRIBUTES", "Op", "all_rules", "bind_references", "bwd_options",
-    "curvature_of", "custom_vjp_op", "declare",
-    "declare_op", "op_vjp", "positional_names", "rules", "rules_of",
+    "CURVATURE_RULES", "OP_ATTRIBUTES", "all_rules", "bind_references", "bwd_options",
+    "curvature_of", "custom_vjp_op", "declare", "declare_op", "forward_mode", "jvp_rule",
+    "op_vjp", "positional_names", "rules", "rules_of",
 ]  # fmt: skip
 
 # A loss's curvature rules, in this order (None on an op without them).
@@ -73,7 +85,7 @@ CURVATURE_RULES = ("ggn_vp", "hessian_factor", "logits_bwd", "sample_bwd")
 
 # What every op carries (tests/test_op.py checks the built-in ops and Op instances alike).
 OP_ATTRIBUTES = (
-    "name", "fwd", "bwd", "reference", "per_example_args", "example_ndim", "arg_names",
+    "name", "fwd", "bwd", "jvp", "reference", "per_example_args", "example_ndim", "arg_names",
     "traced_options", "example_grads", *CURVATURE_RULES,
 )  # fmt: skip
 
@@ -104,12 +116,13 @@ def bwd_options(bwd: Callable, options: dict) -> dict:
 
 
 def rules(*ops: Any) -> tuple[Callable, ...]:
-    """The rules ``ops`` hold now, ``(fwd₁, bwd₁, example_grads₁, ggn_vp₁, …, fwd₂, …)``:
-    hashable, part of the cache key of every compiled explicit loop, so that a swapped rule is
-    traced anew."""
+    """The rules ``ops`` hold now, ``(fwd₁, bwd₁, example_grads₁, jvp₁, ggn_vp₁, …, fwd₂,
+    …)``: hashable, part of the cache key of every compiled explicit loop, so that a swapped
+    rule is traced anew."""
     return tuple(
         r for op in ops
-        for r in (*rules_of(op), getattr(op, "example_grads", None), *curvature_of(op))
+        for r in (*rules_of(op), getattr(op, "example_grads", None), getattr(op, "jvp", None),
+                  *curvature_of(op))
     )  # fmt: skip
 
 
@@ -150,10 +163,63 @@ def op_vjp(op: Any, *, traced: Sequence[str] | None = None, primal: Callable | N
 
     ``primal(*args, **options)``, when given, computes the output when no gradient is asked
     for (the fused loss computes its loss alone there, whatever its strategy).
+
+    The same call runs the op's forward-mode twin (:func:`forward_mode`) instead, a
+    ``jax.custom_jvp`` of ``op.fwd`` and ``op.jvp``, when that twin is what was called.
     """
     traced = tuple(getattr(op, "traced_options", ()) if traced is None else traced)
     described = (getattr(op, "name", "op"), tuple(getattr(op, "arg_names", ())))
-    return _vjp(lambda: rules_of(op), traced, primal, described)
+    vjp_call = by_vjp(lambda: rules_of(op), traced, primal, described)
+    jvp_call = by_jvp(lambda: (rules_of(op)[0], jvp_rule(op)), traced, primal, described)
+
+    def call(*args, **options):
+        return (jvp_call if _FORWARD.get() is op else vjp_call)(*args, **options)
+
+    return call
+
+
+# The op whose forward-mode twin is running (set by the twin around its call of the op).
+_FORWARD: contextvars.ContextVar = contextvars.ContextVar("jaxbp_forward_mode", default=None)
+
+
+def jvp_rule(op: Any) -> Callable:
+    """``op.jvp``; ``TypeError`` naming the op when it has none (what every forward-mode
+    path meets first: the twin, ``jaxbp.jacobian(..., mode="fwd")``, the transforms)."""
+    jvp = getattr(op, "jvp", None)
+    if not callable(jvp):
+        raise TypeError(
+            f"{getattr(op, 'name', op)}: has no forward-mode rule (op.jvp is None); give it "
+            "one (declare(..., jvp=...), jaxbp.Op(..., jvp=...)) or use its plain twin "
+            "op.reference for jax.jvp"
+        )
+    return jvp
+
+
+def forward_mode(op: Any) -> Callable:
+    """The forward-mode twin of ``op``: the same call (arguments, options, validation), run
+    through a ``jax.custom_jvp`` whose rule is ``op.fwd`` then ``op.jvp(res, tangents)``.
+
+    ``jax.jvp``, ``jax.jacfwd``, ``jax.linearize`` and ``jax.hessian`` through it run the
+    hand-written ``op.jvp`` (and JAX's derivatives of ``op.fwd``/``op.jvp`` for a second
+    order); ``jax.grad`` through it runs JAX's transpose of ``op.jvp``, not ``op.bwd`` (the
+    op itself is the one whose ``jax.grad`` runs ``op.bwd``). Integer and bool arguments
+    get ``float0`` tangents, as ``jax.jvp`` gives them; a tangent through a traced option
+    (``label_smoothing``) makes the output's tangent NaN, as the op's gradient through it.
+    ``TypeError`` naming the op when it has no jvp rule.
+    """
+    rules_of(op)
+
+    @functools.wraps(op, updated=())  # name, doc, signature; not a snapshot of op's rules
+    def twin(*args, **options):
+        jvp_rule(op)
+        token = _FORWARD.set(op)
+        try:
+            return op(*args, **options)
+        finally:
+            _FORWARD.reset(token)
+
+    twin.op = op
+    return twin
 
 
 def custom_vjp_op(fwd: Callable, bwd: Callable) -> Callable:
@@ -163,72 +229,12 @@ def custom_vjp_op(fwd: Callable, bwd: Callable) -> Callable:
     keywords (static). The low-level builder for rules that are not bound to an op object;
     jaxbp's own ops use :func:`op_vjp`, which reads the rules from the op.
     """
-    call = _vjp(lambda: (fwd, bwd), ())
+    call = by_vjp(lambda: (fwd, bwd), ())
 
     def op(options, *args):
         return call(*args, **dict(options))
 
     return op
-
-
-def _vjp(
-    get: Callable,
-    traced: tuple[str, ...],
-    primal: Callable | None = None,
-    described: tuple[str, tuple[str, ...]] = ("op", ()),
-):
-    """The ``custom_vjp`` of :func:`op_vjp` and :func:`custom_vjp_op`; ``get()`` gives the
-    rules ``(fwd, bwd)`` at trace time. ``described``: the op's name and argument names, for
-    the errors of a rule that breaks the contract (:mod:`jaxbp._contract`)."""
-    name, arg_names = described
-
-    def fwd_rule(*args, **options):
-        return _contract.check_fwd_output(name, get()[0](*args, **options))
-
-    def bwd_rule(primal_avals, res, g, **options):
-        cts = get()[1](res, g, **options)
-        return _contract.check_cotangents(name, cts, primal_avals, arg_names)
-
-    # On Explicit mesh axes every rule runs under auto_axes (jaxbp._sharding): the results
-    # typed like the arguments, the cotangents exactly like their primals.
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-    def core(static, dynamic, *args):
-        if primal is not None:
-            return _sharding.run(lambda d, *a: primal(*a, **dict(static), **d), (dynamic, *args))
-        return _sharding.run(lambda d, *a: fwd_rule(*a, **dict(static), **d)[0], (dynamic, *args))
-
-    def core_fwd(static, dynamic, *args):
-        out, res = _sharding.run(lambda d, *a: fwd_rule(*a, **dict(static), **d), (dynamic, *args))
-        # Each argument's varying axes (inside a shard_map), sharding (on Explicit axes), shape
-        # and dtype, static, for the cotangents.
-        types = (tuple(_vma.of(a) for a in args), _sharding.specs_of(args), _contract.avals(args))
-        return out, (res, dynamic, _vma.Static(types))
-
-    def core_bwd(static, saved, g):
-        res, dynamic, types = saved
-        vmas, specs, primal_avals = types.value
-
-        def cotangent_specs(shapes):
-            return tuple(None if c is None else s for c, s in zip(shapes, specs, strict=True))
-
-        cts = _sharding.run(
-            lambda r, g, d: bwd_rule(primal_avals, r, g, **dict(static), **d),
-            (res, g, dynamic),
-            cotangent_specs,
-        )
-        # The rules do not differentiate their traced options: a gradient taken through one
-        # is NaN (never a silent 0); a gradient not asked for through it is dropped unseen.
-        nan = jax.tree.map(lambda v: jnp.full(jnp.shape(v), jnp.nan, jnp.result_type(v)), dynamic)
-        return (nan, *_vma.fit_cotangents(cts, vmas))
-
-    core.defvjp(core_fwd, core_bwd)
-
-    def call(*args, **options):
-        static = tuple(sorted((k, v) for k, v in options.items() if k not in traced))
-        dynamic = {k: options[k] for k in traced if k in options}
-        return core(static, dynamic, *args)
-
-    return call
 
 
 def _check_per_example(name: str, names: tuple[str, ...], per_example: tuple[str, ...]) -> None:
@@ -254,6 +260,7 @@ def declare(
     example_ndim: int = 1,
     traced: Sequence[str] = (),
     example_grads: Callable | None = None,
+    jvp: Callable | None = None,
     curvature: Mapping[str, Callable] | None = None,
 ) -> Callable:
     """Decorator of a built-in op: bind its rules and its signature's meaning to it.
@@ -265,8 +272,9 @@ def declare(
     ``(n..., k...)`` with ``example_ndim`` trailing axes ``k...`` per example (default 1:
     ``(n..., k)``; 0 for integer ids ``(n...)``; 3 for attention's ``(n..., h, t, e)``): its
     leading axes are the batch. ``traced`` names the options the rules take as traced
-    values; ``example_grads`` is the per-example rule of an op with parameters;
-    ``curvature`` maps some of :data:`CURVATURE_RULES` to a loss's curvature rules. Sets the
+    values; ``example_grads`` is the per-example rule of an op with parameters; ``jvp`` its
+    forward-mode rule (``op.jvp``, ``None`` without); ``curvature`` maps some of
+    :data:`CURVATURE_RULES` to a loss's curvature rules. Sets the
     attributes of :data:`OP_ATTRIBUTES` (``reference`` is ``None`` until
     ``jaxbp/__init__.py`` binds it)::
 
@@ -278,13 +286,15 @@ def declare(
     for what, fn in (("fwd", fwd), ("bwd", bwd)):
         if not callable(fn):
             raise TypeError(f"{what}: expected a callable rule, got {fn!r}")
+    if jvp is not None and not callable(jvp):
+        raise TypeError(f"jvp: expected a callable rule or None, got {jvp!r}")
     curvature = _contract.check_curvature(curvature, CURVATURE_RULES)
 
     def decorate(op: Callable) -> Callable:
         names = positional_names(op)
         _check_per_example(op.__name__, names, per_example)
         op.name = op.__name__
-        op.fwd, op.bwd = fwd, bwd
+        op.fwd, op.bwd, op.jvp = fwd, bwd, jvp
         op.reference = None
         op.per_example_args = per_example
         op.example_ndim = example_ndim
@@ -326,175 +336,3 @@ def bind_references(pairs: Sequence[tuple[Any, Callable]]) -> None:
     by ``jaxbp/__init__.py`` (the reference package imports after the rules)."""
     for op, ref in pairs:
         op.reference = ref
-
-
-class Op:
-    """An op on jaxbp's contract, built from your ``fwd``, ``bwd`` and ``reference``.
-
-    Args:
-      fwd: ``fwd(*args, **options) -> (out, res)``.
-      bwd: ``bwd(res, g, **options) -> tuple`` of one cotangent per positional argument.
-      reference: ``reference(*args, **options)``, plain ``jax.numpy``; its signature is the
-        op's (positional parameter names name the arguments in reports and errors).
-      name: the op's name (in jaxprs, reports, error messages); default ``reference``'s.
-      per_example: names of the positional parameters that carry the batch (one row per
-        example, ``(n..., k)``); the others are parameters shared by all examples. Default:
-        the first positional parameter only.
-      options: the keyword options and their defaults, e.g. ``{"scale": 1.0}``: static
-        (hashable; each value compiles anew) unless named in ``traced_options``.
-      example_ndim: trailing axes per example of the first per-example argument (default 1).
-      example_grads: the per-example rule, for an op with parameters used inside a model
-        (per-example gradients, their norms, DP-SGD): ``example_grads(res, g, *, examples,
-        **options)`` → ``{parameter name: contribution}`` (``jaxbp.per_example.Outer``,
-        ``Rows``, ``OneHot``, ``Full``); see docs/per_example.md. Without it, a per-example
-        transform that meets the op raises a ``TypeError`` naming it.
-      traced_options: the options the rules take as traced values (numbers that only scale
-        values, as the built-in ops' ``label_smoothing``): a new value compiles nothing new,
-        and a value traced under ``jit`` is accepted (a static option refuses one).
-      curvature: for a loss, its curvature rules at the logits, ``{"ggn_vp": ...,
-        "hessian_factor": ..., "logits_bwd": ..., "sample_bwd": ...}`` (any of them; the
-        signatures of :mod:`jaxbp._losscurv`), jitted like ``fwd`` and ``bwd`` and carried as
-        ``op.ggn_vp``, …; ``None`` for each one not given.
-
-    A rule that breaks the contract is an error naming the op, the rule, what was expected
-    and what came (:mod:`jaxbp._contract`): a signature that cannot take the op's arguments
-    and options, here; a traced value for a static option, at the call; a ``fwd`` that does
-    not return ``(out, res)``, a ``bwd`` that does not return one cotangent per positional
-    argument of that argument's shape and dtype, when JAX first traces them.
-
-    Calling ``op(*args, **options)`` runs a ``jax.custom_vjp``: ``jax.grad``, ``jax.vjp`` and
-    everything built on them run your ``bwd``; ``jax.jit`` and ``jax.vmap`` compose.
-    ``op.fwd``/``op.bwd`` are the jitted rules (options filled with their defaults),
-    ``op.reference`` the plain twin; the op carries the same attributes as jaxbp's own ops
-    (:data:`OP_ATTRIBUTES`), so :func:`jaxbp.jacobian` and :func:`jaxbp.check` accept it.
-
-    Example (squared ReLU, saving its input)::
-
-      >>> import jax, jax.numpy as jnp, jaxbp
-      >>> sqrelu = jaxbp.Op(
-      ...     fwd=lambda z: (jnp.maximum(z, 0) ** 2, (z,)),
-      ...     bwd=lambda res, g: (2 * g * jnp.maximum(res[0], 0),),
-      ...     reference=lambda z: jnp.maximum(z, 0) ** 2,
-      ...     name="sqrelu",
-      ... )
-      >>> jax.grad(lambda z: sqrelu(z).sum())(jnp.array([-1.0, 3.0])).tolist()
-      [0.0, 6.0]
-    """
-
-    def __init__(
-        self,
-        fwd: Callable,
-        bwd: Callable,
-        reference: Callable,
-        *,
-        name: str | None = None,
-        per_example: Sequence[str] | None = None,
-        options: dict[str, Any] | None = None,
-        example_ndim: int = 1,
-        example_grads: Callable | None = None,
-        traced_options: Sequence[str] = (),
-        curvature: Mapping[str, Callable] | None = None,
-    ):
-        for what, fn in (("fwd", fwd), ("bwd", bwd), ("reference", reference)):
-            if not callable(fn):
-                raise TypeError(f"{what}: expected a callable, got {fn!r}")
-        if example_grads is not None and not callable(example_grads):
-            raise TypeError(
-                f"example_grads: expected a callable rule or None, got {example_grads!r}"
-            )
-        self.name = str(name or getattr(reference, "__name__", "op"))
-        self.__name__ = self.__qualname__ = self.name
-        self.__doc__ = getattr(reference, "__doc__", None) or f"The user op {self.name!r}."
-        self.__signature__ = inspect.signature(reference)
-        self.__wrapped__ = reference
-        names = positional_names(reference)
-        if not names:
-            raise ValueError("reference: expected positional parameters (the op's arguments)")
-        per_example = (names[0],) if per_example is None else tuple(per_example)
-        _check_per_example(self.name, names, per_example)
-        self.arg_names = names
-        self.per_example_args = per_example
-        self.example_ndim = _check_example_ndim(example_ndim)
-        self.example_grads = example_grads
-        self.defaults = dict(options or {})
-        for key, value in self.defaults.items():
-            try:
-                hash(value)
-            except TypeError:
-                raise TypeError(
-                    f"options: {key!r} must be hashable (static); arrays are positional "
-                    f"arguments, got {type(value).__name__}"
-                ) from None
-        self.traced_options = tuple(traced_options)
-        _contract.check_signatures(
-            self.name, fwd, bwd, reference, names, self.defaults, self.traced_options
-        )
-        static = tuple(k for k in self.defaults if k not in self.traced_options)
-        self._fwd = jax.jit(_named(fwd, self.name + "_fwd"), static_argnames=static)
-        self._bwd = jax.jit(_named(bwd, self.name + "_bwd"), static_argnames=static)
-        self.reference = reference
-        curvature = _contract.check_curvature(curvature, CURVATURE_RULES)
-        for rule_name in CURVATURE_RULES:
-            rule = curvature.get(rule_name)
-            if rule is not None:
-                rule = self._with_options(
-                    jax.jit(_named(rule, f"{self.name}_{rule_name}"), static_argnames=static)
-                )
-            setattr(self, rule_name, rule)
-        self._core = op_vjp(self)  # reads self.fwd / self.bwd when traced
-        _USER_OPS[next(_user_count)] = self  # its rules key the transforms' compiled steps
-
-    def _options(self, options: dict) -> dict:
-        unknown = sorted(set(options) - set(self.defaults))
-        if unknown:
-            raise TypeError(
-                f"{self.name}: unexpected option(s) {unknown}; options are {list(self.defaults)}"
-            )
-        options = {**self.defaults, **options}
-        _contract.check_options(self.name, options, self.traced_options)
-        return options
-
-    def __call__(self, *args, **options):
-        opts = self._options(options)
-        if len(args) != len(self.arg_names):
-            raise TypeError(
-                f"{self.name}: expected {len(self.arg_names)} positional arguments "
-                f"{self.arg_names}, got {len(args)}"
-            )
-        return self._core(*args, **opts)
-
-    def _with_options(self, rule: Callable) -> Callable:
-        """``rule`` called with the op's options filled in and checked."""
-
-        def call(*args, **options):
-            return rule(*args, **self._options(options))
-
-        call.__name__ = call.__qualname__ = rule.__name__
-        return call
-
-    def fwd(self, *args, **options):
-        """The jitted forward rule: ``(out, res)``."""
-        return self._fwd(*args, **self._options(options))
-
-    def bwd(self, res, g, **options):
-        """The jitted backward rule: one cotangent per positional argument."""
-        cts = self._bwd(res, g, **self._options(options))
-        return _contract.check_count(self.name, cts, self.arg_names)
-
-    @property
-    def batched(self) -> tuple[bool, ...]:
-        """Per positional argument: True when it is per-example (see ``per_example``)."""
-        return tuple(n in self.per_example_args for n in self.arg_names)
-
-    def __repr__(self) -> str:
-        return f"jaxbp.Op({self.name!r}, args={self.arg_names}, options={self.defaults})"
-
-
-def _named(fn: Callable, name: str) -> Callable:
-    """``fn`` under a name JAX shows in jaxprs and profiles (a lambda would show '<lambda>')."""
-
-    def rule(*args, **kwargs):
-        return fn(*args, **kwargs)
-
-    rule.__name__ = rule.__qualname__ = name
-    return rule

@@ -9,6 +9,9 @@ vector-Jacobian product is an elementwise product::
 
     dz = g ⊙ f'(z)      "n,n->n"
 
+Forward mode is the same product with the tangent, ``ẏ = ż ⊙ f'(z)`` (the Jacobian is
+diagonal, so its transpose is itself), from the same saved ``y`` or ``z``.
+
 That is why the ``.*`` in a sigmoid + MSE backward is right, and why the same shortcut is
 wrong for softmax, whose Jacobian is full (see :mod:`jaxbp.softmax`).
 
@@ -38,25 +41,26 @@ from . import _checks
 from ._op import declare, op_vjp
 
 __all__ = [
-    "relu", "relu_fwd", "relu_bwd",
-    "leaky_relu", "leaky_relu_fwd", "leaky_relu_bwd",
-    "sigmoid", "sigmoid_fwd", "sigmoid_bwd",
-    "tanh", "tanh_fwd", "tanh_bwd",
-    "gelu", "gelu_fwd", "gelu_bwd",
-    "softplus", "softplus_fwd", "softplus_bwd",
-    "silu", "silu_fwd", "silu_bwd",
-    "swish", "swish_fwd", "swish_bwd",
+    "relu", "relu_fwd", "relu_bwd", "relu_jvp",
+    "leaky_relu", "leaky_relu_fwd", "leaky_relu_bwd", "leaky_relu_jvp",
+    "sigmoid", "sigmoid_fwd", "sigmoid_bwd", "sigmoid_jvp",
+    "tanh", "tanh_fwd", "tanh_bwd", "tanh_jvp",
+    "gelu", "gelu_fwd", "gelu_bwd", "gelu_jvp",
+    "softplus", "softplus_fwd", "softplus_bwd", "softplus_jvp",
+    "silu", "silu_fwd", "silu_bwd", "silu_jvp",
+    "swish", "swish_fwd", "swish_bwd", "swish_jvp",
     "ACTIVATIONS",
 ]  # fmt: skip
 
 
 def _elementwise(name: str, f: Callable, df: Callable, *, saves: str, defaults: dict):
-    """Build the rules ``(op_fwd, op_bwd)`` from ``f`` and its derivative ``df``, and the
-    option check ``options(kwargs) -> dict`` the public op runs before calling its core.
+    """Build the rules ``(op_fwd, op_bwd, op_jvp)`` from ``f`` and its derivative ``df``, and
+    the option check ``options(kwargs) -> dict`` the public op runs before calling its core.
 
     ``df`` takes what is saved: the output ``y`` when ``saves == "output"``, else the input
     ``z``. Both run in float32 for half-precision inputs; results come back in ``z``'s dtype.
-    The jitted rules are named ``{name}_fwd`` and ``{name}_bwd`` (in jaxprs, logs, profiles).
+    The jitted rules are named ``{name}_fwd``, ``{name}_bwd`` and ``{name}_jvp`` (in jaxprs,
+    logs, profiles).
     """
     # bool options switch formulas (static); number options only scale values (traced)
     static = tuple(k for k, v in defaults.items() if isinstance(v, bool))
@@ -80,17 +84,24 @@ def _elementwise(name: str, f: Callable, df: Callable, *, saves: str, defaults: 
         y = f(zc, **opts).astype(z.dtype)
         return y, (y if saves == "output" else z,)
 
-    def op_bwd(res, g, **opts):
+    def diagonal(res, v, opts):
         (r,) = res  # y or z, shape n
         rc = r.astype(_checks.accum_dtype(r.dtype))
-        dz = g.astype(rc.dtype) * df(rc, **opts)  # "n,n->n": the Jacobian is diagonal
-        dz = jnp.where(jnp.isnan(rc), rc, dz)  # NaN in, NaN out (never a finite 0)
-        return (dz.astype(g.dtype),)
+        out = v.astype(rc.dtype) * df(rc, **opts)  # "n,n->n": the Jacobian is diagonal
+        out = jnp.where(jnp.isnan(rc), rc, out)  # NaN in, NaN out (never a finite 0)
+        return out.astype(v.dtype)
 
-    for rule, suffix in ((op_fwd, "_fwd"), (op_bwd, "_bwd")):
+    def op_bwd(res, g, **opts):
+        return (diagonal(res, g, opts),)  # dz = g ⊙ f'(z)
+
+    def op_jvp(res, tangents, **opts):
+        (dz,) = tangents  # ẏ = ż ⊙ f'(z): the same diagonal, times the tangent ż
+        return diagonal(res, dz, opts)
+
+    rules = {"_fwd": op_fwd, "_bwd": op_bwd, "_jvp": op_jvp}
+    for suffix, rule in rules.items():
         rule.__name__ = rule.__qualname__ = name + suffix
-    op_fwd = jax.jit(op_fwd, static_argnames=static)
-    op_bwd = jax.jit(op_bwd, static_argnames=static)
+    op_fwd, op_bwd, op_jvp = (jax.jit(r, static_argnames=static) for r in rules.values())
 
     def fwd(z, **kwargs):
         return op_fwd(_checks.floating("z", z), **options(kwargs))
@@ -98,13 +109,17 @@ def _elementwise(name: str, f: Callable, df: Callable, *, saves: str, defaults: 
     def bwd(res, g, **kwargs):
         return op_bwd(res, g, **options(kwargs))
 
-    for rule, suffix in ((fwd, "_fwd"), (bwd, "_bwd")):
+    def jvp(res, tangents, **kwargs):
+        return op_jvp(res, tuple(tangents), **options(kwargs))
+
+    what = {"_fwd": "forward", "_bwd": "backward", "_jvp": "forward-mode (jvp)"}
+    for rule, suffix in ((fwd, "_fwd"), (bwd, "_bwd"), (jvp, "_jvp")):
         rule.__name__ = rule.__qualname__ = name + suffix
         rule.__doc__ = (
-            f"The {'forward' if suffix == '_fwd' else 'backward'} rule of :func:`{name}` "
-            f"(jitted inside; options checked as the op checks them)."
+            f"The {what[suffix]} rule of :func:`{name}` (jitted inside; options checked as "
+            f"the op checks them)."
         )
-    return fwd, bwd, options
+    return fwd, bwd, jvp, options
 
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -149,14 +164,14 @@ def _dsilu(z):
     return jax.nn.sigmoid(z) * (1.0 + z * jax.nn.sigmoid(-z))
 
 
-relu_fwd, relu_bwd, _relu_options = _elementwise(
+relu_fwd, relu_bwd, relu_jvp, _relu_options = _elementwise(
     "relu",
     lambda z: jnp.maximum(z, 0),
     lambda y: (y > 0).astype(y.dtype),
     saves="output",
     defaults={},
 )
-leaky_relu_fwd, leaky_relu_bwd, _leaky_relu_options = _elementwise(
+leaky_relu_fwd, leaky_relu_bwd, leaky_relu_jvp, _leaky_relu_options = _elementwise(
     "leaky_relu",
     lambda z, negative_slope: jnp.where(z > 0, z, _checks.as_scalar(negative_slope, z.dtype) * z),
     lambda z, negative_slope: jnp.where(
@@ -165,29 +180,34 @@ leaky_relu_fwd, leaky_relu_bwd, _leaky_relu_options = _elementwise(
     saves="input",
     defaults={"negative_slope": 0.01},
 )
-sigmoid_fwd, sigmoid_bwd, _sigmoid_options = _elementwise(
+sigmoid_fwd, sigmoid_bwd, sigmoid_jvp, _sigmoid_options = _elementwise(
     "sigmoid", jax.nn.sigmoid, lambda y: y * (1 - y), saves="output", defaults={}
 )
-tanh_fwd, tanh_bwd, _tanh_options = _elementwise(
+tanh_fwd, tanh_bwd, tanh_jvp, _tanh_options = _elementwise(
     "tanh", jnp.tanh, lambda y: 1 - y * y, saves="output", defaults={}
 )
-gelu_fwd, gelu_bwd, _gelu_options = _elementwise(
+gelu_fwd, gelu_bwd, gelu_jvp, _gelu_options = _elementwise(
     "gelu", _gelu, _dgelu, saves="input", defaults={"approximate": True}
 )
-softplus_fwd, softplus_bwd, _softplus_options = _elementwise(
+softplus_fwd, softplus_bwd, softplus_jvp, _softplus_options = _elementwise(
     "softplus", lambda z: jnp.logaddexp(z, 0), lambda y: -jnp.expm1(-y), saves="output", defaults={}
 )
 
-silu_fwd, silu_bwd, _silu_options = _elementwise("silu", _silu, _dsilu, saves="input", defaults={})
+silu_fwd, silu_bwd, silu_jvp, _silu_options = _elementwise(
+    "silu", _silu, _dsilu, saves="input", defaults={}
+)
 
 
-@declare(fwd=relu_fwd, bwd=relu_bwd, per_example=("z",))
+@declare(fwd=relu_fwd, bwd=relu_bwd, jvp=relu_jvp, per_example=("z",))
 def relu(z: jax.Array) -> jax.Array:
     """``max(z, 0)`` elementwise, any shape; gradient ``g ⊙ [y > 0]`` (0 at ``z = 0``)."""
     return _relu(_checks.floating("z", z))
 
 
-@declare(fwd=leaky_relu_fwd, bwd=leaky_relu_bwd, per_example=("z",), traced=("negative_slope",))
+@declare(
+    fwd=leaky_relu_fwd, bwd=leaky_relu_bwd, jvp=leaky_relu_jvp, per_example=("z",),
+    traced=("negative_slope",),
+)  # fmt: skip
 def leaky_relu(z: jax.Array, *, negative_slope: float = 0.01) -> jax.Array:
     """``z`` where ``z > 0`` else ``negative_slope·z``; gradient ``g`` or ``negative_slope·g``.
 
@@ -198,19 +218,19 @@ def leaky_relu(z: jax.Array, *, negative_slope: float = 0.01) -> jax.Array:
     return _leaky_relu(_checks.floating("z", z), **opts)
 
 
-@declare(fwd=sigmoid_fwd, bwd=sigmoid_bwd, per_example=("z",))
+@declare(fwd=sigmoid_fwd, bwd=sigmoid_bwd, jvp=sigmoid_jvp, per_example=("z",))
 def sigmoid(z: jax.Array) -> jax.Array:
     """``1 / (1 + e^{−z})`` elementwise; gradient ``g ⊙ y(1 − y)`` from the saved output."""
     return _sigmoid(_checks.floating("z", z))
 
 
-@declare(fwd=tanh_fwd, bwd=tanh_bwd, per_example=("z",))
+@declare(fwd=tanh_fwd, bwd=tanh_bwd, jvp=tanh_jvp, per_example=("z",))
 def tanh(z: jax.Array) -> jax.Array:
     """``tanh z`` elementwise; gradient ``g ⊙ (1 − y²)`` from the saved output."""
     return _tanh(_checks.floating("z", z))
 
 
-@declare(fwd=gelu_fwd, bwd=gelu_bwd, per_example=("z",))
+@declare(fwd=gelu_fwd, bwd=gelu_bwd, jvp=gelu_jvp, per_example=("z",))
 def gelu(z: jax.Array, *, approximate: bool = True) -> jax.Array:
     """GELU ``z·Φ(z)``; ``approximate=True`` uses the tanh form (as ``jax.nn.gelu``).
 
@@ -224,13 +244,13 @@ def gelu(z: jax.Array, *, approximate: bool = True) -> jax.Array:
     return _gelu_op(_checks.floating("z", z), **opts)
 
 
-@declare(fwd=softplus_fwd, bwd=softplus_bwd, per_example=("z",))
+@declare(fwd=softplus_fwd, bwd=softplus_bwd, jvp=softplus_jvp, per_example=("z",))
 def softplus(z: jax.Array) -> jax.Array:
     """``log(1 + e^z)`` elementwise; gradient ``g ⊙ σ(z) = g ⊙ (1 − e^{−y})`` from the output."""
     return _softplus(_checks.floating("z", z))
 
 
-@declare(fwd=silu_fwd, bwd=silu_bwd, per_example=("z",))
+@declare(fwd=silu_fwd, bwd=silu_bwd, jvp=silu_jvp, per_example=("z",))
 def silu(z: jax.Array) -> jax.Array:
     """SiLU (swish) ``z·σ(z)`` elementwise; gradient ``g ⊙ σ(z)·(1 + z·σ(−z))`` from the saved
     input. ``jaxbp.swish`` is this same function (an alias, as ``jax.nn.swish``)."""
@@ -246,7 +266,7 @@ _gelu_op = op_vjp(gelu)
 _softplus = op_vjp(softplus)
 _silu_op = op_vjp(silu)
 
-swish, swish_fwd, swish_bwd = silu, silu_fwd, silu_bwd  # an alias: the same objects
+swish, swish_fwd, swish_bwd, swish_jvp = silu, silu_fwd, silu_bwd, silu_jvp  # an alias
 
 ACTIVATIONS: dict[str, Callable] = {
     "relu": relu,

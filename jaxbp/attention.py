@@ -26,6 +26,10 @@ softmax with its own ``(s, s)`` Jacobian ``diag(p) − p pᵀ`` (``(n, h, t, s, 
 them), and the vector-Jacobian product ``(diag(p) − p pᵀ)·dp = p ⊙ (dp − ⟨p, dp⟩)`` never forms
 it: the seeds ``dP (t, s)`` collapse row by row to ``dS (t, s)``.
 
+Forward mode (:func:`attention_jvp`) pushes tangents ``q̇, k̇, v̇`` through the same three
+steps: ``Ṡ = (q̇·kᵀ + q·k̇ᵀ)/√e``, ``Ṗ = P ⊙ (Ṡ − rowsum(P ⊙ Ṡ))`` (the Jacobian again, now
+times a tangent) and ``Ȯ = Ṗ·v + P·v̇``.
+
 Masks: ``causal=True`` lets query ``i`` see keys ``j ≤ i`` (it needs ``t == s``; for any other
 alignment pass ``causal=False`` and a ``where=`` mask); ``where`` is a bool mask broadcastable
 to ``(n..., h, t, s)``, with ``jax.nn``'s ``where=`` semantics: masked scores are excluded
@@ -62,7 +66,10 @@ from jax import lax
 from . import _checks, _vma
 from ._op import declare, op_vjp
 
-__all__ = ["attention", "attention_fwd", "attention_bwd", "STRATEGIES", "RECOMPUTE_BLOCK"]
+__all__ = [
+    "attention", "attention_fwd", "attention_bwd", "attention_jvp", "STRATEGIES",
+    "RECOMPUTE_BLOCK",
+]  # fmt: skip
 
 STRATEGIES = ("store", "recompute")
 RECOMPUTE_BLOCK = 128  # queries per step of the "recompute" strategy
@@ -267,7 +274,51 @@ def attention_bwd(res, g, *, causal: bool = True, strategy: str = "store"):
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
-@declare(fwd=attention_fwd, bwd=attention_bwd, per_example=("q", "k", "v"), example_ndim=3)
+@functools.partial(jax.jit, static_argnames=("causal", "strategy"))
+def attention_jvp(res, tangents, *, causal: bool = True, strategy: str = "store"):
+    """Forward mode: ``Ȯ (..., h, t, e)`` from the tangents ``(q̇, k̇, v̇, None)``::
+
+        Ṡ = (q̇·kᵀ + q·k̇ᵀ)/√e        "nhte,nhse->nhts"
+        Ṗ = P ⊙ (Ṡ − rowsum(P ⊙ Ṡ))   the row softmax's Jacobian on Ṡ   (t, s)
+        Ȯ = Ṗ·v + P·v̇                "nhts,nhse->nhte"
+
+    ``"recompute"`` rebuilds ``P`` from ``L`` block by block of queries, as its backward.
+    """
+    q, k, v = res[:3]
+    dq, dk, dv = tangents[:3]
+    s = k.shape[-2]
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    ka, va, dka, dva = _acc(k), _acc(v), _acc(dk), _acc(dv)
+
+    def block(P, qb, dqb):
+        """``Ȯ`` of the block's queries (``qb = q/√e``, ``dqb = q̇/√e``)."""
+        dS = _scores(dqb, ka) + _scores(qb, dka)  # Ṡ   "nhte,nhse->nhts"
+        dP = P * (dS - jnp.sum(P * dS, axis=-1, keepdims=True))  # Ṗ = P ⊙ (Ṡ − rowsum(P ⊙ Ṡ))
+        return jnp.einsum("...ts,...se->...te", dP, va) + jnp.einsum(
+            "...ts,...se->...te", P, dva
+        )  # Ṗ·v + P·v̇
+
+    if strategy == "store":
+        dO = block(res[3], _acc(q) * scale, _acc(dq) * scale)
+        return dO.astype(q.dtype)
+    where, L = res[3], res[4]
+
+    def body(start, tq, dO):
+        qb, dqb = _acc(_rows(q, start, tq)) * scale, _acc(_rows(dq, start, tq)) * scale
+        Lb = lax.dynamic_slice_in_dim(L, start, tq, axis=L.ndim - 1)
+        Lb = jnp.where(Lb == -jnp.inf, 0.0, Lb)  # fully masked rows: P is 0 anyway
+        P = _select(_mask(start, tq, s, causal, where), jnp.exp(_scores(qb, ka) - Lb[..., None]),
+                    0.0)  # fmt: skip
+        return lax.dynamic_update_slice_in_dim(dO, block(P, qb, dqb), start, axis=dO.ndim - 2)
+
+    dO = _over_blocks(q.shape[-2], body, jnp.zeros(q.shape, ka.dtype), (res, *tangents[:3]))
+    return dO.astype(q.dtype)
+
+
+@declare(
+    fwd=attention_fwd, bwd=attention_bwd, jvp=attention_jvp, per_example=("q", "k", "v"),
+    example_ndim=3,
+)  # fmt: skip
 def attention(
     q: jax.Array,
     k: jax.Array,

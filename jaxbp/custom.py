@@ -20,7 +20,14 @@ once, and they reach ``bwd`` as keywords. Arrays are positional arguments, never
 * ``finite diff`` ``⟨∇, d⟩`` vs ``(L(a + h·d) − L(a − h·d)) / 2h`` with
   ``L = Σ g ⊙ op(...)``, along a few random unit directions ``d`` of each argument;
 
-plus a ``forward`` row (the op's output vs the reference's). Errors are relative to the
+plus a ``forward`` row (the op's output vs the reference's) and, for an op with a forward-mode
+rule ``jvp(res, tangents, **options)``, per argument along a random tangent:
+
+* ``custom_jvp``  ``jax.jvp`` of the op's forward-mode twin (``fwd`` then ``jvp``) vs
+  ``jax.jvp`` of the reference;
+* ``jvp``         ``jvp(fwd(*args)[1], tangents)`` called directly vs the same;
+* ``jvp fd``      the same tangent vs ``(op(a + h·t) − op(a − h·t)) / 2h``.
+ Errors are relative to the
 expected value's max-abs; tolerances are float64 ≤ 1e-12 against the reference, ≤ 1e-6
 against finite differences.
 """
@@ -36,8 +43,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._op import Op, bwd_options, positional_names, rules_of
+from ._op import bwd_options, forward_mode, positional_names, rules_of
+from ._userop import Op
 from .gradcheck import FD_STEP, FD_TOLERANCE, TOLERANCES, Row, x64
+from .jacobian import linearized
 
 __all__ = ["Op", "CheckReport", "check"]
 
@@ -112,6 +121,13 @@ class CheckReport:
             "fwd/bwd:     bwd(fwd(*args)[1], g) called directly vs the same",
             "finite diff: ⟨grad, d⟩ vs (L(a+hd) − L(a−hd))/2h, L = Σ g·op(...), random unit d",
         ]
+        if any(r.check.startswith(("jvp", "custom_jvp")) for r in self.rows):
+            lines += [
+                "custom_jvp:  jax.jvp of jaxbp.forward_mode.of(op) (fwd, then jvp) vs jax.jvp "
+                "of the reference",
+                "jvp:         jvp(fwd(*args)[1], tangents) called directly vs the same",
+                "jvp fd:      that tangent vs (op(a+ht) − op(a−ht))/2h, random unit t",
+            ]
         bad = self.failures
         lines.append(
             f"PASSED: all {len(self.rows)} checks within tolerance"
@@ -172,6 +188,33 @@ def _is_float(a) -> bool:
     return hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating)
 
 
+def _jvp_rows(op, args, fl, floats, arg_name, as_fn, key, step, options) -> list[Row]:
+    """The forward-mode rows of :func:`check`: per floating argument, one random unit
+    tangent (zeros on the others) through the twin, the rule and finite differences."""
+    tol = TOLERANCES["float64"]
+    _, push = linearized(op, args, options)
+    twin, ref, call = as_fn(forward_mode(op)), as_fn(op.reference), as_fn(op)
+    rows = []
+    for j, i in enumerate(floats):
+        key, sub = jax.random.split(key)
+        t = jax.random.normal(sub, np.shape(args[i]), jnp.float64)
+        t = t / jnp.sqrt(jnp.sum(t * t))
+        ts = [jnp.zeros_like(a) for a in fl]
+        ts[j] = t
+        _, expected = jax.jvp(ref, tuple(fl), tuple(ts))
+        _, via_twin = jax.jvp(twin, tuple(fl), tuple(ts))
+        direct = push({i: t})
+        plus, minus = list(fl), list(fl)
+        plus[j], minus[j] = fl[j] + step * t, fl[j] - step * t
+        numeric = (call(*plus) - call(*minus)) / (2 * step)
+        rows += [
+            _row("custom_jvp", arg_name[i], via_twin, expected, tol),
+            _row("jvp", arg_name[i], direct, expected, tol),
+            _row("jvp fd", arg_name[i], direct, numeric, FD_TOLERANCE),
+        ]
+    return rows
+
+
 def check(
     op: Callable, *args, seed: int = 0, directions: int = 3, step: float = FD_STEP, **options
 ) -> CheckReport:
@@ -191,7 +234,8 @@ def check(
       A :class:`CheckReport`: ``.passed``, ``.table()``, ``.to_dict()``,
       ``.raise_if_failed()``; a row per (check, floating argument) with the max abs and
       relative error and the tolerance (1e-12 against the reference, 1e-6 against finite
-      differences). Float64 is switched on for the duration of the call if it is off.
+      differences); the forward-mode rows (``custom_jvp``, ``jvp``, ``jvp fd``) only when
+      the op has a ``jvp`` rule. Float64 is switched on for the duration of the call if it is off.
 
     Example::
 
@@ -249,4 +293,6 @@ def check(
                 minus[j] = fl[j] - step * d
                 numeric.append(float((loss(*plus) - loss(*minus)) / (2 * step)))
             rows.append(_row("finite diff", arg_name[i], manual, numeric, FD_TOLERANCE))
+        if getattr(op, "jvp", None) is not None:
+            rows += _jvp_rows(op, args, fl, floats, arg_name, as_fn, key_d, step, options)
     return CheckReport(name, dict(options), tuple(rows), directions, float(step), seed)

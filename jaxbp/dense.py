@@ -13,6 +13,9 @@ upstream gradient ``g = ∂L/∂y (n,o)``::
     dw = xᵀ·g    "ni,no->io"
     db = Σₙ g    "no->o"
 
+Forward mode, for tangents ``ẋ (n,i)``, ``ẇ (i,o)``, ``ḃ (o,)``: the product rule,
+``ẏ = ẋ·w + x·ẇ + ḃ`` (``"ni,io->no"`` twice), from the same residuals.
+
 The residuals are ``(x, w)``: exactly what the two matrix products need; ``b`` is kept only
 so the backward knows whether a bias cotangent is owed (it is never read).
 """
@@ -31,7 +34,9 @@ from . import _checks
 from ._contrib import Full, Outer, Rows, group
 from ._op import declare, op_vjp
 
-__all__ = ["dense", "dense_fwd", "dense_bwd", "dense_bwd_params", "dense_example_grads"]
+__all__ = [
+    "dense", "dense_fwd", "dense_bwd", "dense_jvp", "dense_bwd_params", "dense_example_grads",
+]  # fmt: skip
 
 
 def _validate(x, w, b):
@@ -75,6 +80,16 @@ def dense_bwd(res, g: jax.Array):
     dx = jnp.einsum("...o,io->...i", g, w)  # "no,io->ni"
     dw, db = dense_bwd_params(res, g)
     return dx, dw, db
+
+
+@jax.jit
+def dense_jvp(res, tangents):
+    """Forward mode: ``ẏ (..., o) = ẋ·w + x·ẇ + ḃ`` (``"ni,io->no"``) for the tangents
+    ``(ẋ (..., i), ẇ (i, o), ḃ (o,) or None)``; a linear map of them."""
+    x, w, _ = res
+    dx, dw, db = tangents
+    dy = jnp.einsum("...i,io->...o", dx, w) + jnp.einsum("...i,io->...o", x, dw)
+    return dy if db is None else dy + db
 
 
 @jax.jit
@@ -200,7 +215,10 @@ def dense_example_grads(res, g: jax.Array, *, examples: int):
     return out
 
 
-@declare(fwd=dense_fwd, bwd=dense_bwd, per_example=("x",), example_grads=dense_example_grads)
+@declare(
+    fwd=dense_fwd, bwd=dense_bwd, jvp=dense_jvp, per_example=("x",),
+    example_grads=dense_example_grads,
+)  # fmt: skip
 def dense(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
     """Dense layer ``y = x·w + b`` whose gradient is the hand-written :func:`dense_bwd`.
 

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from . import _checks
 from ._op import declare, op_vjp
 
-__all__ = ["dropout", "dropout_fwd", "dropout_bwd"]
+__all__ = ["dropout", "dropout_fwd", "dropout_bwd", "dropout_jvp"]
 
 
 def _validate_rate(rate: Any) -> float:
@@ -133,7 +133,21 @@ def dropout_bwd(res, g: jax.Array, *, rate: float, broadcast_dims=()):
     return _apply(keep_mask(key, rate, g.shape, dims), g, rate), None
 
 
-@declare(fwd=dropout_fwd, bwd=dropout_bwd, per_example=("x",))
+@functools.partial(jax.jit, static_argnames=("rate", "broadcast_dims"))
+def dropout_jvp(res, tangents, *, rate: float, broadcast_dims=()):
+    """Forward mode: ``ẏ = where(keep, ẋ / (1 − rate), 0·ẋ)``, the backward's mask on the
+    tangent ``ẋ`` (the tangents are ``(ẋ, None)``: the key has none)."""
+    (key,), dx = res, tangents[0]
+    rate = _validate_rate(rate)
+    dims = _validate_dims(broadcast_dims, dx.ndim)
+    if rate == 0.0:
+        return dx
+    if rate == 1.0:
+        return dx * 0
+    return _apply(keep_mask(key, rate, dx.shape, dims), dx, rate)
+
+
+@declare(fwd=dropout_fwd, bwd=dropout_bwd, jvp=dropout_jvp, per_example=("x",))
 def dropout(x: jax.Array, key: jax.Array, *, rate: float, broadcast_dims=()) -> jax.Array:
     """Inverted dropout: each entry kept with probability ``1 − rate`` and scaled by
     ``1/(1 − rate)``, the others 0 (NaN stays NaN); the gradient is :func:`dropout_bwd`.

@@ -35,9 +35,9 @@ from ._contrib import Full, OneHot, Outer, Rows, group
 from ._op import declare, op_vjp
 
 __all__ = [
-    "embedding", "embedding_fwd", "embedding_bwd", "embedding_example_grads",
+    "embedding", "embedding_fwd", "embedding_bwd", "embedding_jvp", "embedding_example_grads",
     "position_embedding", "position_embedding_fwd", "position_embedding_bwd",
-    "position_embedding_example_grads",
+    "position_embedding_jvp", "position_embedding_example_grads",
 ]  # fmt: skip
 
 
@@ -93,6 +93,17 @@ def embedding_bwd(res, g: jax.Array):
     return None, dtable.astype(shape.dtype)
 
 
+@jax.jit
+def embedding_jvp(res, tangents):
+    """Forward mode: ``ȯut (n..., d) = ṫable[ids]`` (a gather of the tangent: the lookup is
+    linear in the table), from the tangents ``(None, ṫable (v, d))``; NaN rows stay NaN."""
+    ids, shape = res
+    dtable = tangents[1]
+    bad = _bad(ids, shape.shape[0])
+    rows = dtable[jnp.where(bad, 0, ids)]
+    return jnp.where(bad[..., None], jnp.nan, rows).astype(shape.dtype)
+
+
 def embedding_example_grads(res, g: jax.Array, *, examples: int):
     """Per-example rule: ``dtable_k = Σ_t onehot(id_t) g_tᵀ (v, d)``, never formed per
     example: ``Outer(OneHot ids (n,T), Rows g (n,T,d))``, whose squared norm is
@@ -103,7 +114,7 @@ def embedding_example_grads(res, g: jax.Array, *, examples: int):
 
 
 @declare(
-    fwd=embedding_fwd, bwd=embedding_bwd, per_example=("ids",), example_ndim=0,
+    fwd=embedding_fwd, bwd=embedding_bwd, jvp=embedding_jvp, per_example=("ids",), example_ndim=0,
     example_grads=embedding_example_grads,
 )  # fmt: skip
 def embedding(ids: jax.Array, table: jax.Array) -> jax.Array:
@@ -175,6 +186,14 @@ def position_embedding_bwd(res, g: jax.Array):
     return g, jnp.pad(rows, ((0, context - t), (0, 0))).astype(shape.dtype)
 
 
+@jax.jit
+def position_embedding_jvp(res, tangents):
+    """Forward mode: ``ẏ (..., t, d) = ẋ + ṫable[:t]``, from the tangents ``(ẋ, ṫable)``."""
+    del res
+    dx, dtable = tangents
+    return dx + dtable[: dx.shape[-2]]
+
+
 def position_embedding_example_grads(res, g: jax.Array, *, examples: int):
     """Per-example rule: ``dtable_k[:t] = Σ g_k`` over the example's other axes, ``(n,
     context, d)``: the size of one row of activations per example, formed as it is."""
@@ -184,7 +203,8 @@ def position_embedding_example_grads(res, g: jax.Array, *, examples: int):
 
 
 @declare(
-    fwd=position_embedding_fwd, bwd=position_embedding_bwd, per_example=("x",), example_ndim=2,
+    fwd=position_embedding_fwd, bwd=position_embedding_bwd, jvp=position_embedding_jvp,
+    per_example=("x",), example_ndim=2,
     example_grads=position_embedding_example_grads,
 )  # fmt: skip
 def position_embedding(x: jax.Array, table: jax.Array) -> jax.Array:

@@ -24,6 +24,10 @@ With ``y' = (1 − ε)·onehot(y) + ε/v``, class weights ``u = cw ⊙ y'``, opt
     dw_k = xᵀ · dz̃                 "nd,nk->dk"
     db_k = Σ_n dz̃                  "nk->k"
 
+Forward mode (:func:`linear_softmax_cross_entropy_jvp`) is the same recomputation: a row of
+the loss's Jacobian with respect to the logits is ``dz`` for ``g = 1``, so per chunk
+``loṡs += ⟨dz̃_k, ẋ·w_k + x·ẇ_k + ḃ_k⟩`` (plus the class weights' ``⟨ċw ⊙ y', lse − z⟩``).
+
 Everything in ``dz`` is recomputable per chunk from ``x``, ``w`` and ``lse (n,)``: that is
 all the ``"recompute"`` strategy saves. The ``"forward"`` strategy instead computes the
 gradients for ``g = 1`` during the forward pass (over token chunks, so the whole
@@ -52,6 +56,7 @@ __all__ = [
     "linear_softmax_cross_entropy",
     "linear_softmax_cross_entropy_fwd",
     "linear_softmax_cross_entropy_bwd",
+    "linear_softmax_cross_entropy_jvp",
     "linear_softmax_cross_entropy_example_grads",
     "STRATEGIES",
 ]
@@ -171,6 +176,61 @@ def linear_softmax_cross_entropy_bwd(
     return dx, dw, None, db, None, dcw
 
 
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def linear_softmax_cross_entropy_jvp(
+    res, tangents, *, ignore_index=None, label_smoothing=0.0, z_loss=0.0, softcap=None,
+    chunk_size=None, accum_dtype=None, strategy=DEFAULT_STRATEGY,
+):  # fmt: skip
+    """Forward mode: ``loṡs (n,)`` for the tangents ``(ẋ (n,d), ẇ (d,v), None, ḃ (v,) |
+    None, None, ċw (v,) | None)``, one vocabulary chunk at a time from the saved ``lse``
+    (both strategies; no ``(n, v)`` array)::
+
+        ż̃_k  = ẋ·w_k + x·ẇ_k + ḃ_k                   "nd,dk->nk"   (raw logits' tangent)
+        loṡs = Σ_chunks ⟨dz̃_k, ż̃_k⟩ + ⟨ċw_k ⊙ y'_k, lse − z_k⟩     "nk,nk->n"
+
+    with ``dz̃_k`` the backward's logit gradient for ``g = 1`` (through the softcap).
+    """
+    x, w, b, labels, where, cw, lse, _ = res
+    dx, dw, _, db, _, dcw = tangents
+    acc = _xent.acc_dtype(accum_dtype, x.dtype)
+    xf, lf, wf = _flat(x, labels, where)
+    v = w.shape[1]
+    eps = _checks.as_scalar(label_smoothing, acc)
+    valid, bad, su, _ = _xent.row_terms(
+        lf, wf, cw, v=v, eps=eps, ignore_index=ignore_index, acc=acc
+    )
+    scale = su + _checks.scaled(_checks.as_scalar(z_loss, acc), 2.0 * lse)  # Σu + 2λ·lse (n,)
+    dxf = None if dx is None else dx.reshape(xf.shape)
+    ones = jnp.ones(lf.shape, acc)
+
+    def body(start, k, out):
+        w_k = _xent.cols(w, start, k, 1)
+        b_k = None if b is None else _xent.cols(b, start, k, 0)
+        z, t = _xent.logits(xf, w_k, b_k, acc, softcap)  # (n,k), recomputed
+        y, _ = _xent.smoothed(lf, start, k, eps, v, acc)  # y' (n,k)
+        cw_k = None if cw is None else _xent.cols(cw, start, k, 0).astype(acc)
+        u = y if cw_k is None else y * cw_k
+        dz = _xent.dlogits(z, t, u, *(r[:, None] for r in (lse, scale, ones, valid, bad)))
+        dzt = jnp.zeros(z.shape, acc)  # ż̃ (n,k)
+        if dxf is not None:
+            dzt = dzt + _xent.mm(dxf, w_k, (1, 0), acc)  # "nd,dk->nk"
+        if dw is not None:
+            dzt = dzt + _xent.mm(xf, _xent.cols(dw, start, k, 1), (1, 0), acc)
+        if db is not None:
+            dzt = dzt + _xent.cols(db, start, k, 0).astype(acc)
+        out = out + jnp.sum(dz * dzt, axis=1)
+        if dcw is not None and cw is not None:  # ⟨ċw ⊙ y', lse − z⟩ on valid rows
+            du = y * _xent.cols(dcw, start, k, 0).astype(acc)
+            per = jnp.sum(jnp.where(du == 0, 0.0, du * (lse[:, None] - z)), axis=1)
+            out = out + jnp.where(valid, per, 0.0)
+        return out
+
+    vma = _vma.union(res, tangents)
+    size = _xent.chunk(None if strategy == "forward" else chunk_size, v, DEFAULT_CHUNK)
+    out = _xent.over_chunks(v, size, body, jnp.zeros(lf.shape, acc), vma)
+    return jnp.where(bad, jnp.nan, out).reshape(labels.shape)
+
+
 def linear_softmax_cross_entropy_example_grads(
     res, g, *, examples, ignore_index=None, label_smoothing=0.0, z_loss=0.0, softcap=None,
     chunk_size=None, accum_dtype=None, strategy=DEFAULT_STRATEGY,
@@ -277,6 +337,7 @@ def validate_fused(x, w, b, labels, where, class_weights, label_smoothing, z_los
 @declare(
     fwd=linear_softmax_cross_entropy_fwd,
     bwd=linear_softmax_cross_entropy_bwd,
+    jvp=linear_softmax_cross_entropy_jvp,
     per_example=("x", "labels"),
     traced=("label_smoothing", "z_loss"),
     example_grads=linear_softmax_cross_entropy_example_grads,

@@ -17,14 +17,15 @@ matrix of the whole batch.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from ._op import bwd_options, positional_names, rules_of
+from ._op import bwd_options, jvp_rule, positional_names, rules_of
 
-__all__ = ["jacobian", "rules_of", "per_example_args"]
+__all__ = ["jacobian", "linearized", "rules_of", "per_example_args"]
 
 
 def per_example_args(op: Callable) -> tuple[str, ...]:
@@ -39,8 +40,35 @@ def per_example_args(op: Callable) -> tuple[str, ...]:
     return tuple(names)
 
 
-def jacobian(op: Callable, *args, argnum: int = 0, **options) -> jax.Array:
-    """Explicit per-example Jacobian of ``op`` w.r.t. ``args[argnum]``, from ``op_bwd``.
+def linearized(op: Any, args: Sequence, options: dict) -> tuple[Any, Callable]:
+    """``(out, push)``: ``op.fwd`` run once on ``args``, and ``push(given)`` the output's
+    tangent from ``op.jvp`` for the tangents ``given`` (``{position: tangent}``), zeros on
+    the other floating arguments and ``None`` on the rest (integer ones, absent ones, array
+    options). ``TypeError`` naming the op when it has no jvp rule."""
+    jvp = jvp_rule(op)
+    fwd = rules_of(op)[0]
+    out, res = fwd(*args, **options)
+    names = positional_names(fwd) or tuple(getattr(op, "arg_names", ()))
+    static = bwd_options(jvp, options)
+
+    def floating(a: Any) -> bool:
+        return a is not None and jnp.issubdtype(jnp.result_type(a), jnp.inexact)
+
+    def push(given: dict) -> Any:
+        tangents = tuple(
+            given[i] if i in given
+            else jnp.zeros(jnp.shape(args[i]), jnp.result_type(args[i]))
+            if i < len(args) and floating(args[i]) else None
+            for i in range(max(len(names), len(args)))
+        )  # fmt: skip
+        return jvp(res, tangents, **static)
+
+    return out, push
+
+
+def jacobian(op: Callable, *args, argnum: int = 0, mode: str = "rev", **options) -> jax.Array:
+    """Explicit per-example Jacobian of ``op`` w.r.t. ``args[argnum]``, from ``op_bwd`` (or
+    ``op_jvp``).
 
     Args:
       op: a public jaxbp op (``jaxbp.softmax``, ``jaxbp.dense``, ``jaxbp.relu``,
@@ -48,6 +76,10 @@ def jacobian(op: Callable, *args, argnum: int = 0, **options) -> jax.Array:
         ``op.fwd``/``op.bwd``.
       *args: its positional arguments, as for ``op``.
       argnum: which argument to differentiate.
+      mode: ``"rev"`` (default): row by row, one ``op.bwd`` call per output feature ``c``;
+        ``"fwd"``: column by column, one ``op.jvp`` call per feature ``k`` of the argument
+        (``jax.jacfwd``-style; cheaper when the argument has fewer features than the output,
+        ``TypeError`` naming the op when it has no jvp rule). Both give the same array.
       **options: the op's keyword options (``axis`` excepted: the feature axis is the last);
         array options such as ``where`` and ``class_weights`` are held fixed.
 
@@ -73,7 +105,11 @@ def jacobian(op: Callable, *args, argnum: int = 0, **options) -> jax.Array:
       >>> J.shape
       (5, 3, 3)
     """
+    if mode not in ("rev", "fwd"):
+        raise ValueError(f"mode: expected 'rev' or 'fwd', got {mode!r}")
     fwd, bwd = rules_of(op)
+    if mode == "fwd":
+        jvp_rule(op)
     names = tuple(getattr(op, "arg_names", None) or positional_names(op))
     per_example = per_example_args(op)
     if not 0 <= argnum < len(args):
@@ -83,6 +119,8 @@ def jacobian(op: Callable, *args, argnum: int = 0, **options) -> jax.Array:
     arg = jnp.asarray(args[argnum])
     if not jnp.issubdtype(arg.dtype, jnp.floating):
         raise TypeError(f"argnum: argument {argnum} has dtype {arg.dtype}, which has no Jacobian")
+    if mode == "fwd":
+        return _by_columns(op, args, argnum, options, names, per_example)
     out, res = fwd(*args, **options)
     static = bwd_options(bwd, options)
     # Batching comes from the declaration, never from shapes: the first per-example argument
@@ -112,3 +150,29 @@ def jacobian(op: Callable, *args, argnum: int = 0, **options) -> jax.Array:
     basis = jnp.eye(out.size, dtype=out.dtype).reshape((out.size, *out.shape))
     rows = jax.vmap(vjp_of)(basis)  # (n·c, i, o)
     return rows.reshape(*out.shape, *arg.shape)
+
+
+def _by_columns(op, args, argnum, options, names, per_example):
+    """:func:`jacobian` with ``mode="fwd"``: ``op.jvp`` on every basis tangent ``e_k`` of the
+    argument, under ``jax.vmap`` (broadcast over the batch for a per-example argument)."""
+    arg = jnp.asarray(args[argnum])
+    out, push = linearized(op, args, options)
+    lead = jnp.asarray(args[names.index(per_example[0])])
+    nb = lead.ndim - getattr(op, "example_ndim", 1)
+    batch = out.shape[:nb]
+    if argnum < len(names) and names[argnum] in per_example:
+        if arg.shape[:nb] != batch:
+            raise ValueError(
+                f"argnum: per-example argument {names[argnum]!r} must lead with the batch "
+                f"shape {batch}, got {arg.shape}"
+            )
+        feat = arg.shape[nb:]
+        n_feat = math.prod(feat)
+        basis = jnp.eye(n_feat, dtype=arg.dtype).reshape((n_feat, *feat))
+        cols = jax.vmap(lambda e: push({argnum: jnp.broadcast_to(e, arg.shape)}))(basis)
+        cols = cols.reshape(n_feat, *out.shape)  # (k, n, c)
+        cols = jnp.moveaxis(cols, 0, -1)  # (n, c, k)
+        return cols.reshape(*out.shape, *feat)
+    basis = jnp.eye(arg.size, dtype=arg.dtype).reshape((arg.size, *arg.shape))
+    cols = jax.vmap(lambda e: push({argnum: e}))(basis)  # (i·o, n, c)
+    return jnp.moveaxis(cols, 0, -1).reshape(*out.shape, *arg.shape)

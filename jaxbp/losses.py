@@ -24,6 +24,10 @@ Only ``lse − m (n,)`` is saved besides the inputs (``m = max_c z``, recomputed
 the backward). Working with the shifted logits ``z − m`` keeps ``−log p = (lse − m) − (z − m)``
 accurate for large, confident logits, where ``lse − z`` would cancel.
 
+Forward mode (each ``*_jvp``): a row of a loss's Jacobian is its backward for ``g = 1``, so
+``loṡs = ⟨dz|_{g=1}, ż⟩`` plus the labels' part (probability labels and ``mse``'s target are
+floating inputs and have tangents: ``⟨u̇, lse − z⟩`` with ``u̇ = (1 − ε)·w ⊙ ẏ + ẇ ⊙ y'``).
+
 Rows with ``where=False`` or ``labels == ignore_index`` have loss 0 and gradient exactly 0
 (the backward writes 0 there, so huge or infinite masked logits cannot leak NaN).
 Out-of-range integer labels raise ``ValueError`` when the labels are concrete; under ``jit``
@@ -42,27 +46,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _checks, _losscurv
-from ._ce import _ce_parts, _labels_matrix, valid_rows
+from ._ce import ce_backward, ce_forward, ce_tangent, valid_rows
 from ._op import declare, op_vjp
-from ._vma import LOCAL
 
 __all__ = [
-    "mse", "mse_fwd", "mse_bwd",
+    "mse", "mse_fwd", "mse_bwd", "mse_jvp",
     "sigmoid_binary_cross_entropy",
     "sigmoid_binary_cross_entropy_fwd",
     "sigmoid_binary_cross_entropy_bwd",
+    "sigmoid_binary_cross_entropy_jvp",
     "softmax_cross_entropy", "softmax_cross_entropy_fwd", "softmax_cross_entropy_bwd",
+    "softmax_cross_entropy_jvp",
     "valid_rows",
 ]  # fmt: skip
 
 
 def _acc(x):
     return x.astype(_checks.accum_dtype(x.dtype))
-
-
-def _safe_mul(u, v):
-    """``u·v`` with ``0·∞ = 0``: a label weight of 0 ignores that class entirely."""
-    return jnp.where(u == 0, jnp.zeros_like(u), u * v)
 
 
 # --------------------------------------------------------------------------- mse
@@ -87,8 +87,21 @@ def mse_bwd(res, g: jax.Array):
     return d, -d
 
 
+@jax.jit
+def mse_jvp(res, tangents):
+    """Forward mode: ``loṡs (...,) = (2/c)·Σ_c (pred − target) ⊙ (ṗred − ṫarget)``
+    (``"nc,nc->n"``), from the tangents ``(ṗred, ṫarget)`` (``None``: zero)."""
+    (diff,) = res
+    dp, dt = (None if t is None else _acc(t) for t in tangents)
+    delta = dp if dt is None else (-dt if dp is None else dp - dt)
+    d = _acc(diff)
+    if delta is None:
+        return jnp.zeros(d.shape[:-1], d.dtype)
+    return (2.0 / d.shape[-1]) * jnp.sum(d * delta.astype(d.dtype), axis=-1)
+
+
 @declare(
-    fwd=mse_fwd, bwd=mse_bwd, per_example=("pred", "target"),
+    fwd=mse_fwd, bwd=mse_bwd, jvp=mse_jvp, per_example=("pred", "target"),
     curvature=_losscurv.MSE_CURVATURE,
 )  # fmt: skip
 def mse(pred: jax.Array, target: jax.Array) -> jax.Array:
@@ -145,9 +158,25 @@ def sigmoid_binary_cross_entropy_bwd(res, g: jax.Array):
     return dz, dy
 
 
+@jax.jit
+def sigmoid_binary_cross_entropy_jvp(res, tangents):
+    """Forward mode: ``loṡs = (σ(z) − y)·ż − z·ẏ`` elementwise, from the tangents ``(ż, ẏ)``
+    (``ẏ`` ``None`` for integer labels)."""
+    logits, labels = res
+    dz, dy = tangents
+    z = _acc(logits)
+    out = jnp.zeros(z.shape, z.dtype)
+    if dz is not None:
+        out = out + (jax.nn.sigmoid(z) - labels.astype(z.dtype)) * dz.astype(z.dtype)
+    if dy is not None and jnp.issubdtype(labels.dtype, jnp.floating):
+        out = out - z * dy.astype(z.dtype)
+    return out
+
+
 @declare(
     fwd=sigmoid_binary_cross_entropy_fwd,
     bwd=sigmoid_binary_cross_entropy_bwd,
+    jvp=sigmoid_binary_cross_entropy_jvp,
     per_example=("logits", "labels"),
     curvature=_losscurv.BCE_CURVATURE,
 )
@@ -181,63 +210,6 @@ def _validate_bce(logits, labels):
 
 
 # -------------------------------------------------------------- softmax cross-entropy
-
-
-def ce_forward(logits, labels, where, class_weights, *, label_smoothing, ignore_index, z_loss,
-               c=None, red=LOCAL):  # fmt: skip
-    """The forward of softmax cross-entropy: ``(loss, m, lse_s, Σ_c u)``, each ``(n,)``.
-
-    ``lse_s = lse − m = log Σ_c e^{z_c − m}``. On one device (``red`` = :data:`LOCAL`)
-    ``Σ_c u`` is ``None`` (the backward recomputes it); over class shards it is reduced here,
-    with the loss terms, in one ``psum``, and saved for the backward.
-    """
-    zs, m, u, valid, bad = _ce_parts(
-        logits, labels, where, class_weights, label_smoothing, ignore_index, c=c, red=red
-    )
-    lse_s = jnp.log(red.sum(jnp.sum(jnp.exp(zs), axis=-1)))  # in [0, log c] for finite rows
-    loss = jnp.sum(_safe_mul(u, lse_s[..., None] - zs), axis=-1)  # −Σ u log p
-    su = None
-    if red.axis is not None:  # Σ_c u·(lse − z) and Σ_c u over every shard: one all-reduce
-        loss, su = red.sum(jnp.stack([loss, jnp.sum(u, axis=-1)]))
-    if not _checks.is_static_zero(z_loss):
-        lse = lse_s + m  # log Σ e^z  (n,)
-        loss = loss + _checks.scaled(_checks.as_scalar(z_loss, lse.dtype), lse * lse)
-    loss = jnp.where(valid, loss, 0.0)
-    return jnp.where(bad, jnp.nan, loss), m, lse_s, su
-
-
-def ce_backward(logits, labels, where, class_weights, lse_s, g, *, label_smoothing,
-                ignore_index, z_loss, c=None, m=None, su=None, red=LOCAL):  # fmt: skip
-    """The backward: ``(dlogits, dlabels, dclass_weights)`` of this shard's classes.
-
-    ``dz = g[:,None]·(p·(Σu + 2λ·lse)[:,None] − u)``; no communication when ``m`` and ``su``
-    are given. ``dclass_weights`` is summed over this device's rows only.
-    """
-    zs, m, u, valid, bad = _ce_parts(
-        logits, labels, where, class_weights, label_smoothing, ignore_index, c=c, m=m, red=red
-    )
-    gv = jnp.where(valid, g.astype(zs.dtype), 0.0)[..., None]  # (n,1); masked rows: exactly 0
-    nll = lse_s[..., None] - zs  # −log p (n,c)
-    p = jnp.exp(-nll)  # (n,c), recomputed
-    scale = jnp.sum(u, axis=-1) if su is None else su  # Σ_c u_c  (n,)
-    if not _checks.is_static_zero(z_loss):  # Σ_c u_c + 2λ·lse
-        scale = scale + _checks.scaled(_checks.as_scalar(z_loss, scale.dtype), 2.0 * (lse_s + m))
-    dz = gv * (p * scale[..., None] - u)  # "n,nc->nc"
-    dz = jnp.where(valid[..., None], dz, 0.0)
-    dz = jnp.where(bad[..., None], jnp.nan, dz).astype(logits.dtype)
-
-    dlabels = None
-    if not jnp.issubdtype(labels.dtype, jnp.integer):
-        w = 1.0 if class_weights is None else _acc(class_weights).astype(zs.dtype)
-        dy = (1.0 - _checks.as_scalar(label_smoothing, zs.dtype)) * gv * w * nll
-        dlabels = jnp.where(valid[..., None], dy, 0.0).astype(labels.dtype)
-    dweights = None
-    if class_weights is not None:
-        first = None if red.axis is None else red.first_column(zs.shape[-1], labels.dtype)
-        y = _labels_matrix(labels, zs.shape[-1], zs.dtype, label_smoothing, c=c, first=first)
-        per_row = jnp.where(valid[..., None], _safe_mul(y, gv * nll), 0.0)
-        dweights = per_row.reshape(-1, zs.shape[-1]).sum(0)  # "nc->c"
-    return dz, dlabels, dweights
 
 
 def _check_ce_options(*, label_smoothing=0.0, z_loss=0.0, **_):
@@ -281,6 +253,20 @@ def softmax_cross_entropy_bwd(res, g, *, label_smoothing=0.0, ignore_index=None,
     if dweights is not None:
         dweights = dweights.astype(class_weights.dtype)
     return dz, dlabels, None, dweights
+
+
+@functools.partial(jax.jit, static_argnames="ignore_index")
+def softmax_cross_entropy_jvp(res, tangents, *, label_smoothing=0.0, ignore_index=None,
+                              z_loss=0.0):  # fmt: skip
+    """Forward mode: ``loṡs (n,) = ⟨p·(Σu + 2λ·lse) − u, ż⟩ + ⟨u̇, lse − z⟩`` (``"nc,nc->n"``)
+    for the tangents ``(ż (n,c), ẏ (n,c) or None, None, ẇ (c,) or None)``, with
+    ``u̇ = (1 − ε)·w ⊙ ẏ + ẇ ⊙ y'``: a row of the loss's Jacobian is the backward's ``dz`` for
+    ``g = 1``. 0 on masked rows."""
+    logits, labels, where, class_weights, lse_s = res
+    return ce_tangent(
+        logits, labels, where, class_weights, lse_s, tuple(tangents),
+        label_smoothing=label_smoothing, ignore_index=ignore_index, z_loss=z_loss,
+    )  # fmt: skip
 
 
 def _validate_ce(logits, labels, where, class_weights, label_smoothing, ignore_index, z_loss):
@@ -364,6 +350,7 @@ def ce_float_options(label_smoothing, z_loss, *, check: bool = False):
 @declare(
     fwd=softmax_cross_entropy_fwd,
     bwd=softmax_cross_entropy_bwd,
+    jvp=softmax_cross_entropy_jvp,
     per_example=("logits", "labels"),
     traced=("label_smoothing", "z_loss"),
     curvature=_losscurv.CE_CURVATURE,

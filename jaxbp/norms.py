@@ -23,6 +23,9 @@ the mean terms::
     dx = (ĝ − x̂ ⊙ mean(ĝ ⊙ x̂)) / r                "nd,n->nd"
     dγ = Σₙ g ⊙ x̂                                 "nd,nd->d"
 
+Forward mode uses the same symmetric Jacobian on the tangent: ``ẋ̂ = (ẋ − mean(ẋ) − x̂ ⊙
+mean(ẋ ⊙ x̂))/σ`` and ``ẏ = γ ⊙ ẋ̂ + γ̇ ⊙ x̂ + β̇`` (RMS norm: no mean term, no ``β̇``).
+
 Residuals: the input ``x`` (which the layer before, or the residual stream, keeps alive
 anyway), the per-row statistics ``μ, 1/σ (n,)`` (``1/r`` for RMS norm) and ``γ``; ``x̂`` is
 recomputed in the backward (one subtract and multiply), as llm.c's layernorm does. Saving
@@ -48,8 +51,9 @@ from ._contrib import Full, group
 from ._op import declare, op_vjp
 
 __all__ = [
-    "layer_norm", "layer_norm_fwd", "layer_norm_bwd", "layer_norm_example_grads",
-    "rms_norm", "rms_norm_fwd", "rms_norm_bwd", "rms_norm_example_grads",
+    "layer_norm", "layer_norm_fwd", "layer_norm_bwd", "layer_norm_jvp",
+    "layer_norm_example_grads",
+    "rms_norm", "rms_norm_fwd", "rms_norm_bwd", "rms_norm_jvp", "rms_norm_example_grads",
 ]  # fmt: skip
 
 
@@ -139,6 +143,22 @@ def layer_norm_bwd(res, g: jax.Array, *, eps: float = 1e-5):
     return dx.astype(x.dtype), _sum_rows(ga * xhat, gamma), _sum_rows(ga, gamma)
 
 
+@jax.jit
+def layer_norm_jvp(res, tangents, *, eps: float = 1e-5):
+    """Forward mode: ``ẏ = γ ⊙ ẋ̂ + γ̇ ⊙ x̂ + β̇`` with ``ẋ̂ = (ẋ − mean(ẋ) − x̂ ⊙ mean(ẋ ⊙ x̂))/σ``
+    (``"nd,n->nd"``: the same symmetric Jacobian as the backward), for the tangents
+    ``(ẋ (..., d), γ̇ (d,), β̇ (d,))``."""
+    del eps
+    x, mu, rstd, gamma = res
+    dx, dgamma, dbeta = tangents
+    xhat = (_acc(x) - mu[..., None]) * rstd[..., None]
+    dxa = _acc(dx)
+    dxhat = dxa - jnp.mean(dxa, axis=-1, keepdims=True)
+    dxhat = (dxhat - xhat * jnp.mean(dxa * xhat, axis=-1, keepdims=True)) * rstd[..., None]
+    dy = dxhat * _acc(gamma) + xhat * _acc(dgamma) + _acc(dbeta)
+    return dy.astype(x.dtype)
+
+
 def layer_norm_example_grads(res, g: jax.Array, *, examples: int, eps: float = 1e-5):
     """Per-example rule: ``dγ_k = Σ_t g_t ⊙ x̂_t``, ``dβ_k = Σ_t g_t``, each ``(n, d)`` (as
     small as the activations' row sums: formed as they are)."""
@@ -151,7 +171,8 @@ def layer_norm_example_grads(res, g: jax.Array, *, examples: int, eps: float = 1
 
 
 @declare(
-    fwd=layer_norm_fwd, bwd=layer_norm_bwd, per_example=("x",), traced=("eps",),
+    fwd=layer_norm_fwd, bwd=layer_norm_bwd, jvp=layer_norm_jvp, per_example=("x",),
+    traced=("eps",),
     example_grads=layer_norm_example_grads,
 )  # fmt: skip
 def layer_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, eps: float = 1e-5) -> jax.Array:
@@ -222,6 +243,19 @@ def rms_norm_bwd(res, g: jax.Array, *, eps: float = 1e-6):
     return dx.astype(x.dtype), _sum_rows(ga * xhat, gamma)
 
 
+@jax.jit
+def rms_norm_jvp(res, tangents, *, eps: float = 1e-6):
+    """Forward mode: ``ẏ = γ ⊙ (ẋ − x̂ ⊙ mean(ẋ ⊙ x̂))/r + γ̇ ⊙ x̂`` (``"nd,n->nd"``), for the
+    tangents ``(ẋ (..., d), γ̇ (d,))``."""
+    del eps
+    x, rinv, gamma = res
+    dx, dgamma = tangents
+    xhat = _acc(x) * rinv[..., None]
+    dxa = _acc(dx)
+    dxhat = (dxa - xhat * jnp.mean(dxa * xhat, axis=-1, keepdims=True)) * rinv[..., None]
+    return (dxhat * _acc(gamma) + xhat * _acc(dgamma)).astype(x.dtype)
+
+
 def rms_norm_example_grads(res, g: jax.Array, *, examples: int, eps: float = 1e-6):
     """Per-example rule: ``dγ_k = Σ_t g_t ⊙ x̂_t (n, d)``, ``x̂ = x/r``."""
     del eps
@@ -232,7 +266,7 @@ def rms_norm_example_grads(res, g: jax.Array, *, examples: int, eps: float = 1e-
 
 
 @declare(
-    fwd=rms_norm_fwd, bwd=rms_norm_bwd, per_example=("x",), traced=("eps",),
+    fwd=rms_norm_fwd, bwd=rms_norm_bwd, jvp=rms_norm_jvp, per_example=("x",), traced=("eps",),
     example_grads=rms_norm_example_grads,
 )  # fmt: skip
 def rms_norm(x: jax.Array, gamma: jax.Array, *, eps: float = 1e-6) -> jax.Array:

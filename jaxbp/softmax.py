@@ -35,9 +35,10 @@ run over the unmasked ones only::
 
 The bwd returns one cotangent per positional argument of the fwd: ``(dz, None)``, ``None``
 for the mask.
-Half-precision inputs are computed in float32 and cast back. Forward-mode (``jax.jvp``,
-``jax.jacfwd``) does not go through a ``custom_vjp``: use :func:`softmax_jacobian` or
-``jaxbp.reference`` for that.
+Forward mode is the same collapse on the tangent ``ż``: ``ṡ = J·ż = s ⊙ (ż − ⟨s, ż⟩)``
+(:func:`softmax_jvp`), and ``ℓ̇ = ż − ⟨s, ż⟩`` for ``log_softmax``; ``jax.jvp`` and
+``jax.jacfwd`` run them through :mod:`jaxbp.forward_mode` (the ops here are ``custom_vjp``).
+Half-precision inputs are computed in float32 and cast back.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ from . import _checks
 from ._op import declare, op_vjp
 
 __all__ = [
-    "softmax", "softmax_fwd", "softmax_bwd",
-    "log_softmax", "log_softmax_fwd", "log_softmax_bwd",
+    "softmax", "softmax_fwd", "softmax_bwd", "softmax_jvp",
+    "log_softmax", "log_softmax_fwd", "log_softmax_bwd", "log_softmax_jvp",
     "softmax_jacobian",
 ]  # fmt: skip
 
@@ -109,6 +110,18 @@ def softmax_bwd(res, g: jax.Array, *, axis: int = -1):
 
 
 @functools.partial(jax.jit, static_argnames="axis")
+def softmax_jvp(res, tangents, *, axis: int = -1):
+    """Forward mode: ``ṡ = J·ż = s ⊙ (ż − ⟨s, ż⟩)`` (``"nc,nc->nc"``), the same collapse as
+    the backward (``J`` is symmetric); the tangents are ``(ż, None)`` (``None``: the mask)."""
+    (s,) = res
+    dz = tangents[0]
+    acc = _checks.accum_dtype(s.dtype)
+    s, dzc = s.astype(acc), dz.astype(acc)
+    sz = jnp.sum(s * dzc, axis=axis, keepdims=True)  # ⟨s, ż⟩  "nc,nc->n"
+    return (s * (dzc - sz)).astype(dz.dtype)
+
+
+@functools.partial(jax.jit, static_argnames="axis")
 def log_softmax_fwd(z: jax.Array, where: jax.Array | None = None, *, axis: int = -1):
     """Forward: ``ℓ (..., c) = z − logΣₖe^{zₖ}`` (``−inf`` where masked); returns
     ``(ℓ, (ℓ, where))``. Validates like the op."""
@@ -134,7 +147,23 @@ def log_softmax_bwd(res, g: jax.Array, *, axis: int = -1):
     return dz.astype(g.dtype), None
 
 
-@declare(fwd=softmax_fwd, bwd=softmax_bwd, per_example=("z",))
+@functools.partial(jax.jit, static_argnames="axis")
+def log_softmax_jvp(res, tangents, *, axis: int = -1):
+    """Forward mode: ``ℓ̇ = ż − ⟨e^ℓ, ż⟩`` (``J = I − 1 sᵀ``, ``"nc,nc->n"``); with a mask
+    ``m``, ``ℓ̇ = m ⊙ (ż − ⟨e^ℓ, m ⊙ ż⟩)`` (0 where masked, as ``ℓ = −inf`` there)."""
+    out, where = res
+    dz = tangents[0]
+    acc = _checks.accum_dtype(out.dtype)
+    dzc = dz.astype(acc)
+    if where is not None:
+        dzc = jnp.where(where, dzc, 0.0)  # masked entries do not count
+    dl = dzc - jnp.sum(jnp.exp(out.astype(acc)) * dzc, axis=axis, keepdims=True)
+    if where is not None:
+        dl = jnp.where(where, dl, 0.0)
+    return dl.astype(dz.dtype)
+
+
+@declare(fwd=softmax_fwd, bwd=softmax_bwd, jvp=softmax_jvp, per_example=("z",))
 def softmax(z: jax.Array, *, axis: int = -1, where: jax.Array | None = None) -> jax.Array:
     """Softmax along ``axis``: ``z (..., c) → s (..., c)``, rows summing to 1.
 
@@ -159,7 +188,7 @@ def softmax(z: jax.Array, *, axis: int = -1, where: jax.Array | None = None) -> 
     return _softmax(z, where, axis=axis)
 
 
-@declare(fwd=log_softmax_fwd, bwd=log_softmax_bwd, per_example=("z",))
+@declare(fwd=log_softmax_fwd, bwd=log_softmax_bwd, jvp=log_softmax_jvp, per_example=("z",))
 def log_softmax(z: jax.Array, *, axis: int = -1, where: jax.Array | None = None) -> jax.Array:
     """Log-softmax along ``axis``: ``z (..., c) → z − logΣe^z (..., c)``.
 

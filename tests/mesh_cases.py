@@ -235,10 +235,15 @@ def _user_op():
         dz = 2.0 * g * r
         return dz @ w.T, x.T @ dz, dz.sum(axis=0)
 
+    def jvp(res, tangents):  # ẏ = 2r ⊙ (ẋ·w + x·ẇ + ḃ)
+        x, w, r = res
+        dx, dw, db = tangents
+        return 2.0 * r * (dx @ w + x @ dw + db)
+
     def ref(x, w, b):
         return jnp.maximum(x @ w + b, 0.0) ** 2
 
-    return jaxbp.Op(fwd, bwd, ref, name="sqrelu", per_example=("x",))
+    return jaxbp.Op(fwd, bwd, ref, name="sqrelu", per_example=("x",), jvp=jvp)
 
 
 def _all_op_cases(rng):
@@ -314,6 +319,64 @@ def case_ops_in_user_shard_map(out, summary):
             errors[cid] = f"{type(e).__name__}: {str(e).splitlines()[0][:400]}"
     ops = sorted({c[0] for c in cases})
     _save(out, "ops_in_user_shard_map", actual, expected, "float64",
+          {"ops": ops, "examples": sorted(actual), "errors": errors}, summary)  # fmt: skip
+
+
+def _jvp_in_shard_map(mesh, twin, ref, raw, per_ex, opts, normal):
+    """``(jax.jvp of the forward-mode twin in the user's shard_map, jax.jvp of the reference
+    on the whole batch)`` along one random tangent of every floating argument; rows split
+    over both mesh axes, the weights (and their tangents) replicated."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    rows = P(("data", "model"))
+    arrays = {k: jnp.asarray(v) for k, v in raw.items()}
+    diff = sorted(k for k, v in arrays.items() if jnp.issubdtype(v.dtype, jnp.floating))
+    d = {k: arrays[k] for k in diff}
+    rest = {k: v for k, v in arrays.items() if k not in diff}
+    t = {k: jnp.asarray(normal(size=v.shape)) for k, v in d.items()}
+
+    def jvp(fn, d, rest, t):
+        return jax.jvp(lambda d: fn(**d, **rest, **opts), (d,), (t,))[1]
+
+    dspec = {k: rows if k in per_ex else P() for k in d}
+    rspec = {k: rows if k in per_ex else P() for k in rest}
+    placed = [jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), x, sp)
+              for x, sp in ((d, dspec), (rest, rspec), (t, dspec))]  # fmt: skip
+    mapped = _shard_map()(lambda d, r, t: jvp(twin, d, r, t), mesh=mesh,
+                          in_specs=(dspec, rspec, dspec), out_specs=rows)  # fmt: skip
+    return jax.jit(mapped)(*placed), jvp(ref, d, rest, t)
+
+
+def case_twins_jvp_in_user_shard_map(out, summary):
+    """Every public op's forward-mode twin (``jaxbp.forward_mode``) and a user's
+    ``jaxbp.Op`` with a jvp rule under ``jax.jvp`` inside the user's own ``jax.shard_map``
+    (``check_vma=True``), against ``jax.jvp`` of the reference on the whole batch."""
+    import jax
+    import numpy as np
+
+    import jaxbp.forward_mode as fm
+    from tests.parallel_worker import _save
+
+    kinds = _axis_types()
+    t = kinds.get("Explicit")
+    mesh = jax.make_mesh((2, 4), ("data", "model"), **({} if t is None else {"axis_types": (t, t)}))
+    rng = np.random.default_rng(23)
+    cases = _all_op_cases(rng)
+    user = fm.of(_user_op())
+    actual, expected, errors = {}, {}, {}
+    for name, cid, raw, per_ex, opts, _, ref in cases:
+        twin = (lambda x, w, b: user(x, w, b)) if name == "jaxbp.Op" else getattr(fm, name)
+        try:
+            actual[cid], expected[cid] = _jvp_in_shard_map(
+                mesh, twin, ref, raw, per_ex, opts, rng.normal
+            )
+        except Exception as e:  # noqa: BLE001 - reported per op by the test
+            errors[cid] = f"{type(e).__name__}: {str(e).splitlines()[0][:400]}"
+    ops = sorted({c[0] for c in cases})
+    _save(out, "twins_jvp_in_user_shard_map", actual, expected, "float64",
           {"ops": ops, "examples": sorted(actual), "errors": errors}, summary)  # fmt: skip
 
 
@@ -483,6 +546,63 @@ def case_ops_on_explicit_axes_under_jit(out, summary):
            "wrong_types": wrong_types}, summary)  # fmt: skip
 
 
+def case_twins_jvp_on_explicit_axes_under_jit(out, summary):
+    """Every forward-mode twin (and a user's ``jaxbp.Op`` with a jvp rule) under
+    ``jax.jit(jax.jvp)`` with the batch split over an Explicit ``data`` axis (typed inputs,
+    no ``shard_map``): the tangent against ``jax.jvp`` of the reference on one device, and
+    its sharding against the output's."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import jaxbp.forward_mode as fm
+    from tests.parallel_worker import _save
+
+    mesh = _explicit_mesh()
+    if mesh is None:
+        summary["twins_jvp_on_explicit_axes_under_jit"] = {"ok": True, "dtype": None,
+                                                           "info": {"skipped": True}}  # fmt: skip
+        return
+    rng = np.random.default_rng(26)
+    user = fm.of(_user_op())
+    actual, expected, errors, wrong_types = {}, {}, {}, {}
+    for name, cid, raw, per_ex, opts, _, ref in _all_op_cases(rng):
+        twin = (lambda x, w, b: user(x, w, b)) if name == "jaxbp.Op" else getattr(fm, name)
+        arrays = {k: jnp.asarray(v) for k, v in raw.items()}
+        diff = sorted(k for k, v in arrays.items() if jnp.issubdtype(v.dtype, jnp.floating))
+        t = {k: jnp.asarray(rng.normal(size=arrays[k].shape)) for k in diff}
+
+        def jvp(fn, d, rest, t, opts=opts):
+            return jax.jvp(lambda d: fn(**d, **rest, **opts), (d,), (t,))
+
+        def put(a, k, per_ex=per_ex):
+            return jax.device_put(a, NamedSharding(mesh, P("data") if k in per_ex else P()))
+
+        try:
+            d = {k: put(arrays[k], k) for k in diff}
+            rest = {k: put(v, k) for k, v in arrays.items() if k not in diff}
+            out_, tangent = jax.jit(lambda d, r, t, twin=twin: jvp(twin, d, r, t))(
+                d, rest, {k: put(v, k) for k, v in t.items()}
+            )
+            got, want = jax.typeof(tangent).sharding.spec, jax.typeof(out_).sharding.spec
+            if tuple(got) != tuple(want):
+                wrong_types[cid] = f"{got} for an output of {want}"
+            actual[cid] = tangent
+            expected[cid] = jvp(
+                ref,
+                {k: arrays[k] for k in diff},
+                {k: v for k, v in arrays.items() if k not in diff},
+                t,
+            )[1]
+        except Exception as e:  # noqa: BLE001 - reported per op by the test
+            errors[cid] = f"{type(e).__name__}: {str(e).splitlines()[0][:400]}"
+    _save(out, "twins_jvp_on_explicit_axes_under_jit", actual, expected, "float64",
+          {"examples": sorted(actual), "errors": errors, "wrong_types": wrong_types},
+          summary)  # fmt: skip
+
+
 def case_models_on_explicit_axes_under_jit(out, summary):
     """The explicit reverse loops (``value_and_grad`` of an MLP and of a GPT, per-example
     gradients and norms, ``clipped_grad`` of an MLP, of a tied and masked GPT and of a
@@ -571,6 +691,8 @@ CASES = [
     case_jax_make_mesh_value_and_grad,
     case_jax_make_mesh_vocab_parallel,
     case_ops_in_user_shard_map,
+    case_twins_jvp_in_user_shard_map,
+    case_twins_jvp_on_explicit_axes_under_jit,
     case_tensor_parallel_dense_in_user_shard_map,
     case_checked_inside_user_shard_map,
     case_ops_on_explicit_axes_under_jit,

@@ -13,7 +13,7 @@ ROOT = pathlib.Path(jaxbp.__file__).parent
 # Layers, lowest first: a module may import from its own layer or below, never above.
 LAYERS = [
     {"_checks", "_vma", "_sharding", "_step", "_text", "datasets"},
-    {"_op", "_tape", "_contrib", "_contract"},
+    {"_op", "_userop", "_autodiff", "_tape", "_contrib", "_contract"},
     {
         "_ce",
         "_losscurv",
@@ -27,7 +27,7 @@ LAYERS = [
         "dropout",
         "jacobian",
     },
-    {"_xent", "_fusedcurv", "fused"},
+    {"_xent", "_fusedcurv", "fused", "forward_mode"},
     {"model", "nn", "gpt", "per_example", "_modules", "eqx", "nnx"},
     {"parallel"},
     {"reference"},

@@ -239,6 +239,23 @@ def test_every_public_op_under_grad_in_a_user_shard_map_with_check_vma_matches_r
     _compare(single, "ops_in_user_shard_map")
 
 
+def test_every_forward_mode_twin_under_jvp_in_a_user_shard_map_matches_reference(single):
+    """``jax.jvp`` of each ``jaxbp.forward_mode`` twin (and of a user's ``jaxbp.Op`` with a
+    jvp rule) inside the user's own ``shard_map`` with ``check_vma=True``."""
+    from tests.settings import public_ops_with_rules
+
+    entry = single[1].get("twins_jvp_in_user_shard_map")
+    assert entry is not None and entry["ok"], entry and entry.get("error")
+    info = entry["info"]
+    assert not info["errors"], "twins that failed inside shard_map:\n" + "\n".join(
+        f"{k}: {v}" for k, v in info["errors"].items()
+    )
+    missing = sorted(set(public_ops_with_rules()) - set(info["ops"]))
+    assert not missing, f"public ops not run inside a user shard_map (mesh_cases.py): {missing}"
+    assert "jaxbp.Op" in info["ops"]
+    _compare(single, "twins_jvp_in_user_shard_map")
+
+
 def _explicit_entry(single, name):
     entry = single[1].get(name)
     assert entry is not None and entry["ok"], entry and entry.get("error")
@@ -250,6 +267,15 @@ def _explicit_entry(single, name):
     )
     assert not info["wrong_types"], info["wrong_types"]
     return info
+
+
+def test_every_forward_mode_twin_under_jit_jvp_on_explicit_axes_matches_reference_and_types(
+    single,
+):  # fmt: skip
+    """No shard_map: each twin's ``jax.jvp`` on inputs typed on Explicit axes; each tangent
+    has its output's sharding."""
+    _explicit_entry(single, "twins_jvp_on_explicit_axes_under_jit")
+    _compare(single, "twins_jvp_on_explicit_axes_under_jit")
 
 
 def test_every_public_op_under_jit_grad_on_explicit_axes_matches_reference_and_types(single):
