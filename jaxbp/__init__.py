@@ -5,6 +5,7 @@ plain ``jax.numpy`` under :mod:`jaxbp.reference`, and a forward-mode rule ``op_j
 twin under :mod:`jaxbp.forward_mode` runs under ``jax.jvp``. See ``docs/backprop.md`` for the math.
 """
 
+from . import curvature as curvature
 from . import forward_mode as forward_mode
 from . import model as model
 from . import parallel as parallel
@@ -53,6 +54,8 @@ from .attention import attention as attention
 from .attention import attention_bwd as attention_bwd
 from .attention import attention_fwd as attention_fwd
 from .attention import attention_jvp as attention_jvp
+from .curvature import ggn_vector_product as ggn_vector_product
+from .curvature import hessian_vector_product as hessian_vector_product
 from .custom import CheckReport as CheckReport
 from .custom import check as check
 from .datasets import load_digits as load_digits
@@ -149,6 +152,7 @@ __all__ = [
     "reference", "parallel", "plots", "forward_mode", "checked", "jacobian", "ACTIVATIONS", "MLP",
     "value_and_grad",
     "per_example", "per_example_grads", "per_example_grad_norms", "clipped_grad",
+    "curvature", "ggn_vector_product", "hessian_vector_product",
     "dense", "dense_fwd", "dense_bwd", "dense_jvp",
     "relu", "relu_fwd", "relu_bwd", "relu_jvp",
     "leaky_relu", "leaky_relu_fwd", "leaky_relu_bwd", "leaky_relu_jvp",

@@ -148,7 +148,7 @@ class Tape:
         if self.mode != "rules":
             raise RuntimeError(f"{op.name}: t.bwd runs only on a Tape('rules')")
         bwd = rules_of(op)[1]
-        cts = tuple(bwd(res, g, **bwd_options(bwd, options)))
+        cts = tuple(self.backward_rule(op, bwd)(res, g, **bwd_options(bwd, options)))
         names = rule_arg_names(op)
         if len(cts) != len(names):
             raise ValueError(
@@ -158,6 +158,13 @@ class Tape:
         where = _places(op, names, cts, params)
         self.records.append(Record(op, res, g, dict(options), where, cts))
         return tuple(cts[names.index(a)] for a in op.per_example_args)
+
+    def backward_rule(self, op: Any, bwd: Callable) -> Callable:
+        """The rule ``t.bwd`` runs for ``op``: its ``bwd``. A transform's tape may run another
+        rule of the same signature there (the curvature transforms run a loss's ``ggn_vp`` or
+        its factor's columns in place of its ``bwd``); the options are those ``bwd`` takes."""
+        del op
+        return bwd
 
     # -- what the records give ------------------------------------------------------------
 
