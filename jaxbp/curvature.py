@@ -117,6 +117,14 @@ def _is_loss(op: Any) -> bool:
     return getattr(op, "ggn_vp", None) is not None
 
 
+def _to_logits(op: Any) -> frozenset:
+    """The arguments on the path ``J`` maps to a loss's logits: its first per-example
+    argument (``logits``, ``pred``, the fused head's ``x``) and its parameters (the head's
+    ``w``, ``b``); labels, targets, masks and class weights are data, not on the path."""
+    params = set(op.arg_names) - set(op.per_example_args)
+    return frozenset({op.per_example_args[0], *params})
+
+
 class _Linearised(Tape):
     """The forward loop for ``J·v``: every op through its forward-mode twin (``op.fwd`` then
     the hand-written ``op.jvp``); at each loss op (one with ``op.ggn_vp``) its positional
@@ -128,8 +136,12 @@ class _Linearised(Tape):
         self.inputs: list[tuple] = []
 
     def fwd(self, op, *args, **options):
-        if _is_loss(op):  # one entry per argument of the forward rule (None: not given)
-            self.inputs.append(args + (None,) * (len(rule_arg_names(op)) - len(args)))
+        if _is_loss(op):  # one entry per argument of the forward rule: those on J's path
+            names = rule_arg_names(op)
+            reach = _to_logits(op)
+            padded = args + (None,) * (len(names) - len(args))
+            kept = (a if n in reach else None for n, a in zip(names, padded, strict=True))
+            self.inputs.append(tuple(kept))
             out, _ = rules_of(op)[0](*jax.lax.stop_gradient(args), **options)
             return out, None
         n = len(op.arg_names)
