@@ -25,8 +25,8 @@ from tests.helpers import assert_close
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
 ROOT = WORKER.parent.parent
-MULTIPROCESS_TIMEOUT_S = 180  # the two-process run (MLP and GPT): bounded, killed on timeout
-SINGLE_TIMEOUT_S = 240  # one process, about 150 small compilations on 8 simulated devices
+MULTIPROCESS_TIMEOUT_S = 360  # the two-process run (MLP and GPT): bounded, killed on timeout
+SINGLE_TIMEOUT_S = 480  # one process, about 150 small compilations on 8 simulated devices
 
 
 def _env():
