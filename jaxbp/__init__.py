@@ -56,6 +56,8 @@ from .attention import attention_fwd as attention_fwd
 from .attention import attention_jvp as attention_jvp
 from .curvature import ggn_vector_product as ggn_vector_product
 from .curvature import hessian_vector_product as hessian_vector_product
+from .kfac import diag_ggn as diag_ggn
+from .kfac import kfac_factors as kfac_factors
 from .custom import CheckReport as CheckReport
 from .custom import check as check
 from .datasets import load_digits as load_digits
@@ -152,7 +154,7 @@ __all__ = [
     "reference", "parallel", "plots", "forward_mode", "checked", "jacobian", "ACTIVATIONS", "MLP",
     "value_and_grad",
     "per_example", "per_example_grads", "per_example_grad_norms", "clipped_grad",
-    "curvature", "ggn_vector_product", "hessian_vector_product",
+    "curvature", "ggn_vector_product", "hessian_vector_product", "diag_ggn", "kfac_factors",
     "dense", "dense_fwd", "dense_bwd", "dense_jvp",
     "relu", "relu_fwd", "relu_bwd", "relu_jvp",
     "leaky_relu", "leaky_relu_fwd", "leaky_relu_bwd", "leaky_relu_jvp",
