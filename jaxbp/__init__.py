@@ -56,8 +56,6 @@ from .attention import attention_fwd as attention_fwd
 from .attention import attention_jvp as attention_jvp
 from .curvature import ggn_vector_product as ggn_vector_product
 from .curvature import hessian_vector_product as hessian_vector_product
-from .kfac import diag_ggn as diag_ggn
-from .kfac import kfac_factors as kfac_factors
 from .custom import CheckReport as CheckReport
 from .custom import check as check
 from .datasets import load_digits as load_digits
@@ -86,6 +84,8 @@ from .fused import linear_softmax_cross_entropy_jvp as linear_softmax_cross_entr
 from .gpt import GPT as GPT
 from .gradcheck import compare as compare
 from .jacobian import jacobian as jacobian
+from .kfac import diag_ggn as diag_ggn
+from .kfac import kfac_factors as kfac_factors
 from .losses import mse as mse
 from .losses import mse_bwd as mse_bwd
 from .losses import mse_fwd as mse_fwd

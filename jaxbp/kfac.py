@@ -43,8 +43,9 @@ output gradient ``δ_u,col`` of each carried column::
 and ``A ⊗ G`` approximates the GGN block of ``[w; b]`` (``(i+1)·o`` square) in the layout
 ``vec([w; b])`` row-major, ``w (i, o)`` then ``b`` as row ``i``: the entry
 ``((a, o), (a', o'))`` is ``A[a, a']·G[o, o']`` (``jnp.kron(A, G)``). It is exact when
-one unit carries the whole loss (``N = 1``) and the layer is followed by linear maps only,
-e.g. a deep linear network with MSE on one example. With ``method="mc"``, ``G`` is the
+one unit carries the whole loss (``N = 1``: the block is ``ā·āᵀ ⊗ Σ_j δ_j·δ_jᵀ``), e.g. a
+deep linear network with MSE on one example; otherwise it assumes ``ā`` and ``δ``
+independent across units. With ``method="mc"``, ``G`` is the
 average over ``samples`` draws (unbiased for the exact columns' ``G``). The fused LM head
 is a dense layer too: its ``A`` from its input rows, its ``G`` from the columns at its
 logits (``(v, v)``).
@@ -376,10 +377,10 @@ def kfac_factors(model: Any, method: str = "exact", samples: int = 1) -> Callabl
         G = Σ_cols Σ_u δ_u·δ_uᵀ, the seed's 1/N inside       (o, o)
 
     so that ``jnp.kron(A, G)`` approximates the GGN block of ``vec([w; b])`` (``w`` row-major
-    ``(i, o)``, ``b`` as its last row ``i``), exactly for one example through linear layers
-    and MSE. ``method="exact"``: the loss factor's columns (KFLR; a GPT's columns per
-    ``(token, column)``, as :func:`diag_ggn`); ``"mc"``: ``samples`` Monte-Carlo columns
-    (``key`` needed). Arguments and errors as :func:`diag_ggn`; ``f.jitted(params, *batch,
+    ``(i, o)``, ``b`` as its last row ``i``), exactly when one unit carries the loss.
+    ``method="exact"``: the loss factor's columns (KFLR; a GPT's columns per ``(token,
+    column)``, as :func:`diag_ggn`); ``"mc"``: ``samples`` Monte-Carlo columns (``key``
+    needed). Arguments and errors as :func:`diag_ggn`; ``f.jitted(params, *batch,
     key)`` is the compiled step.
     """
     check_model(model, "kfac_factors")

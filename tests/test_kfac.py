@@ -29,9 +29,9 @@ N, I, H, C = 5, 3, 4, 3  # examples, inputs, hidden, classes
 def _perturbed(params, seed=1):
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(
-        tree, [a + 0.3 * jax.random.normal(k, a.shape, a.dtype) for a, k in zip(leaves, keys)]
-    )  # fmt: skip
+    noise = [jax.random.normal(k, a.shape, a.dtype) for a, k in zip(leaves, keys, strict=True)]
+    moved = [a + 0.3 * e for a, e in zip(leaves, noise, strict=True)]
+    return jax.tree.unflatten(tree, moved)
 
 
 def _explicit_ggn(logits_of, loss_of, params, valid):
@@ -83,8 +83,8 @@ def test_exact_diagonal_equals_explicit_ggn_mlp(loss):
     _close(got, unravel(jnp.diag(ggn)), 1e-12)
 
 
-def _gpt_case():
-    model = jaxbp.GPT(vocab=5, d=4, heads=2, layers=1, context=3, mlp_ratio=1)
+def _gpt_case(tied=False):
+    model = jaxbp.GPT(vocab=5, d=4, heads=2, layers=1, context=3, mlp_ratio=1, tied=tied)
     params = _perturbed(model.init(jax.random.key(0), jnp.float64), seed=7)
     ids = jnp.array([[0, 3, 4], [2, 1, 1]])
     targets = jnp.array([[3, 4, 1], [1, 0, 2]])
@@ -92,8 +92,9 @@ def _gpt_case():
 
 
 def test_exact_diagonal_equals_explicit_ggn_gpt():
-    """Every (token, column) carried back: a token's logits depend on every earlier one."""
-    model, params, ids, targets = _gpt_case()
+    """Every (token, column) carried back: a token's logits depend on every earlier one.
+    Tied: the head's per-example ``dwᵀ`` adds to the table's before the square."""
+    model, params, ids, targets = _gpt_case(tied=True)
     where = jnp.array([[True, True, False], [True, True, True]])
     got = jaxbp.diag_ggn(model)(params, ids, targets, where=where)
     flat_t = targets.reshape(-1)
@@ -277,7 +278,10 @@ def test_planted_bugs_are_caught(monkeypatch):
     assert float(jnp.max(jnp.abs(got - want))) > 1e-6
     monkeypatch.undo()
     sample = jaxbp.softmax_cross_entropy.sample_bwd  # a biased draw: the CLT check sees it
-    monkeypatch.setattr(jaxbp.softmax_cross_entropy, "sample_bwd",
-                        lambda *a, **k: (1.2 * sample(*a, **k)[0], *sample(*a, **k)[1:]))
+    monkeypatch.setattr(
+        jaxbp.softmax_cross_entropy,
+        "sample_bwd",
+        lambda *a, **k: (1.2 * sample(*a, **k)[0], *sample(*a, **k)[1:]),
+    )
     draws = _mc_draws(jaxbp.diag_ggn(model, "mc", samples=4), params, (x, y, None, None), 300)
     assert not _clt_check(draws, unravel(jnp.diag(ggn))).all()
