@@ -131,7 +131,6 @@ class _Column(Tape):
     def __init__(self, dz):
         super().__init__("rules")
         self.dz = dz
-        self.loss_records: list = []
 
     def backward_rule(self, op, bwd):
         if not _is_loss(op):
@@ -152,12 +151,19 @@ class _Column(Tape):
 
 
 def _probe(model, params, batch, method):
-    """Forward once, a plain backward to find the loss op: ``(state, seed, n, loss, tape)``
-    with ``loss = (op, res, g, options)``."""
+    """Forward once, a plain backward to find the loss op: ``(state, seed, n, valid, loss,
+    tape)`` with ``loss = (op, res, g, options)``; ``TypeError`` naming the op that starts
+    the backward loop when no op there has curvature rules."""
     t = _Probe()
     losses, valid, state = model.forward(t, params, *batch)
     _, seed = mean_and_seed(losses, valid)
     model.backward(t, state, seed)
+    if not t.losses and t.records:
+        raise TypeError(
+            f"{t.records[0].op.name}: has no curvature rules (hessian_factor, logits_bwd, "
+            f"sample_bwd), which the curvature columns need of the loss op that starts "
+            f"{type(model).__name__}'s backward loop (jaxbp.Op(..., curvature={{...}}))"
+        )
     if len(t.losses) != 1:
         raise TypeError(
             f"model: the curvature columns need exactly one loss op with curvature rules "

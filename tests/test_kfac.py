@@ -260,6 +260,11 @@ def test_an_op_without_the_rules_is_named(monkeypatch):
     with pytest.raises(TypeError, match="mse: has no sample_bwd"):
         jaxbp.kfac_factors(model, "mc")(params, x, y, key=jax.random.key(0))
     monkeypatch.undo()
+    for rule in ("ggn_vp", "hessian_factor", "logits_bwd", "sample_bwd"):
+        monkeypatch.setattr(jaxbp.mse, rule, None)
+    with pytest.raises(TypeError, match="mse: has no curvature rules"):
+        jaxbp.diag_ggn(model)(params, x, y)
+    monkeypatch.undo()
     monkeypatch.setattr(jaxbp.dense, "example_grads", None)
     with pytest.raises(TypeError, match="dense: has no per-example rule"):
         jaxbp.diag_ggn(model)(params, x, y)
