@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax.flatten_util import ravel_pytree
 
 import jaxbp
@@ -80,6 +82,28 @@ def test_exact_diagonal_equals_explicit_ggn_mlp(loss):
     ggn, unravel = _explicit_ggn(
         lambda p: _nn.forward(model, p, x), unit, params, jnp.ones((N,), bool)
     )  # fmt: skip
+    _close(got, unravel(jnp.diag(ggn)), 1e-12)
+
+
+@settings(max_examples=4, derandomize=True, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 4), min_size=2, max_size=4),
+    n=st.integers(1, 4),
+    masked=st.integers(0, 3),
+)
+def test_exact_diagonal_any_shape(sizes, n, masked):
+    """Any depth, widths and batch (some rows masked): the explicit GGN's diagonal."""
+    model = jaxbp.MLP(tuple(sizes), activation="tanh", loss="softmax_cross_entropy")
+    params = _perturbed(model.init(jax.random.key(0), jnp.float64))
+    x = jax.random.normal(jax.random.key(2), (n, sizes[0]), jnp.float64)
+    y = jnp.arange(n) % sizes[-1]
+    where = jnp.arange(n) >= min(masked, n - 1)
+
+    def unit(z, u):
+        return optax.softmax_cross_entropy_with_integer_labels(z, y[u])
+
+    got = jaxbp.diag_ggn(model)(params, x, y, where=where)
+    ggn, unravel = _explicit_ggn(lambda p: _nn.forward(model, p, x), unit, params, where)
     _close(got, unravel(jnp.diag(ggn)), 1e-12)
 
 
