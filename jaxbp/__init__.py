@@ -84,6 +84,8 @@ from .fused import linear_softmax_cross_entropy_jvp as linear_softmax_cross_entr
 from .gpt import GPT as GPT
 from .gradcheck import compare as compare
 from .jacobian import jacobian as jacobian
+from .kfac import diag_ggn as diag_ggn
+from .kfac import kfac_factors as kfac_factors
 from .losses import mse as mse
 from .losses import mse_bwd as mse_bwd
 from .losses import mse_fwd as mse_fwd
@@ -152,7 +154,7 @@ __all__ = [
     "reference", "parallel", "plots", "forward_mode", "checked", "jacobian", "ACTIVATIONS", "MLP",
     "value_and_grad",
     "per_example", "per_example_grads", "per_example_grad_norms", "clipped_grad",
-    "curvature", "ggn_vector_product", "hessian_vector_product",
+    "curvature", "ggn_vector_product", "hessian_vector_product", "diag_ggn", "kfac_factors",
     "dense", "dense_fwd", "dense_bwd", "dense_jvp",
     "relu", "relu_fwd", "relu_bwd", "relu_jvp",
     "leaky_relu", "leaky_relu_fwd", "leaky_relu_bwd", "leaky_relu_jvp",

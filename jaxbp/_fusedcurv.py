@@ -64,7 +64,7 @@ from . import _checks, _vma, _xent
 from ._losscurv import _two_lam, softmax_factor, tangents_of
 from ._xent import cols, mm, over_chunks
 
-__all__ = ["rules"]
+__all__ = ["rules", "sample_logits_rule"]
 
 _ARGS = ("x", "w", "labels", "b", "where", "class_weights")
 _STATIC = ("ignore_index", "softcap", "chunk_size", "accum_dtype", "strategy", "default_chunk")
@@ -324,9 +324,8 @@ def _at_label(h: _Head, y_hat):
     return over_chunks(h.w.shape[1], h.size, body, (zeros, zeros, zeros), h.vma)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _sample_bwd(res, g, key, **options):
-    h = _head(res, g, **options)
+def _sampler(h: _Head, key):
+    """``dz_of(start, k) -> (s_k (n,k), w_k)``: the chunks of one Monte-Carlo column."""
     y_hat, sign, kappa, broken = _draw(h, key)
     root_g = jnp.sqrt(h.gv)  # NaN where g < 0
     if h.softcap is None:
@@ -348,7 +347,45 @@ def _sample_bwd(res, g, key, **options):
         s = s + (p_w[:, None] * c.p if c.d is None else q_w[:, None] * c.d * c.p)
         return _mask(h, root_g[:, None] * s), c.w_k
 
-    return _cotangents(res, _transpose(h, dz_of, h.vma))
+    return dz_of
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _sample_bwd(res, g, key, **options):
+    h = _head(res, g, **options)
+    return _cotangents(res, _transpose(h, _sampler(h, key), h.vma))
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _sample_logits(res, g, key, **options):
+    h = _head(res, g, **options)
+    dz_of, v = _sampler(h, key), h.w.shape[1]
+
+    def body(start, k, out):
+        return lax.dynamic_update_slice_in_dim(out, dz_of(start, k)[0], start, 1)
+
+    out = over_chunks(v, h.size, body, jnp.zeros((h.x.shape[0], v), h.acc), h.vma)
+    return out.reshape(*res[3].shape, v).astype(res[0].dtype)
+
+
+def _options(default_chunk, ignore_index=None, label_smoothing=0.0, z_loss=0.0, softcap=None,
+             chunk_size=None, accum_dtype=None, strategy="recompute"):  # fmt: skip
+    return dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+                softcap=softcap, chunk_size=chunk_size, accum_dtype=accum_dtype,
+                strategy=strategy, default_chunk=default_chunk)  # fmt: skip
+
+
+def sample_logits_rule(default_chunk: int):
+    """``sample_logits(res, g, key, **options) -> s (n…, v)``: the Monte-Carlo column that
+    the head's ``sample_bwd`` carries back (the same draws for the same key), at the logits
+    ``z̃`` itself (forms the ``(n, v)`` column: KFAC's output-gradient factor needs it)."""
+
+    def sample_logits(res, g, key, **kw):
+        return _sample_logits(res, g, key, **_options(default_chunk, **kw))
+
+    sample_logits.__name__ = "linear_softmax_cross_entropy_sample_logits"
+    sample_logits.__qualname__ = sample_logits.__name__
+    return sample_logits
 
 
 def rules(default_chunk: int) -> dict:
@@ -358,11 +395,7 @@ def rules(default_chunk: int) -> dict:
     options are the op's backward's (``ignore_index``, ``label_smoothing``, ``z_loss``,
     ``softcap``, ``chunk_size``, ``accum_dtype``, ``strategy``)."""
 
-    def options(ignore_index=None, label_smoothing=0.0, z_loss=0.0, softcap=None,
-                chunk_size=None, accum_dtype=None, strategy="recompute"):  # fmt: skip
-        return dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-                    softcap=softcap, chunk_size=chunk_size, accum_dtype=accum_dtype,
-                    strategy=strategy, default_chunk=default_chunk)  # fmt: skip
+    options = functools.partial(_options, default_chunk)
 
     def ggn_vp(res, tangents, g, **kw):
         """``(dx, dw, None, db, None, None) = Jᵀ·(g·H̃)·J·(ẋ, ẇ, ḃ)`` at ``z̃ = x·w + b``,

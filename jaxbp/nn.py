@@ -372,7 +372,7 @@ def backward(model: MLP, t: Tape, state, seed, *, ops: LoopOps | None = None) ->
     """
     ops = loop_ops(model) if ops is None else ops
     shape, loss_res, dense_res, act_res = state
-    opts = dict(model.loss_options)
+    opts, act_opts = dict(model.loss_options), dict(model.activation_options)
     if model.loss == "sigmoid_binary_cross_entropy":  # the mean over c: s/c on every entry
         delta, _ = t.bwd(ops.loss, loss_res, jnp.broadcast_to((seed / shape[-1])[:, None], shape))
     else:
@@ -382,7 +382,7 @@ def backward(model: MLP, t: Tape, state, seed, *, ops: LoopOps | None = None) ->
         (dx,) = t.bwd(_layer_op(ops, layer, model.num_layers), dense_res[layer], delta,
                       params=(layer,))  # fmt: skip
         if layer > 0:
-            (delta,) = t.bwd(ops.activation, act_res[layer - 1], dx)
+            (delta,) = t.bwd(ops.activation, act_res[layer - 1], dx, **act_opts)
 
 
 def forward_backward(

@@ -28,7 +28,7 @@ LAYERS = [
         "jacobian",
     },
     {"_xent", "_fusedcurv", "fused", "forward_mode"},
-    {"model", "nn", "gpt", "per_example", "curvature", "_modules", "eqx", "nnx"},
+    {"model", "nn", "gpt", "per_example", "curvature", "kfac", "_modules", "eqx", "nnx"},
     {"parallel"},
     {"reference"},
     {

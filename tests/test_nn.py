@@ -446,3 +446,24 @@ def test_a_typo_in_loss_options_fails_when_the_model_is_built():
         nn.MLP((4, 3), loss_options={"label_smoothing": 1.5})
     nn.MLP((4, 3), "gelu", activation_options={"approximate": False},
            loss_options={"label_smoothing": 0.1, "z_loss": 1e-4, "ignore_index": -1})  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "activation, options",
+    [("leaky_relu", {"negative_slope": 0.5}), ("gelu", {"approximate": False})],
+)
+def test_activation_options_reach_the_backward_rule(activation, options):
+    """The reverse loop passes ``activation_options`` to the activation's bwd (its default
+    slope 0.01 / tanh gelu would otherwise differentiate another network)."""
+    model = nn.MLP((3, 4, 2), activation, loss="mse", activation_options=options)
+    params = model.init(jax.random.key(0), jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (5, 3), jnp.float64)
+    y = jax.random.normal(jax.random.key(2), (5, 2), jnp.float64)
+    act = {"leaky_relu": jax.nn.leaky_relu, "gelu": jax.nn.gelu}[activation]
+
+    def plain(p):  # jax.nn's own activation, the options spelled as jax.nn takes them
+        h = act(x @ p[0]["w"] + p[0]["b"], *options.values())
+        return jnp.mean(jnp.mean((h @ p[1]["w"] + p[1]["b"] - y) ** 2, axis=-1))
+
+    _, grads = jaxbp.value_and_grad(model)(params, x, y)
+    assert_close(grads, jax.grad(plain)(params), tol=1e-12)
