@@ -89,13 +89,14 @@ def _subtitle(result: dict) -> str:
 def _varying(rs: list[dict]) -> list[str]:
     """The shapes that tell a group's configurations apart, less a number that a list shows
     in every configuration (``width`` beside the layer ``sizes``)."""
-    keys = [k for k in rs[0]["shapes"] if len({repr(r["shapes"].get(k)) for r in rs}) > 1]
+    union = list(dict.fromkeys(k for r in rs for k in r["shapes"]))  # records may differ
+    keys = [k for k in union if len({repr(r["shapes"].get(k)) for r in rs}) > 1]
 
     def shown(k, r):
         lists = [r["shapes"][j] for j in keys if isinstance(r["shapes"].get(j), list)]
         return any(r["shapes"].get(k) in values for values in lists)
 
-    return [k for k in keys if isinstance(rs[0]["shapes"][k], list)
+    return [k for k in keys if any(isinstance(r["shapes"].get(k), list) for r in rs)
             or not all(shown(k, r) for r in rs)]  # fmt: skip
 
 
@@ -103,7 +104,9 @@ def _config_label(r: dict, keys: list[str]) -> str:
     """One line a shape: ``n=128``, a list such as the layer sizes as ``784-512-512-10``."""
     parts = []
     for k in keys:
-        v = r["shapes"][k]
+        v = r["shapes"].get(k)
+        if v is None:  # a shape this configuration does not have (an MLP beside a GPT)
+            continue
         if isinstance(v, list):
             parts.append("-".join(map(str, v)))
         else:

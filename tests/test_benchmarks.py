@@ -263,3 +263,55 @@ def test_a_quick_case_runs_lists_and_records_under_its_quick_id(ctx):
             harness.register(dataclasses.replace(case, id="TEST/softmax-c8", quick_id=None))
     finally:
         harness.CASES[:] = [c for c in harness.CASES if not c.id.startswith("TEST/")]
+
+
+# ------------------------------------------------- P14: curvature-vector products
+
+
+@pytest.mark.parametrize("product", ["ggn", "hvp"])
+@pytest.mark.parametrize("model", ["mlp", "gpt"])
+def test_curvature_cases_build_agree_with_the_twin_and_time(ctx, product, model):
+    from benchmarks import cases_curvature as cc
+
+    if model == "mlp":
+        build = functools.partial(cc.build_mlp, product=product, n=8, sizes=(12, 8, 5))
+    else:
+        build = functools.partial(cc.build_gpt, product=product, n=2, t=8, d=16, heads=2,
+                                  layers=1)  # fmt: skip
+    case = harness.Case(id=f"TEST/{product}-{model}", group="TEST", title="tiny", build=build)
+    rec = harness.run_case(case, ctx, harness.environment())
+    assert rec["status"] == "ok", rec.get("reason")
+    assert rec["agreement"] == "checked" and rec["times"]["A"]["n"] == 3
+    assert rec["shapes"]["product"] == product and rec["shapes"]["model"] == model
+
+
+@pytest.mark.parametrize("model", ["mlp", "gpt"])
+def test_curvature_case_fails_when_the_hessian_stands_in_for_the_ggn(ctx, model):
+    """A planted mistake: H·u is not G·u (the logits' own curvature), and the agreement
+    check sees it before timing."""
+    from benchmarks import cases_curvature as cc
+
+    def build(ctx):
+        if model == "mlp":
+            pair = cc.build_mlp(ctx, "ggn", n=8, sizes=(12, 8, 5))
+            pair.candidate = jaxbp.hessian_vector_product(jaxbp.MLP((12, 8, 5))).jitted
+        else:
+            pair = cc.build_gpt(ctx, "ggn", n=2, t=8, d=16, heads=2, layers=1)
+            gpt = jaxbp.GPT(vocab=cc.VOCAB, d=16, heads=2, layers=1, context=8)
+            pair.candidate = jaxbp.hessian_vector_product(gpt).jitted
+        return pair
+
+    case = harness.Case(id="TEST/wrong-ggn", group="TEST", title="H for G", build=build)
+    rec = harness.run_case(case, ctx, harness.environment())
+    assert rec["status"] == "failed" and "disagreement" in rec["reason"]
+    assert "times" not in rec
+
+
+def test_a_group_of_different_models_is_labelled_by_the_shapes_each_has():
+    records = [
+        {"id": "P14/a", "shapes": {"product": "ggn", "model": "mlp", "n": 8, "sizes": [4, 2]}},
+        {"id": "P14/b", "shapes": {"product": "ggn", "model": "gpt", "n": 2, "t": 8}},
+    ]
+    keys = bench_plots._varying(records)
+    assert bench_plots._config_label(records[0], keys) == "model=mlp\nn=8\n4-2"
+    assert bench_plots._config_label(records[1], keys) == "model=gpt\nn=2\nt=8"
