@@ -173,9 +173,14 @@ def test_discrete_configurations_are_grouped_bars_with_their_interquartile_range
     ax, ratio_ax = fig.axes
     assert ax.get_xscale() == "linear"  # categories, not an "n" axis
     labels = [t.get_text() for t in ratio_ax.get_xticklabels()]
-    assert labels == ["n=16\nt=128\nd=128\nh=4", "n=8\nt=256\nd=256\nh=8"]
-    manual, autodiff = [c for c in ax.containers if isinstance(c, BarContainer)]  # a side each
-    for bars, side in ((manual, "A"), (autodiff, "B")):
+    # one label a configuration, naming the shapes that differ between them
+    assert labels == [
+        "\n".join(f"{k}={r['shapes'][k]}" for k in ("n", "t", "d", "h", "v")) for r in rs
+    ]
+    bars_of = [c for c in ax.containers if isinstance(c, BarContainer)]  # a side each
+    sides = ["A", "B", *(k for k in rs[0]["times"] if k not in ("A", "B"))]
+    assert len(bars_of) == len(sides)
+    for bars, side in zip(bars_of, sides, strict=True):
         heights = [b.get_height() for b in bars.patches]
         assert heights == pytest.approx([r["times"][side]["median"] * 1e3 for r in rs])
         segments = bars.errorbar.lines[2][0].get_segments()
