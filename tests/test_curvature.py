@@ -23,8 +23,8 @@ from jaxbp.reference import _gpt as gpt_twin
 from jaxbp.reference import _nn as mlp_twin
 from tests.helpers import assert_close
 from tests.test_model import MODEL as RESIDUAL
+from tests.test_model import Scaled, _scale_op, twin_losses
 from tests.test_model import _problem as residual_problem
-from tests.test_model import _scale_op, twin_losses
 
 F64 = jnp.float64
 
@@ -272,27 +272,8 @@ def test_a_direction_of_another_structure_shape_or_dtype_is_an_error_naming_the_
             f(params)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Scaled:
-    """``softmax_cross_entropy(dense(scale(x, s)))`` with a user op that has no jvp rule."""
-
-    op: object
-
-    def forward(self, t, params, x, y):
-        h, r1 = t.fwd(self.op, x, params["s"])
-        z, r2 = t.fwd(jaxbp.dense, h, params["w"])
-        loss, r3 = t.fwd(jaxbp.softmax_cross_entropy, z, y)
-        return loss, jnp.ones(loss.shape, bool), (r1, r2, r3)
-
-    def backward(self, t, state, seed):
-        r1, r2, r3 = state
-        dz, _ = t.bwd(jaxbp.softmax_cross_entropy, r3, seed)
-        (dh,) = t.bwd(jaxbp.dense, r2, dz, params={"w": ("w",)})
-        t.bwd(self.op, r1, dh, params={"s": ("s",)})
-
-
 def test_an_op_without_a_jvp_rule_is_named_and_the_hessian_product_still_runs():
-    model = _Scaled(_scale_op(True))
+    model = Scaled(_scale_op(True))  # a user op with no jvp rule (tests/test_model.py)
     rng = np.random.default_rng(0)
     params = {"s": jnp.asarray(rng.normal(size=4)), "w": jnp.asarray(rng.normal(size=(4, 3)))}
     x, y = jnp.asarray(rng.normal(size=(5, 4))), jnp.arange(5) % 3
