@@ -24,7 +24,7 @@ import numpy as np
 
 __all__ = [
     "TOLERANCES", "FD_TOLERANCE", "FD_STEP", "FD_DIRECTIONS", "Row", "x64", "errors", "row",
-    "leaf_names", "fd_directions", "rows_table",
+    "leaf_names", "fd_directions", "rows_table", "Verdict",
 ]  # fmt: skip
 
 TOLERANCES = {"float64": 1e-12, "float32": 1e-5, "bfloat16": 2e-2, "float16": 2e-2}
@@ -111,6 +111,22 @@ def fd_directions(leaves, k: int, seed: int):
         norms = np.sqrt(np.sum(d.reshape(m, -1) ** 2, axis=1)).reshape((m,) + (1,) * leaf.ndim)
         dirs.append(jnp.asarray(d / np.maximum(norms, 1e-300), leaf.dtype))
     return dirs, steps
+
+
+class Verdict:
+    """What a report of :class:`Row` s says as a whole (a mixin of the reports' dataclasses,
+    which hold ``rows``)."""
+
+    rows: tuple[Row, ...]
+
+    @property
+    def passed(self) -> bool:
+        """True when every row passed."""
+        return all(r.passed for r in self.rows)
+
+    @property
+    def failures(self) -> tuple[Row, ...]:
+        return tuple(r for r in self.rows if not r.passed)
 
 
 def rows_table(rows) -> list[str]:

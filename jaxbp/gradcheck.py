@@ -34,7 +34,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import handcheck, reference
-from ._measure import FD_DIRECTIONS, FD_STEP, FD_TOLERANCE, TOLERANCES, Row, x64
+from ._measure import (
+    FD_DIRECTIONS,
+    FD_STEP,
+    FD_TOLERANCE,
+    TOLERANCES,
+    Row,
+    Verdict,
+    rows_table,
+    x64,
+)
 from ._measure import fd_directions as _fd_directions
 from ._measure import leaf_names as _leaf_names
 from ._measure import row as _row
@@ -48,7 +57,7 @@ _KINKED = ("relu", "leaky_relu")
 
 
 @dataclasses.dataclass(frozen=True)
-class Report:
+class Report(Verdict):
     """The result of :func:`compare`: a row per (check, leaf) and the losses.
 
     ``model`` describes the model in one line; ``sizes``, ``activation`` and ``loss`` are an
@@ -67,15 +76,6 @@ class Report:
     seed: int
     notes: tuple[str, ...] = ()
     model: str = ""
-
-    @property
-    def passed(self) -> bool:
-        """True when every row passed."""
-        return all(r.passed for r in self.rows)
-
-    @property
-    def failures(self) -> tuple[Row, ...]:
-        return tuple(r for r in self.rows if not r.passed)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data (lists, floats, strings, bools)."""
@@ -98,25 +98,7 @@ class Report:
             head,
             f"loss: manual {self.loss_manual:.10g}   reference {self.loss_reference:.10g}",
         ]
-        cols = ("check", "leaf", "shape", "max abs err", "max rel err", "cosine", "tol", "")
-        body = []
-        for r in self.rows:
-            shape = f"{r.shape[0]} dirs" if r.check == "finite diff" else str(r.shape)
-            body.append((
-                r.check, r.leaf, shape, f"{r.max_abs_error:.2e}", f"{r.max_rel_error:.2e}",
-                f"{r.cosine:.8f}", f"{r.tolerance:.0e}", "ok" if r.passed else "FAIL",
-            ))  # fmt: skip
-        widths = [max(len(c), *(len(b[k]) for b in body)) for k, c in enumerate(cols)]
-        right = {3, 4, 5, 6}
-
-        def fmt(cells):
-            out = [
-                c.rjust(w) if k in right else c.ljust(w)
-                for k, (c, w) in enumerate(zip(cells, widths, strict=True))
-            ]
-            return "  ".join(out).rstrip()
-
-        lines += [fmt(cols), fmt(["-" * w for w in widths]), *map(fmt, body)]
+        lines += rows_table(self.rows)
         lines += [f"note: {n}" for n in self.notes]
         lines += [
             "jax.grad:    the hand-written reverse loop vs jax.grad of the plain-jnp twin",

@@ -49,6 +49,7 @@ from ._measure import (
     FD_TOLERANCE,
     TOLERANCES,
     Row,
+    Verdict,
     fd_directions,
     leaf_names,
     row,
@@ -61,7 +62,7 @@ __all__ = ["HandReport", "compare"]
 
 
 @dataclasses.dataclass(frozen=True)
-class HandReport:
+class HandReport(Verdict):
     """The result of :func:`compare`: a :class:`jaxbp.gradcheck.Row` per (check, leaf) and a
     :class:`Diagnosis` per leaf that is wrong against ``jax.grad``."""
 
@@ -76,15 +77,6 @@ class HandReport:
     fd_step: float
     seed: int
     notes: tuple[str, ...] = ()
-
-    @property
-    def passed(self) -> bool:
-        """True when every row passed."""
-        return all(r.passed for r in self.rows)
-
-    @property
-    def failures(self) -> tuple[Row, ...]:
-        return tuple(r for r in self.rows if not r.passed)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data (lists, floats, strings, bools)."""
