@@ -105,10 +105,18 @@ def by_jvp(
     traced: tuple[str, ...],
     primal: Callable | None = None,
     described: tuple[str, tuple[str, ...]] = ("op", ()),
+    *,
+    zeros_as_none: bool = False,
 ) -> Callable:
     """``call(*args, **options)``: a ``custom_jvp`` whose rule is ``fwd`` then ``jvp``;
     ``get()`` gives the rules ``(fwd, jvp)`` at trace time (it raises for an op without a
-    jvp rule). The primal alone is :func:`by_vjp`'s."""
+    jvp rule). The primal alone is :func:`by_vjp`'s.
+
+    The rule gets one tangent per argument: ``None`` for an integer or bool one; for a
+    floating argument whose tangent is zero by construction (a symbolic zero: a constant, a
+    weight not in the direction) ``None`` too when ``zeros_as_none`` (the rule leaves its
+    term out: XLA does not remove a product with a zero array), else zeros of its shape.
+    When no argument has a tangent the rule is not run: the output's tangent is zero."""
     name, _ = described
 
     def fwd_rule(*args, **options):
@@ -126,13 +134,16 @@ def by_jvp(
         jvp = get()[1]
         out, res = _sharding.run(lambda d, *a: fwd_rule(*a, **dict(static), **d), (dynamic, *args))
         given = [None if _zero(t) else t for t in t_args]
+        if all(t is None for t in given):
+            t_out = _vma.pvary(jnp.zeros_like(out), _vma.of(out))
+            return out, _nan_through_options(t_out, t_dynamic)
 
         def rule(res, given, dynamic, args):
             # one tangent per argument: the given one; zeros of a floating argument's shape
             # and dtype (and varying axes) where none was given; None for integer ones
             ts = tuple(
                 t if t is not None
-                else None if not _floating(a)
+                else None if zeros_as_none or not _floating(a)
                 else _vma.pvary(jnp.zeros(jnp.shape(a), a.dtype), _vma.of(a))
                 for t, a in zip(given, args, strict=True)
             )  # fmt: skip
@@ -141,12 +152,16 @@ def by_jvp(
         spec = _sharding.spec_of(out)
         t_out = _sharding.run(rule, (res, given, dynamic, args), lambda _: spec)
         t_out = _contract.check_tangent(name, t_out, out)
-        # The rules do not differentiate their traced options: a tangent through one makes
-        # the output's tangent NaN (never a silent 0), as a gradient through it is NaN.
-        for t in t_dynamic.values():
-            if not _zero(t):
-                t_out = t_out + (jnp.nan * t).astype(t_out.dtype)
-        return out, _vma.pvary(t_out, _vma.of(out))
+        return out, _vma.pvary(_nan_through_options(t_out, t_dynamic), _vma.of(out))
 
     core.defjvp(core_jvp, symbolic_zeros=True)
     return functools.partial(_split_options, core, traced)
+
+
+def _nan_through_options(t_out: jax.Array, t_dynamic: dict) -> jax.Array:
+    """The rules do not differentiate their traced options: a tangent through one makes the
+    output's tangent NaN (never a silent 0), as a gradient through it is NaN."""
+    for t in t_dynamic.values():
+        if not _zero(t):
+            t_out = t_out + (jnp.nan * t).astype(t_out.dtype)
+    return t_out

@@ -21,6 +21,7 @@ and class weights' part through ``u̇ = (1 − ε)·w ⊙ ẏ + ẇ ⊙ y'``.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from . import _checks
@@ -94,8 +95,9 @@ def _ce_parts(logits, labels, where, class_weights, label_smoothing, ignore_inde
     z = _acc(logits)
     c_local = z.shape[-1]
     c = c_local if c is None else c
-    if m is None:
-        m = red.max(jnp.max(z, axis=-1))
+    if m is None:  # a shift only: every quantity is exact in it, so JAX's derivative of
+        # the rule (forward over reverse) leaves it out instead of splitting ties at the max
+        m = jax.lax.stop_gradient(red.max(jnp.max(z, axis=-1)))
     zs = z - m[..., None]  # (n,c), shifted: the max is exactly 0
     first = None if red.axis is None else red.first_column(c_local, labels.dtype)
     u = _labels_matrix(labels, c_local, z.dtype, label_smoothing, c=c, first=first)  # y'

@@ -165,6 +165,18 @@ def is_static_zero(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and value == 0
 
 
+def tangent_sum(*terms: Any) -> Any:
+    """The sum of the terms that are not ``None`` (a forward-mode rule's terms, one per
+    argument whose tangent is not zero); ``None`` when every term is."""
+    given = [t for t in terms if t is not None]
+    if not given:
+        return None
+    out = given[0]
+    for t in given[1:]:
+        out = out + t
+    return out
+
+
 def scaled(weight: Any, a: jax.Array) -> jax.Array:
     """``weight·a`` with ``0·∞ = 0``: a traced weight of 0 switches its term off exactly."""
     if is_static_zero(weight):

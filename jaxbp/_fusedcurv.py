@@ -33,6 +33,7 @@ logit lies below the mean logit under ``p``). The rules::
         ``κ = 1 − β·|r|² = Σ_v p·e/a + 2λ·|r|²`` (no cancellation: ``Σ_v p = 1``) and
         ``γ = β/(1 + √κ)``, the root of ``2γ − γ²·|r|² = β``, so that
         ``(diag(√a) − γ·q·rᵀ)·(…)ᵀ = diag(a) − (2γ − γ²·|r|²)·q·qᵀ = H̃``
+    sample_logits(res, g, key)     s (n…, v) itself, the column sample_bwd carries back
     sample_bwd(res, g, key)        Jᵀ·s, one Monte-Carlo column, E[s·sᵀ] = g·H̃: ŷ ~ p by
         Gumbel-max chunk by chunk; ``s = √g·(√α·(p − e_ŷ) + ε·√(2λ)·p)`` without a
         softcap; with one ``s = √g·ε·S₀·e_ŷ/√p_ŷ`` (``S₀`` the square block above;
@@ -64,7 +65,7 @@ from . import _checks, _vma, _xent
 from ._losscurv import _two_lam, softmax_factor, tangents_of
 from ._xent import cols, mm, over_chunks
 
-__all__ = ["rules", "sample_logits_rule"]
+__all__ = ["rules"]
 
 _ARGS = ("x", "w", "labels", "b", "where", "class_weights")
 _STATIC = ("ignore_index", "softcap", "chunk_size", "accum_dtype", "strategy", "default_chunk")
@@ -375,19 +376,6 @@ def _options(default_chunk, ignore_index=None, label_smoothing=0.0, z_loss=0.0, 
                 strategy=strategy, default_chunk=default_chunk)  # fmt: skip
 
 
-def sample_logits_rule(default_chunk: int):
-    """``sample_logits(res, g, key, **options) -> s (n…, v)``: the Monte-Carlo column that
-    the head's ``sample_bwd`` carries back (the same draws for the same key), at the logits
-    ``z̃`` itself (forms the ``(n, v)`` column: KFAC's output-gradient factor needs it)."""
-
-    def sample_logits(res, g, key, **kw):
-        return _sample_logits(res, g, key, **_options(default_chunk, **kw))
-
-    sample_logits.__name__ = "linear_softmax_cross_entropy_sample_logits"
-    sample_logits.__qualname__ = sample_logits.__name__
-    return sample_logits
-
-
 def rules(default_chunk: int) -> dict:
     """The fused head's ``curvature=`` mapping for :func:`jaxbp._op.declare`.
 
@@ -416,8 +404,14 @@ def rules(default_chunk: int) -> dict:
         """``Jᵀ·s`` for one Monte-Carlo column ``s`` (``ŷ ~ p``), never an ``(n, v)`` array."""
         return _sample_bwd(res, g, key, **options(**kw))
 
+    def sample_logits(res, g, key, **kw):
+        """``s (n…, v)``: the Monte-Carlo column ``sample_bwd`` carries back (the same draws
+        for the same key), at the logits ``z̃`` itself (forms the ``(n, v)`` column: KFAC's
+        output-gradient factor needs it)."""
+        return _sample_logits(res, g, key, **options(**kw))
+
     named = {"ggn_vp": ggn_vp, "hessian_factor": hessian_factor, "logits_bwd": logits_bwd,
-             "sample_bwd": sample_bwd}  # fmt: skip
+             "sample_bwd": sample_bwd, "sample_logits": sample_logits}  # fmt: skip
     for name, fn in named.items():
         fn.__name__ = fn.__qualname__ = f"linear_softmax_cross_entropy_{name}"
     return named

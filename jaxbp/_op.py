@@ -32,8 +32,10 @@ import (nothing looks a rule up by its name):
 ``op.ggn_vp``,            a loss's curvature rules (``None`` on every other op), at its
 ``op.hessian_factor``,    logits ``z``: ``ggn_vp(res, tangents, g)`` → ``Jᵀ·(g·H)·J·ṫ``;
 ``op.logits_bwd``,        ``hessian_factor(res, g)`` → ``S (n…, c, k)``, ``S·Sᵀ = g·H``;
-``op.sample_bwd``         ``logits_bwd(res, dz)`` → ``Jᵀ·dz``; ``sample_bwd(res, g, key)`` →
-                          ``Jᵀ·s`` for one Monte-Carlo column ``s``, ``E[s·sᵀ] = g·H``
+``op.sample_bwd``,        ``logits_bwd(res, dz)`` → ``Jᵀ·dz``; ``sample_bwd(res, g, key)`` →
+``op.sample_logits``      ``Jᵀ·s`` for one Monte-Carlo column ``s``, ``E[s·sᵀ] = g·H``;
+                          ``sample_logits(res, g, key)`` → that column ``s (n…, c)`` itself
+                          (a loss with parameters: KFAC's output factor needs it)
                           (:mod:`jaxbp._losscurv`, :data:`CURVATURE_RULES`)
 ========================  ==================================================================
 
@@ -81,7 +83,7 @@ __all__ = [
 ]  # fmt: skip
 
 # A loss's curvature rules, in this order (None on an op without them).
-CURVATURE_RULES = ("ggn_vp", "hessian_factor", "logits_bwd", "sample_bwd")
+CURVATURE_RULES = ("ggn_vp", "hessian_factor", "logits_bwd", "sample_bwd", "sample_logits")
 
 # What every op carries (tests/test_op.py checks the built-in ops and Op instances alike).
 OP_ATTRIBUTES = (
@@ -170,7 +172,10 @@ def op_vjp(op: Any, *, traced: Sequence[str] | None = None, primal: Callable | N
     traced = tuple(getattr(op, "traced_options", ()) if traced is None else traced)
     described = (getattr(op, "name", "op"), tuple(getattr(op, "arg_names", ())))
     vjp_call = by_vjp(lambda: rules_of(op), traced, primal, described)
-    jvp_call = by_jvp(lambda: (rules_of(op)[0], jvp_rule(op)), traced, primal, described)
+    jvp_call = by_jvp(
+        lambda: (rules_of(op)[0], jvp_rule(op)), traced, primal, described,
+        zeros_as_none=getattr(op, "jvp_takes_none", False),
+    )  # fmt: skip
 
     def call(*args, **options):
         return (jvp_call if _FORWARD.get() is op else vjp_call)(*args, **options)
@@ -262,6 +267,7 @@ def declare(
     example_grads: Callable | None = None,
     jvp: Callable | None = None,
     curvature: Mapping[str, Callable] | None = None,
+    jvp_takes_none: bool = True,
 ) -> Callable:
     """Decorator of a built-in op: bind its rules and its signature's meaning to it.
 
@@ -273,7 +279,10 @@ def declare(
     ``(n..., k)``; 0 for integer ids ``(n...)``; 3 for attention's ``(n..., h, t, e)``): its
     leading axes are the batch. ``traced`` names the options the rules take as traced
     values; ``example_grads`` is the per-example rule of an op with parameters; ``jvp`` its
-    forward-mode rule (``op.jvp``, ``None`` without); ``curvature`` maps some of
+    forward-mode rule (``op.jvp``, ``None`` without), which takes ``None`` for the tangent of
+    an argument that has none (a symbolic zero: no product with zeros is compiled) unless
+    ``jvp_takes_none=False`` (then zeros of the argument's shape, as a user's
+    :class:`jaxbp.Op` gets them); ``curvature`` maps some of
     :data:`CURVATURE_RULES` to a loss's curvature rules. Sets the
     attributes of :data:`OP_ATTRIBUTES` (``reference`` is ``None`` until
     ``jaxbp/__init__.py`` binds it)::
@@ -295,6 +304,7 @@ def declare(
         _check_per_example(op.__name__, names, per_example)
         op.name = op.__name__
         op.fwd, op.bwd, op.jvp = fwd, bwd, jvp
+        op.jvp_takes_none = jvp_takes_none
         op.reference = None
         op.per_example_args = per_example
         op.example_ndim = example_ndim

@@ -54,7 +54,8 @@ class Op:
         ``jaxbp.jacobian(op, ..., mode="fwd")`` builds Jacobians from it; without it
         ``op.jvp`` is ``None``.
       curvature: for a loss, its curvature rules at the logits, ``{"ggn_vp": ...,
-        "hessian_factor": ..., "logits_bwd": ..., "sample_bwd": ...}`` (any of them; the
+        "hessian_factor": ..., "logits_bwd": ..., "sample_bwd": ..., "sample_logits": ...}``
+        (any of them; the
         signatures of :mod:`jaxbp._losscurv`), jitted like ``fwd`` and ``bwd`` and carried as
         ``op.ggn_vp``, …; ``None`` for each one not given.
 

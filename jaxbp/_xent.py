@@ -185,7 +185,9 @@ def loss_and_lse(x, w, b, labels, where, cw, *, v, ignore_index, label_smoothing
             else:
                 cw_k = cols(cw, start, k, 0).astype(acc)
                 zc = zc + jnp.sum(jnp.where(cw_k == 0, 0.0, cw_k * z), axis=1)
-        m_new = jnp.maximum(m, jnp.max(z, axis=1))
+        # the running max is a shift only (every result is exact in it): JAX's derivative of
+        # the rule leaves it out
+        m_new = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(z, axis=1)))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # all −inf so far: no NaN
         s = s * jnp.exp(m - m_safe) + jnp.sum(jnp.exp(z - m_safe[:, None]), axis=1)
         return m_new, s, zy, zc

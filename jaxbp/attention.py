@@ -285,26 +285,34 @@ def attention_jvp(res, tangents, *, causal: bool = True, strategy: str = "store"
     ``"recompute"`` rebuilds ``P`` from ``L`` block by block of queries, as its backward.
     """
     q, k, v = res[:3]
-    dq, dk, dv = tangents[:3]
+    dq, dk, dv = tangents[:3]  # None: a zero tangent (its terms are left out)
     s = k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1])
-    ka, va, dka, dva = _acc(k), _acc(v), _acc(dk), _acc(dv)
+    ka, va = _acc(k), _acc(v)
+    dka, dva = (None if t is None else _acc(t) for t in (dk, dv))
 
     def block(P, qb, dqb):
         """``Ȯ`` of the block's queries (``qb = q/√e``, ``dqb = q̇/√e``)."""
-        dS = _scores(dqb, ka) + _scores(qb, dka)  # Ṡ   "nhte,nhse->nhts"
-        dP = P * (dS - jnp.sum(P * dS, axis=-1, keepdims=True))  # Ṗ = P ⊙ (Ṡ − rowsum(P ⊙ Ṡ))
-        return jnp.einsum("...ts,...se->...te", dP, va) + jnp.einsum(
-            "...ts,...se->...te", P, dva
-        )  # Ṗ·v + P·v̇
+        dS = _checks.tangent_sum(  # Ṡ   "nhte,nhse->nhts"
+            None if dqb is None else _scores(dqb, ka), None if dka is None else _scores(qb, dka)
+        )
+        dO = None
+        if dS is not None:  # Ṗ = P ⊙ (Ṡ − rowsum(P ⊙ Ṡ)), then Ṗ·v
+            dP = P * (dS - jnp.sum(P * dS, axis=-1, keepdims=True))
+            dO = jnp.einsum("...ts,...se->...te", dP, va)
+        if dva is not None:  # + P·v̇
+            dO = _checks.tangent_sum(dO, jnp.einsum("...ts,...se->...te", P, dva))
+        return dO
 
     if strategy == "store":
-        dO = block(res[3], _acc(q) * scale, _acc(dq) * scale)
+        dqs = None if dq is None else _acc(dq) * scale
+        dO = block(res[3], _acc(q) * scale, dqs)
         return dO.astype(q.dtype)
     where, L = res[3], res[4]
 
     def body(start, tq, dO):
-        qb, dqb = _acc(_rows(q, start, tq)) * scale, _acc(_rows(dq, start, tq)) * scale
+        qb = _acc(_rows(q, start, tq)) * scale
+        dqb = None if dq is None else _acc(_rows(dq, start, tq)) * scale
         Lb = lax.dynamic_slice_in_dim(L, start, tq, axis=L.ndim - 1)
         Lb = jnp.where(Lb == -jnp.inf, 0.0, Lb)  # fully masked rows: P is 0 anyway
         P = _select(_mask(start, tq, s, causal, where), jnp.exp(_scores(qb, ka) - Lb[..., None]),

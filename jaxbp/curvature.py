@@ -126,28 +126,31 @@ def _to_logits(op: Any) -> frozenset:
 
 
 class _Linearised(Tape):
-    """The forward loop for ``J·v``: every op through its forward-mode twin (``op.fwd`` then
-    the hand-written ``op.jvp``); at each loss op (one with ``op.ggn_vp``) its positional
-    arguments are recorded and its output is the rule's with no tangent (the loss's own
-    curvature enters through ``ggn_vp``, not through ``jvp``)."""
+    """The forward loop, run under ``jax.jvp`` along ``v``: every op's output through its
+    forward-mode twin (``op.fwd`` then the hand-written ``op.jvp``: ``J·v`` layer by layer)
+    and its residuals from ``op.fwd`` on the primal values, for the reverse loop (XLA
+    computes the shared forward once). At each loss op (one with ``op.ggn_vp``) its
+    arguments on ``J``'s path are recorded, for their tangents; its output carries none (the
+    loss's own curvature enters through ``ggn_vp``, not through ``jvp``)."""
 
     def __init__(self):
-        super().__init__("custom_vjp")
+        super().__init__("rules")
         self.inputs: list[tuple] = []
 
     def fwd(self, op, *args, **options):
+        primal = jax.lax.stop_gradient(args)
+        out, res = rules_of(op)[0](*primal, **options)
         if _is_loss(op):  # one entry per argument of the forward rule: those on J's path
             names = rule_arg_names(op)
             reach = _to_logits(op)
             padded = args + (None,) * (len(names) - len(args))
             kept = (a if n in reach else None for n, a in zip(names, padded, strict=True))
             self.inputs.append(tuple(kept))
-            out, _ = rules_of(op)[0](*jax.lax.stop_gradient(args), **options)
-            return out, None
+            return out, res
         n = len(op.arg_names)
         names = rule_arg_names(op)
         extra = {k: a for k, a in zip(names[n:], args[n:], strict=False) if a is not None}
-        return forward_mode(op)(*args[:n], **extra, **options), None
+        return forward_mode(op)(*args[:n], **extra, **options), res
 
 
 class _GaussNewton(Tape):
@@ -174,20 +177,19 @@ class _GaussNewton(Tape):
 def _ggn_core(model, rules, params, v, *batch):
     del rules  # the cache key only
 
-    def loss_inputs(p):
+    def forward(p):  # one forward loop: J·v to the losses' inputs, the residuals as aux
         t = _Linearised()
-        model.forward(t, p, *batch)
-        return t.inputs
+        out = model.forward(t, p, *batch)
+        return t.inputs, out
 
-    inputs, tangents = jax.jvp(loss_inputs, (params,), (v,))
-    if not inputs:
+    _, tangents, (losses, valid, state) = jax.jvp(forward, (params,), (v,), has_aux=True)
+    if not tangents:
         raise TypeError(
             f"model: ggn_vector_product found no loss op with curvature rules (op.ggn_vp) in "
             f"{type(model).__name__}'s forward loop"
         )
     tangents = [tuple(_no_float0(t) for t in ts) for ts in tangents]
     t = _GaussNewton(tangents)
-    losses, valid, state = model.forward(t, params, *batch)
     _, seed = mean_and_seed(losses, valid)
     model.backward(t, state, seed)
     return t.gradients(params)
@@ -207,10 +209,11 @@ def ggn_vector_product(model: Any) -> Callable:
     parameters, ``H`` the loss's Hessian at them, ``g`` the mean's seed ``1/N``), times a
     direction ``v`` with the structure, shapes and dtypes of ``params``.
 
-    Three explicit passes through the rules: ``J·v`` by the forward loop through every op's
-    forward-mode twin (``op.fwd`` then the hand-written ``op.jvp``; JAX's ``jax.jvp`` only
-    carries tangents through the loop's reshapes and additions), ``g·H·(J·v)`` by the loss
-    op's ``ggn_vp``, and ``Jᵀ·(…)`` by the model's own reverse loop over the ``bwd`` rules.
+    Two explicit passes through the rules: one forward loop giving every op's residuals and
+    ``J·v`` through its forward-mode twin (``op.fwd`` then the hand-written ``op.jvp``; JAX's
+    ``jax.jvp`` only carries tangents through the loop's reshapes and additions), then
+    ``g·H·(J·v)`` by the loss op's ``ggn_vp`` and ``Jᵀ·(…)`` by the model's own reverse loop
+    over the ``bwd`` rules.
     ``G`` is positive semi-definite where each ``H`` is (every loss here; not the fused
     head with a softcap, whose ``H`` at the pre-softcap logits includes the softcap's
     curvature). Signature as :func:`hessian_vector_product`; ``f.jitted(params, v, *batch)``.

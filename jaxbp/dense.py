@@ -85,10 +85,16 @@ def dense_bwd(res, g: jax.Array):
 @jax.jit
 def dense_jvp(res, tangents):
     """Forward mode: ``ẏ (..., o) = ẋ·w + x·ẇ + ḃ`` (``"ni,io->no"``) for the tangents
-    ``(ẋ (..., i), ẇ (i, o), ḃ (o,) or None)``; a linear map of them."""
+    ``(ẋ (..., i), ẇ (i, o), ḃ (o,))``, a linear map of them; a ``None`` tangent (zero, or no
+    bias) leaves its term out, and ``ḃ`` alone is broadcast over the rows."""
     x, w, _ = res
     dx, dw, db = tangents
-    dy = jnp.einsum("...i,io->...o", dx, w) + jnp.einsum("...i,io->...o", x, dw)
+    dy = _checks.tangent_sum(
+        None if dx is None else jnp.einsum("...i,io->...o", dx, w),
+        None if dw is None else jnp.einsum("...i,io->...o", x, dw),
+    )
+    if dy is None:
+        return jnp.broadcast_to(db, (*x.shape[:-1], w.shape[1])).astype(x.dtype)
     return dy if db is None else dy + db
 
 

@@ -204,7 +204,7 @@ def position_embedding_example_grads(res, g: jax.Array, *, examples: int):
 
 @declare(
     fwd=position_embedding_fwd, bwd=position_embedding_bwd, jvp=position_embedding_jvp,
-    per_example=("x",), example_ndim=2,
+    per_example=("x",), example_ndim=2, jvp_takes_none=False,  # an addition: zeros are free
     example_grads=position_embedding_example_grads,
 )  # fmt: skip
 def position_embedding(x: jax.Array, table: jax.Array) -> jax.Array:

@@ -62,20 +62,15 @@ import jax.numpy as jnp
 
 from . import _checks, _step
 from ._contrib import Outer, Rows, materialize
-from ._fusedcurv import sample_logits_rule
 from ._op import all_rules, bwd_options, curvature_of
 from ._tape import Tape, _keystr, assemble
 from .dense import dense
-from .fused import DEFAULT_CHUNK, linear_softmax_cross_entropy
 from .model import check_model, checker, mean_and_seed
 from .per_example import contributions
 
 __all__ = ["METHODS", "diag_ggn", "kfac_factors"]
 
 METHODS = ("exact", "mc")
-
-# Loss ops with parameters: the Monte-Carlo column at their logits (sample_bwd gives Jᵀ·s).
-_SAMPLE_LOGITS = {linear_softmax_cross_entropy: sample_logits_rule(DEFAULT_CHUNK)}
 
 
 def _is_loss(op: Any) -> bool:
@@ -92,7 +87,7 @@ def _needs(op: Any, method: str) -> dict[str, Callable | None]:
     if method == "exact":
         want["hessian_factor"] = getattr(op, "hessian_factor", None)
     elif _has_params(op):
-        want["sample_logits"] = _SAMPLE_LOGITS.get(op)
+        want["sample_logits"] = getattr(op, "sample_logits", None)  # the column at z itself
     else:
         want["sample_bwd"] = getattr(op, "sample_bwd", None)
     missing = [name for name, rule in want.items() if rule is None]
@@ -189,12 +184,46 @@ def _mc_columns(loss, key, samples):
     """``(samples, *B, c)``: one Monte-Carlo column per unit and draw."""
     op, res, g, options = loss
     if _has_params(op):
-        rule = _SAMPLE_LOGITS[op]
-        return jax.vmap(lambda k: rule(res, g, k, **options))(jax.random.split(key, samples))
+        opts = bwd_options(op.sample_logits, options)
+        return jax.vmap(lambda k: op.sample_logits(res, g, k, **opts))(
+            jax.random.split(key, samples)
+        )  # fmt: skip
     opts = bwd_options(op.sample_bwd, options)
     return jax.vmap(lambda k: op.sample_bwd(res, g, k, **opts)[0])(
         jax.random.split(key, samples)
     )  # fmt: skip
+
+
+# The columns carried back at once: as many as keep about this many bytes of the forward's
+# residuals (a proxy for one column's backward temporaries) in flight; the rest in sequence.
+COLUMN_BYTES = 512 * 2**20
+
+
+def _sum_over_columns(one: Callable, cols: jax.Array, state: Any) -> Any:
+    """``Σ_j one(cols[j])`` (a pytree): the columns vmapped in batches that keep about
+    :data:`COLUMN_BYTES` in flight, the batches summed in a ``lax.scan`` (a GPT's exact
+    ``t·v`` columns never run all at once). The last batch is padded with zero columns,
+    which add exactly nothing (every result is quadratic in its column)."""
+    m = cols.shape[0]
+    per_column = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(state)
+                     if hasattr(a, "dtype"))  # fmt: skip
+    size = max(1, min(m, COLUMN_BYTES // max(1, per_column)))
+
+    def batch_sum(chunk):
+        return jax.tree.map(lambda a: jnp.sum(a, axis=0), jax.vmap(one)(chunk))
+
+    if size == m:
+        return batch_sum(cols)
+    batches = -(-m // size)
+    pad = jnp.zeros((batches * size - m, *cols.shape[1:]), cols.dtype)
+    chunks = jnp.concatenate([cols, pad]).reshape(batches, size, *cols.shape[1:])
+    total = jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(batch_sum, chunks[0])
+    )
+    total, _ = jax.lax.scan(
+        lambda acc, chunk: (jax.tree.map(jnp.add, acc, batch_sum(chunk)), None), total, chunks
+    )  # fmt: skip
+    return total
 
 
 def _columns(model, params, batch, method, samples, key):
@@ -254,7 +283,7 @@ def _diag_core(model, rules, method, samples, params, *args):
         paths.update({_keystr(p): p for p in per_leaf})
         return {_keystr(p): _squares(cs) for p, cs in per_leaf.items()}
 
-    total = jax.tree.map(lambda a: scale * jnp.sum(a, axis=0), jax.vmap(one)(cols))
+    total = jax.tree.map(lambda a: scale * a, _sum_over_columns(one, cols, state))
     return assemble(params, {paths[k]: v for k, v in total.items()}, what="GGN diagonal")
 
 
@@ -357,7 +386,7 @@ def _kfac(model, method, samples, params, *args):
             gs[_w_path(rec)] = d.T @ d  # "ro,rp->op"
         return gs
 
-    gs = jax.tree.map(lambda a: scale * jnp.sum(a, axis=0), jax.vmap(one)(cols))
+    gs = jax.tree.map(lambda a: scale * a, _sum_over_columns(one, cols, state))
     dtype = jnp.result_type(*jax.tree.leaves(params))
     return {p: {"A": f["A"].astype(dtype), "G": gs[p].astype(dtype)} for p, f in out.items()}
 

@@ -152,10 +152,16 @@ def layer_norm_jvp(res, tangents, *, eps: float = 1e-5):
     x, mu, rstd, gamma = res
     dx, dgamma, dbeta = tangents
     xhat = (_acc(x) - mu[..., None]) * rstd[..., None]
-    dxa = _acc(dx)
-    dxhat = dxa - jnp.mean(dxa, axis=-1, keepdims=True)
-    dxhat = (dxhat - xhat * jnp.mean(dxa * xhat, axis=-1, keepdims=True)) * rstd[..., None]
-    dy = dxhat * _acc(gamma) + xhat * _acc(dgamma) + _acc(dbeta)
+    dxhat = None
+    if dx is not None:
+        dxa = _acc(dx)
+        dxhat = dxa - jnp.mean(dxa, axis=-1, keepdims=True)
+        dxhat = (dxhat - xhat * jnp.mean(dxa * xhat, axis=-1, keepdims=True)) * rstd[..., None]
+    dy = _checks.tangent_sum(
+        None if dxhat is None else dxhat * _acc(gamma),
+        None if dgamma is None else xhat * _acc(dgamma),
+        None if dbeta is None else jnp.broadcast_to(_acc(dbeta), xhat.shape),
+    )
     return dy.astype(x.dtype)
 
 
@@ -251,9 +257,15 @@ def rms_norm_jvp(res, tangents, *, eps: float = 1e-6):
     x, rinv, gamma = res
     dx, dgamma = tangents
     xhat = _acc(x) * rinv[..., None]
-    dxa = _acc(dx)
-    dxhat = (dxa - xhat * jnp.mean(dxa * xhat, axis=-1, keepdims=True)) * rinv[..., None]
-    return (dxhat * _acc(gamma) + xhat * _acc(dgamma)).astype(x.dtype)
+    dxhat = None
+    if dx is not None:
+        dxa = _acc(dx)
+        dxhat = (dxa - xhat * jnp.mean(dxa * xhat, axis=-1, keepdims=True)) * rinv[..., None]
+    dy = _checks.tangent_sum(
+        None if dxhat is None else dxhat * _acc(gamma),
+        None if dgamma is None else xhat * _acc(dgamma),
+    )
+    return dy.astype(x.dtype)
 
 
 def rms_norm_example_grads(res, g: jax.Array, *, examples: int, eps: float = 1e-6):

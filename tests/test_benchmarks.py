@@ -273,7 +273,7 @@ def test_a_quick_case_runs_lists_and_records_under_its_quick_id(ctx):
 # ------------------------------------------------- P14: curvature-vector products
 
 
-@pytest.mark.parametrize("product", ["ggn", "hvp"])
+@pytest.mark.parametrize("product", ["ggn", "hvp", "kfac"])
 @pytest.mark.parametrize("model", ["mlp", "gpt"])
 def test_curvature_cases_build_agree_with_the_twin_and_time(ctx, product, model):
     from benchmarks import cases_curvature as cc
@@ -310,6 +310,28 @@ def test_curvature_case_fails_when_the_hessian_stands_in_for_the_ggn(ctx, model)
     rec = harness.run_case(case, ctx, harness.environment())
     assert rec["status"] == "failed" and "disagreement" in rec["reason"]
     assert "times" not in rec
+
+
+def test_kfac_case_fails_when_the_factors_are_wrong(ctx, monkeypatch):
+    """A planted mistake: the input factor without its bias column's ones (A of the raw
+    rows), which the case's own check against āᵀā/N sees before timing."""
+    from benchmarks import cases_curvature as cc
+    from jaxbp import kfac
+
+    def rows_without_ones(rec, valid):
+        x = rec.res[0]
+        rows = x.reshape(-1, x.shape[-1])
+        if rec.res[2] is not None:
+            rows = jnp.concatenate([rows, jnp.zeros((rows.shape[0], 1), rows.dtype)], axis=1)
+        return rows, jnp.ones(rows.shape[:1], rows.dtype)
+
+    monkeypatch.setattr(kfac, "_input_rows", rows_without_ones)
+    jaxbp._step.compiled.cache_clear()  # steps traced before the plant would hide it
+    build = functools.partial(cc.build_mlp, product="kfac", n=8, sizes=(12, 8, 5))
+    case = harness.Case(id="TEST/wrong-kfac", group="TEST", title="A without ones", build=build)
+    rec = harness.run_case(case, ctx, harness.environment())
+    jaxbp._step.compiled.cache_clear()  # nor may the planted step outlive the test
+    assert rec["status"] == "failed" and "A of layer 0" in rec["reason"], rec.get("reason")
 
 
 def test_a_group_of_different_models_is_labelled_by_the_shapes_each_has():

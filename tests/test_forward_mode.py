@@ -100,6 +100,35 @@ def test_jvp_rule_and_twin_match_jax_jvp_of_the_reference_and_finite_differences
                  name="op.jvp against central finite differences")  # fmt: skip
 
 
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_jvp_along_one_argument_leaves_the_others_out_and_matches_the_reference(case):
+    """A tangent along one argument only: the others are constants (symbolic zeros), which
+    a built-in rule gets as ``None`` and leaves out; the result is still the reference's."""
+    arrays = case.arrays(jnp.float64)
+    tangents = _tangents(arrays)
+    twin = getattr(fm, case.name)
+    for name, tangent in tangents.items():
+
+        def along(a, twin=twin, name=name):
+            return _call(twin, case, arrays, {name: a})
+
+        def along_ref(a, name=name):
+            return _call(case.ref, case, arrays, {name: a})
+
+        _, got = jax.jit(lambda a, t, f=along: jax.jvp(f, (a,), (t,)))(arrays[name], tangent)
+        _, want = jax.jvp(along_ref, (arrays[name],), (tangent,))
+        assert_close(got, want, name=f"the tangent along {name} alone")
+
+
+def test_built_in_rules_get_none_for_constants_so_no_product_with_zeros_is_compiled():
+    """``jax.jvp`` of a dense layer along ``w`` only: the compiled program has one matrix
+    product (``x·ẇ``), not a second with an array of zeros for ``ẋ``."""
+    x, w = jnp.ones((8, 4)), jnp.ones((4, 3))
+    f = jax.jit(lambda w, dw: jax.jvp(lambda w: fm.dense(x, w), (w,), (dw,))[1])
+    hlo = f.lower(w, w).compile().as_text()
+    assert hlo.count(" dot(") == 1, hlo
+
+
 # One case per op (the first of each name), for the compositions.
 BY_OP = list({c.name: c for c in reversed(CASES)}.values())[::-1]
 
