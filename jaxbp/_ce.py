@@ -111,6 +111,70 @@ def _ce_parts(logits, labels, where, class_weights, label_smoothing, ignore_inde
     return zs, m, u, valid, bad
 
 
+def _by_ids(labels, class_weights, c, red) -> bool:
+    """The common case: integer ids, no class weights, every class on this device. Then
+    ``Σ_c u = 1`` and ``u = (1 − ε)·onehot + ε/c`` need no ``(n, c)`` array: the loss reads
+    ``z_y`` by a gather and a row mean, the backward builds ``u`` inside its one fusion."""
+    return (
+        red.axis is None and c is None and class_weights is None
+        and jnp.issubdtype(labels.dtype, jnp.integer)
+    )  # fmt: skip
+
+
+def _ids_terms(logits, labels, where, ignore_index, m=None):
+    """``(z, m, e = exp(z − m), valid, bad)`` for integer ids (``z − m`` is never an array
+    of its own: the subtraction fuses into the exponential, as JAX's own softmax)."""
+    z = _acc(logits)
+    if m is None:  # a shift only (see _ce_parts)
+        m = jax.lax.stop_gradient(jnp.max(z, axis=-1))
+    e = jnp.exp(z - m[..., None])
+    valid = valid_rows(labels, where, ignore_index=ignore_index, batch_shape=z.shape[:-1])
+    bad = _bad_labels(labels, z.shape[-1], ignore_index) & valid
+    return z, m, e, valid, bad
+
+
+def _ce_forward_ids(logits, labels, where, *, label_smoothing, ignore_index, z_loss):
+    """:func:`ce_forward` for :func:`_by_ids`: ``loss = lse − (1 − ε)·z_y − ε·mean_c z``."""
+    z, m, e, valid, bad = _ids_terms(logits, labels, where, ignore_index)
+    lse_s = jnp.log(jnp.sum(e, axis=-1))
+    ids = jnp.clip(labels, 0, z.shape[-1] - 1)[..., None]
+    zy = jnp.take_along_axis(z, ids, axis=-1)[..., 0] - m  # z_y − m  (n,)
+    if _checks.is_static_zero(label_smoothing):
+        loss = lse_s - zy
+    else:
+        eps = _checks.as_scalar(label_smoothing, z.dtype)
+        # 0·(−inf) = 0 (a class with no label mass is ignored, as _safe_mul does)
+        loss = lse_s - _checks.scaled(1.0 - eps, zy) - _checks.scaled(eps, jnp.mean(z, -1) - m)
+    if not _checks.is_static_zero(z_loss):
+        lse = lse_s + m
+        loss = loss + _checks.scaled(_checks.as_scalar(z_loss, lse.dtype), lse * lse)
+    loss = jnp.where(valid, loss, 0.0)
+    return jnp.where(bad, jnp.nan, loss), m, lse_s, None
+
+
+def _ce_backward_ids(logits, labels, where, lse_s, g, *, label_smoothing, ignore_index,
+                     z_loss, m=None):  # fmt: skip
+    """:func:`ce_backward` for :func:`_by_ids`: ``dz = g·(p·(1 + 2λ·lse) − u)``, ``u`` from
+    an iota comparison inside the same fusion, ``p = e^{z − m}·e^{−lse_s}``: the forward's
+    own exponential, which XLA computes once when forward and backward are one program."""
+    z, m, e, valid, bad = _ids_terms(logits, labels, where, ignore_index, m)
+    gv = jnp.where(valid, g.astype(z.dtype), 0.0)[..., None]
+    p = e * jnp.exp(-lse_s)[..., None]
+    hit = labels[..., None] == jnp.arange(z.shape[-1], dtype=labels.dtype)
+    if _checks.is_static_zero(label_smoothing):
+        u = hit.astype(z.dtype)
+    else:
+        eps = _checks.as_scalar(label_smoothing, z.dtype)
+        u = jnp.where(hit, 1.0 - eps, 0.0) + eps / z.shape[-1]
+    if _checks.is_static_zero(z_loss):
+        dz = gv * (p - u)
+    else:
+        scale = 1.0 + _checks.scaled(_checks.as_scalar(z_loss, z.dtype), 2.0 * (lse_s + m))
+        dz = gv * (p * scale[..., None] - u)
+    dz = jnp.where(valid[..., None], dz, 0.0)
+    return jnp.where(bad[..., None], jnp.nan, dz).astype(logits.dtype), None, None
+
+
 def ce_forward(logits, labels, where, class_weights, *, label_smoothing, ignore_index, z_loss,
                c=None, red=LOCAL):  # fmt: skip
     """The forward of softmax cross-entropy: ``(loss, m, lse_s, Σ_c u)``, each ``(n,)``.
@@ -119,6 +183,9 @@ def ce_forward(logits, labels, where, class_weights, *, label_smoothing, ignore_
     ``Σ_c u`` is ``None`` (the backward recomputes it); over class shards it is reduced here,
     with the loss terms, in one ``psum``, and saved for the backward.
     """
+    if _by_ids(labels, class_weights, c, red):
+        return _ce_forward_ids(logits, labels, where, label_smoothing=label_smoothing,
+                               ignore_index=ignore_index, z_loss=z_loss)  # fmt: skip
     zs, m, u, valid, bad = _ce_parts(
         logits, labels, where, class_weights, label_smoothing, ignore_index, c=c, red=red
     )
@@ -141,6 +208,9 @@ def ce_backward(logits, labels, where, class_weights, lse_s, g, *, label_smoothi
     ``dz = g[:,None]·(p·(Σu + 2λ·lse)[:,None] − u)``; no communication when ``m`` and ``su``
     are given. ``dclass_weights`` is summed over this device's rows only.
     """
+    if _by_ids(labels, class_weights, c, red) and su is None:
+        return _ce_backward_ids(logits, labels, where, lse_s, g, label_smoothing=label_smoothing,
+                                ignore_index=ignore_index, z_loss=z_loss, m=m)  # fmt: skip
     zs, m, u, valid, bad = _ce_parts(
         logits, labels, where, class_weights, label_smoothing, ignore_index, c=c, m=m, red=red
     )
