@@ -24,6 +24,7 @@ imported only when a checkpoint is asked for, and :func:`orbax` says which extra
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import signal
 import threading
@@ -243,10 +244,11 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         """Start saving ``state`` (a pytree of arrays) and ``meta`` (JSON) as ``step``; it
-        finishes in the background."""
+        finishes in the background. ``meta`` is copied now: the trainers go on appending to
+        the lists it holds (the loss history) while the background save writes it."""
         args = self._ocp.args.Composite(
             state=self._ocp.args.StandardSave(state),
-            meta=self._ocp.args.JsonSave({"format": FORMAT, **meta}),
+            meta=self._ocp.args.JsonSave(copy.deepcopy({"format": FORMAT, **meta})),
         )
         with _signals_held():
             self._manager.save(step, args=args)

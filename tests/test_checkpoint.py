@@ -236,6 +236,18 @@ def test_resume_fills_the_flags_not_given_from_the_checkpoint(gpt_ckpt, tmp_path
     assert data["resumed_from"] == 8 and data["step_losses"] == list(result.step_losses)
 
 
+def test_meta_is_what_it_was_when_the_save_started(tmp_path):
+    """The save finishes in the background while training goes on appending to the loss
+    history it was given: the checkpoint holds the history of its own step (a resume from
+    it once repeated the later steps' losses)."""
+    saver = checkpoint.Checkpointer(str(tmp_path / "ck"))
+    history = {"step_losses": [1.0, 2.0]}
+    saver.save(2, {"x": jnp.zeros(2)}, {"done": 2, "history": history})
+    history["step_losses"] += [3.0, 4.0]  # the next steps, before the save has finished
+    saver.close()
+    assert checkpoint.read_meta(str(tmp_path / "ck"))[1]["history"] == {"step_losses": [1.0, 2.0]}
+
+
 def test_a_checkpoint_of_another_vocabulary_is_refused(tmp_path, capsys, monkeypatch):
     ck = tmp_path / "ck"
     config = {**train_gpt.GPT_DEFAULTS, **TINY, "vocab": 66}
