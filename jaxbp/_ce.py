@@ -95,20 +95,30 @@ def _ce_parts(logits, labels, where, class_weights, label_smoothing, ignore_inde
     z = _acc(logits)
     c_local = z.shape[-1]
     c = c_local if c is None else c
-    if m is None:  # a shift only: every quantity is exact in it, so JAX's derivative of
-        # the rule (forward over reverse) leaves it out instead of splitting ties at the max
-        m = jax.lax.stop_gradient(red.max(jnp.max(z, axis=-1)))
+    m = _shift(z, m, red)
     zs = z - m[..., None]  # (n,c), shifted: the max is exactly 0
     first = None if red.axis is None else red.first_column(c_local, labels.dtype)
     u = _labels_matrix(labels, c_local, z.dtype, label_smoothing, c=c, first=first)  # y'
     if class_weights is not None:
         u = u * _acc(class_weights).astype(z.dtype)  # u = w ⊙ y'
-    valid = valid_rows(labels, where, ignore_index=ignore_index, batch_shape=z.shape[:-1])
-    if jnp.issubdtype(labels.dtype, jnp.integer):
-        bad = _bad_labels(labels, c, ignore_index) & valid
-    else:
-        bad = jnp.zeros(z.shape[:-1], bool)
+    valid, bad = _rows(labels, where, ignore_index, z.shape[:-1], c)
     return zs, m, u, valid, bad
+
+
+def _shift(z, m=None, red=LOCAL):
+    """``m = max_c z (n,)`` over every class shard, unless given. A shift only: every
+    quantity is exact in it, so JAX's derivative of the rule (forward over reverse) leaves
+    it out instead of splitting ties at the max."""
+    return jax.lax.stop_gradient(red.max(jnp.max(z, axis=-1))) if m is None else m
+
+
+def _rows(labels, where, ignore_index, batch_shape, c):
+    """``(valid, bad) (n,)``: the rows that count, and among them those whose integer label
+    is out of ``[0, c)`` (none for probability labels)."""
+    valid = valid_rows(labels, where, ignore_index=ignore_index, batch_shape=batch_shape)
+    if jnp.issubdtype(labels.dtype, jnp.integer):
+        return valid, _bad_labels(labels, c, ignore_index) & valid
+    return valid, jnp.zeros(batch_shape, bool)
 
 
 def _by_ids(labels, class_weights, c, red) -> bool:
@@ -125,12 +135,9 @@ def _ids_terms(logits, labels, where, ignore_index, m=None):
     """``(z, m, e = exp(z − m), valid, bad)`` for integer ids (``z − m`` is never an array
     of its own: the subtraction fuses into the exponential, as JAX's own softmax)."""
     z = _acc(logits)
-    if m is None:  # a shift only (see _ce_parts)
-        m = jax.lax.stop_gradient(jnp.max(z, axis=-1))
-    e = jnp.exp(z - m[..., None])
-    valid = valid_rows(labels, where, ignore_index=ignore_index, batch_shape=z.shape[:-1])
-    bad = _bad_labels(labels, z.shape[-1], ignore_index) & valid
-    return z, m, e, valid, bad
+    m = _shift(z, m)
+    valid, bad = _rows(labels, where, ignore_index, z.shape[:-1], z.shape[-1])
+    return z, m, jnp.exp(z - m[..., None]), valid, bad
 
 
 def _ce_forward_ids(logits, labels, where, *, label_smoothing, ignore_index, z_loss):

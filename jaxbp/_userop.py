@@ -55,9 +55,8 @@ class Op:
         ``op.jvp`` is ``None``.
       curvature: for a loss, its curvature rules at the logits, ``{"ggn_vp": ...,
         "hessian_factor": ..., "logits_bwd": ..., "sample_bwd": ..., "sample_logits": ...}``
-        (any of them; the
-        signatures of :mod:`jaxbp._losscurv`), jitted like ``fwd`` and ``bwd`` and carried as
-        ``op.ggn_vp``, …; ``None`` for each one not given.
+        (any of them; the signatures of :mod:`jaxbp._losscurv`), jitted like ``fwd`` and
+        ``bwd`` and carried as ``op.ggn_vp``, …; ``None`` for each one not given.
 
     A rule that breaks the contract is an error naming the op, the rule, what was expected
     and what came (:mod:`jaxbp._contract`): a signature that cannot take the op's arguments
