@@ -1,9 +1,10 @@
 """``jaxbp.checked`` composed with ``jax.jit`` (and ``grad``) in every order, warm or cold.
 
-The label-range check of every op that takes integer ids is a ``checkify.debug_check`` in
-the traced program: a no-op in a plain call (the bad rows are NaN), an error under
-``checked``. So jit's cache, which keeps one program per shape whatever the caller, can
-never hand the checked caller an unchecked program or the plain caller a checked one.
+The label-range check of every op that takes integer ids is a ``checkify.debug_check``
+traced into the program under ``checked`` only: a plain trace has no check (the bad rows
+are NaN) and no effect, so ``jax.jit`` keeps its C++ fast dispatch. Checked mode is part of
+jit's trace key, so jit's cache can never hand the checked caller an unchecked program or
+the plain caller a checked one.
 """
 
 import functools
@@ -150,6 +151,18 @@ def test_checked_keeps_the_wrapped_functions_name():
 
 
 @pytest.mark.parametrize("name", sorted(ID_OPS))
+def test_every_op_with_class_ids_traces_no_check_and_no_effect_in_a_plain_call(name):
+    # An effect (a debug_check's) sends every call of the jitted program through Python's
+    # dispatch; the plain program must have none, and its value is the same as before.
+    f = ID_OPS[name]
+    assert jax.make_jaxpr(f)(Z, GOOD).effects == set()
+    assert jax.make_jaxpr(jax.grad(f))(Z, GOOD).effects == set()
+    assert "check[debug" not in str(jax.make_jaxpr(f)(Z, GOOD))
+    err, _ = jax.jit(jaxbp.checked(f))(Z, BAD)  # and the checked trace still has the check
+    _assert_reports_bad_label(err)
+
+
+@pytest.mark.parametrize("name", sorted(ID_OPS))
 def test_every_op_with_class_ids_is_checked_through_jit_warm(name):
     g = jax.jit(ID_OPS[name])
     assert bool(jnp.isfinite(g(Z, GOOD)))  # plain, warm
@@ -214,3 +227,24 @@ def test_is_concrete_tells_tracers_by_type_with_no_host_copy(monkeypatch):
 def test_concrete_integer_labels_are_still_read_once_and_checked():
     with pytest.raises(ValueError, match="labels: expected class ids in \\[0, 3\\), got 5"):
         jaxbp.softmax_cross_entropy(Z, BAD)
+
+
+def test_ids_of_the_embedding_and_the_gpt_trace_no_check_in_a_plain_call():
+    # The other ops that take integer ids (token ids, targets): no effect in a plain trace,
+    # the bad id reported under checked.
+    gpt = jaxbp.GPT(vocab=5, d=8, heads=2, layers=1, context=4)
+    params = gpt.init(jax.random.key(0))
+    ids, bad = jnp.asarray([[0, 1, 2, 4]]), jnp.asarray([[0, 1, 7, 4]])
+
+    def step(params, ids):
+        return jaxbp.value_and_grad(gpt)(params, ids, ids)[0]
+
+    def emb(table, ids):
+        return jnp.sum(jaxbp.embedding(ids, table))
+
+    table = jnp.ones((5, 3))
+    for f, args in ((step, (params, ids)), (emb, (table, ids))):
+        assert jax.make_jaxpr(f)(*args).effects == set()
+        err, _ = jax.jit(jaxbp.checked(f))(args[0], bad)
+        message = err.get()
+        assert message is not None and "got 7" in message, message
