@@ -8,7 +8,9 @@ A = ``jaxbp.value_and_grad(gpt).jitted`` (forward through the ``_fwd`` rules, th
 ``jaxbp.reference.value_and_grad(gpt).jitted`` (``jax.jit(jax.value_and_grad)`` of the
 plain-jnp twin: full logits and optax's integer-label cross-entropy), and beside them the
 GPT a Flax user writes from NNX modules (benchmarks/peer_nnx.py; when flax is installed),
-judged by ``ratio_vs_nnx`` (A ÷ it, medians) and ``memory_ratio_vs_nnx``. Character
+judged by ``ratio_vs_nnx`` (A ÷ it, medians) and ``memory_ratio_vs_nnx``, and A's entry
+inside a user's own ``jax.jit`` (``user-jit``: the ids traced, as a training loop has them).
+Character
 vocabulary v = 65 as in ``jaxbp train --model gpt``; 4 layers; two sizes on CPU, one with a
 32768-word vocabulary, a larger one in bfloat16 on a GPU.
 """
@@ -22,6 +24,7 @@ import jax.numpy as jnp
 
 import jaxbp
 from benchmarks import peer_nnx
+from benchmarks.cases_core import in_user_jit
 from benchmarks.harness import (
     AgreementError,
     Case,
@@ -84,7 +87,10 @@ def build_gpt(ctx, n: int, t: int, d: int, heads: int, layers: int = 4, gpu_only
         baseline_flops=flops,
         shapes={"n": n, "t": t, "d": d, "h": heads, "layers": layers, "v": vocab},
         labels=("manual", "jit(value_and_grad)"),
-        sides={"flax.nnx": _nnx_side(model, params, x, y)},
+        sides={
+            "flax.nnx": _nnx_side(model, params, x, y),
+            "user-jit": (in_user_jit(jaxbp.value_and_grad(model)), (params, x, y)),
+        },
         metrics=_vs_nnx,
         notes="beside B, a Flax NNX GPT (benchmarks/peer_nnx.py) when flax is installed",
     )
