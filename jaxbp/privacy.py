@@ -1,4 +1,9 @@
-"""DP-SGD training of the GPT: Poisson-sampled batches and the privacy they spend.
+"""DP-SGD training (the GPT's and the MLP's): Poisson-sampled batches and the privacy spent.
+
+The digits MLP (``jaxbp train --dp-clip C --noise σ``): an example is one image; every step
+runs the whole training set (1438 images) with ``where`` marking the Poisson-sampled batch
+(each image with probability ``q = B/N``), the clipped sum divided by ``B``; ``δ`` is
+``10^⌊log₁₀(1/N)⌋`` (1e-4). The GPT:
 
 Index letters::
 
@@ -101,10 +106,12 @@ def poisson_windows(
 
 
 def describe(rate: float, noise: float, clip: float, delta: float, batch: int,
-             windows: int) -> dict[str, Any]:  # fmt: skip
-    """What a DP run records of its privacy setting (the JSON's ``privacy``)."""
+             windows: int, unit: str = "windows") -> dict[str, Any]:  # fmt: skip
+    """What a DP run records of its privacy setting (the JSON's ``privacy``): ``unit`` names
+    the examples (``"windows"`` of the GPT's text, the MLP's ``"examples"``), ``windows``
+    how many there are (under the key ``unit``)."""
     return {"l2_clip": clip, "noise_multiplier": noise, "expected_batch": batch,
-            "sampling_rate": rate, "windows": windows, "delta": delta,
+            "sampling_rate": rate, unit: windows, "unit": unit, "delta": delta,
             "accountant": ACCOUNTANT, "sampling": "Poisson"}  # fmt: skip
 
 

@@ -20,6 +20,7 @@ a fresh PRNG key per step for gradient transforms that need randomness.
 from __future__ import annotations
 
 import dataclasses
+import math
 import signal
 import time
 from collections.abc import Callable
@@ -43,6 +44,7 @@ from .datasets import load_digits
 from .model import value_and_grad
 from .nn import MLP
 from .per_example import check_clip_options, clipped_grad
+from .privacy import available, describe, privacy_text, spent
 
 __all__ = ["TrainResult", "train", "DEFAULTS", "NonFiniteError", "guarded_update"]
 
@@ -142,17 +144,21 @@ def _grad_fn(model: MLP, args: Any) -> Callable:
     matching arguments in :func:`add_arguments`; ``key`` is a fresh PRNG key per step.
 
     ``args.dp_clip`` (``--dp-clip C``) and ``args.noise`` (``--noise σ``) select DP-SGD:
-    :func:`jaxbp.clipped_grad` (its ``vmap(grad)`` reference with ``args.reference``).
+    :func:`jaxbp.clipped_grad` (its ``vmap(grad)`` reference with ``args.reference``) of a
+    Poisson-sampled batch, ``(params, x, labels, key, where) -> (loss, grads)``: the whole
+    training set with ``where`` marking the sampled examples, the clipped sum divided by the
+    expected batch size ``args.batch_size`` (:mod:`jaxbp.privacy`).
     """
     dp_clip = getattr(args, "dp_clip", None)
     noise = float(getattr(args, "noise", 0.0) or 0.0)
     check_dp(dp_clip, noise)
     if dp_clip is not None:  # DP-SGD: per-example clipping to C, Gaussian noise σ·C
         build = reference.clipped_grad if getattr(args, "reference", False) else clipped_grad
-        dp = build(model, l2_clip=dp_clip, noise_multiplier=noise, return_loss=True)
+        dp = build(model, l2_clip=dp_clip, noise_multiplier=noise, batch_size=args.batch_size,
+                   return_loss=True)  # fmt: skip
 
-        def dp_grad_fn(params, x, labels, key):
-            loss, grads, _ = dp(params, x, labels, key=key)
+        def dp_grad_fn(params, x, labels, key, where):
+            loss, grads, _ = dp(params, x, labels, where=where, key=key)
             return loss, grads
 
         return dp_grad_fn
@@ -170,13 +176,17 @@ def _grad_fn(model: MLP, args: Any) -> Callable:
 
 def _epoch_fn(
     model: MLP, opt: optax.GradientTransformation, grad_fn: Callable, steps: int,
-    max_nonfinite: int = 3,
+    max_nonfinite: int = 3, rate: float | None = None,
 ):  # fmt: skip
-    """One jitted epoch: shuffle, then ``jax.lax.scan`` over ``steps`` minibatches.
+    """One jitted epoch: ``jax.lax.scan`` over ``steps`` minibatches.
 
     ``epoch(params, opt_state, bad_run, x, labels, key) -> (params, opt_state, losses (s,),
     runs (s,), flags)``: ``runs`` the skipped steps in a row after each step, ``flags`` the
-    :func:`guarded_update` flags of every step.
+    :func:`guarded_update` flags of every step. Without ``rate`` the batches are a shuffle of
+    the training set (the remainder dropped); with ``rate`` (DP-SGD) every example joins each
+    step's batch independently with probability ``rate`` (Poisson sampling, what the privacy
+    accountant analyses): ``grad_fn`` gets the whole set and ``where`` ``(N,)`` marking the
+    batch, so no example is dropped and no shape depends on the draw.
     """
 
     @jax.jit
@@ -189,7 +199,12 @@ def _epoch_fn(
         def step(carry, inputs):
             params, opt_state, bad_run = carry
             idx, k = inputs  # idx (n,)
-            loss, grads = grad_fn(params, x[idx], labels[idx], k)
+            if rate is None:
+                loss, grads = grad_fn(params, x[idx], labels[idx], k)
+            else:
+                k_sample, k_noise = jax.random.split(k)
+                where = jax.random.bernoulli(k_sample, rate, (n_train,))  # (N,)
+                loss, grads = grad_fn(params, x, labels, k_noise, where)
             params, opt_state, bad_run, flags = guarded_update(
                 opt, params, opt_state, bad_run, loss, grads, max_nonfinite
             )
@@ -225,7 +240,9 @@ def _run(model, args, split, log: Callable[[str], None] | None, ckpt=None, progr
         raise ValueError(f"batch_size: expected 1 to {n_train}, got {cfg.batch_size}")
     steps = n_train // cfg.batch_size
     limit = getattr(cfg, "max_nonfinite", 3)
-    epoch = _epoch_fn(model, opt, _grad_fn(model, cfg), steps, limit)
+    dp = _dp_setting(cfg, n_train)
+    epoch = _epoch_fn(model, opt, _grad_fn(model, cfg), steps, limit,
+                      None if dp is None else dp["rate"])  # fmt: skip
     accuracy = _accuracy_fn(model)
     test_loss = jax.jit(model.mean_loss)
     x_tr, y_tr = jnp.asarray(split.x_train, jnp.float32), jnp.asarray(split.y_train, jnp.int32)
@@ -282,6 +299,9 @@ def _run(model, args, split, log: Callable[[str], None] | None, ckpt=None, progr
             note = f"loss {history['losses'][-1]:.4f}  accuracy {acc:.4f}"
             if history["skipped"]:
                 note += f"  non-finite steps skipped {len(history['skipped'])}"
+            if dp is not None:
+                dp["epsilon"] = spent(dp, (e + 1) * steps)
+                note += f"  {privacy_text(dp)}"
             if progress is not None:
                 progress(e + 1, cfg.epochs, note)
             if log is not None:
@@ -290,6 +310,7 @@ def _run(model, args, split, log: Callable[[str], None] | None, ckpt=None, progr
                     f"test accuracy {acc:.4f}  ({time.perf_counter() - t0:.2f} s)"
                     + (f"  skipped {len(history['skipped'])} non-finite steps"
                        if history["skipped"] else "")
+                    + ("" if dp is None else f"  {privacy_text(dp)}")
                 )  # fmt: skip
     except KeyboardInterrupt as exc:
         if ckpt is not None:
@@ -298,7 +319,24 @@ def _run(model, args, split, log: Callable[[str], None] | None, ckpt=None, progr
         raise Interrupted(signum, done, ckpt.saved if ckpt is not None else None) from None
     seconds = time.perf_counter() - start
     train_acc = float(accuracy(params, x_tr, y_tr))
+    if dp is not None:
+        dp["epsilon"] = spent(dp, done * steps)
+        history["privacy"] = {**dp["setting"], "epsilon": dp["epsilon"]}
     return params, history, train_acc, seconds, resumed
+
+
+def _dp_setting(cfg, n_train: int) -> dict[str, Any] | None:
+    """DP-SGD's sampling rate ``q = B/N``, ``δ = 10^⌊log₁₀(1/N)⌋`` and what the run records
+    (:func:`jaxbp.privacy.describe`); ``None`` without ``--dp-clip``."""
+    if getattr(cfg, "dp_clip", None) is None:
+        return None
+    rate = cfg.batch_size / n_train
+    delta = 10.0 ** math.floor(math.log10(1.0 / n_train))
+    noise = float(getattr(cfg, "noise", 0.0) or 0.0)
+    setting = describe(rate, noise, cfg.dp_clip, delta, cfg.batch_size, n_train,
+                       unit="examples")  # fmt: skip
+    return {"rate": rate, "delta": delta, "epsilon": None, "setting": setting,
+            "accounted": available()}  # fmt: skip
 
 
 def _saved_config(cfg) -> dict[str, Any]:
@@ -363,7 +401,8 @@ def train(
       activation: hidden activation (one of ``jaxbp.ACTIVATIONS``).
       optimizer: ``adam``, ``adamw`` (weight decay 1e-4) or ``sgd`` (momentum 0.9).
       lr: learning rate.
-      epochs: passes over the 1438 training examples (a shuffled epoch drops the remainder).
+      epochs: passes over the 1438 training examples (a shuffled epoch drops the remainder;
+        with ``dp_clip``, ``⌊1438/batch_size⌋`` steps of Poisson-sampled batches).
       batch_size: minibatch size ``n``.
       seed: seed of the initialisation and the shuffling.
       check: also train with ``jax.grad`` (reference) from the same seed and compare curves.
@@ -377,7 +416,9 @@ def train(
       resume: continue the latest checkpoint in ``checkpoint_dir`` (its configuration must
         be this one; ``epochs`` may be larger).
       max_nonfinite: stop after this many non-finite steps in a row (none is applied).
-      **extra: further options read by :func:`_grad_fn` (attributes of its ``args``).
+      **extra: further options read by :func:`_grad_fn` (attributes of its ``args``):
+        ``dp_clip`` and ``noise`` for DP-SGD, whose setting and ``(ε, δ)`` spent land in
+        ``result.config["privacy"]`` (:mod:`jaxbp.privacy`).
 
     Returns:
       A :class:`TrainResult`; ``result.accuracy`` is the held-out accuracy (359 examples).
@@ -405,6 +446,8 @@ def train(
             check_resume(ckpt.directory, {"model": "mlp", **config})
         params, history, train_acc, seconds, resumed = _run(model, args, split, log, ckpt,
                                                             progress)  # fmt: skip
+        if "privacy" in history:  # DP-SGD: the setting and the (ε, δ) spent
+            config["privacy"] = history.pop("privacy")
     finally:
         if ckpt is not None:
             ckpt.close()

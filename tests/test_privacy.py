@@ -1,6 +1,6 @@
-"""DP-SGD training of the GPT (jaxbp/privacy.py): Poisson sampling as the accountant assumes
-it, the accountant against a closed form, the step against the vmap(grad) reference, and
-``jaxbp train --model gpt --dp-clip``.
+"""DP-SGD training of the GPT and the MLP (jaxbp/privacy.py): Poisson sampling as the
+accountant assumes it, the accountant against a closed form, the step against the vmap(grad)
+reference, and ``jaxbp train [--model gpt] --dp-clip``.
 """
 
 import json
@@ -112,3 +112,75 @@ def test_bad_dp_options_are_usage_errors_before_any_work(extra, message, capsys)
         cli.main(["train", "--model", "gpt", "--steps", "1", *extra])
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the digits MLP
+
+
+def _mlp_args(**kw):
+    from jaxbp.train import DEFAULTS, _Args
+
+    cfg = {**DEFAULTS, "sizes": (64, 8, 10), "batch_size": 128, "dp_clip": 1.0, "noise": 1.1,
+           "reference": False, **kw}  # fmt: skip
+    return _Args(**cfg)
+
+
+def test_mlp_dp_epoch_draws_poisson_batches_over_the_whole_training_set():
+    # A stand-in gradient whose "loss" is what the step saw: the batch size Σ where, or
+    # whether example 0 was in it. Each of the 1438 images joins a step with q = B/N.
+    from jaxbp.train import _epoch_fn
+
+    model = jaxbp.MLP((64, 8, 10))
+    params = model.init(jax.random.PRNGKey(0))
+    x, labels = jnp.zeros((1438, 64)), jnp.zeros((1438,), jnp.int32)
+    rate, steps = 128 / 1438, 11
+    opt = __import__("optax").sgd(0.0)
+
+    def run(stat):
+        def grad_fn(params, xb, lb, key, where):
+            assert xb.shape == (1438, 64) and where.shape == (1438,)  # nothing dropped
+            return stat(where).astype(jnp.float32), jax.tree.map(jnp.zeros_like, params)
+
+        epoch = _epoch_fn(model, opt, grad_fn, steps, 3, rate)
+        return np.concatenate([
+            np.asarray(epoch(params, opt.init(params), 0, x, labels, jax.random.PRNGKey(e))[2])
+            for e in range(40)
+        ])  # fmt: skip
+
+    sizes = run(jnp.sum)  # 440 steps: Bin(1438, q) each, mean 128, sd ≈ 10.8
+    assert abs(sizes.mean() - 128) < 5 * math.sqrt(1438 * rate * (1 - rate) / sizes.size)
+    assert abs(sizes.std() - math.sqrt(1438 * rate * (1 - rate))) < 2.5  # it varies
+    first = run(lambda w: w[0])  # example 0 joins each step independently with q
+    assert abs(first.mean() - rate) < 5 * math.sqrt(rate * (1 - rate) / first.size)
+
+
+def test_mlp_dp_step_is_the_clipped_noised_sum_over_the_expected_batch_size():
+    from jaxbp.train import _grad_fn
+
+    model = jaxbp.MLP((64, 8, 10))
+    params = model.init(jax.random.PRNGKey(0), jnp.float64)
+    split = jaxbp.load_digits()
+    x, labels = jnp.asarray(split.x_train, jnp.float64), jnp.asarray(split.y_train)
+    where = jax.random.bernoulli(jax.random.PRNGKey(3), 128 / 1438, (1438,))
+    key = jax.random.PRNGKey(7)
+    loss, grads = _grad_fn(model, _mlp_args())(params, x, labels, key, where)
+    ref = jaxbp.reference.clipped_grad(model, l2_clip=1.0, noise_multiplier=1.1,
+                                       batch_size=128, return_loss=True)  # fmt: skip
+    want_loss, want, _ = ref(params, x[where], labels[where], key=key)  # only the batch
+    assert_close((loss, grads), (want_loss, want), jnp.float64)
+
+
+def test_jaxbp_train_mlp_with_dp_reports_the_privacy_spent(tmp_path, capsys):
+    from jaxbp import cli
+
+    out = tmp_path / "run.json"
+    argv = ["train", "--sizes", "64,8,10", "--epochs", "2", "--batch-size", "128",
+            "--dp-clip", "1.0", "--noise", "1.1", "--check", "--json", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0  # --check: the vmap(grad) reference on the same batches agrees
+    text = capsys.readouterr().out
+    assert "(ε, δ) = (" in text and "Poisson sampling q = 0.089 (1,438 examples)" in text
+    record = json.loads(out.read_text())["config"]["privacy"]
+    assert record["examples"] == 1438 and record["delta"] == 1e-4
+    assert record["sampling_rate"] == 128 / 1438 and record["expected_batch"] == 128
+    steps = 2 * (1438 // 128)  # 11 steps an epoch
+    assert record["epsilon"] == pytest.approx(privacy.epsilon(128 / 1438, 1.1, steps, 1e-4))

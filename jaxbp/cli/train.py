@@ -105,7 +105,7 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--dp-clip", type=positive_float, default=None, metavar="C",
         help="DP-SGD: clip each example's gradient (gpt: each sequence's) to L2 norm C "
-        "(jaxbp.clipped_grad); gpt: Poisson-sampled batches and the (ε, δ) spent "
+        "(jaxbp.clipped_grad), on Poisson-sampled batches, reporting the (ε, δ) spent "
         "(dp_accounting, the privacy extra)",
     )  # fmt: skip
     parser.add_argument(
@@ -154,6 +154,21 @@ def validate(args) -> None:
     check_dp(args.dp_clip, args.noise)
 
 
+def _print_privacy(privacy, out) -> None:
+    """The DP-SGD summary line of either model (nothing for a run without ``--dp-clip``)."""
+    if privacy is None:
+        return
+    spent = privacy["epsilon"]
+    unit = privacy.get("unit", "windows")
+    print(
+        f"DP-SGD: clip {privacy['l2_clip']:g}, noise σ {privacy['noise_multiplier']:g}, "
+        f"Poisson sampling q = {privacy['sampling_rate']:.3g} ({privacy[unit]:,} {unit}): "
+        + (f"(ε, δ) = ({spent:.3g}, {privacy['delta']:.0e}), {privacy['accountant']}"
+           if spent is not None else 'ε not accounted: pip install "jaxbp[privacy]"'),
+        file=out,
+    )  # fmt: skip
+
+
 def run(args) -> int:
     """Run ``jaxbp train`` (arguments already validated); 1 when ``--check`` finds the curves
     apart, 0 otherwise."""
@@ -182,6 +197,7 @@ def run(args) -> int:
         + _skipped(result.skipped),
         file=out,
     )
+    _print_privacy(result.config.get("privacy"), out)
     status = 0
     if result.check is not None:
         c = result.check
@@ -291,17 +307,7 @@ def _run_gpt(args) -> int:
         f"validation loss {result.validation_loss:.4f} nats/char" + _skipped(result.skipped),
         file=out,
     )
-    privacy = result.config.get("privacy")
-    if privacy is not None:
-        spent = privacy["epsilon"]
-        print(
-            f"DP-SGD: clip {privacy['l2_clip']:g}, noise σ {privacy['noise_multiplier']:g}, "
-            f"Poisson sampling q = {privacy['sampling_rate']:.3g} ({privacy['windows']:,} "
-            "windows): "
-            + (f"(ε, δ) = ({spent:.3g}, {privacy['delta']:.0e}), {privacy['accountant']}"
-               if spent is not None else 'ε not accounted: pip install "jaxbp[privacy]"'),
-            file=out,
-        )  # fmt: skip
+    _print_privacy(result.config.get("privacy"), out)
     if result.sample:
         print(f"sample (temperature {cfg['temperature']}):\n" + result.sample, file=out)
     write_json(args.json, result.to_dict())
