@@ -43,8 +43,8 @@ import numpy as np
 from .per_example import clipped_grad
 
 __all__ = [
-    "ACCOUNTANT", "available", "describe", "dp_setting", "epsilon", "poisson_windows",
-    "privacy_text", "spent",
+    "ACCOUNTANT", "available", "describe", "dp_setting", "epsilon", "examples_setting",
+    "poisson_windows", "privacy_text", "spent",
 ]  # fmt: skip
 
 ACCOUNTANT = "dp_accounting PLD (Poisson-subsampled Gaussian, composed over the steps)"
@@ -135,6 +135,18 @@ def dp_setting(model, cfg: dict[str, Any], text) -> dict[str, Any]:
     setting = describe(rate, cfg["noise"], cfg["dp_clip"], delta, cfg["batch_size"], windows)
     return {"step": step, "rate": rate, "delta": delta, "epsilon": None, "setting": setting,
             "key": jax.random.fold_in(jax.random.PRNGKey(cfg["seed"]), 0xD9),
+            "accounted": available()}  # fmt: skip
+
+
+def examples_setting(batch: int, clip: float, noise: float | None, examples: int
+                     ) -> dict[str, Any]:  # fmt: skip
+    """DP-SGD's privacy setting for a set of ``examples`` independent examples (the digits
+    MLP's images): ``q = batch/examples``, ``δ = 10^⌊log₁₀(1/examples)⌋``, what the run
+    records (:func:`describe`), ``ε`` not yet spent."""
+    rate = batch / examples
+    delta = 10.0 ** math.floor(math.log10(1.0 / examples))
+    setting = describe(rate, float(noise or 0.0), clip, delta, batch, examples, unit="examples")
+    return {"rate": rate, "delta": delta, "epsilon": None, "setting": setting,
             "accounted": available()}  # fmt: skip
 
 

@@ -20,7 +20,6 @@ a fresh PRNG key per step for gradient transforms that need randomness.
 from __future__ import annotations
 
 import dataclasses
-import math
 import signal
 import time
 from collections.abc import Callable
@@ -44,7 +43,7 @@ from .datasets import load_digits
 from .model import value_and_grad
 from .nn import MLP
 from .per_example import check_clip_options, clipped_grad
-from .privacy import available, describe, privacy_text, spent
+from .privacy import examples_setting, privacy_text, spent
 
 __all__ = ["TrainResult", "train", "DEFAULTS", "NonFiniteError", "guarded_update"]
 
@@ -144,10 +143,8 @@ def _grad_fn(model: MLP, args: Any) -> Callable:
     matching arguments in :func:`add_arguments`; ``key`` is a fresh PRNG key per step.
 
     ``args.dp_clip`` (``--dp-clip C``) and ``args.noise`` (``--noise σ``) select DP-SGD:
-    :func:`jaxbp.clipped_grad` (its ``vmap(grad)`` reference with ``args.reference``) of a
-    Poisson-sampled batch, ``(params, x, labels, key, where) -> (loss, grads)``: the whole
-    training set with ``where`` marking the sampled examples, the clipped sum divided by the
-    expected batch size ``args.batch_size`` (:mod:`jaxbp.privacy`).
+    :func:`jaxbp.clipped_grad` (``vmap(grad)`` with ``args.reference``) with ``where`` (the
+    Poisson-sampled batch) and ``batch_size=args.batch_size`` (:mod:`jaxbp.privacy`).
     """
     dp_clip = getattr(args, "dp_clip", None)
     noise = float(getattr(args, "noise", 0.0) or 0.0)
@@ -182,11 +179,9 @@ def _epoch_fn(
 
     ``epoch(params, opt_state, bad_run, x, labels, key) -> (params, opt_state, losses (s,),
     runs (s,), flags)``: ``runs`` the skipped steps in a row after each step, ``flags`` the
-    :func:`guarded_update` flags of every step. Without ``rate`` the batches are a shuffle of
-    the training set (the remainder dropped); with ``rate`` (DP-SGD) every example joins each
-    step's batch independently with probability ``rate`` (Poisson sampling, what the privacy
-    accountant analyses): ``grad_fn`` gets the whole set and ``where`` ``(N,)`` marking the
-    batch, so no example is dropped and no shape depends on the draw.
+    :func:`guarded_update` flags of every step. Batches: a shuffle (the remainder dropped);
+    with ``rate`` (DP-SGD), Poisson sampling as the accountant assumes: ``grad_fn`` gets the
+    whole set and ``where (N,)``, each example in it with probability ``rate``.
     """
 
     @jax.jit
@@ -240,7 +235,8 @@ def _run(model, args, split, log: Callable[[str], None] | None, ckpt=None, progr
         raise ValueError(f"batch_size: expected 1 to {n_train}, got {cfg.batch_size}")
     steps = n_train // cfg.batch_size
     limit = getattr(cfg, "max_nonfinite", 3)
-    dp = _dp_setting(cfg, n_train)
+    dp = None if getattr(cfg, "dp_clip", None) is None else examples_setting(  # (ε, δ) spent
+        cfg.batch_size, cfg.dp_clip, getattr(cfg, "noise", 0.0), n_train)  # fmt: skip
     epoch = _epoch_fn(model, opt, _grad_fn(model, cfg), steps, limit,
                       None if dp is None else dp["rate"])  # fmt: skip
     accuracy = _accuracy_fn(model)
@@ -323,20 +319,6 @@ def _run(model, args, split, log: Callable[[str], None] | None, ckpt=None, progr
         dp["epsilon"] = spent(dp, done * steps)
         history["privacy"] = {**dp["setting"], "epsilon": dp["epsilon"]}
     return params, history, train_acc, seconds, resumed
-
-
-def _dp_setting(cfg, n_train: int) -> dict[str, Any] | None:
-    """DP-SGD's sampling rate ``q = B/N``, ``δ = 10^⌊log₁₀(1/N)⌋`` and what the run records
-    (:func:`jaxbp.privacy.describe`); ``None`` without ``--dp-clip``."""
-    if getattr(cfg, "dp_clip", None) is None:
-        return None
-    rate = cfg.batch_size / n_train
-    delta = 10.0 ** math.floor(math.log10(1.0 / n_train))
-    noise = float(getattr(cfg, "noise", 0.0) or 0.0)
-    setting = describe(rate, noise, cfg.dp_clip, delta, cfg.batch_size, n_train,
-                       unit="examples")  # fmt: skip
-    return {"rate": rate, "delta": delta, "epsilon": None, "setting": setting,
-            "accounted": available()}  # fmt: skip
 
 
 def _saved_config(cfg) -> dict[str, Any]:
