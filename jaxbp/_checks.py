@@ -49,9 +49,14 @@ def debug_check(pred: Any, msg: str, **fmt: Any) -> None:
         checkify.debug_check(pred, msg, **fmt)
 
 
-def _as_array(x: Any) -> Any:
-    # Shape-only stand-ins (jax.ShapeDtypeStruct) are validated as they are.
+def as_array(x: Any) -> Any:
+    """``x`` as an array: a ``jax.Array`` (or a shape-only ``jax.ShapeDtypeStruct``, validated
+    as it is) unchanged, anything else through ``jnp.asarray``. An entry's checks run on every
+    eager call: ``jnp.asarray`` of an array that is already one costs ~25 µs there."""
     return x if isinstance(x, jax.Array | jax.ShapeDtypeStruct) else jnp.asarray(x)
+
+
+_as_array = as_array
 
 
 def floating(name: str, x: Any) -> jax.Array:

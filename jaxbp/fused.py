@@ -298,7 +298,7 @@ def validate_fused(x, w, b, labels, where, class_weights, label_smoothing, z_los
             raise ValueError(f"b: expected shape (v,) = ({v},), got {b.shape}")
         if b.dtype != w.dtype:
             raise TypeError(f"b: expected the dtype of w ({w.dtype}), got {b.dtype}")
-    labels = jnp.asarray(labels)
+    labels = _checks.as_array(labels)
     if jnp.issubdtype(labels.dtype, jnp.floating):
         raise TypeError(
             f"labels: expected integer class ids of shape {x.shape[:-1]}, got {labels.dtype} "

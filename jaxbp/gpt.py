@@ -316,7 +316,7 @@ class GPT:
         if targets.shape != ids.shape:
             raise ValueError(f"targets: expected the shape of ids {ids.shape}, got {targets.shape}")
         if where is not None:
-            where = jnp.asarray(where)
+            where = _checks.as_array(where)
             if where.dtype != jnp.bool_ or where.shape != ids.shape:
                 raise ValueError(
                     f"where: expected a bool mask of the shape of ids {ids.shape}, "

@@ -204,7 +204,7 @@ _bce = op_vjp(sigmoid_binary_cross_entropy)
 
 def _validate_bce(logits, labels):
     logits = _checks.floating("logits", logits)
-    labels = jnp.asarray(labels)
+    labels = _checks.as_array(labels)
     _checks.same_shape("labels", labels, "logits", logits)
     return logits, labels
 
@@ -275,7 +275,7 @@ def _validate_ce(logits, labels, where, class_weights, label_smoothing, ignore_i
     batch, c = logits.shape[:-1], logits.shape[-1]
     if c == 0:
         raise ValueError(f"logits: expected at least one class (c ≥ 1), got shape {logits.shape}")
-    labels = jnp.asarray(labels)
+    labels = _checks.as_array(labels)
     if jnp.issubdtype(labels.dtype, jnp.integer):
         if labels.shape != batch:
             raise ValueError(
@@ -314,7 +314,7 @@ def validate_ce_options(
     messages: ``v`` for the fused loss over a vocabulary).
     """
     if where is not None:
-        where = jnp.asarray(where)
+        where = _checks.as_array(where)
         if where.dtype != jnp.bool_:
             raise TypeError(f"where: expected a bool mask, got {where.dtype}")
         if where.shape != batch:

@@ -260,7 +260,7 @@ class MLP:
             raise ValueError(f"x: expected shape (n, {self.sizes[0]}), got {x.shape}")
         _check_one_dtype(params, x.dtype)
         n, c = x.shape[0], self.sizes[-1]
-        labels = jnp.asarray(labels)
+        labels = _checks.as_array(labels)
         if self.loss == "softmax_cross_entropy":
             opts = dict(self.loss_options)
             fake = jax.ShapeDtypeStruct((n, c), x.dtype)
@@ -281,7 +281,7 @@ class MLP:
             if class_weights is not None:
                 raise ValueError(f"class_weights: only for softmax_cross_entropy, not {self.loss}")
         if where is not None:
-            where = jnp.asarray(where)
+            where = _checks.as_array(where)
         if class_weights is not None:
             class_weights = _checks.floating("class_weights", class_weights).astype(x.dtype)
         return params, x, labels, where, class_weights
