@@ -290,6 +290,8 @@ class GPT:
         want = _param_shapes(self)
         try:
             got = jax.tree.map(np.shape, params)
+            if got == want:  # every container and shape equal: the common case, one compare
+                return
             same = jax.tree.structure(got) == jax.tree.structure(want)
         except (TypeError, ValueError):
             same = False
