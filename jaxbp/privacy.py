@@ -3,7 +3,7 @@
 The digits MLP (``jaxbp train --dp-clip C --noise σ``): an example is one image; every step
 runs the whole training set (1438 images) with ``where`` marking the Poisson-sampled batch
 (each image with probability ``q = B/N``), the clipped sum divided by ``B``; ``δ`` is
-``10^⌊log₁₀(1/N)⌋`` (1e-4). The GPT:
+``10^⌊log₁₀(1/N)⌋`` (1e-4) unless ``--delta`` sets it. The GPT:
 
 Index letters::
 
@@ -40,10 +40,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from .per_example import clipped_grad
+from .per_example import check_clip_options, clipped_grad
 
 __all__ = [
-    "ACCOUNTANT", "available", "describe", "dp_setting", "epsilon", "examples_setting",
+    "ACCOUNTANT", "available", "check_dp", "describe", "dp_setting", "epsilon", "examples_setting",
     "poisson_windows", "privacy_text", "spent",
 ]  # fmt: skip
 
@@ -138,13 +138,26 @@ def dp_setting(model, cfg: dict[str, Any], text) -> dict[str, Any]:
             "accounted": available()}  # fmt: skip
 
 
-def examples_setting(batch: int, clip: float, noise: float | None, examples: int
-                     ) -> dict[str, Any]:  # fmt: skip
+def check_dp(dp_clip: float | None, noise: float, delta: float | None = None) -> None:
+    """Clear errors for ``--dp-clip C`` / ``--noise σ`` / ``--delta δ`` before any work."""
+    if dp_clip is None:
+        if noise:
+            raise ValueError(f"noise: --noise {noise} needs --dp-clip C (the noise std is σ·C)")
+        if delta is not None:
+            raise ValueError("--delta: only with --dp-clip (the δ of DP-SGD's (ε, δ))")
+        return
+    check_clip_options(dp_clip, noise, None, "bookkeeping")
+    if delta is not None and not (isinstance(delta, float) and 0.0 < delta < 1.0):
+        raise ValueError(f"delta: expected a number in (0, 1), got {delta!r}")
+
+
+def examples_setting(batch: int, clip: float, noise: float | None, examples: int,
+                     delta: float | None = None) -> dict[str, Any]:  # fmt: skip
     """DP-SGD's privacy setting for a set of ``examples`` independent examples (the digits
-    MLP's images): ``q = batch/examples``, ``δ = 10^⌊log₁₀(1/examples)⌋``, what the run
-    records (:func:`describe`), ``ε`` not yet spent."""
+    MLP's images): ``q = batch/examples``, ``δ`` (default ``10^⌊log₁₀(1/examples)⌋``), what
+    the run records (:func:`describe`), ``ε`` not yet spent."""
     rate = batch / examples
-    delta = 10.0 ** math.floor(math.log10(1.0 / examples))
+    delta = delta or 10.0 ** math.floor(math.log10(1.0 / examples))
     setting = describe(rate, float(noise or 0.0), clip, delta, batch, examples, unit="examples")
     return {"rate": rate, "delta": delta, "epsilon": None, "setting": setting,
             "accounted": available()}  # fmt: skip

@@ -42,8 +42,8 @@ from .checkpoint import Checkpointer, CheckpointError, Interrupted, check_same, 
 from .datasets import load_digits
 from .model import value_and_grad
 from .nn import MLP
-from .per_example import check_clip_options, clipped_grad
-from .privacy import examples_setting, privacy_text, spent
+from .per_example import clipped_grad
+from .privacy import check_dp, examples_setting, privacy_text, spent
 
 __all__ = ["TrainResult", "train", "DEFAULTS", "NonFiniteError", "guarded_update"]
 
@@ -125,15 +125,6 @@ def _optimizer(name: str, lr: float) -> optax.GradientTransformation:
     raise ValueError(f"optimizer: expected one of {list(OPTIMIZERS)}, got {name!r}")
 
 
-def check_dp(dp_clip: float | None, noise: float) -> None:
-    """Clear errors for ``--dp-clip C`` / ``--noise σ`` before anything is compiled."""
-    if dp_clip is None:
-        if noise:
-            raise ValueError(f"noise: --noise {noise} needs --dp-clip C (the noise std is σ·C)")
-        return
-    check_clip_options(dp_clip, noise, None, "bookkeeping")
-
-
 def _grad_fn(model: MLP, args: Any) -> Callable:
     """The gradient used for training: ``(params, x (n, i), labels (n,), key) -> (loss, grads)``.
 
@@ -148,7 +139,7 @@ def _grad_fn(model: MLP, args: Any) -> Callable:
     """
     dp_clip = getattr(args, "dp_clip", None)
     noise = float(getattr(args, "noise", 0.0) or 0.0)
-    check_dp(dp_clip, noise)
+    check_dp(dp_clip, noise, getattr(args, "delta", None))
     if dp_clip is not None:  # DP-SGD: per-example clipping to C, Gaussian noise σ·C
         build = reference.clipped_grad if getattr(args, "reference", False) else clipped_grad
         dp = build(model, l2_clip=dp_clip, noise_multiplier=noise, batch_size=args.batch_size,
@@ -236,7 +227,8 @@ def _run(model, args, split, log: Callable[[str], None] | None, ckpt=None, progr
     steps = n_train // cfg.batch_size
     limit = getattr(cfg, "max_nonfinite", 3)
     dp = None if getattr(cfg, "dp_clip", None) is None else examples_setting(  # (ε, δ) spent
-        cfg.batch_size, cfg.dp_clip, getattr(cfg, "noise", 0.0), n_train)  # fmt: skip
+        cfg.batch_size, cfg.dp_clip, getattr(cfg, "noise", 0.0), n_train,
+        getattr(cfg, "delta", None))  # fmt: skip
     epoch = _epoch_fn(model, opt, _grad_fn(model, cfg), steps, limit,
                       None if dp is None else dp["rate"])  # fmt: skip
     accuracy = _accuracy_fn(model)

@@ -170,6 +170,35 @@ def test_mlp_dp_step_is_the_clipped_noised_sum_over_the_expected_batch_size():
     assert_close((loss, grads), (want_loss, want), jnp.float64)
 
 
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--delta", "1e-6"], "--delta: only with --dp-clip"),
+    (["--dp-clip", "1", "--delta", "2"], "delta: expected a number in"),
+    (["--noise", "1.0"], "needs --dp-clip"),
+])  # fmt: skip
+def test_bad_mlp_dp_options_are_usage_errors_before_any_work(extra, message, capsys):
+    from jaxbp import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--epochs", "1", *extra])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_mlp_dp_delta_sets_the_reported_delta(tmp_path):
+    from jaxbp import cli
+
+    out = tmp_path / "run.json"
+    argv = ["train", "--sizes", "64,8,10", "--epochs", "1", "--batch-size", "256", "--dp-clip",
+            "1.0", "--noise", "2.0", "--delta", "1e-6", "--json", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    record = json.loads(out.read_text())["config"]["privacy"]
+    assert record["delta"] == 1e-6
+    steps = 1438 // 256
+    assert record["epsilon"] == pytest.approx(privacy.epsilon(256 / 1438, 2.0, steps, 1e-6))
+    # a smaller δ costs more ε for the same run
+    assert record["epsilon"] > privacy.epsilon(256 / 1438, 2.0, steps, 1e-4)
+
+
 def test_jaxbp_train_mlp_with_dp_reports_the_privacy_spent(tmp_path, capsys):
     from jaxbp import cli
 

@@ -52,7 +52,7 @@ _KINDS = {
 # Flags of one model only: their argparse default is None, so that giving one to the other
 # model is a usage error; the model's own default fills them in (validate).
 MLP_FLAGS = ("sizes", "activation", "optimizer", "epochs")
-SHARED_FLAGS = ("lr", "batch_size", "seed", "dp_clip", "noise")
+SHARED_FLAGS = ("lr", "batch_size", "seed", "dp_clip", "noise", "delta")
 
 
 def add_arguments(parser) -> None:
@@ -112,6 +112,11 @@ def add_arguments(parser) -> None:
         "--noise", type=nonnegative_float, default=None, metavar="SIGMA",
         help="DP-SGD noise multiplier σ: N(0, (σ·C)²) on the clipped sum (needs --dp-clip)",
     )  # fmt: skip
+    parser.add_argument(
+        "--delta", type=positive_float, default=None,
+        help="DP-SGD: δ of the (ε, δ) reported, in (0, 1) (default 10^⌊log₁₀(1/N)⌋, N the "
+        "examples: 1e-4 for the digits, 1e-7 for the text's windows; needs --dp-clip)",
+    )  # fmt: skip
     _add_gpt_arguments(parser)
     _checkpoint.add_arguments(parser)
 
@@ -130,9 +135,7 @@ def validate(args) -> None:
         if wrong:
             raise ValueError(f"{wrong[0]}: only for --model mlp (the digits MLP)")
         _checkpoint.validate(args, (*GPT_FLAGS, *SHARED_FLAGS), GPT_RESUME_FIELDS)
-        check_dp(args.dp_clip, args.noise or 0.0)
-        if args.delta is not None and args.dp_clip is None:
-            raise ValueError("--delta: only with --dp-clip (the δ of DP-SGD's (ε, δ))")
+        check_dp(args.dp_clip, args.noise or 0.0, args.delta)
         cfg = {**GPT_DEFAULTS, **_gpt_options(args)}
         check_config(cfg, args.mesh)
         if args.mesh is not None:
@@ -151,7 +154,7 @@ def validate(args) -> None:
         if getattr(args, name) is None:
             setattr(args, name, {"dp_clip": None, "noise": 0.0}.get(name, DEFAULTS.get(name)))
     check_mlp_config(args.sizes, args.activation, args.optimizer, args.epochs, args.batch_size)
-    check_dp(args.dp_clip, args.noise)
+    check_dp(args.dp_clip, args.noise, args.delta)
 
 
 def _print_privacy(privacy, out) -> None:
@@ -231,7 +234,6 @@ GPT_FLAGS: dict[str, tuple[str, str]] = {
     "sample_chars": ("nonnegative_int", "characters to generate at the end (0: none)"),
     "temperature": ("positive_float", "sampling temperature"),
     "dropout": ("rate", "dropout rate on the embeddings and each block's two branches"),
-    "delta": ("positive_float", "DP-SGD: δ of the (ε, δ) reported, in (0, 1)"),
 }
 
 
