@@ -106,12 +106,12 @@ def poisson_windows(
 
 
 def describe(rate: float, noise: float, clip: float, delta: float, batch: int,
-             windows: int, unit: str = "windows") -> dict[str, Any]:  # fmt: skip
+             count: int, unit: str = "windows") -> dict[str, Any]:  # fmt: skip
     """What a DP run records of its privacy setting (the JSON's ``privacy``): ``unit`` names
-    the examples (``"windows"`` of the GPT's text, the MLP's ``"examples"``), ``windows``
-    how many there are (under the key ``unit``)."""
+    the examples (``"windows"`` of the GPT's text, the MLP's ``"examples"``), ``count`` how
+    many there are (under the key ``unit``)."""
     return {"l2_clip": clip, "noise_multiplier": noise, "expected_batch": batch,
-            "sampling_rate": rate, unit: windows, "unit": unit, "delta": delta,
+            "sampling_rate": rate, unit: count, "unit": unit, "delta": delta,
             "accountant": ACCOUNTANT, "sampling": "Poisson"}  # fmt: skip
 
 

@@ -391,7 +391,7 @@ def train(
         be this one; ``epochs`` may be larger).
       max_nonfinite: stop after this many non-finite steps in a row (none is applied).
       **extra: further options read by :func:`_grad_fn` (attributes of its ``args``):
-        ``dp_clip`` and ``noise`` for DP-SGD, whose setting and ``(ε, δ)`` spent land in
+        ``dp_clip``, ``noise``, ``delta`` for DP-SGD, whose setting and ``(ε, δ)`` spent land in
         ``result.config["privacy"]`` (:mod:`jaxbp.privacy`).
 
     Returns:
