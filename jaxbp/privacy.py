@@ -121,8 +121,6 @@ def dp_setting(model, cfg: dict[str, Any], text) -> dict[str, Any]:
     gradient of a Poisson-sampled batch divided by the expected batch size, the sampling rate,
     ``δ`` and the noise key."""
     windows = text.train.size - cfg["context"]
-    rate = cfg["batch_size"] / windows
-    delta = cfg["delta"] or 10.0 ** math.floor(math.log10(1.0 / windows))
     clipped = clipped_grad(model, l2_clip=cfg["dp_clip"], noise_multiplier=cfg["noise"],
                            batch_size=cfg["batch_size"], return_loss=True).jitted  # fmt: skip
 
@@ -132,10 +130,13 @@ def dp_setting(model, cfg: dict[str, Any], text) -> dict[str, Any]:
         loss, grads, _ = clipped(params, x, y, where, drop, key if cfg["noise"] > 0 else None)
         return loss, grads
 
-    setting = describe(rate, cfg["noise"], cfg["dp_clip"], delta, cfg["batch_size"], windows)
-    return {"step": step, "rate": rate, "delta": delta, "epsilon": None, "setting": setting,
-            "key": jax.random.fold_in(jax.random.PRNGKey(cfg["seed"]), 0xD9),
-            "accounted": available()}  # fmt: skip
+    return {
+        **examples_setting(
+            cfg["batch_size"], cfg["dp_clip"], cfg["noise"], windows, cfg["delta"], unit="windows"
+        ),
+        "step": step,
+        "key": jax.random.fold_in(jax.random.PRNGKey(cfg["seed"]), 0xD9),
+    }
 
 
 def check_dp(dp_clip: float | None, noise: float, delta: float | None = None) -> None:
@@ -152,13 +153,15 @@ def check_dp(dp_clip: float | None, noise: float, delta: float | None = None) ->
 
 
 def examples_setting(batch: int, clip: float, noise: float | None, examples: int,
-                     delta: float | None = None) -> dict[str, Any]:  # fmt: skip
-    """DP-SGD's privacy setting for a set of ``examples`` independent examples (the digits
-    MLP's images): ``q = batch/examples``, ``δ`` (default ``10^⌊log₁₀(1/examples)⌋``), what
-    the run records (:func:`describe`), ``ε`` not yet spent."""
+                     delta: float | None = None, unit: str = "examples"
+                     ) -> dict[str, Any]:  # fmt: skip
+    """DP-SGD's privacy setting for ``examples`` examples Poisson-sampled at ``q =
+    batch/examples`` (the MLP's images; the GPT's windows with ``unit="windows"``): the rate,
+    ``δ`` (default ``10^⌊log₁₀(1/examples)⌋``), what the run records (:func:`describe`),
+    ``ε`` not yet spent."""
     rate = batch / examples
     delta = delta or 10.0 ** math.floor(math.log10(1.0 / examples))
-    setting = describe(rate, float(noise or 0.0), clip, delta, batch, examples, unit="examples")
+    setting = describe(rate, float(noise or 0.0), clip, delta, batch, examples, unit=unit)
     return {"rate": rate, "delta": delta, "epsilon": None, "setting": setting,
             "accounted": available()}  # fmt: skip
 

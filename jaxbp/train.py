@@ -308,7 +308,8 @@ def _run(model, args, split, log: Callable[[str], None] | None, ckpt=None, progr
     seconds = time.perf_counter() - start
     train_acc = float(accuracy(params, x_tr, y_tr))
     if dp is not None:
-        dp["epsilon"] = spent(dp, done * steps)
+        if dp["epsilon"] is None:  # no epoch ran here (resumed at the end): account now
+            dp["epsilon"] = spent(dp, done * steps)
         history["privacy"] = {**dp["setting"], "epsilon": dp["epsilon"]}
     return params, history, train_acc, seconds, resumed
 

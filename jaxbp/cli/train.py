@@ -162,7 +162,7 @@ def _print_privacy(privacy, out) -> None:
     if privacy is None:
         return
     spent = privacy["epsilon"]
-    unit = privacy.get("unit", "windows")
+    unit = privacy["unit"]
     print(
         f"DP-SGD: clip {privacy['l2_clip']:g}, noise σ {privacy['noise_multiplier']:g}, "
         f"Poisson sampling q = {privacy['sampling_rate']:.3g} ({privacy[unit]:,} {unit}): "
