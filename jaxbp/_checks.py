@@ -56,12 +56,9 @@ def as_array(x: Any) -> Any:
     return x if isinstance(x, jax.Array | jax.ShapeDtypeStruct) else jnp.asarray(x)
 
 
-_as_array = as_array
-
-
 def floating(name: str, x: Any) -> jax.Array:
     """Return ``x`` as an array, raising ``TypeError`` unless its dtype is floating."""
-    x = _as_array(x)
+    x = as_array(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{name}: expected a floating dtype, got {x.dtype} (shape {x.shape})")
     return x
@@ -69,7 +66,7 @@ def floating(name: str, x: Any) -> jax.Array:
 
 def integer(name: str, x: Any) -> jax.Array:
     """Return ``x`` as an array, raising ``TypeError`` unless its dtype is integer."""
-    x = _as_array(x)
+    x = as_array(x)
     if not jnp.issubdtype(x.dtype, jnp.integer):
         raise TypeError(f"{name}: expected an integer dtype, got {x.dtype} (shape {x.shape})")
     return x

@@ -108,7 +108,7 @@ def _validate(q, k, v, where, causal, strategy):
         )
     scores = (*q.shape[:-1], s)
     if where is not None:
-        where = _checks._as_array(where)
+        where = _checks.as_array(where)
         if where.dtype != jnp.bool_:
             raise TypeError(f"where: expected a bool mask, got {where.dtype} ({where.shape})")
         try:

@@ -71,7 +71,7 @@ def _validate_where(z, where):
     """``where``: ``None`` or a bool mask broadcastable to ``z``'s shape (not widening it)."""
     if where is None:
         return None
-    where = _checks._as_array(where)
+    where = _checks.as_array(where)
     if where.dtype != jnp.bool_:
         raise TypeError(f"where: expected a bool mask, got {where.dtype} (shape {where.shape})")
     try:
